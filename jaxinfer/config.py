@@ -106,7 +106,7 @@ class ModelConfig:
         heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         scaling = None
-        rs = cfg.get("rope_scaling")
+        rs = cfg.get("rope_scaling") or cfg.get("rope_parameters")  # transformers >= 5 writes the latter
         if rs:
             kind = rs.get("rope_type", rs.get("type"))
             if kind == "llama3":

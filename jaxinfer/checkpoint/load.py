@@ -1,0 +1,122 @@
+"""Loading a model onto a mesh from any supported source, and converting sources to the native format.
+
+`--model` accepts: a preset name (random weights: benchmarks, AOT), a native (Orbax) checkpoint
+directory, a Hugging Face directory, a GGUF file, or a llama2.c `.bin`; nothing means the embedded
+default model (SmolLM2-135M-Instruct), converted once into a cache directory on first use.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.checkpoint import orbax_store
+from jaxinfer.checkpoint.default_model import smollm2_gguf_path
+from jaxinfer.checkpoint.errors import CheckpointError
+from jaxinfer.checkpoint.hf_layout import logical_leaf_from_hf
+from jaxinfer.checkpoint.source import open_source
+from jaxinfer.config import PRESETS, get_preset
+from jaxinfer.model import params as P
+from jaxinfer.model.forward import ShardedModel
+from jaxinfer.model.layout import plan_layout
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def default_cache_dir() -> pathlib.Path:
+    root = os.environ.get("JAXINFER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "jaxinfer")
+    return pathlib.Path(root)
+
+
+def parse_dtype(name) -> jnp.dtype:
+    aliases = {"bf16": "bfloat16", "f32": "float32", "fp32": "float32"}
+    name = aliases.get(str(name), str(name))
+    if name not in ("bfloat16", "float32"):
+        raise ValueError(f"--dtype {name!r}: must be bfloat16 or float32")
+    return jnp.dtype(name)
+
+
+def load_model(spec: str | None, mesh, dtype="float32", seed: int = 0) -> ShardedModel:
+    """Loads `spec` (see module docstring) onto `mesh` as sharded `dtype` parameters."""
+    dtype = parse_dtype(dtype)
+    if spec in (None, "", DEFAULT_MODEL):
+        spec = str(ensure_default_model())
+    if spec in PRESETS:
+        config = get_preset(spec)
+        layout = plan_layout(config, mesh.shape["tensor"])
+        log.warning("model %s: preset architecture with RANDOM weights (seed %d)", spec, seed)
+        return ShardedModel(config, layout, mesh, P.init_params(config, layout, mesh, dtype, seed), dtype,
+                            source=f"preset:{spec}")
+    path = pathlib.Path(spec)
+    if not path.exists():
+        raise CheckpointError(f"{spec}: no such file or directory, and not a preset "
+                              f"(presets: {', '.join(sorted(PRESETS))})")
+    if orbax_store.is_native_checkpoint(path):
+        config, layout, params = orbax_store.restore(path, mesh, dtype)
+        manifest = orbax_store.read_manifest(path)
+        return ShardedModel(config, layout, mesh, params, dtype, source=str(path),
+                            tokenizer_path=_resolve_tokenizer(path, manifest))
+    with open_source(path) as source:
+        config = source.config
+        layout = plan_layout(config, mesh.shape["tensor"])
+        params = P.build_params(config, layout, mesh, dtype, lambda p: logical_leaf_from_hf(source, p))
+    return ShardedModel(config, layout, mesh, params, dtype, source=str(path), tokenizer_path=find_tokenizer(path))
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="float32") -> pathlib.Path:
+    """Converts a HF directory / GGUF / llama2.c file into a native checkpoint at `dst`."""
+    dtype = parse_dtype(dtype)
+    with open_source(src) as source:
+        config = source.config
+        logical = plan_layout(config, 1, quiet=True)
+        tree = {}
+        for path, _ in P.flatten(P.abstract_params(config, logical, dtype)):
+            P.set_path(tree, path, np.asarray(logical_leaf_from_hf(source, path), dtype=dtype))
+    tokenizer = find_tokenizer(src)
+    orbax_store.save(dst, config, tree, dtype, extra={
+        "source": str(pathlib.Path(src).absolute()),
+        "tokenizer": str(pathlib.Path(tokenizer).absolute()) if tokenizer else None})
+    return pathlib.Path(dst)
+
+
+def find_tokenizer(path: str | os.PathLike) -> str | None:
+    """The tokenizer that belongs to a checkpoint: inside a HF dir, inside a GGUF, or beside a .bin."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if (path / name).exists():
+                return str(path)
+        return None
+    if path.suffix == ".gguf":
+        return str(path)
+    candidates = sorted(path.parent.glob("tok*.bin")) + sorted(path.parent.glob("tokenizer.model"))
+    return str(candidates[0]) if candidates else None
+
+
+def _resolve_tokenizer(ckpt: pathlib.Path, manifest: dict) -> str | None:
+    tok = manifest.get("tokenizer")
+    if tok and os.path.exists(tok):
+        return tok
+    return find_tokenizer(ckpt)
+
+
+def ensure_default_model(dtype="float32") -> pathlib.Path:
+    """Converts the embedded SmolLM2-135M-Instruct GGUF into the cache once; returns the native dir."""
+    dst = default_cache_dir() / f"{DEFAULT_MODEL}-{parse_dtype(dtype).name}"
+    if orbax_store.is_native_checkpoint(dst):
+        return dst
+    gguf = smollm2_gguf_path()
+    log.info("first use: converting %s into %s", gguf, dst)
+    tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
+    convert(gguf, tmp, dtype)
+    try:
+        os.rename(tmp, dst)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst

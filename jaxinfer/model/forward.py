@@ -1,0 +1,68 @@
+"""A loaded model (config, layout, sharded params) and its dense forward pass.
+
+`ShardedModel.logits` runs a causal pass over whole token rows with no KV cache: the function
+parity tests and scoring use. The engine drives the same `Llama` module with a paged-cache context.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.config import ModelConfig
+from jaxinfer.model.attention import DenseCausal
+from jaxinfer.model.layout import ModelLayout
+from jaxinfer.model.llama import Llama
+from jaxinfer.sharding import ceil_to, logical_sharding
+
+
+@dataclasses.dataclass
+class ShardedModel:
+    """Everything needed to run the model on a mesh."""
+
+    config: ModelConfig
+    layout: ModelLayout
+    mesh: Any
+    params: dict
+    dtype: Any = jnp.float32
+    source: str = ""
+    tokenizer_path: str | None = None
+
+    @property
+    def module(self) -> Llama:
+        return Llama(self.config, self.layout, self.dtype)
+
+    def logits(self, tokens, positions=None) -> np.ndarray:
+        """tokens int [B, T] (rows right-padded with any id where positions is -1) -> float32 [B, T, vocab].
+
+        Rows and columns are padded internally to multiples of the `data` and `sequence` axes.
+        """
+        tokens = np.asarray(tokens, dtype=np.int32)
+        b, t = tokens.shape
+        if positions is None:
+            positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+        positions = np.asarray(positions, dtype=np.int32)
+        bp, tp = ceil_to(b, self.mesh.shape["data"]), ceil_to(t, self.mesh.shape["sequence"])
+        tok = np.zeros((bp, tp), np.int32)
+        pos = np.full((bp, tp), -1, np.int32)
+        tok[:b, :t], pos[:b, :t] = tokens, positions
+        sharding = logical_sharding(self.mesh, ("batch", "length"), tok.shape)
+        fn = _dense_forward(self.config, self.layout, jnp.dtype(self.dtype))
+        out = fn(self.params, jax.device_put(tok, sharding), jax.device_put(pos, sharding))
+        return np.asarray(out)[:b, :t]
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_forward(config: ModelConfig, layout: ModelLayout, dtype):
+    module = Llama(config, layout, dtype)
+
+    @jax.jit
+    def forward(params, tokens, positions):
+        logits, _ = module.apply({"params": params}, tokens, positions, DenseCausal(positions))
+        return logits
+
+    return forward

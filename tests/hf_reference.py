@@ -1,0 +1,34 @@
+"""Helpers that build Hugging Face transformers reference models (torch, CPU) for parity tests."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def save_random_hf_llama(config, path, seed: int = 0, dtype: str = "float32"):
+    """Random-weight `LlamaForCausalLM` with `config` (a jaxinfer ModelConfig), saved with save_pretrained."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in config.to_hf_config().items()
+                                         if k not in ("architectures", "model_type")})
+    model = transformers.LlamaForCausalLM(hf_cfg).to(getattr(torch, dtype)).eval()
+    with torch.no_grad():  # HF inits norms to 1; randomise them so a wrong norm weight shows up
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.as_tensor(np.asarray(tokens, dtype=np.int64)))
+    return out.logits.float().numpy()
+
+
+def relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
