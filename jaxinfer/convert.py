@@ -1,0 +1,28 @@
+"""`python -m jaxinfer.convert SRC DST`: convert a HF directory, GGUF or llama2.c file to a native checkpoint."""
+from __future__ import annotations
+
+import argparse
+
+from jaxinfer.cli_common import setup_logging, user_errors
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="jaxinfer.convert", description=__doc__)
+    parser.add_argument("src", help="HF directory (config.json + *.safetensors), .gguf file or llama2.c .bin")
+    parser.add_argument("dst", help="output directory for the Orbax checkpoint")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = parser.parse_args(argv)
+    setup_logging()
+    with user_errors("jaxinfer.convert"):
+        from jaxinfer.sharding import ensure_host_devices
+
+        ensure_host_devices(1)
+        from jaxinfer.checkpoint.load import convert
+
+        out = convert(args.src, args.dst, args.dtype)
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
