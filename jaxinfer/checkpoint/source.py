@@ -1,0 +1,139 @@
+"""The `TensorSource` protocol: one canonical stream of float32 tensors from any checkpoint format.
+
+Every reader presents tensors under Hugging Face `LlamaForCausalLM` names and layouts
+(torch Linear weights are `[out, in]`; Q/K rows use HF's rotate-half RoPE layout), as float32
+numpy, one tensor at a time. `open_source(path)` picks the reader from what the path is.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from jaxinfer.checkpoint.errors import CheckpointError
+from jaxinfer.config import ModelConfig
+
+SUPPORTED_FORMATS = (
+    "Hugging Face directory (config.json + *.safetensors, or model.safetensors.index.json)",
+    "GGUF file (.gguf, architecture llama)",
+    "llama2.c legacy version-0 .bin export",
+)
+
+
+@runtime_checkable
+class TensorSource(Protocol):
+    """A checkpoint opened for reading; `get` returns float32 numpy in HF layout."""
+
+    config: ModelConfig
+    path: str
+    format: str
+
+    def names(self) -> set[str]: ...
+
+    def get(self, name: str) -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> "TensorSource": ...
+
+    def __exit__(self, *exc) -> None: ...
+
+
+class SourceBase:
+    """Shared plumbing for readers: context manager and shape validation against the config."""
+
+    config: ModelConfig
+    path: str
+    format: str = "?"
+
+    def close(self) -> None:  # readers holding resources override
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r}, format={self.format!r})"
+
+    def _checked(self, name: str, arr: np.ndarray, where: str | None = None) -> np.ndarray:
+        want = expected_shape(self.config, name)
+        if want is not None and tuple(arr.shape) != want:
+            raise CheckpointError(f"{where or self.path}: tensor {name!r} has shape {tuple(arr.shape)}, "
+                                  f"config expects {want}")
+        return np.ascontiguousarray(arr, dtype=np.float32)
+
+    def _missing(self, name: str, where: str | None = None) -> CheckpointError:
+        return CheckpointError(f"{where or self.path}: tensor {name!r} not found in this {self.format} checkpoint")
+
+
+def canonical_names(config: ModelConfig) -> list[str]:
+    """Every tensor name the model needs, in HF naming (no `lm_head.weight` when embeddings are tied)."""
+    names = ["model.embed_tokens.weight"]
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        names += [p + f"self_attn.{t}_proj.weight" for t in "qkvo"]
+        names += [p + f"mlp.{t}_proj.weight" for t in ("gate", "up", "down")]
+        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+    names.append("model.norm.weight")
+    if not config.tie_embeddings:
+        names.append("lm_head.weight")
+    return names
+
+
+def expected_shape(config: ModelConfig, name: str) -> tuple[int, ...] | None:
+    """HF shape of a canonical tensor, or None for names that are not canonical."""
+    e, f, v, d = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
+    q, kv = config.num_heads * d, config.num_kv_heads * d
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return (v, e)
+    if name == "model.norm.weight":
+        return (e,)
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
+    if not m or int(m.group(1)) >= config.num_layers:
+        return None
+    return {"self_attn.q_proj": (q, e), "self_attn.k_proj": (kv, e), "self_attn.v_proj": (kv, e),
+            "self_attn.o_proj": (e, q), "mlp.gate_proj": (f, e), "mlp.up_proj": (f, e),
+            "mlp.down_proj": (e, f), "input_layernorm": (e,), "post_attention_layernorm": (e,)}.get(m.group(2))
+
+
+def interleaved_to_half_split(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Reorders Q/K projection rows from interleaved-pair RoPE to HF's rotate-half layout.
+
+    Within each head, interleaved layout stores rotation pairs as rows (2j, 2j+1); HF stores
+    pair j as rows (j, j + head_dim/2). Row `h*D + c*D/2 + j` of the result is row
+    `h*D + 2j + c` of the input (the permutation of HF's convert_llama_weights_to_hf).
+    """
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def open_source(path: str | os.PathLike) -> TensorSource:
+    """Opens a checkpoint, dispatching on what `path` is; raises CheckpointError for anything else."""
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise CheckpointError(f"{p}: no such file or directory")
+    if os.path.isfile(p) and os.path.basename(p) in ("config.json", "model.safetensors.index.json"):
+        p = os.path.dirname(p) or "."
+    if os.path.isdir(p):
+        from jaxinfer.checkpoint.safetensors_reader import SafetensorsSource, is_hf_dir
+        if is_hf_dir(p):
+            return SafetensorsSource(p)
+        raise CheckpointError(f"{p}: directory has no config.json with *.safetensors weights; "
+                              f"supported formats: {'; '.join(SUPPORTED_FORMATS)}")
+    with open(p, "rb") as fh:
+        head = fh.read(32)
+    from jaxinfer.checkpoint import gguf_reader, llama2c_reader
+    if head[:4] == b"GGUF":
+        return gguf_reader.GGUFSource(p)
+    if p.lower().endswith(".gguf"):
+        raise CheckpointError(f"{p}: not a GGUF file (bad magic {head[:4]!r})")
+    if llama2c_reader.sniff(head):
+        return llama2c_reader.Llama2cSource(p)
+    if p.lower().endswith(".safetensors"):
+        raise CheckpointError(f"{p}: a lone .safetensors file; pass the directory holding it and config.json")
+    raise CheckpointError(f"{p}: unrecognised checkpoint format; supported formats: {'; '.join(SUPPORTED_FORMATS)}")
