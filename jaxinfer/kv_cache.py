@@ -1,0 +1,105 @@
+"""Paged KV cache: the device pytree, its sharding, and the host-side page allocator.
+
+Device layout (one array for all layers, donated to every step and updated in place):
+    pages: [layers, data * pages_per_shard, page_size, 2 * kv_heads, head_dim]
+K and V are interleaved on the combined head axis (index 2h is K of head h, 2h+1 its V), the
+layout of the ragged paged attention kernel. Pages are split over `data` (each data shard owns
+a contiguous block of pages and the slots that use them) and combined heads over `tensor`.
+Page numbers inside a shard's page tables are local to that shard.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.sharding import logical_sharding
+
+log = logging.getLogger(__name__)
+
+CACHE_AXES = ("cache_layers", "cache_pages", "cache_page_tokens", "cache_kv_heads", "cache_head_dim")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheShape:
+    layers: int
+    data_shards: int
+    pages_per_shard: int
+    page_size: int
+    kv_heads: int  # physical (padded) KV heads
+    head_dim: int
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.layers, self.data_shards * self.pages_per_shard, self.page_size,
+                2 * self.kv_heads, self.head_dim)
+
+    @property
+    def bytes_per_page(self) -> int:
+        """Bytes of one page across all layers (what one page of one shard costs)."""
+        return self.layers * self.page_size * 2 * self.kv_heads * self.head_dim * jnp.dtype(self.dtype).itemsize
+
+    @property
+    def total_bytes(self) -> int:
+        return self.bytes_per_page * self.data_shards * self.pages_per_shard
+
+
+def cache_sharding(mesh, shape: CacheShape):
+    return logical_sharding(mesh, CACHE_AXES, shape.shape)
+
+
+def allocate_cache(mesh, shape: CacheShape) -> jax.Array:
+    """Zeroed cache created directly sharded on the mesh (no host copy)."""
+    sharding = cache_sharding(mesh, shape)
+    return jax.jit(lambda: jnp.zeros(shape.shape, shape.dtype), out_shardings=sharding)()
+
+
+def pages_for_budget(budget_bytes_per_device: int, layers: int, page_size: int, kv_heads: int, head_dim: int,
+                     dtype, tensor: int) -> int:
+    """How many pages one data shard can hold in `budget_bytes_per_device` of each device's memory."""
+    per_page_per_device = layers * page_size * 2 * (kv_heads // tensor) * head_dim * jnp.dtype(dtype).itemsize
+    return int(budget_bytes_per_device // per_page_per_device)
+
+
+class OutOfPages(Exception):
+    """Raised by `PageAllocator.allocate` when the shard has too few free pages."""
+
+
+class PageAllocator:
+    """Free list of one data shard's pages. Page ids are local to the shard (0 .. pages-1)."""
+
+    def __init__(self, num_pages: int):
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    @property
+    def used(self) -> int:
+        return self.num_pages - len(self._free)
+
+    def allocate(self, count: int) -> list[int]:
+        if count > len(self._free):
+            raise OutOfPages(f"need {count} pages, {len(self._free)} free")
+        return [self._free.pop() for _ in range(count)]
+
+    def release(self, pages: list[int]) -> None:
+        self._free.extend(reversed(pages))
+        if len(self._free) > self.num_pages:
+            raise AssertionError("page released twice")
+
+
+def pages_needed(tokens: int, page_size: int) -> int:
+    return -(-tokens // page_size)
+
+
+def page_table(pages: list[int], width: int, fill: int) -> np.ndarray:
+    row = np.full((width,), fill, np.int32)
+    row[:len(pages)] = pages
+    return row

@@ -1,0 +1,57 @@
+"""Vectorised on-device sampling, one row per sequence.
+
+Each row carries its own parameters. temperature == 0 means greedy. Filters apply in the order
+top-k, top-p (nucleus), min-p, all on the temperature-scaled distribution. The random draw for a
+row uses `fold_in(key(seed), position)`: it depends only on the request's seed and the position of
+the token being sampled, never on the slot or the batch around it.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingArrays:
+    """Per-row sampling parameters, all shaped [rows]."""
+
+    temperature: jax.Array  # f32; 0 = greedy
+    top_k: jax.Array        # i32; 0 = off
+    top_p: jax.Array        # f32 in (0, 1]; 1 = off
+    min_p: jax.Array        # f32 in [0, 1); 0 = off
+    seed: jax.Array         # u32
+    position: jax.Array     # i32, absolute position of the token being sampled
+
+
+def sample(logits: jax.Array, p: SamplingArrays) -> tuple[jax.Array, jax.Array]:
+    """logits f32 [rows, vocab] -> (token ids i32 [rows], logprob of each under the raw model f32 [rows])."""
+    logits = logits.astype(jnp.float32)
+    greedy = p.temperature <= 0.0
+    scaled = logits / jnp.where(greedy, 1.0, p.temperature)[:, None]
+    masked = _filter(scaled, p)
+    keys = jax.vmap(lambda s, pos: jax.random.fold_in(jax.random.key(s), pos))(p.seed, p.position)
+    drawn = jax.vmap(jax.random.categorical)(keys, masked)
+    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    return tokens, logprobs
+
+
+def _filter(scaled: jax.Array, p: SamplingArrays) -> jax.Array:
+    """Sets logits outside the top-k / nucleus / min-p set to -inf (the best token always survives)."""
+    vocab = scaled.shape[-1]
+    order = jnp.argsort(-scaled, axis=-1)
+    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    rank = jnp.arange(vocab)[None, :]
+    k = jnp.where(p.top_k > 0, jnp.minimum(p.top_k, vocab), vocab)[:, None]
+    keep = rank < k
+    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above this token
+    keep &= before < p.top_p[:, None]
+    keep &= probs >= p.min_p[:, None] * probs[:, :1]
+    keep = keep.at[:, 0].set(True)
+    sorted_masked = jnp.where(keep, sorted_logits, -jnp.inf)
+    inverse = jnp.argsort(order, axis=-1)
+    return jnp.take_along_axis(sorted_masked, inverse, axis=-1)
