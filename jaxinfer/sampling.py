@@ -40,18 +40,26 @@ def sample(logits: jax.Array, p: SamplingArrays) -> tuple[jax.Array, jax.Array]:
 
 
 def _filter(scaled: jax.Array, p: SamplingArrays) -> jax.Array:
-    """Sets logits outside the top-k / nucleus / min-p set to -inf (the best token always survives)."""
+    """Sets logits outside the top-k / nucleus / min-p set to -inf (the best token always survives).
+
+    Each filter keeps a prefix of the tokens sorted by logit, so together they keep the tokens whose
+    logit is >= the smallest kept sorted logit: one sort per row, no inverse permutation. Skipped
+    entirely (no sort) when no row asks for a filter.
+    """
+    active = jnp.any((p.top_k > 0) | (p.top_p < 1.0) | (p.min_p > 0.0))
+    return jax.lax.cond(active, _apply_filters, lambda s, _: s, scaled, p)
+
+
+def _apply_filters(scaled: jax.Array, p: SamplingArrays) -> jax.Array:
     vocab = scaled.shape[-1]
-    order = jnp.argsort(-scaled, axis=-1)
-    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    sorted_logits = -jnp.sort(-scaled, axis=-1)  # descending
     rank = jnp.arange(vocab)[None, :]
     k = jnp.where(p.top_k > 0, jnp.minimum(p.top_k, vocab), vocab)[:, None]
     keep = rank < k
     probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above this token
+    before = jnp.cumsum(probs, axis=-1) - probs  # probability mass ranked strictly above this token
     keep &= before < p.top_p[:, None]
     keep &= probs >= p.min_p[:, None] * probs[:, :1]
-    keep = keep.at[:, 0].set(True)
-    sorted_masked = jnp.where(keep, sorted_logits, -jnp.inf)
-    inverse = jnp.argsort(order, axis=-1)
-    return jnp.take_along_axis(sorted_masked, inverse, axis=-1)
+    count = jnp.maximum(jnp.sum(keep, axis=-1), 1)
+    cutoff = jnp.take_along_axis(sorted_logits, (count - 1)[:, None], axis=-1)
+    return jnp.where(scaled >= cutoff, scaled, -jnp.inf)

@@ -188,7 +188,11 @@ class Engine:
     def submit(self, req: Request) -> None:
         self.validate(req)
         seed = req.params.seed if req.params.seed is not None else (hash(req.id) & 0xFFFFFFFF)
-        detok = self.tokenizer.detokenizer() if self.tokenizer is not None else None
+        detok = None
+        if self.tokenizer is not None:
+            detok = self.tokenizer.detokenizer()
+            detok.add(req.prompt_ids[-1])  # prime with the prompt's end so a continuation keeps its leading space
+            detok.flush()
         self.waiting.append(_Seq(req, detok, tuple(self.model.config.eos_token_ids if self.tokenizer is None
                                                    else self.tokenizer.eos_ids), seed))
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxinfer.kv_cache import CacheShape, cache_sharding
+from jaxinfer.model.attention import MASK_VALUE
 from jaxinfer.model.forward import ShardedModel
 from jaxinfer.sampling import SamplingArrays, sample
 
@@ -119,11 +120,9 @@ def xla_ragged_paged_attention(queries, kv_pages, kv_lens, page_indices, cu_q_le
     mask &= (tok < live_end)[:, None, None]  # [T, S, L]
     qg = queries.reshape(t, hk, hq // hk, dh)
     scores = jnp.einsum("thgd,slhd->thgsl", qg, k, preferred_element_type=jnp.float32) * sm_scale
-    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)  # finite: padding rows stay NaN-free
     scores = scores.reshape(t, hk, hq // hk, s * w * page)
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = jnp.where(jnp.isnan(probs), 0.0, probs).astype(v.dtype).reshape(t, hk, hq // hk, s, w * page)
-    v = jnp.where(jnp.isnan(v), 0, v)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(t, hk, hq // hk, s, w * page)
     out = jnp.einsum("thgsl,slhd->thgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(t, hq, dh).astype(queries.dtype)
 

@@ -1,0 +1,326 @@
+"""Ragged paged attention as a Pallas TPU (Mosaic) kernel: decode, prefill chunks and mixes.
+
+Same inputs and semantics as `reference.ragged_paged_attention_reference` (and JAX's
+`jax.experimental.pallas.ops.tpu.ragged_paged_attention`): queries [T, Hq, D] of all
+sequences concatenated (``cu_q_lens``), a paged KV cache [P, page_size, 2*Hk, D] with K at
+combined head ``2h`` and V at ``2h+1``, per-sequence ``kv_lens`` and page table.
+
+The new step's K/V are NOT written here: the engine writes them into ``kv_pages`` with a
+fused XLA scatter right before this kernel runs, so the kernel only ever reads the cache.
+
+Design
+------
+* Layout. The wrapper regroups queries head-major, [T, Hq, D] -> [Hk, T*G, D] (G = Hq/Hk,
+  row ``t*G + g``), so the G query heads that share a kv head are one dense [rows, D]
+  matrix: GQA becomes one MXU matmul per kv head and no in-kernel relayout is needed.
+  Output comes back in the same layout and is regrouped to [T, Hq, D].
+* Grid ``(kv_head_blocks, q_blocks)``. A q block is ``Bq`` consecutive tokens of the flat
+  token axis (Bq*G rows), which may span several sequences (decode: up to Bq of them; a
+  prefill chunk: several blocks per sequence). The wrapper precomputes, per q block, the
+  range of sequences that overlap it (``seq_lo``/``seq_hi``, scalar-prefetched into SMEM
+  with kv_lens, the flattened page table and cu_q_lens).
+* Inside a grid step the kernel walks the work list (sequence, kv block) of its q block:
+  for each overlapping sequence, the kv blocks (``Bk = pages_per_block * page_size``
+  tokens) between the sliding-window start and the last causally visible position of the
+  block's rows. Blocks that are fully masked are never fetched or computed.
+* DMA. kv_pages stays in HBM (``memory_space=ANY``). Each kv block is gathered page by
+  page with `pltpu.make_async_copy` into one of two VMEM slots; the copy of work item
+  i+1 is started before item i is waited for and computed (double buffering). Only pages
+  that hold visible positions are copied (the rest of the slot keeps stale data, which the
+  masks below neutralise). Each grid step runs its own prefetch chain, so grid steps are
+  independent and both grid axes are declared "parallel" (megacore chips can split them);
+  the cost is one exposed page-block fetch per grid step.
+* Math. Online softmax (flash style) with running max ``m``, sum ``l`` (lane-replicated
+  [rows, 128] f32) and accumulator [rows, D] f32 in VMEM scratch; normalisation once at
+  the end of the step. One mask per (row, column) covers "row belongs to this sequence",
+  causality (which also bounds by kv_len) and the sliding window; masked scores get a
+  large finite negative and probabilities are forced to exactly 0, so rows of other
+  sequences are left bit-for-bit untouched. V rows outside the visible range are zeroed
+  before P@V, so NaN/garbage in unused cache slots or never-fetched VMEM cannot leak.
+  K and V of kv head h are read out of the combined-head slot with sublane-strided loads.
+
+Block sizes (``_choose_blocks``): Bk ~ 256 tokens (pages_per_block = 256 // page_size,
+shrunk so both slots stay <= 4 MiB); Bq targets 32 query rows (Bq*G) for decode-like
+batches (T <= max_num_seqs) and 128 rows otherwise, rounded so rows are a multiple of the
+sublane tile (8 for 32-bit, 16 for bf16). Decode rows beyond the first of each sequence
+are wasted MXU work, which is why decode uses small q blocks. Both are overridable.
+
+Caveats (seen in AOT compiles for v5e): the wrapper views the cache as
+[P, page_size*2Hk, D], which XLA makes a free bitcast for head_dim 128; for head_dim 64
+XLA's default TPU layout of the 4-D cache differs and it inserts a copy of the whole
+cache per call. The flattened page table lives in SMEM (max_num_seqs*pages_per_seq
+int32), which bounds how large the page table can be.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+_MASK = -1e30  # finite "minus infinity": keeps exp(m_prev - m_new) well defined
+_LANES = 128
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _sublane_tile(dtype) -> int:
+    return 8 * (4 // jnp.dtype(dtype).itemsize)
+
+
+def _choose_blocks(T, Hq, Hk, D, page_size, pages_per_seq, max_num_seqs, q_dtype,
+                   kv_dtype, num_kv_pages_per_block, num_queries_per_block):
+    """Returns (kv_pages_per_block, queries_per_block)."""
+    G = Hq // Hk
+    nb = num_kv_pages_per_block
+    if nb is None:
+        nb = max(1, min(pages_per_seq, 256 // page_size))
+        page_bytes = page_size * 2 * Hk * D * jnp.dtype(kv_dtype).itemsize
+        while nb > 1 and 2 * nb * page_bytes > 4 * 2**20:  # both slots within 4 MiB
+            nb //= 2
+    tile = _sublane_tile(q_dtype)
+    bq = num_queries_per_block
+    if bq is None:
+        rows = 32 if T <= max_num_seqs else 128
+        bq = pl.next_power_of_2(max(1, rows // G))
+        while (bq * G) % tile:
+            bq *= 2
+    elif (bq * G) % tile and _cdiv(T, bq) > 1:
+        raise ValueError(f"num_queries_per_block*G={bq * G} must be a multiple of {tile}")
+    return nb, bq
+
+
+def _kernel(kv_lens_ref, pages_ref, cu_ref, seq_lo_ref, seq_hi_ref,  # SMEM (prefetched)
+            q_ref,  # [Hk, R, D]  (R = Bq*G query rows of this block)
+            kv_hbm,  # [P, page_size*2*Hk, D] in HBM (row = token*2Hk + combined head)
+            o_ref,  # [Hk, R, D]
+            kv_buf,  # VMEM [2, nb*page_size*2*Hk, D]: two slots of nb pages
+            sem,  # DMA semaphores [2]
+            m_ref, l_ref,  # VMEM [Hk, R, 128] f32
+            acc_ref,  # VMEM [Hk, R, D] f32
+            *scratch,  # 16-bit KV only: VMEM u32 [nb*page_size*Hk, D] (K/V pairs)
+            G, bq, nb, page_size, pages_per_seq, sm_scale, sliding_window, soft_cap):
+    Hk, R, D = q_ref.shape
+    C = 2 * Hk
+    bk = nb * page_size
+    page_rows = page_size * C
+    qb = pl.program_id(0)
+    row0 = qb * bq  # first token of this q block
+    s_lo, s_hi = seq_lo_ref[qb], seq_hi_ref[qb]
+    n_slots = kv_lens_ref.shape[0]
+
+    def safe(s):  # clamp a maybe-past-the-end sequence index before reading SMEM with it
+        return jnp.clip(s, 0, n_slots - 1)
+
+    def info(s):
+        """Scalars of sequence s as seen from this q block."""
+        q_start, q_end, kv_len = cu_ref[s], cu_ref[s + 1], kv_lens_ref[s]
+        delta = kv_len - q_end  # position of token t is t + delta
+        t_lo, t_hi = jnp.maximum(q_start, row0), jnp.minimum(q_end, row0 + bq)
+        pos_hi = t_hi - 1 + delta  # last position any row of the block sees
+        lo = 0 if sliding_window is None else jnp.maximum(t_lo + delta - sliding_window + 1, 0)
+        b_hi = jnp.where(t_hi > t_lo, pos_hi // bk + 1, 0)
+        b_lo = jnp.minimum(lo // bk, b_hi)
+        return dict(q_start=q_start, q_end=q_end, delta=delta, pos_hi=pos_hi, lo=lo,
+                    b_lo=b_lo, b_hi=b_hi)
+
+    def first_busy(s):  # first sequence >= s with work in this block, or >= s_hi
+        def cond(s):
+            i = info(safe(s))
+            return jnp.logical_and(s < s_hi, i["b_lo"] >= i["b_hi"])
+        return lax.while_loop(cond, lambda s: s + 1, s)
+
+    def copies(s, b, slot):
+        """(predicate, descriptor) per page of work item (s, b): only visible pages."""
+        i = info(s)
+        out = []
+        for j in range(nb):
+            p = b * nb + j
+            need = (p * page_size <= i["pos_hi"]) & ((p + 1) * page_size > i["lo"])
+            need &= p < pages_per_seq
+            page = pages_ref[s * pages_per_seq + jnp.minimum(p, pages_per_seq - 1)]
+            dst = kv_buf.at[slot, pl.ds(j * page_rows, page_rows)]
+            out.append((need, pltpu.make_async_copy(kv_hbm.at[page], dst, sem.at[slot])))
+        return out
+
+    def start(s, b, slot):
+        for need, cp in copies(s, b, slot):
+            pl.when(need)(cp.start)
+
+    def wait(s, b, slot):
+        for need, cp in copies(s, b, slot):
+            pl.when(need)(cp.wait)
+
+    def load_kv(slot, h):
+        """K and V of kv head h from the slot: two [bk, D] arrays in the KV dtype."""
+        if not scratch:  # 32-bit: sublane-strided loads pick rows 2h (K) / 2h+1 (V)
+            return (kv_buf[slot, pl.ds(2 * h, bk, stride=C), :],
+                    kv_buf[slot, pl.ds(2 * h + 1, bk, stride=C), :])
+        # 16-bit: rows 2h and 2h+1 share one 32-bit sublane word (K low half, V high
+        # half), so a strided 32-bit load of the packed view fetches both at once.
+        w = scratch[0][pl.ds(h, bk, stride=Hk), :]  # [bk, D] u32
+        k = pltpu.bitcast(w << 16, jnp.float32).astype(kv_buf.dtype)
+        v = pltpu.bitcast(w & jnp.uint32(0xFFFF0000), jnp.float32).astype(kv_buf.dtype)
+        return k, v
+
+    def compute(s, b, slot):
+        i = info(s)
+        if scratch:  # repack the slot as u32 once for all heads
+            scratch[0][...] = pltpu.bitcast(kv_buf[slot], jnp.uint32)
+        col = b * bk + lax.broadcasted_iota(jnp.int32, (R, bk), 1)
+        tok = row0 + lax.broadcasted_iota(jnp.int32, (R, bk), 0) // G
+        pos = tok + i["delta"]
+        ok = (tok >= i["q_start"]) & (tok < i["q_end"]) & (col <= pos)
+        if sliding_window is not None:
+            ok &= col > pos - sliding_window
+        vcol = b * bk + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
+        vok = (vcol >= i["lo"]) & (vcol <= i["pos_hi"])  # exactly the fetched, used slots
+        for h in range(Hk):
+            k, v = load_kv(slot, h)
+            v = jnp.where(vok, v, jnp.zeros_like(v))
+            sc = lax.dot_general(q_ref[h], k, (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32) * sm_scale  # [R, bk]
+            if soft_cap is not None:
+                sc = soft_cap * jnp.tanh(sc / soft_cap)
+            sc = jnp.where(ok, sc, _MASK)
+            m_prev = m_ref[h]  # [R, 128], lanes equal
+            m_new = jnp.maximum(m_prev, jnp.max(sc, axis=1, keepdims=True))
+            p = jnp.where(ok, jnp.exp(sc - m_new[:, :1]), 0.0)
+            alpha = jnp.exp(m_prev - m_new)
+            l_ref[h] = alpha * l_ref[h] + jnp.sum(p, axis=1, keepdims=True)
+            m_ref[h] = m_new
+            pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+            acc_ref[h] = acc_ref[h] * alpha[:, :1] + pv
+
+    m_ref[...] = jnp.full(m_ref.shape, _MASK, jnp.float32)
+    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    s0 = first_busy(s_lo)
+
+    @pl.when(s0 < s_hi)
+    def _():
+        start(s0, info(safe(s0))["b_lo"], 0)
+
+    def body(carry):  # one work item: prefetch the next, then wait for and use this one
+        s, b, slot = carry
+        more = b + 1 < info(s)["b_hi"]
+        ns = jnp.where(more, s, first_busy(s + 1))
+        nb_ = jnp.where(more, b + 1, info(safe(ns))["b_lo"])
+
+        @pl.when(ns < s_hi)
+        def _():
+            start(ns, nb_, 1 - slot)
+
+        wait(s, b, slot)
+        compute(s, b, slot)
+        return ns, nb_, 1 - slot
+
+    lax.while_loop(lambda c: c[0] < s_hi, body, (s0, info(safe(s0))["b_lo"], jnp.int32(0)))
+
+    l = l_ref[...][:, :, :1]
+    o_ref[...] = jnp.where(l > 0, acc_ref[...] / l, 0.0).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "sm_scale", "sliding_window", "soft_cap", "num_kv_pages_per_block",
+    "num_queries_per_block", "vmem_limit_bytes", "interpret"))
+def ragged_paged_attention(
+    queries,  # [T, Hq, D]
+    kv_pages,  # [P, page_size, 2*Hk, D]
+    kv_lens,  # i32[S]
+    page_indices,  # i32[S, pages_per_seq]
+    cu_q_lens,  # i32[S+1]
+    num_seqs,  # i32[1]
+    *,
+    sm_scale: float = 1.0,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    num_kv_pages_per_block: int | None = None,
+    num_queries_per_block: int | None = None,
+    vmem_limit_bytes: int | None = None,
+    interpret=False,
+):
+    """Ragged paged attention; returns [T, Hq, D] in queries.dtype (padding rows are 0).
+
+    ``interpret``: False (compile with Mosaic), True (TPU interpret mode with default
+    `pltpu.InterpretParams`) or an `InterpretParams` instance.
+    """
+    T, Hq, D = queries.shape
+    P, page_size, C, Dk = kv_pages.shape
+    S, pages_per_seq = page_indices.shape
+    if C % 2 or Hq % (C // 2) or Dk != D:
+        raise ValueError(f"bad shapes: queries {queries.shape}, kv_pages {kv_pages.shape}")
+    if kv_lens.shape != (S,) or cu_q_lens.shape != (S + 1,) or num_seqs.shape != (1,):
+        raise ValueError("kv_lens [S], cu_q_lens [S+1], num_seqs [1] expected")
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError("sliding_window must be positive")
+    kv_bits = jnp.dtype(kv_pages.dtype).itemsize * 8
+    if kv_bits not in (16, 32):
+        raise NotImplementedError(f"KV dtype {kv_pages.dtype} (16/32-bit only)")
+    Hk = C // 2
+    G = Hq // Hk
+    nb, bq = _choose_blocks(T, Hq, Hk, D, page_size, pages_per_seq, S, queries.dtype,
+                            kv_pages.dtype, num_kv_pages_per_block, num_queries_per_block)
+    n_qb = _cdiv(T, bq)
+    Tp = n_qb * bq
+    R = bq * G
+
+    # [T, Hq, D] -> [Hk, Tp*G, D], row t*G+g holds q head h*G+g of token t.
+    q = jnp.pad(queries, ((0, Tp - T), (0, 0), (0, 0)))
+    q = q.reshape(Tp, Hk, G, D).transpose(1, 0, 2, 3).reshape(Hk, Tp * G, D)
+    # Merging (page_size, 2Hk) is a free bitcast under XLA's TPU tiling of the cache.
+    kv3 = kv_pages.reshape(P, page_size * C, D)
+
+    # Sequences overlapping q block r: [seq_lo[r], seq_hi[r]).
+    live = jnp.arange(S) < num_seqs[0]
+    row0 = (jnp.arange(n_qb) * bq)[:, None]
+    seq_lo = jnp.sum(live & (cu_q_lens[1:] <= row0), axis=1).astype(jnp.int32)
+    seq_hi = jnp.sum(live & (cu_q_lens[:-1] < row0 + bq), axis=1).astype(jnp.int32)
+
+    kernel = functools.partial(
+        _kernel, G=G, bq=bq, nb=nb, page_size=page_size, pages_per_seq=pages_per_seq,
+        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    qspec = pl.BlockSpec((Hk, R, D), lambda r, *_: (0, r, 0))
+    scratch = [
+        pltpu.VMEM((2, nb * page_size * C, D), kv_pages.dtype),
+        pltpu.SemaphoreType.DMA((2,)),
+        pltpu.VMEM((Hk, R, _LANES), jnp.float32),
+        pltpu.VMEM((Hk, R, _LANES), jnp.float32),
+        pltpu.VMEM((Hk, R, D), jnp.float32),
+    ]
+    if kv_bits == 16:
+        scratch.append(pltpu.VMEM((nb * page_size * Hk, D), jnp.uint32))
+    if interpret is True:
+        interpret = pltpu.InterpretParams()
+    # Static cost hint for XLA (a custom call is otherwise opaque to cost analysis): an
+    # upper bound assuming every sequence uses its whole page table (min(T, S) sequences).
+    L = pages_per_seq * page_size if sliding_window is None else min(
+        pages_per_seq * page_size, sliding_window + T)
+    kv_bytes = min(kv_pages.size, min(T, S) * pages_per_seq * page_size * C * D)
+    cost = pl.CostEstimate(
+        flops=4 * T * Hq * D * L, transcendentals=T * Hq * L,
+        bytes_accessed=kv_bytes * kv_pages.dtype.itemsize + 2 * q.size * q.dtype.itemsize)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(q.shape, queries.dtype),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=5,
+            grid=(n_qb,),
+            in_specs=[qspec, pl.BlockSpec(memory_space=pl.ANY)],
+            out_specs=qspec,
+            scratch_shapes=scratch),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel",), vmem_limit_bytes=vmem_limit_bytes),
+        interpret=interpret,
+        cost_estimate=cost,
+        name="ragged_paged_attention",
+    )(kv_lens, page_indices.reshape(-1), cu_q_lens, seq_lo, seq_hi, q, kv3)
+    out = out.reshape(Hk, Tp, G, D).transpose(1, 0, 2, 3).reshape(Tp, Hq, D)
+    return out[:T]
