@@ -1,0 +1,77 @@
+"""The batch job as users run it: a subprocess, real model, JSONL in and out, clear one-line errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+STORIES = ["--model", "tests/data/stories260K/stories260K.bin", "--max-context", "128", "--max-slots", "2",
+           "--prefill-chunk", "32"]
+
+
+def run(args, timeout=300):
+    proc = subprocess.run([sys.executable, "-m", "jaxinfer.run", *args], capture_output=True, text=True,
+                          timeout=timeout)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def errors(stderr):
+    return [line for line in stderr.splitlines() if "error:" in line]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--top-p", "1.5"], "top_p=1.5 must be in (0, 1]"),
+    (["--top-p", "0"], "top_p=0.0 must be in (0, 1]"),
+    (["--temperature", "-1"], "temperature=-1.0 must be a number >= 0"),
+    (["--mesh", "2x"], "--mesh '2x': expected DATAxTENSOR"),
+    (["--mesh", "data=2,model=4"], "unknown axis 'model'"),
+    (["--model", "/nonexistent/model.gguf"], "/nonexistent/model.gguf: no such file or directory"),
+])
+def test_bad_flags_give_one_line_and_exit_2(args, message):
+    code, _, stderr = run(args)
+    assert code == 2
+    assert "Traceback" not in stderr
+    assert any(message in line for line in errors(stderr)), stderr[-2000:]
+
+
+def test_jsonl_bad_lines_are_reported_and_others_run(tmp_path):
+    long_prompt = "Once upon a time " * 80  # ~400 tokens, above --max-context 128
+    lines = [
+        json.dumps({"id": "good", "prompt": "Once upon a time", "max_tokens": 12}),
+        '{"prompt": "broken", ',
+        json.dumps({"prompt": "Hi", "temprature": 0.5}),
+        json.dumps({"prompt": "Hi", "top_p": 1.5}),
+        json.dumps({"prompt": "Hi", "temperature": -0.1}),
+        json.dumps({"id": "long", "prompt": long_prompt}),
+        json.dumps({"id": "sampled", "prompt": "The cat", "temperature": 0.8, "seed": 3, "max_tokens": 8}),
+    ]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    code, _, stderr = run([*STORIES, "--no-chat", "--input", str(src), "--output", str(out)])
+    assert code == 2 and "Traceback" not in stderr
+    errs = errors(stderr)
+    assert any("line 2: malformed JSON" in e for e in errs)
+    assert any("line 3: unknown sampling parameter 'temprature'" in e for e in errs)
+    assert any("line 4: top_p=1.5 must be in (0, 1]" in e for e in errs)
+    assert any("line 5: temperature=-0.1 must be a number >= 0" in e for e in errs)
+    assert any("line 6: prompt has" in e and "above the limit of 127" in e and "--truncate" in e for e in errs)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in records] == ["good", "1", "2", "3", "4", "long", "sampled"]
+    good = records[0]
+    assert good["text"].startswith(", there was a little girl named Lily")
+    assert good["finish_reason"] == "length" and good["usage"]["completion_tokens"] == 12
+    assert len(good["token_ids"]) == 12 and good["timings"]["ttft_s"] > 0
+    assert all("error" in r for r in records[1:6])
+    assert records[6]["usage"]["completion_tokens"] == 8
+    assert "TTFT ms p50" in stderr and "output tokens/s" in stderr
+
+
+def test_truncate_keeps_the_end_of_long_prompts(tmp_path):
+    out = tmp_path / "out.jsonl"
+    code, _, stderr = run([*STORIES, "--no-chat", "--truncate", "--max-tokens", "4",
+                           "--prompt", "Once upon a time " * 80, "--output", str(out)])
+    assert code == 0, stderr[-2000:]
+    record = json.loads(out.read_text())
+    # 127 prompt tokens fill --max-context 128 but for the one token that ends the request by length
+    assert record["usage"]["prompt_tokens"] == 127 and record["usage"]["completion_tokens"] == 1
+    assert record["finish_reason"] == "length"
