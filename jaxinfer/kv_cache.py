@@ -58,11 +58,12 @@ def allocate_cache(mesh, shape: CacheShape) -> jax.Array:
     return jax.jit(lambda: jnp.zeros(shape.shape, shape.dtype), out_shardings=sharding)()
 
 
-def pages_for_budget(budget_bytes_per_device: int, layers: int, page_size: int, kv_heads: int, head_dim: int,
-                     dtype, tensor: int) -> int:
-    """How many pages one data shard can hold in `budget_bytes_per_device` of each device's memory."""
-    per_page_per_device = layers * page_size * 2 * (kv_heads // tensor) * head_dim * jnp.dtype(dtype).itemsize
-    return int(budget_bytes_per_device // per_page_per_device)
+def pages_for_budget(budget_bytes_per_device: float, shape: CacheShape, tensor: int) -> int:
+    """How many pages one data shard can hold in `budget_bytes_per_device` of each device's memory.
+
+    A page's KV heads are split over `tensor` devices; `shape.pages_per_shard` is ignored.
+    """
+    return int(budget_bytes_per_device // (shape.bytes_per_page // tensor))
 
 
 class OutOfPages(Exception):

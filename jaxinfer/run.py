@@ -77,8 +77,9 @@ def setup_engine(args):
     from jaxinfer.sharding import accelerator_present, ensure_host_devices, parse_mesh
 
     log = logging.getLogger("jaxinfer")
-    mesh_spec = parse_mesh(args.mesh or ("2x4" if not accelerator_present() else "1"))
-    ensure_host_devices(mesh_spec.size)
+    # default: 2x4 host devices on a CPU-only machine, every accelerator on `tensor` otherwise
+    mesh_spec = parse_mesh(args.mesh) if args.mesh else (None if accelerator_present() else parse_mesh("2x4"))
+    ensure_host_devices(mesh_spec.size if mesh_spec else 1)
     import jax
 
     if args.compile_cache:
@@ -91,7 +92,7 @@ def setup_engine(args):
     from jaxinfer.sharding import describe, make_mesh
     from jaxinfer.tokenizer import TokenizerError, load_tokenizer
 
-    if args.mesh is None and accelerator_present():
+    if mesh_spec is None:
         mesh_spec = parse_mesh(str(len(jax.devices())))
     mesh = make_mesh(mesh_spec)
     log.info("%s", describe(mesh))

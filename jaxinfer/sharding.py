@@ -218,11 +218,6 @@ def logical_sharding(mesh, logical: Sequence[str | None], shape: Sequence[int] |
     return NamedSharding(mesh, PartitionSpec(*axes))
 
 
-def mesh_axis_size(mesh, logical_name: str) -> int:
-    axis = LOGICAL_RULES[logical_name]
-    return 1 if axis is None else mesh.shape[axis]
-
-
 def describe(mesh) -> str:
     dev = mesh.devices.flat[0]
     return f"mesh {dict(mesh.shape)} over {mesh.devices.size} {dev.platform.upper()} device(s)"

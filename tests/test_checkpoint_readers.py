@@ -108,6 +108,26 @@ def test_safetensors_missing_tensor(tmp_path, hf_dir):
             src.get(gone)
 
 
+def test_safetensors_wrong_shape_through_the_loader(tmp_path, hf_dir):
+    """A tensor whose shape disagrees with config.json stops the load with one line naming file and tensor."""
+    from safetensors.numpy import load_file, save_file
+
+    from jaxinfer.checkpoint.load import load_model
+    from jaxinfer.sharding import make_mesh
+
+    shutil.copytree(hf_dir[0], tmp_path / "m")
+    f = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(f)
+    bad = "model.layers.1.self_attn.k_proj.weight"
+    tensors[bad] = tensors[bad][:16]  # 1 KV head's rows where the config says 2
+    save_file(tensors, f)
+    with pytest.raises(CheckpointError) as e:
+        load_model(str(tmp_path / "m"), make_mesh("1x1"))
+    message = str(e.value)
+    assert "\n" not in message and "model.safetensors" in message and bad in message
+    assert "(16, 64)" in message and "(32, 64)" in message
+
+
 def test_safetensors_unknown_architecture(tmp_path, hf_dir):
     shutil.copytree(hf_dir[0], tmp_path / "m")
     cfg_file = tmp_path / "m" / "config.json"

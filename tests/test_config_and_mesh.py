@@ -3,9 +3,7 @@ import os
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from jaxinfer.config import PRESETS, ConfigError, ModelConfig, get_preset

@@ -4,7 +4,6 @@ SmolLM2-135M-Instruct in float32 from the same GGUF file on both sides. Eight pr
 tokens run together through 4 slots, so slots are refilled as requests finish at different steps,
 and prompts longer than the 64-token prefill chunk are prefilled over several steps.
 """
-import numpy as np
 import pytest
 
 from jaxinfer.checkpoint.load import load_model

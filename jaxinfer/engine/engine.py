@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import logging
 import time
 from typing import Iterable
@@ -104,22 +103,24 @@ class Engine:
         if kind == "auto":
             kind = "kernel" if jax.devices()[0].platform == "tpu" else "reference"
         self.attention = kind
-        self.cache_shape = CacheShape(
-            layers=model.config.num_layers, data_shards=self.data, pages_per_shard=self._resolve_pages(),
+        one_page = CacheShape(
+            layers=model.config.num_layers, data_shards=self.data, pages_per_shard=1,
             page_size=config.page_size, kv_heads=model.layout.kv_heads, head_dim=model.config.head_dim,
             dtype=str(np.dtype(model.dtype)))
+        self.cache_shape = dataclasses.replace(one_page, pages_per_shard=self._resolve_pages(one_page))
         self.allocators = [PageAllocator(self.cache_shape.pages_per_shard) for _ in range(self.data)]
         self.slots: list[list[_Seq | None]] = [[None] * self.slots_per_shard for _ in range(self.data)]
         budget = max(config.prefill_chunk, self.slots_per_shard)
         self.buckets = tuple(sorted({min(max(config.min_bucket, 2 ** i), budget)
                                      for i in range(budget.bit_length() + 1)} | {budget}))
         self.cache = allocate_cache(mesh, self.cache_shape)
-        self._row = logical_sharding(mesh, ("batch", None))
+        # step inputs are split over data shards on their leading axis; built once, used every step
+        self._by_ndim = {n: logical_sharding(mesh, ("batch",) + (None,) * (n - 1)) for n in (1, 2, 3)}
+        self._row = self._by_ndim[2]
         self._step_fn = build_step_fn(model, self.cache_shape, attention_impl(kind), self._row)
         self._prev = jax.device_put(np.zeros((self.data, self.slots_per_shard), np.int32), self._row)
         self.waiting: collections.deque[_Seq] = collections.deque()
         self._pending = None  # (device outputs, [(seq, shard, slot)] sampled) of the dispatched step
-        self._ids = itertools.count()
         self.stats = collections.Counter()
         self._compiles_at_warmup: int | None = None
         log.info("KV cache: %d pages/shard x %d shards of %d tokens = %.1f MiB; %d slots; buckets %s; attention %s",
@@ -127,7 +128,7 @@ class Engine:
                  self.cache_shape.total_bytes / 2**20, config.max_slots, self.buckets, kind)
 
     # ---- configuration -------------------------------------------------------------------
-    def _resolve_pages(self) -> int:
+    def _resolve_pages(self, one_page: CacheShape) -> int:
         c, m = self.config, self.model
         enough = self.slots_per_shard * self.pages_per_slot
         if c.kv_pages is not None:
@@ -143,8 +144,7 @@ class Engine:
             raise RequestError("--kv-memory-fraction needs device memory stats, which this platform does not "
                                "report; use --kv-pages instead")
         free = limit * c.kv_memory_fraction - stats.get("bytes_in_use", 0)
-        pages = pages_for_budget(free, m.config.num_layers, c.page_size, m.layout.kv_heads, m.config.head_dim,
-                                 m.dtype, m.mesh.shape["tensor"])
+        pages = pages_for_budget(free, one_page, m.mesh.shape["tensor"])
         if pages < self.pages_per_slot:
             raise RequestError(f"--kv-memory-fraction {c.kv_memory_fraction} leaves room for {pages} pages, "
                                f"below the {self.pages_per_slot} one request needs")
@@ -374,7 +374,7 @@ class Engine:
 
     def _to_device(self, host: dict) -> StepInputs:
         sampling_keys = ("temperature", "top_k", "top_p", "min_p", "seed", "position")
-        put = lambda a: jax.device_put(a, logical_sharding(self.model.mesh, ("batch",) + (None,) * (a.ndim - 1)))  # noqa: E731
+        put = lambda a: jax.device_put(a, self._by_ndim[a.ndim])  # noqa: E731
         sampling = SamplingArrays(**{k: put(host[k]) for k in sampling_keys})
         return StepInputs(**{k: put(v) for k, v in host.items() if k not in sampling_keys}, sampling=sampling)
 
