@@ -30,11 +30,16 @@ def sample(logits: jax.Array, p: SamplingArrays) -> tuple[jax.Array, jax.Array]:
     """logits f32 [rows, vocab] -> (token ids i32 [rows], logprob of each under the raw model f32 [rows])."""
     logits = logits.astype(jnp.float32)
     greedy = p.temperature <= 0.0
-    scaled = logits / jnp.where(greedy, 1.0, p.temperature)[:, None]
-    masked = _filter(scaled, p)
-    keys = jax.vmap(lambda s, pos: jax.random.fold_in(jax.random.key(s), pos))(p.seed, p.position)
-    drawn = jax.vmap(jax.random.categorical)(keys, masked)
-    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(logits):
+        scaled = logits / jnp.where(greedy, 1.0, p.temperature)[:, None]
+        keys = jax.vmap(lambda s, pos: jax.random.fold_in(jax.random.key(s), pos))(p.seed, p.position)
+        drawn = jax.vmap(jax.random.categorical)(keys, _filter(scaled, p)).astype(jnp.int32)
+        return jnp.where(greedy, best, drawn)
+
+    # an all-greedy batch skips the random draw (a Gumbel sample per vocabulary entry per row)
+    tokens = jax.lax.cond(jnp.all(greedy), lambda _: best, draw, logits)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens, logprobs
 

@@ -20,7 +20,6 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxinfer.kv_cache import CacheShape, cache_sharding
-from jaxinfer.model.attention import MASK_VALUE
 from jaxinfer.model.forward import ShardedModel
 from jaxinfer.sampling import SamplingArrays, sample
 
@@ -99,31 +98,42 @@ def build_step_fn(model: ShardedModel, cache_shape: CacheShape, impl: AttentionI
 
 
 def xla_ragged_paged_attention(queries, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale):
-    """Ragged paged attention as a few dense XLA ops (the CPU/GPU path).
+    """Ragged paged attention in plain XLA ops (the CPU/GPU path); same semantics as the kernel.
 
-    Gathers every slot's pages once ([S, W*page, 2Hk, D]) and scores all query tokens against all
-    of them with a mask (same slot, causal), which maps to large matmuls. queries [T, Hq, D].
+    Online softmax over the pages of each token's own sequence, one page per loop iteration, for
+    only as many pages as the longest live context needs (a dynamic trip count, so short contexts
+    are cheap and nothing recompiles). Work is proportional to tokens x context, never to
+    slots x max_context. queries [T, Hq, D]; kv_pages [P, page, 2Hk, D] (K, V interleaved).
     """
     t, hq, dh = queries.shape
-    s, w = page_indices.shape
+    s = page_indices.shape[0]
     page = kv_pages.shape[1]
     hk = kv_pages.shape[2] // 2
-    kv = kv_pages[jnp.clip(page_indices, 0, kv_pages.shape[0] - 1)].reshape(s, w * page, 2 * hk, dh)
-    k, v = kv[:, :, 0::2], kv[:, :, 1::2]  # [S, L, Hk, D]
     tok = jnp.arange(t)
-    live_end = cu_q_lens[num_seqs[0]]
     seq = jnp.clip(jnp.searchsorted(cu_q_lens, tok, side="right") - 1, 0, s - 1)  # [T]
     q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
-    pos = kv_lens[seq] - q_len + (tok - cu_q_lens[seq])  # [T]
-    kv_pos = jnp.arange(w * page)
-    mask = (jnp.arange(s)[None, :, None] == seq[:, None, None]) & (kv_pos[None, None, :] <= pos[:, None, None])
-    mask &= (tok < live_end)[:, None, None]  # [T, S, L]
-    qg = queries.reshape(t, hk, hq // hk, dh)
-    scores = jnp.einsum("thgd,slhd->thgsl", qg, k, preferred_element_type=jnp.float32) * sm_scale
-    scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)  # finite: padding rows stay NaN-free
-    scores = scores.reshape(t, hk, hq // hk, s * w * page)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(t, hk, hq // hk, s, w * page)
-    out = jnp.einsum("thgsl,slhd->thgd", probs, v, preferred_element_type=jnp.float32)
+    live = tok < cu_q_lens[num_seqs[0]]
+    pos = jnp.where(live, kv_lens[seq] - q_len + (tok - cu_q_lens[seq]), -1)  # [T] absolute position
+    q = queries.reshape(t, hk, hq // hk, dh).astype(jnp.float32) * sm_scale
+
+    def one_page(i, carry):
+        m, l, acc = carry  # running max / sum [T, Hk, G], accumulator [T, Hk, G, D]
+        kv = kv_pages[page_indices[seq, i]].astype(jnp.float32)  # [T, page, 2Hk, D]
+        k, v = kv[:, :, 0::2], kv[:, :, 1::2]
+        scores = jnp.einsum("thgd,tphd->thgp", q, k)
+        visible = (i * page + jnp.arange(page))[None, :] <= pos[:, None]  # [T, page]
+        scores = jnp.where(visible[:, None, None, :], scores, -jnp.inf)
+        v = jnp.where(visible[:, :, None, None], v, 0.0)  # pages past a token's context may hold garbage
+        m_new = jnp.maximum(m, scores.max(axis=-1))
+        shift = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
+        p = jnp.exp(scores - shift[..., None])
+        scale = jnp.exp(m - shift)
+        return m_new, l * scale + p.sum(-1), acc * scale[..., None] + jnp.einsum("thgp,tphd->thgd", p, v)
+
+    pages = (jnp.max(pos) + page) // page  # pages holding positions 0..max(pos)
+    init = (jnp.full((t, hk, hq // hk), -jnp.inf), jnp.zeros((t, hk, hq // hk)), jnp.zeros((t, hk, hq // hk, dh)))
+    _, l, acc = jax.lax.fori_loop(0, pages, one_page, init)
+    out = jnp.where(live[:, None, None, None], acc / jnp.maximum(l, 1e-30)[..., None], 0.0)
     return out.reshape(t, hq, dh).astype(queries.dtype)
 
 
