@@ -38,13 +38,33 @@ class DenseCausal:
 
     positions: int32 [B, T], the absolute position of each token; -1 marks padding (attends and is
     attended by nothing meaningful; its output is garbage-but-finite and must be ignored).
+    With `kernel` (and a `mesh`), attention runs as the Pallas flash attention kernel inside
+    `shard_map` over (data, tensor) (TPU interpret mode off TPU); the kernel masks by token index,
+    so it requires each row's positions to be 0, 1, ..., n-1 followed only by padding.
     """
 
     positions: jax.Array
+    mesh: object = dataclasses.field(default=None, metadata=dict(static=True))
+    kernel: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     def attend(self, layer, q, k, v, cache, sm_scale):
         del layer
+        if self.kernel:
+            return flash_attention_sharded(self.mesh, q, k, v, sm_scale), cache
         pos = self.positions
         valid = pos >= 0
         mask = (pos[:, None, :] <= pos[:, :, None]) & valid[:, None, :]
         return dense_attention(q, k, v, mask, sm_scale), cache
+
+
+def flash_attention_sharded(mesh, q, k, v, sm_scale: float):
+    """Pallas flash attention per (data, tensor) shard: rows split over data, heads over tensor."""
+    from jax.sharding import PartitionSpec as P
+
+    from pallas_kernels.flash_attention import flash_attention
+
+    interpret = jax.devices()[0].platform != "tpu"
+    spec = P("data", None, "tensor", None)
+    fn = jax.shard_map(lambda q, k, v: flash_attention(q, k, v, sm_scale=sm_scale, causal=True, interpret=interpret),
+                       mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+    return fn(q, k, v)

@@ -36,11 +36,14 @@ class ShardedModel:
     def module(self) -> Llama:
         return Llama(self.config, self.layout, self.dtype)
 
-    def logits(self, tokens, positions=None) -> np.ndarray:
+    def logits(self, tokens, positions=None, attention: str = "reference") -> np.ndarray:
         """tokens int [B, T] (rows right-padded with any id where positions is -1) -> float32 [B, T, vocab].
 
         Rows and columns are padded internally to multiples of the `data` and `sequence` axes.
+        `attention="kernel"` uses the Pallas flash attention kernel (see `DenseCausal`).
         """
+        if attention not in ("reference", "kernel"):
+            raise ValueError(f"attention={attention!r}: must be reference or kernel")
         tokens = np.asarray(tokens, dtype=np.int32)
         b, t = tokens.shape
         if positions is None:
@@ -51,18 +54,19 @@ class ShardedModel:
         pos = np.full((bp, tp), -1, np.int32)
         tok[:b, :t], pos[:b, :t] = tokens, positions
         sharding = logical_sharding(self.mesh, ("batch", "length"), tok.shape)
-        fn = _dense_forward(self.config, self.layout, jnp.dtype(self.dtype))
+        fn = _dense_forward(self.config, self.layout, jnp.dtype(self.dtype), self.mesh, attention == "kernel")
         out = fn(self.params, jax.device_put(tok, sharding), jax.device_put(pos, sharding))
         return np.asarray(out)[:b, :t]
 
 
 @functools.lru_cache(maxsize=None)
-def _dense_forward(config: ModelConfig, layout: ModelLayout, dtype):
+def _dense_forward(config: ModelConfig, layout: ModelLayout, dtype, mesh, kernel: bool):
     module = Llama(config, layout, dtype)
 
     @jax.jit
     def forward(params, tokens, positions):
-        logits, _ = module.apply({"params": params}, tokens, positions, DenseCausal(positions))
+        ctx = DenseCausal(positions, mesh, kernel)
+        logits, _ = module.apply({"params": params}, tokens, positions, ctx)
         return logits
 
     return forward
