@@ -1,0 +1,30 @@
+"""Benchmark scripts run end to end at a tiny size and report every field with sane values."""
+import importlib.util
+import json
+import math
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_decode_tiny(tmp_path):
+    out = tmp_path / "decode.json"
+    load_script("benchmark_decode").main(["--model", "tiny", "--layers", "2", "--batch", "1", "4",
+                                          "--context", "16", "--steps", "4", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["measured_bandwidth"] > 1e8 and result["measured_matmul_flops"] > 1e8
+    assert [(r["batch"], r["context"]) for r in result["results"]] == [(1, 16), (4, 16)]
+    for r in result["results"]:
+        for key in ("step_ms", "tokens_per_s", "weight_bytes", "kv_bytes", "achieved_bytes_per_s", "mbu", "mfu"):
+            assert math.isfinite(r[key]) and r[key] > 0, key
+        assert r["mbu"] < 2 and r["mfu"] < 2  # plausible fractions (CPU timings are noisy)
+        assert abs(r["tokens_per_s"] - r["batch"] / (r["step_ms"] / 1e3)) < 1e-6 * r["tokens_per_s"]
+        assert r["compilations_after_warmup"] == 0
+    assert result["results"][1]["kv_bytes"] > result["results"][0]["kv_bytes"]
