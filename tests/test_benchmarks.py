@@ -28,3 +28,16 @@ def test_benchmark_decode_tiny(tmp_path):
         assert abs(r["tokens_per_s"] - r["batch"] / (r["step_ms"] / 1e3)) < 1e-6 * r["tokens_per_s"]
         assert r["compilations_after_warmup"] == 0
     assert result["results"][1]["kv_bytes"] > result["results"][0]["kv_bytes"]
+
+
+def test_compare_hf_tiny(tmp_path):
+    import pytest
+
+    pytest.importorskip("transformers")
+    out = tmp_path / "compare.json"
+    load_script("compare_hf").main(["--batch", "2", "--prompt-tokens", "8", "--new-tokens", "3", "--repeats", "1",
+                                    "--json", str(out)])
+    row = json.loads(out.read_text())["results"][0]
+    assert row["identical_outputs"] and row["identical_requests"] == 2  # same greedy tokens as transformers
+    for key in ("jaxinfer_tokens_per_s", "transformers_tokens_per_s", "ratio"):
+        assert math.isfinite(row[key]) and row[key] > 0
