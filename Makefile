@@ -26,5 +26,9 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
+# Regenerates the checked-in gRPC/protobuf modules from jaxinfer/proto/jaxinfer.proto.
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. jaxinfer/proto/jaxinfer.proto
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""The gRPC API: `jaxinfer.proto` and the modules `make proto` generates from it (checked in)."""
