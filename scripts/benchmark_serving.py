@@ -1,0 +1,182 @@
+"""Load test of a running `jaxinfer.serve`: latency percentiles, throughput and goodput under an SLO.
+
+    python scripts/benchmark_serving.py --target localhost:50051 --num-requests 200 \
+        --prompt-len uniform:32:512 --output-len fixed:128 --rates 1 2 4 inf --slo-ttft-ms 500 \
+        --slo-tpot-ms 50 --json out.json --plot out.png
+
+Requests carry token ids (random ids of the requested lengths) or, with `--dataset prompts.jsonl`,
+the `prompt` text of each line. `--rates` are Poisson arrival rates in requests/s (`inf` sends
+everything at once); each rate is one run. Per run: TTFT, time per output token (TPOT, after the
+first) and inter-token latency (ITL, between streamed chunks, per token), p50/p90/p99 in ms;
+request throughput; input and output tokens/s; goodput (requests/s meeting both SLOs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import threading
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def length_sampler(spec: str):
+    """'fixed:N' or 'uniform:A:B' -> function(rng) -> int."""
+    parts = spec.split(":")
+    try:
+        if parts[0] == "fixed" and len(parts) == 2:
+            n = int(parts[1])
+            return lambda rng: n
+        if parts[0] == "uniform" and len(parts) == 3:
+            a, b = int(parts[1]), int(parts[2])
+            if 1 <= a <= b:
+                return lambda rng: rng.randint(a, b)
+    except ValueError:
+        pass
+    raise SystemExit(f"benchmark_serving: error: length {spec!r}: expected fixed:N or uniform:A:B with 1 <= A <= B")
+
+
+def percentiles(values) -> dict:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None, "mean": None}
+    arr = np.asarray(values, np.float64)
+    return {"p50": float(np.percentile(arr, 50)), "p90": float(np.percentile(arr, 90)),
+            "p99": float(np.percentile(arr, 99)), "mean": float(arr.mean())}
+
+
+def one_request(stub, pb, request, record):
+    """Streams one Generate call, recording the arrival time of every chunk."""
+    start = time.perf_counter()
+    chunks, tokens, usage = [], 0, None
+    try:
+        for response in stub.Generate(request, timeout=600):
+            n = len(response.token_ids)
+            if n:
+                chunks.append((time.perf_counter(), n))
+                tokens += n
+            if response.HasField("usage"):
+                usage = response.usage
+        record.update(ok=True, start=start, chunks=chunks, tokens=tokens,
+                      prompt_tokens=usage.prompt_tokens if usage else 0)
+    except Exception as e:  # a failed request is counted, not fatal
+        record.update(ok=False, error=str(e).splitlines()[0])
+
+
+def run_rate(stub, pb, requests, rate: float, seed: int, slo_ttft_ms, slo_tpot_ms) -> dict:
+    rng = random.Random(seed)
+    records = [dict() for _ in requests]
+    threads = []
+    begin = time.perf_counter()
+    for req, rec in zip(requests, records):
+        t = threading.Thread(target=one_request, args=(stub, pb, req, rec), daemon=True)
+        t.start()
+        threads.append(t)
+        if math.isfinite(rate):
+            time.sleep(rng.expovariate(rate))
+    for t in threads:
+        t.join()
+    duration = time.perf_counter() - begin
+    done = [r for r in records if r.get("ok") and r["chunks"]]
+    ttft = [(r["chunks"][0][0] - r["start"]) * 1e3 for r in done]
+    tpot = [(r["chunks"][-1][0] - r["chunks"][0][0]) * 1e3 / (r["tokens"] - 1) for r in done if r["tokens"] > 1]
+    itl = [(b[0] - a[0]) * 1e3 / b[1] for r in done for a, b in zip(r["chunks"], r["chunks"][1:])]
+    good = 0
+    for r in done:
+        first = (r["chunks"][0][0] - r["start"]) * 1e3
+        per = (r["chunks"][-1][0] - r["chunks"][0][0]) * 1e3 / max(r["tokens"] - 1, 1)
+        good += (slo_ttft_ms is None or first <= slo_ttft_ms) and (slo_tpot_ms is None or per <= slo_tpot_ms)
+    return {
+        "rate": rate if math.isfinite(rate) else "inf", "requests": len(requests), "completed": len(done),
+        "failed": len(requests) - len(done), "duration_s": duration,
+        "request_throughput": len(done) / duration,
+        "input_tokens_per_s": sum(r["prompt_tokens"] for r in done) / duration,
+        "output_tokens_per_s": sum(r["tokens"] for r in done) / duration,
+        "ttft_ms": percentiles(ttft), "tpot_ms": percentiles(tpot), "itl_ms": percentiles(itl),
+        "slo": {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms}, "goodput": good / duration,
+        "errors": sorted({r["error"] for r in records if not r.get("ok")})[:5],
+    }
+
+
+def build_requests(pb, args, vocab: int):
+    rng = random.Random(args.seed)
+    out_len = length_sampler(args.output_len)
+    if args.dataset:
+        with open(args.dataset, encoding="utf-8") as f:
+            texts = [json.loads(line)["prompt"] for line in f if line.strip()]
+        prompts = [dict(text=texts[i % len(texts)]) for i in range(args.num_requests)]
+    else:
+        in_len = length_sampler(args.prompt_len)
+        prompts = [dict(token_ids=[rng.randrange(10, vocab) for _ in range(in_len(rng))])
+                   for _ in range(args.num_requests)]
+    return [pb.GenerateRequest(params=pb.SamplingParams(max_tokens=out_len(rng), ignore_eos=True), **p)
+            for p in prompts]
+
+
+def plot(results, path: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("benchmark_serving: error: --plot needs matplotlib (pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = [r for r in results if r["rate"] != "inf"]
+    rates = [r["rate"] for r in finite]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((axes[0], "ttft_ms", "TTFT"), (axes[1], "tpot_ms", "time per output token")):
+        for q in ("p50", "p90", "p99"):
+            ax.plot(rates, [r[key][q] for r in finite], marker="o", label=q)
+        ax.set(xlabel="request rate (req/s)", ylabel="ms", title=title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--target", default="localhost:50051")
+    p.add_argument("--num-requests", type=int, default=100)
+    p.add_argument("--prompt-len", default="fixed:128")
+    p.add_argument("--output-len", default="fixed:128")
+    p.add_argument("--dataset", default=None, help="JSONL with a 'prompt' per line")
+    p.add_argument("--rates", type=float, nargs="+", default=[math.inf])
+    p.add_argument("--slo-ttft-ms", type=float, default=None)
+    p.add_argument("--slo-tpot-ms", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None)
+    args = p.parse_args(argv)
+    import grpc
+
+    from jaxinfer.proto import jaxinfer_pb2 as pb
+    from jaxinfer.proto import jaxinfer_pb2_grpc
+
+    with grpc.insecure_channel(args.target) as channel:
+        stub = jaxinfer_pb2_grpc.GenerationStub(channel)
+        info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+        results = []
+        for rate in args.rates:
+            requests = build_requests(pb, args, info.config.vocab_size)
+            results.append(run_rate(stub, pb, requests, rate, args.seed, args.slo_ttft_ms, args.slo_tpot_ms))
+            r = results[-1]
+            print(f"rate {r['rate']}: {r['completed']}/{r['requests']} ok  {r['request_throughput']:.2f} req/s  "
+                  f"out {r['output_tokens_per_s']:.1f} tok/s  TTFT p50/p99 {r['ttft_ms']['p50']:.1f}/"
+                  f"{r['ttft_ms']['p99']:.1f} ms  TPOT p50/p99 {r['tpot_ms']['p50']:.1f}/{r['tpot_ms']['p99']:.1f} ms  "
+                  f"goodput {r['goodput']:.2f} req/s", flush=True)
+    out = {"target": args.target, "model": info.model_name, "platform": info.platform, "results": results}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    if args.plot:
+        plot(results, args.plot)
+    return out
+
+
+if __name__ == "__main__":
+    main()
