@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -59,11 +60,37 @@ def allocate_cache(mesh, shape: CacheShape) -> jax.Array:
 
 
 def pages_for_budget(budget_bytes_per_device: float, shape: CacheShape, tensor: int) -> int:
-    """How many pages one data shard can hold in `budget_bytes_per_device` of each device's memory.
+    """How many pages one data shard can hold in `budget_bytes_per_device` of each device's memory (>= 0).
 
     A page's KV heads are split over `tensor` devices; `shape.pages_per_shard` is ignored.
     """
-    return int(budget_bytes_per_device // (shape.bytes_per_page // tensor))
+    return max(0, int(budget_bytes_per_device // (shape.bytes_per_page // tensor)))
+
+
+def pages_for_memory_fraction(memory_bytes: int, fraction: float, in_use_bytes: int, shape: CacheShape,
+                              tensor: int) -> int:
+    """Pages per data shard when `fraction` of each device's memory may hold weights plus KV cache.
+
+    `--kv-memory-fraction` means this both in the engine (memory and use measured on the device) and in
+    the AOT planner (the chip's HBM and the weights' shard bytes), so the two agree on a page count.
+    """
+    return pages_for_budget(memory_bytes * fraction - in_use_bytes, shape, tensor)
+
+
+def device_memory(device) -> tuple[int, int | None]:
+    """(bytes one device may use, bytes in use now or None when the runtime does not say).
+
+    TPU and GPU runtimes report both. Host CPU devices report nothing; they share the machine's RAM,
+    so each gets an equal part of it.
+    """
+    stats = device.memory_stats() or {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), int(stats.get("bytes_in_use", 0))
+    if device.platform == "cpu":
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return ram // len(jax.devices("cpu")), None
+    raise ValueError(f"{device.platform} device {device.id} reports no memory size")
+
 
 
 class OutOfPages(Exception):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from jaxinfer.sharding import per_device_bytes
+
 # Peak HBM bandwidth per device (bytes/s), by `device_kind` substring. Published figures.
 PEAK_BANDWIDTH = {
     "TPU v5 lite": 819e9, "TPU v5e": 819e9, "TPU v5p": 2765e9, "TPU v5": 2765e9, "TPU v6": 1640e9,
@@ -19,24 +21,13 @@ def peak_bandwidth(device=None) -> float | None:
     return None
 
 
-def param_bytes_per_device(params) -> int:
-    """Bytes of parameters one device holds (its shards)."""
-    dev = jax.devices()[0]
-    total = 0
-    for leaf in jax.tree.leaves(params):
-        for shard in leaf.addressable_shards:
-            if shard.device == dev:
-                total += int(np.prod(shard.data.shape)) * leaf.dtype.itemsize
-    return total
-
-
 def decode_mbu(engine, elapsed: float) -> str:
     """Lower-bound MBU of the run: each step reads every parameter shard once (KV reads not counted)."""
     steps = engine.stats["steps"]
     bw = peak_bandwidth(engine.model.mesh.devices.flat[0])
     if not steps or elapsed <= 0:
         return "MBU: n/a (no steps)"
-    achieved = param_bytes_per_device(engine.model.params) * steps / elapsed
+    achieved = per_device_bytes(engine.model.params) * steps / elapsed
     if bw is None:
         return f"MBU: n/a (peak bandwidth of {jax.devices()[0].device_kind!r} unknown); weights read {achieved / 1e9:.2f} GB/s per device"
     return f"MBU (weights only, lower bound): {achieved / bw:.1%} of {bw / 1e9:.0f} GB/s"

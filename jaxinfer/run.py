@@ -82,7 +82,13 @@ def setup_engine(args):
     ensure_host_devices(mesh_spec.size if mesh_spec else 1)
     import jax
 
+    from jaxinfer.engine import compile_counter
+
+    compile_counter.install()  # from the first compile on, so the summary's total is complete
     if args.compile_cache:
+        from jaxinfer.aot.manifest import check_cache_dir
+
+        check_cache_dir(args.compile_cache)  # refuses AOT output built for other versions or chips
         os.makedirs(args.compile_cache, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -108,7 +114,7 @@ def setup_engine(args):
         prefill_chunk=args.prefill_chunk, kv_pages=args.kv_pages, kv_memory_fraction=args.kv_memory_fraction,
         attention=args.attention, strict_no_recompile=args.strict_no_recompile))
     seconds = engine.warmup()
-    log.info("warm-up compiled %d buckets in %.1fs", len(engine.buckets), seconds)
+    log.info("warm-up compiled %d buckets in %.2fs", len(engine.buckets), seconds)
     return engine
 
 
@@ -180,6 +186,8 @@ def percentile(values, q):
 
 
 def summarize(results, elapsed: float, engine) -> str:
+    from jaxinfer.engine import compile_counter
+
     ok = [r for r in results if r is not None]
     prompt = sum(r.prompt_tokens for r in ok)
     gen = sum(r.completion_tokens for r in ok)
@@ -192,6 +200,8 @@ def summarize(results, elapsed: float, engine) -> str:
         f"TPOT ms p50 {percentile(tpot, 50):.1f} p99 {percentile(tpot, 99):.1f}",
         f"output tokens/s {gen / elapsed:.1f}  steps {engine.stats['steps']}  preemptions {engine.stats['preemptions']}"
         f"  compilations after warm-up {engine.compilations_after_warmup}",
+        f"XLA compilations in this process {compile_counter.count()}"
+        f" (persistent cache hits {compile_counter.cache_hits()})",
     ]
     from jaxinfer.perf import decode_mbu
 

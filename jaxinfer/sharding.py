@@ -225,3 +225,12 @@ def describe(mesh) -> str:
 
 def ceil_to(x: int, multiple: int) -> int:
     return int(math.ceil(x / multiple) * multiple)
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded arrays or `ShapeDtypeStruct`s (evenly split shards)."""
+    import jax
+    import numpy as np
+
+    return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+               for leaf in jax.tree.leaves(tree))

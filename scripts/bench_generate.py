@@ -36,12 +36,13 @@ def main() -> None:
     from jaxinfer.checkpoint.load import load_model
     from jaxinfer.engine.engine import Engine, EngineConfig
     from jaxinfer.engine.requests import Request, SamplingParams
-    from jaxinfer.perf import param_bytes_per_device, peak_bandwidth
+    from jaxinfer.perf import peak_bandwidth
+    from jaxinfer.sharding import per_device_bytes
     from jaxinfer.sharding import make_mesh
 
     mesh = make_mesh(args.mesh)
     model = load_model(args.model, mesh, args.dtype)
-    weights = param_bytes_per_device(model.params)
+    weights = per_device_bytes(model.params)
     bw = peak_bandwidth(mesh.devices.flat[0])
     rows = []
     for batch in args.batch:

@@ -48,7 +48,7 @@ def main(argv=None) -> dict:
     from jaxinfer.model.forward import ShardedModel
     from jaxinfer.model.layout import plan_layout
     from jaxinfer.model.params import init_params
-    from jaxinfer.sharding import make_mesh
+    from jaxinfer.sharding import make_mesh, per_device_bytes
 
     mesh = make_mesh(args.mesh)
     if args.model in PRESETS and args.layers:
@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     measured_bw = perf.measure_bandwidth(device)
     peak_bw = perf.peak_bandwidth(device)
     flops = perf.measure_matmul_flops(device, dtype=args.dtype)
-    weights = perf.param_bytes_per_device(model.params)
+    weights = per_device_bytes(model.params)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(model.params))
     rows = []
     for context in args.context:

@@ -25,10 +25,11 @@ from jaxinfer.engine import compile_counter
 from jaxinfer.engine.requests import Event, Request, RequestError, Result
 from jaxinfer.engine.step import StepInputs, attention_impl, build_step_fn
 from jaxinfer.engine.stops import StopTextTracker
-from jaxinfer.kv_cache import CacheShape, OutOfPages, PageAllocator, allocate_cache, pages_for_budget, pages_needed
+from jaxinfer.kv_cache import (CacheShape, OutOfPages, PageAllocator, allocate_cache, device_memory,
+                               pages_for_memory_fraction, pages_needed)
 from jaxinfer.model.forward import ShardedModel
 from jaxinfer.sampling import SamplingArrays
-from jaxinfer.sharding import logical_sharding
+from jaxinfer.sharding import logical_sharding, per_device_bytes
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,14 @@ class EngineConfig:
             raise bad("kv_memory_fraction", "must be in (0, 1)")
         if self.attention not in ("auto", "kernel", "reference"):
             raise bad("attention", "must be auto, kernel or reference")
+
+
+def token_buckets(config: EngineConfig, data_shards: int) -> tuple[int, ...]:
+    """Token counts per data shard that steps are padded to (one compiled step each): powers of two
+    from `min_bucket` up to the step's token budget, max(prefill_chunk, slots per shard)."""
+    budget = max(config.prefill_chunk, config.max_slots // data_shards)
+    return tuple(sorted({min(max(config.min_bucket, 2 ** i), budget)
+                         for i in range(budget.bit_length() + 1)} | {budget}))
 
 
 class _Seq:
@@ -110,9 +119,7 @@ class Engine:
         self.cache_shape = dataclasses.replace(one_page, pages_per_shard=self._resolve_pages(one_page))
         self.allocators = [PageAllocator(self.cache_shape.pages_per_shard) for _ in range(self.data)]
         self.slots: list[list[_Seq | None]] = [[None] * self.slots_per_shard for _ in range(self.data)]
-        budget = max(config.prefill_chunk, self.slots_per_shard)
-        self.buckets = tuple(sorted({min(max(config.min_bucket, 2 ** i), budget)
-                                     for i in range(budget.bit_length() + 1)} | {budget}))
+        self.buckets = token_buckets(config, self.data)
         self.cache = allocate_cache(mesh, self.cache_shape)
         # step inputs are split over data shards on their leading axis; built once, used every step
         self._by_ndim = {n: logical_sharding(mesh, ("batch",) + (None,) * (n - 1)) for n in (1, 2, 3)}
@@ -138,13 +145,13 @@ class Engine:
             return c.kv_pages
         if c.kv_memory_fraction is None:
             return enough
-        stats = m.mesh.devices.flat[0].memory_stats() or {}
-        limit = stats.get("bytes_limit")
-        if not limit:
-            raise RequestError("--kv-memory-fraction needs device memory stats, which this platform does not "
-                               "report; use --kv-pages instead")
-        free = limit * c.kv_memory_fraction - stats.get("bytes_in_use", 0)
-        pages = pages_for_budget(free, one_page, m.mesh.shape["tensor"])
+        try:
+            limit, in_use = device_memory(m.mesh.devices.flat[0])
+        except ValueError as e:
+            raise RequestError(f"--kv-memory-fraction: {e}; use --kv-pages instead") from None
+        if in_use is None:  # host devices: what this engine put there so far is its weights
+            in_use = per_device_bytes(m.params)
+        pages = pages_for_memory_fraction(limit, c.kv_memory_fraction, in_use, one_page, m.mesh.shape["tensor"])
         if pages < self.pages_per_slot:
             raise RequestError(f"--kv-memory-fraction {c.kv_memory_fraction} leaves room for {pages} pages, "
                                f"below the {self.pages_per_slot} one request needs")

@@ -1,0 +1,113 @@
+"""AOT artifacts on disk and the check that they belong to the running system.
+
+`--out DIR` holds:
+  manifest.json         model, mesh, engine flags, buckets, memory plan, target topology, versions;
+  executables/step_bucket_N.xla   each compiled step, `jax.experimental.serialize_executable` output
+                        (the compiled device binary; loadable only with the same jax/jaxlib/libtpu on
+                        the same kind and number of devices);
+  *-cache               JAX persistent compilation cache entries written while compiling, so
+                        `run`/`serve --compile-cache DIR` on the target start without compiling.
+Anything that reads DIR first calls `check_manifest`, which refuses (with a message, never a crash)
+artifacts built by other versions or for other devices.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import pathlib
+import pickle
+
+MANIFEST = "manifest.json"
+FORMAT = "jaxinfer-aot/1"
+
+
+class ManifestMismatch(ValueError):
+    """AOT artifacts were built for different software versions or devices than this system."""
+
+
+def versions() -> dict[str, str | None]:
+    out = {}
+    for pkg in ("jax", "jaxlib", "libtpu"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def executable_path(root: pathlib.Path, bucket: int) -> pathlib.Path:
+    return root / "executables" / f"step_bucket_{bucket}.xla"
+
+
+def write(out: str, manifest: dict, results) -> pathlib.Path:
+    """Writes the serialized executables of `results` and `manifest` (plus the file names) under `out`."""
+    from jax.experimental import serialize_executable
+
+    root = pathlib.Path(out)
+    (root / "executables").mkdir(parents=True, exist_ok=True)
+    files = {}
+    for r in results:
+        path = executable_path(root, r.bucket)
+        path.write_bytes(pickle.dumps(serialize_executable.serialize(r.compiled)))
+        files[str(r.bucket)] = str(path.relative_to(root))
+    manifest = {"format": FORMAT, **manifest, "versions": versions(), "executables": files}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return root / MANIFEST
+
+
+def read(root: str | pathlib.Path) -> dict:
+    path = pathlib.Path(root) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ManifestMismatch(f"{path}: unreadable AOT manifest ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise ManifestMismatch(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    return manifest
+
+
+def running_system() -> dict:
+    import jax
+
+    devices = jax.devices()
+    return {"platform": devices[0].platform, "device_kind": devices[0].device_kind, "num_devices": len(devices)}
+
+
+def check_manifest(manifest: dict, system: dict | None = None, where: str = "AOT artifacts") -> None:
+    """Raises ManifestMismatch naming every difference between what `manifest` was built for and this system."""
+    system = system or running_system()
+    target = manifest["target"]
+    problems = [f"{pkg} {built} (this system has {versions()[pkg]})"
+                for pkg, built in manifest["versions"].items()
+                if versions().get(pkg) != built and (pkg != "libtpu" or target["platform"] == "tpu")]
+    if (target["platform"], target["device_kind"]) != (system["platform"], system["device_kind"]):
+        problems.append(f"{target['device_kind']} ({target['platform']}) devices "
+                        f"(this system has {system['device_kind']} ({system['platform']}))")
+    if target["num_devices"] > system["num_devices"]:
+        problems.append(f"{target['num_devices']} devices (this system has {system['num_devices']})")
+    if problems:
+        raise ManifestMismatch(f"{where} were built for topology {target['name']} with " + "; ".join(problems)
+                               + ": refusing to load them; recompile with python -m jaxinfer.aot on or for "
+                               "this system")
+
+
+def load_executables(root: str | pathlib.Path, system: dict | None = None) -> dict[int, object]:
+    """Checks the manifest, then deserializes every step executable: {bucket: jax.stages.Compiled}."""
+    from jax.experimental import serialize_executable
+
+    import jax
+
+    root = pathlib.Path(root)
+    manifest = read(root)
+    check_manifest(manifest, system, where=str(root))
+    by_id = {d.id: d for d in jax.devices()}
+    devices = [by_id[i] for i in manifest["target"]["device_ids"]]  # the mesh's devices, in mesh order
+    return {int(b): serialize_executable.deserialize_and_load(*pickle.loads((root / f).read_bytes()),
+                                                              execution_devices=devices)
+            for b, f in manifest["executables"].items()}
+
+
+def check_cache_dir(path: str) -> None:
+    """For `--compile-cache DIR`: when DIR holds AOT output, refuse it unless it matches this system."""
+    if (pathlib.Path(path) / MANIFEST).exists():
+        check_manifest(read(path), where=f"--compile-cache {path}")
