@@ -1,7 +1,9 @@
 """Paged KV cache: the device pytree, its sharding, and the host-side page allocator.
 
-Device layout (one array for all layers, donated to every step and updated in place):
+Device layout (donated to every step and updated in place), one array for all layers when the
+model's layers are scanned:
     pages: [layers, data * pages_per_shard, page_size, 2 * kv_heads, head_dim]
+or, when they are unrolled (CPU), a tuple of `layers` arrays [data * pages_per_shard, page_size, ...].
 K and V are interleaved on the combined head axis (index 2h is K of head h, 2h+1 its V), the
 layout of the ragged paged attention kernel. Pages are split over `data` (each data shard owns
 a contiguous block of pages and the slots that use them) and combined heads over `tensor`.
@@ -49,14 +51,26 @@ class CacheShape:
         return self.bytes_per_page * self.data_shards * self.pages_per_shard
 
 
-def cache_sharding(mesh, shape: CacheShape):
+def cache_sharding(mesh, shape: CacheShape, per_layer: bool = False):
+    """Sharding of the stacked cache, or (per_layer) a tuple with one sharding per layer's array."""
+    if per_layer:
+        return (logical_sharding(mesh, CACHE_AXES[1:], shape.shape[1:]),) * shape.layers
     return logical_sharding(mesh, CACHE_AXES, shape.shape)
 
 
-def allocate_cache(mesh, shape: CacheShape) -> jax.Array:
-    """Zeroed cache created directly sharded on the mesh (no host copy)."""
-    sharding = cache_sharding(mesh, shape)
-    return jax.jit(lambda: jnp.zeros(shape.shape, shape.dtype), out_shardings=sharding)()
+def abstract_cache(mesh, shape: CacheShape, per_layer: bool = False):
+    """The cache as sharded `jax.ShapeDtypeStruct`s (one array, or a tuple of per-layer arrays)."""
+    sharding = cache_sharding(mesh, shape, per_layer)
+    if per_layer:
+        return tuple(jax.ShapeDtypeStruct(shape.shape[1:], shape.dtype, sharding=s) for s in sharding)
+    return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
+
+
+def allocate_cache(mesh, shape: CacheShape, per_layer: bool = False) -> jax.Array | tuple[jax.Array, ...]:
+    """Zeroed cache created directly sharded on the mesh (no host copy); see the module docstring."""
+    spec = abstract_cache(mesh, shape, per_layer)
+    return jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), spec),
+                   out_shardings=jax.tree.map(lambda a: a.sharding, spec))()
 
 
 def pages_for_budget(budget_bytes_per_device: float, shape: CacheShape, tensor: int) -> int:

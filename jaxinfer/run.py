@@ -59,11 +59,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     e = p.add_argument_group("engine")
     e.add_argument("--max-slots", type=int, default=8)
     e.add_argument("--max-context", type=int, default=1024)
-    e.add_argument("--prefill-chunk", type=int, default=256)
+    e.add_argument("--prefill-chunk", type=int, default=256, help="most prompt tokens of one request per step")
+    e.add_argument("--max-step-tokens", type=int, default=None,
+                   help="tokens per data shard per step (default: max(--prefill-chunk, slots per shard))")
     e.add_argument("--page-size", type=int, default=16)
     e.add_argument("--kv-pages", type=int, default=None, help="KV pages per data shard")
     e.add_argument("--kv-memory-fraction", type=float, default=None)
     e.add_argument("--attention", default="auto", choices=["auto", "kernel", "reference"])
+    e.add_argument("--layer-loop", default="auto", choices=["auto", "scan", "unrolled"],
+                   help="auto: unrolled on CPU (faster there), scanned elsewhere (compile time independent of depth)")
     e.add_argument("--strict-no-recompile", action="store_true")
     e.add_argument("--compile-cache", default=None, help="directory for JAX's persistent compilation cache")
     p.add_argument("--verbose", action="store_true")
@@ -111,8 +115,9 @@ def setup_engine(args):
     tokenizer = load_tokenizer(tok_path)
     engine = Engine(model, tokenizer, EngineConfig(
         max_slots=args.max_slots, page_size=args.page_size, max_context=args.max_context,
-        prefill_chunk=args.prefill_chunk, kv_pages=args.kv_pages, kv_memory_fraction=args.kv_memory_fraction,
-        attention=args.attention, strict_no_recompile=args.strict_no_recompile))
+        prefill_chunk=args.prefill_chunk, max_step_tokens=args.max_step_tokens, kv_pages=args.kv_pages,
+        kv_memory_fraction=args.kv_memory_fraction, attention=args.attention, layer_loop=args.layer_loop,
+        strict_no_recompile=args.strict_no_recompile))
     seconds = engine.warmup()
     log.info("warm-up compiled %d buckets in %.2fs", len(engine.buckets), seconds)
     return engine

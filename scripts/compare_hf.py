@@ -55,9 +55,11 @@ def main(argv=None) -> dict:
     rows = []
     for batch in args.batch:
         prompts = [base[i:i + args.prompt_tokens] for i in range(batch)]
+        # the step budget fits the whole batch's prompts, as transformers prefills the batch in one call
         engine = Engine(model, tok, EngineConfig(max_slots=max(batch, model.mesh.shape["data"]),
                                                  max_context=args.prompt_tokens + args.new_tokens + 8,
-                                                 prefill_chunk=max(64, args.prompt_tokens)))
+                                                 prefill_chunk=args.prompt_tokens,
+                                                 max_step_tokens=max(batch, batch * args.prompt_tokens)))
         engine.warmup()
         ours_rates, hf_rates = [], []
         for rep in range(args.repeats + 1):  # first round warms both up and is not counted

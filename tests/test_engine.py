@@ -6,7 +6,7 @@ import pytest
 
 from jaxinfer.checkpoint.load import load_model
 from jaxinfer.engine.engine import Engine, EngineConfig
-from jaxinfer.engine.requests import Request, SamplingParams
+from jaxinfer.engine.requests import Request, RequestError, SamplingParams
 from jaxinfer.sharding import make_mesh
 from jaxinfer.tokenizer import load_tokenizer
 from tests.dense_greedy import greedy_dense
@@ -124,3 +124,39 @@ def test_logprobs_are_log_softmax_of_model(stories):
     logits = models["1x1"].logits(np.asarray([req.prompt_ids]))[0, -1]
     expected = logits[res.token_ids[0]] - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
     assert abs(res.logprobs[0] - expected) < 1e-4
+
+
+def test_scanned_and_unrolled_layers_generate_the_same(data_dir, stories):
+    """The CPU default (one array per layer, a per-layer cache tuple) and the TPU/GPU layout (scanned
+    stacked layers, one stacked cache) are the same model: same greedy tokens on a 2x4 mesh."""
+    _, tok = stories
+    path = str(data_dir / "stories260K" / "stories260K.bin")
+    outputs = {}
+    for loop in ("scan", "unrolled"):
+        model = load_model(path, make_mesh("2x4"))
+        engine = make_engine(model, tok, layer_loop=loop)
+        assert model.layer_loop == loop
+        if loop == "unrolled":
+            assert isinstance(engine.cache, tuple) and len(engine.cache) == model.config.num_layers
+            assert "layers" not in model.params and "layers_0" in model.params
+            q0 = model.params["layers_0"]["attn"]["q"]
+            assert q0.shape == model.params["layers_1"]["attn"]["q"].shape and q0.sharding.spec[1] == "tensor"
+        else:
+            assert engine.cache.shape[0] == model.config.num_layers
+        reqs = [story_request(tok, i, p, max_tokens=10) for i, p in enumerate(STORY_PROMPTS[:4])]
+        outputs[loop] = [r.token_ids for r in engine.generate(reqs)]
+        if loop == "unrolled":  # the conversion is one way: asking an unrolled model for scan is refused
+            with pytest.raises(RequestError, match="--layer-loop scan: this model's params are already unrolled"):
+                Engine(model, tok, EngineConfig(max_slots=4, max_context=256, layer_loop="scan"))
+    assert outputs["scan"] == outputs["unrolled"]
+
+
+def test_max_step_tokens_sets_the_largest_bucket(stories):
+    models, tok = stories
+    engine = make_engine(models["1x1"], tok, prefill_chunk=16, max_step_tokens=64)
+    assert engine.buckets[-1] == 64
+    reqs = [story_request(tok, i, (p + ". ") * 4, max_tokens=4) for i, p in enumerate(STORY_PROMPTS[:4])]
+    engine.generate(reqs)
+    assert engine.stats["bucket_64"] >= 1  # four 16-token prompt chunks share one step
+    with pytest.raises(RequestError, match=r"--max-step-tokens 2 must be >= the slots per data shard \(4\)"):
+        Engine(models["1x1"], tok, EngineConfig(max_slots=4, max_context=256, max_step_tokens=2))

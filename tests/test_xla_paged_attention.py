@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinfer.engine.step import xla_ragged_paged_attention
+from jaxinfer.engine.xla_attention import xla_ragged_paged_attention
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 
 
@@ -23,13 +23,15 @@ def ragged_batch(rng, q_lens, kv_lens, hq=8, hk=2, d=32, page=16, pages=40, widt
             jnp.asarray(cu), jnp.asarray(np.array([len(q_lens)], np.int32)))
 
 
-@pytest.mark.parametrize("q_lens,kv_lens", [
-    ([1, 1, 1, 1], [1, 17, 40, 100]),       # decode
-    ([20, 33], [20, 60]),                   # prefill chunks (second one continues a cached prefix)
-    ([1, 12, 1, 0, 7], [90, 12, 5, 0, 39]),  # mixed, with an idle slot
+@pytest.mark.parametrize("q_lens,kv_lens,pages,width", [
+    ([1, 1, 1, 1], [1, 17, 40, 100], 40, 8),       # decode
+    ([20, 33], [20, 60], 40, 8),                   # prefill chunks (second one continues a cached prefix)
+    ([1, 12, 1, 0, 7], [90, 12, 5, 0, 39], 40, 8),  # mixed, with an idle slot
+    ([1, 1, 30], [300, 129, 330], 70, 24),         # cached contexts spanning several 128-key blocks
+    ([700, 1, 400], [700, 77, 420], 100, 48),      # more than 1024 tokens: this-step part in query blocks
 ])
-def test_matches_reference(q_lens, kv_lens):
-    args = ragged_batch(np.random.default_rng(len(q_lens)), q_lens, kv_lens)
+def test_matches_reference(q_lens, kv_lens, pages, width):
+    args = ragged_batch(np.random.default_rng(len(q_lens)), q_lens, kv_lens, pages=pages, width=width)
     ours = np.asarray(xla_ragged_paged_attention(*args, sm_scale=0.2))
     ref = np.asarray(ragged_paged_attention_reference(*args, sm_scale=0.2))
     live = sum(q_lens)

@@ -78,8 +78,9 @@ def run(args) -> int:
     dtype = parse_dtype(args.dtype)
     config, source = model_config(args.model)
     engine = EngineConfig(max_slots=args.max_slots, page_size=args.page_size, max_context=args.max_context,
-                          prefill_chunk=args.prefill_chunk, kv_pages=args.kv_pages,
-                          kv_memory_fraction=args.kv_memory_fraction, attention=args.attention)
+                          prefill_chunk=args.prefill_chunk, max_step_tokens=args.max_step_tokens,
+                          kv_pages=args.kv_pages, kv_memory_fraction=args.kv_memory_fraction,
+                          attention=args.attention, layer_loop=args.layer_loop)
     engine.validate(spec.data, config.max_position_embeddings)
     mesh = jax.sharding.Mesh(np.asarray(tgt.devices, dtype=object).reshape(spec.shape), MESH_AXES)
     layout = plan_layout(config, spec.tensor)

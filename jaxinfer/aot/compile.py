@@ -14,9 +14,9 @@ import types
 import jax
 import numpy as np
 
-from jaxinfer.engine.engine import Engine, EngineConfig, token_buckets
+from jaxinfer.engine.engine import Engine, EngineConfig, resolve_layer_loop, token_buckets
 from jaxinfer.engine.step import StepInputs, attention_impl, build_step_fn
-from jaxinfer.kv_cache import CacheShape, cache_sharding, pages_needed
+from jaxinfer.kv_cache import CacheShape, abstract_cache, pages_needed
 from jaxinfer.model.forward import ShardedModel
 from jaxinfer.model.params import abstract_params
 from jaxinfer.sampling import SamplingArrays
@@ -30,7 +30,7 @@ class StepSpecs:
     """Everything a step is compiled for, as abstract sharded shapes."""
 
     model: ShardedModel           # params: ShapeDtypeStruct tree
-    cache: jax.ShapeDtypeStruct   # [layers, data * pages, page_size, 2 * kv_heads, head_dim]
+    cache: object                 # [layers, data * pages, page_size, 2 * kv_heads, head_dim] or one per layer
     cache_shape: CacheShape
     prev_tokens: jax.ShapeDtypeStruct  # i32 [D, S]
     buckets: tuple[int, ...]
@@ -50,10 +50,11 @@ class BucketResult:
 def step_specs(config, layout, mesh, dtype, engine: EngineConfig, pages_per_shard: int, platform: str) -> StepSpecs:
     data = mesh.shape["data"]
     model = ShardedModel(config, layout, mesh, abstract_params(config, layout, dtype, mesh), dtype)
+    model.use_layer_loop(resolve_layer_loop(engine, platform))  # the params layout the engine will run
     cache_shape = CacheShape(layers=config.num_layers, data_shards=data, pages_per_shard=pages_per_shard,
                              page_size=engine.page_size, kv_heads=layout.kv_heads, head_dim=config.head_dim,
                              dtype=str(np.dtype(dtype)))
-    cache = jax.ShapeDtypeStruct(cache_shape.shape, dtype, sharding=cache_sharding(mesh, cache_shape))
+    cache = abstract_cache(mesh, cache_shape, per_layer=model.layer_loop == "unrolled")
     row = logical_sharding(mesh, ("batch", None))
     prev = jax.ShapeDtypeStruct((data, engine.max_slots // data), np.int32, sharding=row)
     attention = engine.attention

@@ -40,9 +40,11 @@ class EngineConfig:
     page_size: int = 16
     max_context: int = 1024       # prompt + generated tokens per request
     prefill_chunk: int = 256      # most prompt tokens one request prefills per step
+    max_step_tokens: int | None = None  # tokens per data shard per step; None: max(prefill_chunk, slots per shard)
     kv_pages: int | None = None   # pages per data shard; None: from kv_memory_fraction or enough for all slots
     kv_memory_fraction: float | None = None
     attention: str = "auto"       # auto | kernel | reference
+    layer_loop: str = "auto"      # auto (unrolled on CPU, else scan) | scan | unrolled; see jaxinfer.model.llama
     strict_no_recompile: bool = False
     min_bucket: int = 8
 
@@ -58,18 +60,32 @@ class EngineConfig:
             raise bad("max_context", f"must be in [1, {model_limit}] (the model's max_position_embeddings)")
         if self.prefill_chunk < 1:
             raise bad("prefill_chunk", "must be >= 1")
+        if self.max_step_tokens is not None and self.max_step_tokens < self.max_slots // data_shards:
+            raise bad("max_step_tokens", f"must be >= the slots per data shard ({self.max_slots // data_shards}), "
+                      "so every decoding slot fits in one step")
         if self.kv_memory_fraction is not None and not 0 < self.kv_memory_fraction < 1:
             raise bad("kv_memory_fraction", "must be in (0, 1)")
         if self.attention not in ("auto", "kernel", "reference"):
             raise bad("attention", "must be auto, kernel or reference")
+        if self.layer_loop not in ("auto", "scan", "unrolled"):
+            raise bad("layer_loop", "must be auto, scan or unrolled")
 
 
 def token_buckets(config: EngineConfig, data_shards: int) -> tuple[int, ...]:
     """Token counts per data shard that steps are padded to (one compiled step each): powers of two
-    from `min_bucket` up to the step's token budget, max(prefill_chunk, slots per shard)."""
-    budget = max(config.prefill_chunk, config.max_slots // data_shards)
+    from `min_bucket` up to the step's token budget (`max_step_tokens`, by default
+    max(prefill_chunk, slots per shard))."""
+    budget = config.max_step_tokens or max(config.prefill_chunk, config.max_slots // data_shards)
     return tuple(sorted({min(max(config.min_bucket, 2 ** i), budget)
                          for i in range(budget.bit_length() + 1)} | {budget}))
+
+
+def resolve_layer_loop(config: EngineConfig, platform: str) -> str:
+    """auto -> unrolled on CPU (XLA:CPU copies scanned weights out of the stack before each matmul;
+    see `jaxinfer.model.llama`), scan on TPU and GPU (compile time independent of depth)."""
+    if config.layer_loop != "auto":
+        return config.layer_loop
+    return "unrolled" if platform == "cpu" else "scan"
 
 
 class _Seq:
@@ -112,6 +128,10 @@ class Engine:
         if kind == "auto":
             kind = "kernel" if jax.devices()[0].platform == "tpu" else "reference"
         self.attention = kind
+        try:
+            model.use_layer_loop(resolve_layer_loop(config, mesh.devices.flat[0].platform))  # in place: the model's params take the layout the step runs fastest with
+        except ValueError as e:
+            raise RequestError(f"--layer-loop {config.layer_loop}: {e}") from None
         one_page = CacheShape(
             layers=model.config.num_layers, data_shards=self.data, pages_per_shard=1,
             page_size=config.page_size, kv_heads=model.layout.kv_heads, head_dim=model.config.head_dim,
@@ -120,7 +140,7 @@ class Engine:
         self.allocators = [PageAllocator(self.cache_shape.pages_per_shard) for _ in range(self.data)]
         self.slots: list[list[_Seq | None]] = [[None] * self.slots_per_shard for _ in range(self.data)]
         self.buckets = token_buckets(config, self.data)
-        self.cache = allocate_cache(mesh, self.cache_shape)
+        self.cache = allocate_cache(mesh, self.cache_shape, per_layer=model.layer_loop == "unrolled")
         # step inputs are split over data shards on their leading axis; built once, used every step
         self._by_ndim = {n: logical_sharding(mesh, ("batch",) + (None,) * (n - 1)) for n in (1, 2, 3)}
         self._row = self._by_ndim[2]
@@ -381,9 +401,11 @@ class Engine:
 
     def _to_device(self, host: dict) -> StepInputs:
         sampling_keys = ("temperature", "top_k", "top_p", "min_p", "seed", "position")
-        put = lambda a: jax.device_put(a, self._by_ndim[a.ndim])  # noqa: E731
-        sampling = SamplingArrays(**{k: put(host[k]) for k in sampling_keys})
-        return StepInputs(**{k: put(v) for k, v in host.items() if k not in sampling_keys}, sampling=sampling)
+        # one batched transfer per step: per-array device_put calls cost the host (and on CPU the
+        # device's) time every step
+        arrays = jax.device_put(host, {k: self._by_ndim[a.ndim] for k, a in host.items()})
+        sampling = SamplingArrays(**{k: arrays[k] for k in sampling_keys})
+        return StepInputs(**{k: v for k, v in arrays.items() if k not in sampling_keys}, sampling=sampling)
 
     # ---- results -----------------------------------------------------------------------------
     def _collect(self, pending) -> list[Event]:

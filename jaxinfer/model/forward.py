@@ -17,6 +17,7 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.model.attention import DenseCausal
 from jaxinfer.model.layout import ModelLayout
 from jaxinfer.model.llama import Llama
+from jaxinfer.model.params import unstack_layers
 from jaxinfer.sharding import ceil_to, logical_sharding
 
 
@@ -31,10 +32,25 @@ class ShardedModel:
     dtype: Any = jnp.float32
     source: str = ""
     tokenizer_path: str | None = None
+    layer_loop: str = "scan"  # "scan": stacked layer params (checkpoint layout); "unrolled": one tree per layer
 
     @property
     def module(self) -> Llama:
-        return Llama(self.config, self.layout, self.dtype)
+        return Llama(self.config, self.layout, self.dtype, scan_layers=self.layer_loop == "scan")
+
+    def use_layer_loop(self, kind: str) -> None:
+        """Switches this model to `kind` ("scan" or "unrolled", see `jaxinfer.model.llama`) in place.
+
+        scan -> unrolled splits the stacked params on device, one weight kind at a time. The reverse is
+        not needed by anything (checkpoints are written from sources, never from a loaded model).
+        """
+        if kind == self.layer_loop:
+            return
+        if (self.layer_loop, kind) != ("scan", "unrolled"):
+            raise ValueError(f"this model's params are already {self.layer_loop} (only scan -> unrolled converts); "
+                             f"load the model again for a {kind} engine")
+        self.params = unstack_layers(self.params, self.config.num_layers)
+        self.layer_loop = kind
 
     def logits(self, tokens, positions=None, attention: str = "reference") -> np.ndarray:
         """tokens int [B, T] (rows right-padded with any id where positions is -1) -> float32 [B, T, vocab].
@@ -54,15 +70,13 @@ class ShardedModel:
         pos = np.full((bp, tp), -1, np.int32)
         tok[:b, :t], pos[:b, :t] = tokens, positions
         sharding = logical_sharding(self.mesh, ("batch", "length"), tok.shape)
-        fn = _dense_forward(self.config, self.layout, jnp.dtype(self.dtype), self.mesh, attention == "kernel")
+        fn = _dense_forward(self.module, self.mesh, attention == "kernel")
         out = fn(self.params, jax.device_put(tok, sharding), jax.device_put(pos, sharding))
         return np.asarray(out)[:b, :t]
 
 
 @functools.lru_cache(maxsize=None)
-def _dense_forward(config: ModelConfig, layout: ModelLayout, dtype, mesh, kernel: bool):
-    module = Llama(config, layout, dtype)
-
+def _dense_forward(module: Llama, mesh, kernel: bool):
     @jax.jit
     def forward(params, tokens, positions):
         ctx = DenseCausal(positions, mesh, kernel)

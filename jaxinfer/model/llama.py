@@ -1,7 +1,13 @@
 """Flax (Linen) Llama-class decoder: RMSNorm, RoPE, GQA/MQA attention, SwiGLU MLP, tied embeddings.
 
-Layers are stacked with `nn.scan`, so compile time does not grow with depth and every layer
-parameter carries a leading `layers` axis. Every parameter is declared once, here, with its
+Two layer layouts, the same computation:
+  * scanned (`scan_layers=True`, the checkpoint layout, TPU/GPU): layers run under `nn.scan`, so
+    compile time does not grow with depth, and every layer parameter carries a leading `layers` axis;
+  * unrolled (`scan_layers=False`, the CPU layout): a Python loop over `layers_0 .. layers_{L-1}`,
+    each with its own arrays. XLA:CPU copies a scanned layer's weights out of the stack before every
+    matmul (its dots cannot read a dynamic slice in place); separate arrays avoid that copy, and the
+    KV cache is then a tuple of per-layer arrays for the same reason.
+  `jaxinfer.model.params.unstack_layers` converts the first into the second. Every parameter is declared once, here, with its
 logical axes (`nn.with_logical_partitioning`); shardings come from `jaxinfer.sharding.LOGICAL_RULES`.
 
 Shapes use the physical (padded) sizes of a `ModelLayout`; see `jaxinfer.model.layout`.
@@ -51,14 +57,15 @@ class Attention(nn.Module):
         wk = _param(self, "k", (e, lay.kv_heads, d), ("embed", "kv_heads", "head_dim"), self.dtype)
         wv = _param(self, "v", (e, lay.kv_heads, d), ("embed", "kv_heads", "head_dim"), self.dtype)
         wo = _param(self, "o", (lay.q_heads, d, e), ("q_heads", "head_dim", "embed"), self.dtype)
-        q = jnp.einsum("bte,ehd->bthd", x, wq)  # [B, T, Hq, D]
-        k = jnp.einsum("bte,ehd->bthd", x, wk)  # [B, T, Hk, D]
-        v = jnp.einsum("bte,ehd->bthd", x, wv)
+        # projections as plain 2-D matmuls over merged (heads, head_dim): XLA:CPU otherwise relayouts
+        # the output weight before every step
+        proj = lambda w: (x @ w.reshape(e, -1)).reshape(x.shape[:2] + w.shape[1:])  # noqa: E731
+        q, k, v = proj(wq), proj(wk), proj(wv)  # [B, T, H, D]
         inv_freq = inverse_frequencies(c)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         out, cache = ctx.attend(layer, q, k, v, cache, 1.0 / math.sqrt(d))
-        return jnp.einsum("bthd,hde->bte", out, wo), cache
+        return out.reshape(out.shape[:2] + (-1,)) @ wo.reshape(-1, e), cache
 
 
 class MLP(nn.Module):
@@ -83,6 +90,7 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, carry, layer, positions, ctx):
+        """`layer` indexes a stacked cache (scanned); None means `cache` is this layer's own (unrolled)."""
         x, cache = carry
         eps = self.config.rms_norm_eps
         h = RMSNorm(eps, self.dtype, name="attn_norm")(x)
@@ -104,18 +112,27 @@ class Llama(nn.Module):
     config: ModelConfig
     layout: ModelLayout
     dtype: Any = jnp.float32
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(self, tokens, positions, ctx, cache=None, logit_indices=None):
         c, lay = self.config, self.layout
         table = _param(self, "embed", (lay.vocab, c.hidden_size), ("vocab", "embed"), self.dtype)
         x = jnp.take(table, tokens, axis=0)  # [B, T, E]
-        layers = nn.scan(
-            DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast), length=c.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"})
-        (x, cache), _ = layers(c, lay, self.dtype, name="layers")(
-            (x, cache), jnp.arange(c.num_layers, dtype=jnp.int32), positions, ctx)
+        if self.scan_layers:
+            layers = nn.scan(
+                DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast), length=c.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"})
+            (x, cache), _ = layers(c, lay, self.dtype, name="layers")(
+                (x, cache), jnp.arange(c.num_layers, dtype=jnp.int32), positions, ctx)
+        else:
+            caches = []
+            for i in range(c.num_layers):
+                (x, layer_cache), _ = DecoderLayer(c, lay, self.dtype, name=f"layers_{i}")(
+                    (x, None if cache is None else cache[i]), None, positions, ctx)
+                caches.append(layer_cache)
+            cache = None if cache is None else tuple(caches)
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="final_norm")(x)
         if logit_indices is not None:
             x = jnp.take_along_axis(x, logit_indices[..., None], axis=1)  # [B, N, E]

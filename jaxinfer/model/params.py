@@ -132,3 +132,27 @@ def set_path(tree, path, value):
 
 def flatten(tree) -> list[tuple[tuple[str, ...], Any]]:
     return list(_flatten(tree))
+
+
+def unstack_layers(params: Params, num_layers: int) -> Params:
+    """Scanned layout {'layers': leaves [L, ...]} -> unrolled {'layers_0': ..., 'layers_{L-1}': ...}.
+
+    Each per-layer array keeps its stacked sharding minus the layer axis. Runs one weight kind at a
+    time and drops the stacked array as soon as it is split, so device memory peaks at the weights
+    plus one weight kind. `params` is consumed: its stacked arrays are removed as they are split.
+    """
+    out = {k: v for k, v in params.items() if k != "layers"}
+    stacked = params["layers"]
+    for path, leaf in _flatten(stacked):
+        spec = leaf.sharding.spec
+        one = jax.sharding.NamedSharding(leaf.sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+        if isinstance(leaf, jax.ShapeDtypeStruct):  # abstract params (AOT compilation)
+            parts = [jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=one)] * num_layers
+        else:
+            split = jax.jit(lambda a: tuple(a[i] for i in range(num_layers)), out_shardings=(one,) * num_layers)
+            parts = split(leaf)
+        for i, part in enumerate(parts):
+            set_path(out, (f"layers_{i}",) + path, part)
+        set_path(stacked, path, None)
+        del leaf
+    return out

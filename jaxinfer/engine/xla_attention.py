@@ -1,0 +1,114 @@
+"""Ragged paged attention in plain XLA ops: the engine's CPU and GPU path (the TPU path is the Pallas
+kernel in `pallas_kernels.ragged_paged_attention`; both have the same signature and semantics).
+
+Each token attends to the keys of its own sequence in two parts, merged with one online softmax:
+  1. this step's own tokens (a ragged prefill chunk, or a decode token itself), read back from the
+     cache right after the step wrote them: causal tiles over the step's tokens (see `_this_step`).
+     Prefill of fresh prompts is done here, in dense tiles, with no page gathers.
+  2. the context cached by earlier steps: a loop over blocks of pages (about 64 keys per
+     iteration) of each token's own page table, for only as many blocks as the longest cached
+     context needs (a dynamic trip count: short contexts are cheap and nothing recompiles).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+KEYS_PER_ITERATION = 64    # cached keys gathered per loop iteration (part 2); measured best on CPU
+QUERY_BLOCK = 32           # query and key tokens per tile of part 1 (measured best on CPU for mixed chunk sizes)
+
+
+def xla_ragged_paged_attention(queries, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale):
+    """queries [T, Hq, D]; kv_pages [P, page, 2Hk, D] (K, V interleaved on the head axis, this step's
+    K/V already written); kv_lens [S] (cached tokens per sequence after this step); page_indices [S, W];
+    cu_q_lens [S + 1]; num_seqs [1]. Returns [T, Hq, D]; rows past cu_q_lens[num_seqs] are zero."""
+    t, hq, dh = queries.shape
+    s, width = page_indices.shape
+    page = kv_pages.shape[1]
+    hk = kv_pages.shape[2] // 2
+    tok = jnp.arange(t)
+    seq = jnp.clip(jnp.searchsorted(cu_q_lens, tok, side="right") - 1, 0, s - 1)  # [T]
+    live = tok < cu_q_lens[num_seqs[0]]
+    start = kv_lens[seq] - (cu_q_lens[seq + 1] - cu_q_lens[seq])  # tokens cached before this step
+    pos = jnp.where(live, start + tok - cu_q_lens[seq], -1)  # absolute position; -1 = padding
+    q = queries.reshape(t, hk, hq // hk, dh).astype(jnp.float32) * sm_scale
+
+    safe = jnp.maximum(pos, 0)
+    own = kv_pages[page_indices[seq, safe // page], safe % page].astype(jnp.float32)  # [T, 2Hk, D]
+    carry = _this_step(q, own[:, 0::2], own[:, 1::2], seq, pos, cu_q_lens[seq])
+    carry = _cached_context(q, kv_pages, page_indices, seq, jnp.where(live, start, 0), carry)
+    _, l, acc = carry
+    out = jnp.where(live[:, None, None, None], acc / jnp.maximum(l, 1e-30)[..., None], 0.0)
+    return out.reshape(t, hq, dh).astype(queries.dtype)
+
+
+def _softmax_part(scores, visible, v, spec):
+    """Masked scores -> (max, sum, weighted values) of one part; fully masked rows give (-inf, 0, 0)."""
+    scores = jnp.where(visible, scores, -jnp.inf)
+    m = scores.max(axis=-1)
+    p = jnp.exp(scores - jnp.where(jnp.isneginf(m), 0.0, m)[..., None])
+    return m, p.sum(axis=-1), jnp.einsum(spec, p, v)
+
+
+def _merge(a, b):
+    (ma, la, acca), (mb, lb, accb) = a, b
+    m = jnp.maximum(ma, mb)
+    shift = jnp.where(jnp.isneginf(m), 0.0, m)
+    sa, sb = jnp.exp(ma - shift), jnp.exp(mb - shift)
+    return m, la * sa + lb * sb, acca * sa[..., None] + accb * sb[..., None]
+
+
+def _this_step(q, k, v, seq, pos, first):
+    """Part 1: token i sees token j of the step iff same sequence and pos[j] <= pos[i] (both live).
+
+    Flash-style tiles of QUERY_BLOCK x QUERY_BLOCK tokens: query block j visits key blocks from the one
+    holding the first token of its first sequence (`first`: step index of each token's sequence start)
+    up to j, so a step of many short sequences costs about one tile per block, and one long chunk a
+    triangle of tiles, never the whole T x T square.
+    """
+    t, hk, g, dh = q.shape
+    b = min(t, QUERY_BLOCK)
+    n = -(-t // b)
+    pad = n * b - t
+    padded = lambda a, fill=0: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)  # noqa: E731
+    qb, kb, vb = (padded(a).reshape((n, b) + a.shape[1:]) for a in (q, k, v))
+    seqb, posb = padded(seq).reshape(n, b), padded(pos, -1).reshape(n, b)
+    lo = jnp.where(posb[:, 0] >= 0, padded(first).reshape(n, b)[:, 0] // b, jnp.arange(n) + 1)  # dead block: none
+
+    def query_block(j):
+        def key_block(c, carry):
+            visible = ((seqb[c][None, :] == seqb[j][:, None]) & (posb[c][None, :] <= posb[j][:, None])
+                       & (posb[c][None, :] >= 0))
+            scores = jnp.einsum("bhgd,chd->bhgc", qb[j], kb[c])
+            return _merge(carry, _softmax_part(scores, visible[:, None, None, :], vb[c], "bhgc,chd->bhgd"))
+
+        init = (jnp.full((b, hk, g), -jnp.inf), jnp.zeros((b, hk, g)), jnp.zeros((b, hk, g, dh)))
+        return jax.lax.fori_loop(lo[j], j + 1, key_block, init)
+
+    out = jax.lax.map(query_block, jnp.arange(n))
+    return jax.tree.map(lambda a: a.reshape((n * b,) + a.shape[2:])[:t], out)
+
+
+def _cached_context(q, kv_pages, page_indices, seq, start, carry):
+    """Part 2: token i sees positions [0, start[i]) of its sequence, gathered block by block."""
+    t = q.shape[0]
+    width = page_indices.shape[1]
+    page = kv_pages.shape[1]
+    per_block = max(1, min(width, KEYS_PER_ITERATION // page))  # pages per iteration
+    blocks = -(-width // per_block)
+    # one spare block: a slice that is never the whole table is never loop-invariant, so XLA cannot
+    # hoist the gather out of the loop (and run it even when the loop runs zero times)
+    table = jnp.pad(page_indices, ((0, 0), (0, (blocks + 1) * per_block - width)))
+    keys = per_block * page
+
+    def body(i, carry):
+        idx = jax.lax.dynamic_slice_in_dim(table, i * per_block, per_block, axis=1)[seq]  # [T, pages]
+        kv = kv_pages[idx].astype(jnp.float32).reshape(t, keys, kv_pages.shape[2], kv_pages.shape[3])
+        k, v = kv[:, :, 0::2], kv[:, :, 1::2]  # [T, K, Hk, D]
+        visible = (i * keys + jnp.arange(keys))[None, :] < start[:, None]  # [T, K]
+        v = jnp.where(visible[:, :, None, None], v, 0.0)  # keep garbage in partly used pages out of the sum
+        scores = jnp.einsum("thgd,tkhd->thgk", q, k)
+        return _merge(carry, _softmax_part(scores, visible[:, None, None, :], v, "thgk,tkhd->thgd"))
+
+    trips = (jnp.max(start) + keys - 1) // keys
+    return jax.lax.fori_loop(0, trips, body, carry)
