@@ -100,7 +100,7 @@ def test_planner_kv_pages_equal_the_engines_on_cpu(capsys):
     memory = device_memory(jax.devices()[0])[0]
     fraction = (per_device_bytes(model.params) + 3 * 2**20) / memory  # ~150 pages of 20 KiB
     engine = Engine(model, None, EngineConfig(max_context=128, prefill_chunk=8, kv_memory_fraction=fraction))
-    allocated = engine.cache.nbytes // engine.cache_shape.bytes_per_page
+    allocated = sum(a.nbytes for a in jax.tree.leaves(engine.cache)) // engine.cache_shape.bytes_per_page
     assert main(["--model", STORIES, "--topology", "cpu", "--mesh", "1x1", "--max-context", "128",
                  "--prefill-chunk", "8", "--kv-memory-fraction", repr(fraction)]) == 0
     planned = int(re.search(r"(\d+) KV pages per data shard", capsys.readouterr().out).group(1))

@@ -71,7 +71,7 @@ def test_serialized_cpu_executables_load_and_match_the_engine(aot_dir):
     model = load_model(ARGS[1], make_mesh("1x1", jax.devices()[:1]))
     engine = Engine(model, None, EngineConfig(max_context=128, prefill_chunk=32))
     inputs = engine._empty_inputs(8)
-    tokens, logprobs, _ = step(model.params, jax.numpy.copy(engine.cache), inputs, engine._prev)
+    tokens, logprobs, _ = step(model.params, jax.tree.map(jax.numpy.copy, engine.cache), inputs, engine._prev)
     want, want_lp, _ = engine._step_fn(model.params, engine.cache, inputs, engine._prev)
     np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want))
     np.testing.assert_array_equal(np.asarray(logprobs), np.asarray(want_lp))

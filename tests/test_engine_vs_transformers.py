@@ -43,11 +43,14 @@ def setup():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", ["1x1", "2x4"])
-def test_engine_greedy_equals_transformers_generate(setup, mesh):
+# both layer layouts against transformers: the CPU default (unrolled) on 1x1, the TPU/GPU one (scanned)
+# on 2x4 (tests/test_engine.py checks the two layouts agree on 2x4; one unrolled 30-layer compile is enough)
+@pytest.mark.parametrize("mesh,layer_loop", [("1x1", "auto"), ("2x4", "scan")])
+def test_engine_greedy_equals_transformers_generate(setup, mesh, layer_loop):
     path, tok, prompts, expected = setup
     model = load_model(path, make_mesh(mesh), "float32")
-    engine = Engine(model, tok, EngineConfig(max_slots=4, max_context=512, prefill_chunk=64))
+    engine = Engine(model, tok, EngineConfig(max_slots=4, max_context=512, prefill_chunk=64, layer_loop=layer_loop))
+    assert model.layer_loop == ("unrolled" if layer_loop == "auto" else "scan")
     engine.warmup()
     reqs = [Request(f"p{i}", p, SamplingParams(max_tokens=n, ignore_eos=True))
             for i, (p, n) in enumerate(zip(prompts, NEW_TOKENS))]

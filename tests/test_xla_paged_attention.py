@@ -28,7 +28,7 @@ def ragged_batch(rng, q_lens, kv_lens, hq=8, hk=2, d=32, page=16, pages=40, widt
     ([20, 33], [20, 60], 40, 8),                   # prefill chunks (second one continues a cached prefix)
     ([1, 12, 1, 0, 7], [90, 12, 5, 0, 39], 40, 8),  # mixed, with an idle slot
     ([1, 1, 30], [300, 129, 330], 70, 24),         # cached contexts spanning several 128-key blocks
-    ([700, 1, 400], [700, 77, 420], 100, 48),      # more than 1024 tokens: this-step part in query blocks
+    ([70, 1, 45], [70, 77, 60], 40, 8),            # chunks spanning several 32-token query tiles
 ])
 def test_matches_reference(q_lens, kv_lens, pages, width):
     args = ragged_batch(np.random.default_rng(len(q_lens)), q_lens, kv_lens, pages=pages, width=width)

@@ -134,6 +134,12 @@ def flatten(tree) -> list[tuple[tuple[str, ...], Any]]:
     return list(_flatten(tree))
 
 
+@functools.lru_cache(maxsize=None)
+def _layer_splitter(num_layers: int, sharding):
+    """One jitted split per (depth, sharding), so weight kinds of equal shape share one compilation."""
+    return jax.jit(lambda a: tuple(a[i] for i in range(num_layers)), out_shardings=(sharding,) * num_layers)
+
+
 def unstack_layers(params: Params, num_layers: int) -> Params:
     """Scanned layout {'layers': leaves [L, ...]} -> unrolled {'layers_0': ..., 'layers_{L-1}': ...}.
 
@@ -149,8 +155,7 @@ def unstack_layers(params: Params, num_layers: int) -> Params:
         if isinstance(leaf, jax.ShapeDtypeStruct):  # abstract params (AOT compilation)
             parts = [jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=one)] * num_layers
         else:
-            split = jax.jit(lambda a: tuple(a[i] for i in range(num_layers)), out_shardings=(one,) * num_layers)
-            parts = split(leaf)
+            parts = _layer_splitter(num_layers, one)(leaf)
         for i, part in enumerate(parts):
             set_path(out, (f"layers_{i}",) + path, part)
         set_path(stacked, path, None)
