@@ -76,7 +76,6 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def setup_engine(args):
     """Mesh, model, tokenizer and a warmed-up engine from parsed flags (shared with the server)."""
     import logging
-    import os
 
     from jaxinfer.sharding import accelerator_present, ensure_host_devices, parse_mesh
 
@@ -91,12 +90,10 @@ def setup_engine(args):
     compile_counter.install()  # from the first compile on, so the summary's total is complete
     if args.compile_cache:
         from jaxinfer.aot.manifest import check_cache_dir
+        from jaxinfer.cli_common import use_compile_cache
 
         check_cache_dir(args.compile_cache)  # refuses AOT output built for other versions or chips
-        os.makedirs(args.compile_cache, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        use_compile_cache(args.compile_cache)
     from jaxinfer.checkpoint.load import load_model
     from jaxinfer.engine.engine import Engine, EngineConfig
     from jaxinfer.sharding import describe, make_mesh

@@ -10,6 +10,12 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
 
 import pathlib  # noqa: E402
 
+# One persistent XLA compilation cache for the session, shared by both xdist workers and the servers and
+# batch jobs the tests start: many tests build engines with identical steps, and each new engine would
+# otherwise compile them again. Tests of the cache itself pass their own --compile-cache directory.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax-compile-cache"))
+
 import pytest  # noqa: E402
 
 DATA = pathlib.Path(__file__).parent / "data"

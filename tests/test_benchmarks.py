@@ -35,7 +35,7 @@ def test_compare_hf_tiny(tmp_path):
 
     pytest.importorskip("transformers")
     out = tmp_path / "compare.json"
-    load_script("compare_hf").main(["--batch", "2", "--prompt-tokens", "8", "--new-tokens", "3", "--repeats", "1",
+    load_script("compare_hf").main(["--batch", "2", "--prompt-tokens", "4", "--new-tokens", "3", "--repeats", "1",
                                     "--json", str(out)])
     row = json.loads(out.read_text())["results"][0]
     assert row["identical_outputs"] and row["identical_requests"] == 2  # same greedy tokens as transformers

@@ -49,7 +49,7 @@ def setup():
 def test_engine_greedy_equals_transformers_generate(setup, mesh, layer_loop):
     path, tok, prompts, expected = setup
     model = load_model(path, make_mesh(mesh), "float32")
-    engine = Engine(model, tok, EngineConfig(max_slots=4, max_context=512, prefill_chunk=64, layer_loop=layer_loop))
+    engine = Engine(model, tok, EngineConfig(max_slots=4, max_context=512, prefill_chunk=32, layer_loop=layer_loop))
     assert model.layer_loop == ("unrolled" if layer_loop == "auto" else "scan")
     engine.warmup()
     reqs = [Request(f"p{i}", p, SamplingParams(max_tokens=n, ignore_eos=True))

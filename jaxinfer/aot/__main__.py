@@ -71,10 +71,9 @@ def run(args) -> int:
 
     tgt, spec = target.resolve(args.topology, args.mesh, args.device_memory_gib)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", args.out)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        from jaxinfer.cli_common import use_compile_cache
+
+        use_compile_cache(args.out)
     dtype = parse_dtype(args.dtype)
     config, source = model_config(args.model)
     engine = EngineConfig(max_slots=args.max_slots, page_size=args.page_size, max_context=args.max_context,
