@@ -35,41 +35,36 @@ def decode_mbu(engine, elapsed: float) -> str:
 
 def measure_bandwidth(device=None, megabytes: int = 256, repeats: int = 5) -> float:
     """Achieved device memory bandwidth (bytes/s): median over copies of a large array (read + write)."""
-    import time
-
     import jax.numpy as jnp
 
     device = device or jax.devices()[0]
     x = jax.device_put(jnp.ones((megabytes * 2**20 // 4,), jnp.float32), device)
-    copy = jax.jit(lambda a: a * 1.0000001)
-    copy(x).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        copy(x).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * x.nbytes / float(np.median(times))
+    return 2 * x.nbytes / _median_seconds(jax.jit(lambda a: a * 1.0000001), x, repeats)
 
 
 def measure_matmul_flops(device=None, size: int = 2048, dtype="float32", repeats: int = 5) -> float:
     """Achieved dense matmul throughput (FLOP/s) of one device: the MFU denominator where no peak is known."""
-    import time
-
     import jax.numpy as jnp
 
     device = device or jax.devices()[0]
     a = jax.device_put(jnp.ones((size, size), dtype), device)
-    mm = jax.jit(lambda a: a @ a)
-    mm(a).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mm(a).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / float(np.median(times))
+    return 2 * size**3 / _median_seconds(jax.jit(lambda a: a @ a), a, repeats)
 
 
 def kv_bytes_read_per_device(cache_shape, total_context_tokens: int, tensor: int) -> int:
     """KV bytes one device reads in a decode step whose sequences hold `total_context_tokens` in all."""
     per_token = cache_shape.bytes_per_page // cache_shape.page_size  # all layers, K and V, all KV heads
     return total_context_tokens * per_token // tensor
+
+
+def _median_seconds(fn, arg, repeats: int) -> float:
+    """Median wall time of `fn(arg)` to completion over `repeats` runs, after one warm-up run."""
+    import time
+
+    fn(arg).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(arg).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))

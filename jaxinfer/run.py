@@ -73,6 +73,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true")
 
 
+def engine_config(args):
+    """The `EngineConfig` of the engine flags `add_model_args` declares (batch job, server, AOT)."""
+    from jaxinfer.engine.engine import EngineConfig
+
+    return EngineConfig(
+        max_slots=args.max_slots, page_size=args.page_size, max_context=args.max_context,
+        prefill_chunk=args.prefill_chunk, max_step_tokens=args.max_step_tokens, kv_pages=args.kv_pages,
+        kv_memory_fraction=args.kv_memory_fraction, attention=args.attention, layer_loop=args.layer_loop,
+        strict_no_recompile=args.strict_no_recompile)
+
+
 def setup_engine(args):
     """Mesh, model, tokenizer and a warmed-up engine from parsed flags (shared with the server)."""
     import logging
@@ -95,7 +106,7 @@ def setup_engine(args):
         check_cache_dir(args.compile_cache)  # refuses AOT output built for other versions or chips
         use_compile_cache(args.compile_cache)
     from jaxinfer.checkpoint.load import load_model
-    from jaxinfer.engine.engine import Engine, EngineConfig
+    from jaxinfer.engine.engine import Engine
     from jaxinfer.sharding import describe, make_mesh
     from jaxinfer.tokenizer import TokenizerError, load_tokenizer
 
@@ -110,11 +121,7 @@ def setup_engine(args):
     if not tok_path:
         raise TokenizerError(f"--tokenizer is required: no tokenizer found inside or beside {model.source}")
     tokenizer = load_tokenizer(tok_path)
-    engine = Engine(model, tokenizer, EngineConfig(
-        max_slots=args.max_slots, page_size=args.page_size, max_context=args.max_context,
-        prefill_chunk=args.prefill_chunk, max_step_tokens=args.max_step_tokens, kv_pages=args.kv_pages,
-        kv_memory_fraction=args.kv_memory_fraction, attention=args.attention, layer_loop=args.layer_loop,
-        strict_no_recompile=args.strict_no_recompile))
+    engine = Engine(model, tokenizer, engine_config(args))
     seconds = engine.warmup()
     log.info("warm-up compiled %d buckets in %.2fs", len(engine.buckets), seconds)
     return engine

@@ -63,7 +63,7 @@ def run(args) -> int:
     from jaxinfer.aot import compile as aot_compile
     from jaxinfer.aot import manifest, plan, target
     from jaxinfer.checkpoint.load import parse_dtype
-    from jaxinfer.engine.engine import EngineConfig
+    from jaxinfer.run import engine_config
     from jaxinfer.engine.requests import RequestError
     from jaxinfer.sharding import per_device_bytes
     from jaxinfer.model.layout import plan_layout
@@ -76,10 +76,7 @@ def run(args) -> int:
         use_compile_cache(args.out)
     dtype = parse_dtype(args.dtype)
     config, source = model_config(args.model)
-    engine = EngineConfig(max_slots=args.max_slots, page_size=args.page_size, max_context=args.max_context,
-                          prefill_chunk=args.prefill_chunk, max_step_tokens=args.max_step_tokens,
-                          kv_pages=args.kv_pages, kv_memory_fraction=args.kv_memory_fraction,
-                          attention=args.attention, layer_loop=args.layer_loop)
+    engine = engine_config(args)
     engine.validate(spec.data, config.max_position_embeddings)
     mesh = jax.sharding.Mesh(np.asarray(tgt.devices, dtype=object).reshape(spec.shape), MESH_AXES)
     layout = plan_layout(config, spec.tensor)

@@ -128,8 +128,8 @@ class Engine:
         if kind == "auto":
             kind = "kernel" if jax.devices()[0].platform == "tpu" else "reference"
         self.attention = kind
-        try:
-            model.use_layer_loop(resolve_layer_loop(config, mesh.devices.flat[0].platform))  # in place: the model's params take the layout the step runs fastest with
+        try:  # in place: the model's params take the layout this platform's step runs fastest with
+            model.use_layer_loop(resolve_layer_loop(config, mesh.devices.flat[0].platform))
         except ValueError as e:
             raise RequestError(f"--layer-loop {config.layer_loop}: {e}") from None
         one_page = CacheShape(

@@ -7,8 +7,8 @@ Two layer layouts, the same computation:
     each with its own arrays. XLA:CPU copies a scanned layer's weights out of the stack before every
     matmul (its dots cannot read a dynamic slice in place); separate arrays avoid that copy, and the
     KV cache is then a tuple of per-layer arrays for the same reason.
-  `jaxinfer.model.params.unstack_layers` converts the first into the second. Every parameter is declared once, here, with its
-logical axes (`nn.with_logical_partitioning`); shardings come from `jaxinfer.sharding.LOGICAL_RULES`.
+  `jaxinfer.model.params.unstack_layers` converts the first into the second.
+Every parameter is declared once, here, with its logical axes (`nn.with_logical_partitioning`); shardings come from `jaxinfer.sharding.LOGICAL_RULES`.
 
 Shapes use the physical (padded) sizes of a `ModelLayout`; see `jaxinfer.model.layout`.
 """
