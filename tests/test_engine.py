@@ -139,8 +139,11 @@ def test_scanned_and_unrolled_layers_generate_the_same(data_dir, stories):
         if loop == "unrolled":
             assert isinstance(engine.cache, tuple) and len(engine.cache) == model.config.num_layers
             assert "layers" not in model.params and "layers_0" in model.params
-            q0 = model.params["layers_0"]["attn"]["q"]
-            assert q0.shape == model.params["layers_1"]["attn"]["q"].shape and q0.sharding.spec[1] == "tensor"
+            q0, c = model.params["layers_0"]["attn"]["q"], model.config
+            assert q0.shape == (model.layout.q_heads, c.head_dim, c.hidden_size)  # output-major
+            assert q0.shape == model.params["layers_1"]["attn"]["q"].shape and q0.sharding.spec[0] == "tensor"
+            down = model.params["layers_0"]["mlp"]["down"]
+            assert down.shape == (c.hidden_size, model.layout.mlp) and down.sharding.spec[1] == "tensor"
         else:
             assert engine.cache.shape[0] == model.config.num_layers
         reqs = [story_request(tok, i, p, max_tokens=10) for i, p in enumerate(STORY_PROMPTS[:4])]

@@ -93,3 +93,19 @@ def test_padding_rows_do_not_change_real_rows(hf_models):
     ours = model.logits(tokens, positions)
     short = hf_logits(reference, tokens[1:, :10])
     assert relative_error(ours[1, :10], short[0]) < 1e-4
+
+
+@pytest.mark.parametrize("variant,mesh_name", [("gqa", "1x1"), ("odd_heads", "2x4")])
+def test_unrolled_layout_matches_transformers(hf_models, variant, mesh_name):
+    """The CPU layout (per-layer, output-major weights) against transformers, on both of its paths:
+    short rows run feature-major, long rows token-major (see `llama.FEATURE_MAJOR_TOKENS`)."""
+    from jaxinfer.model.llama import FEATURE_MAJOR_TOKENS
+
+    cfg = VARIANTS[variant]
+    path, reference = hf_models[variant]
+    model = load_model(str(path), make_mesh(mesh_name), "float32")
+    model.use_layer_loop("unrolled")
+    for length in (12, FEATURE_MAJOR_TOKENS + 36):
+        tokens = _tokens(cfg.vocab_size, batch=2, length=length, seed=length)
+        err = relative_error(model.logits(tokens), hf_logits(reference, tokens))
+        assert err < 1e-4, f"{variant} unrolled on {mesh_name}, {length} tokens: relative error {err:.2e}"

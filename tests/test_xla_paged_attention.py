@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxinfer.engine import xla_attention
 from jaxinfer.engine.xla_attention import xla_ragged_paged_attention
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 
@@ -29,8 +30,12 @@ def ragged_batch(rng, q_lens, kv_lens, hq=8, hk=2, d=32, page=16, pages=40, widt
     ([1, 12, 1, 0, 7], [90, 12, 5, 0, 39], 40, 8),  # mixed, with an idle slot
     ([1, 1, 30], [300, 129, 330], 70, 24),         # cached contexts spanning several 128-key blocks
     ([70, 1, 45], [70, 77, 60], 40, 8),            # chunks spanning several 32-token query tiles
+    ([5, 40, 3, 64], [9, 40, 3, 100], 40, 8),      # sequences straddling tile boundaries at odd offsets
 ])
-def test_matches_reference(q_lens, kv_lens, pages, width):
+@pytest.mark.parametrize("single_pass_tokens", [0, 1024], ids=["two-part", "single-pass"])
+def test_matches_reference(q_lens, kv_lens, pages, width, single_pass_tokens, monkeypatch):
+    """Both ways of reading a step's own tokens (tiles over the step, or pages like the cached context)."""
+    monkeypatch.setattr(xla_attention, "SINGLE_PASS_TOKENS", single_pass_tokens)
     args = ragged_batch(np.random.default_rng(len(q_lens)), q_lens, kv_lens, pages=pages, width=width)
     ours = np.asarray(xla_ragged_paged_attention(*args, sm_scale=0.2))
     ref = np.asarray(ragged_paged_attention_reference(*args, sm_scale=0.2))

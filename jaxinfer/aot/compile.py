@@ -19,7 +19,6 @@ from jaxinfer.engine.step import StepInputs, attention_impl, build_step_fn
 from jaxinfer.kv_cache import CacheShape, abstract_cache, pages_needed
 from jaxinfer.model.forward import ShardedModel
 from jaxinfer.model.params import abstract_params
-from jaxinfer.sampling import SamplingArrays
 from jaxinfer.sharding import logical_sharding
 
 COST_SECONDS_KEYS = ("optimal_seconds", "estimated_seconds", "seconds")
@@ -72,9 +71,7 @@ def step_inputs(specs: StepSpecs, engine: EngineConfig, bucket: int) -> StepInpu
     host = Engine._empty_host(fake, bucket)
     spec = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=logical_sharding(
         mesh, ("batch",) + (None,) * (a.ndim - 1))) for k, a in host.items()}
-    sampling_keys = [f.name for f in dataclasses.fields(SamplingArrays)]
-    return StepInputs(**{k: v for k, v in spec.items() if k not in sampling_keys},
-                      sampling=SamplingArrays(**{k: spec[k] for k in sampling_keys}))
+    return StepInputs.from_flat(spec)
 
 
 def attention_for(kind: str, platform: str):

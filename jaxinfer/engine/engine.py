@@ -28,7 +28,6 @@ from jaxinfer.engine.stops import StopTextTracker
 from jaxinfer.kv_cache import (CacheShape, OutOfPages, PageAllocator, allocate_cache, device_memory,
                                pages_for_memory_fraction, pages_needed)
 from jaxinfer.model.forward import ShardedModel
-from jaxinfer.sampling import SamplingArrays
 from jaxinfer.sharding import logical_sharding, per_device_bytes
 
 log = logging.getLogger(__name__)
@@ -381,6 +380,7 @@ class Engine:
                     host["min_p"][d, slot] = p.min_p
                     host["seed"][d, slot] = seq.seed
                     host["position"][d, slot] = start + count
+                    host["logprobs"][d, slot] = p.logprobs
                     sampled.append(seq)
                 cursor += count
             host["cu_q_lens"][d, self.slots_per_shard] = cursor
@@ -397,15 +397,13 @@ class Engine:
             num_seqs=np.full((d, 1), s, np.int32), sample_index=np.zeros((d, s), np.int32),
             temperature=np.zeros((d, s), np.float32), top_k=np.zeros((d, s), np.int32),
             top_p=np.ones((d, s), np.float32), min_p=np.zeros((d, s), np.float32),
-            seed=np.zeros((d, s), np.uint32), position=np.zeros((d, s), np.int32))
+            seed=np.zeros((d, s), np.uint32), position=np.zeros((d, s), np.int32),
+            logprobs=np.zeros((d, s), bool))
 
     def _to_device(self, host: dict) -> StepInputs:
-        sampling_keys = ("temperature", "top_k", "top_p", "min_p", "seed", "position")
         # one batched transfer per step: per-array device_put calls cost the host (and on CPU the
         # device's) time every step
-        arrays = jax.device_put(host, {k: self._by_ndim[a.ndim] for k, a in host.items()})
-        sampling = SamplingArrays(**{k: arrays[k] for k in sampling_keys})
-        return StepInputs(**{k: v for k, v in arrays.items() if k not in sampling_keys}, sampling=sampling)
+        return StepInputs.from_flat(jax.device_put(host, {k: self._by_ndim[a.ndim] for k, a in host.items()}))
 
     # ---- results -----------------------------------------------------------------------------
     def _collect(self, pending) -> list[Event]:

@@ -45,6 +45,13 @@ class StepInputs:
     sample_index: jax.Array  # i32 [D, S] token whose logits are sampled for each slot
     sampling: SamplingArrays  # each field [D, S]
 
+    @classmethod
+    def from_flat(cls, arrays: dict) -> "StepInputs":
+        """From one flat dict holding every field, the sampling ones included (as `Engine._empty_host` builds)."""
+        sampling_keys = [f.name for f in dataclasses.fields(SamplingArrays)]
+        return cls(**{k: v for k, v in arrays.items() if k not in sampling_keys},
+                   sampling=SamplingArrays(**{k: arrays[k] for k in sampling_keys}))
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,9 @@ Each token attends to the keys of its own sequence in two parts, merged with one
   2. the context cached by earlier steps: a loop over blocks of pages (about 64 keys per
      iteration) of each token's own page table, for only as many blocks as the longest cached
      context needs (a dynamic trip count: short contexts are cheap and nothing recompiles).
+Steps of at most SINGLE_PASS_TOKENS tokens (decode, and short mixed steps) skip part 1: part 2 alone
+reads each token's context up to and including itself (the step's K/V are already in the pages),
+which costs less than the tiles' extra ops and merge when there are few tokens.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import jax.numpy as jnp
 
 KEYS_PER_ITERATION = 64    # cached keys gathered per loop iteration (part 2); measured best on CPU
 QUERY_BLOCK = 32           # query and key tokens per tile of part 1 (measured best on CPU for mixed chunk sizes)
+SINGLE_PASS_TOKENS = 64    # steps of at most this many tokens (decode) skip part 1: see the module docstring
 
 
 def xla_ragged_paged_attention(queries, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale):
@@ -33,10 +37,13 @@ def xla_ragged_paged_attention(queries, kv_pages, kv_lens, page_indices, cu_q_le
     pos = jnp.where(live, start + tok - cu_q_lens[seq], -1)  # absolute position; -1 = padding
     q = queries.reshape(t, hk, hq // hk, dh).astype(jnp.float32) * sm_scale
 
-    safe = jnp.maximum(pos, 0)
-    own = kv_pages[page_indices[seq, safe // page], safe % page].astype(jnp.float32)  # [T, 2Hk, D]
-    carry = _this_step(q, own[:, 0::2], own[:, 1::2], seq, pos, cu_q_lens[seq])
-    carry = _cached_context(q, kv_pages, page_indices, seq, jnp.where(live, start, 0), carry)
+    if t <= SINGLE_PASS_TOKENS:  # decode-sized step: this step's K/V are in the cache, read them with the rest
+        carry = _cached_context(q, kv_pages, page_indices, seq, jnp.where(live, pos + 1, 0), _empty(q.shape))
+    else:
+        safe = jnp.maximum(pos, 0)
+        own = kv_pages[page_indices[seq, safe // page], safe % page].astype(jnp.float32)  # [T, 2Hk, D]
+        carry = _this_step(q, own[:, 0::2], own[:, 1::2], seq, pos, cu_q_lens[seq])
+        carry = _cached_context(q, kv_pages, page_indices, seq, jnp.where(live, start, 0), carry)
     _, l, acc = carry
     out = jnp.where(live[:, None, None, None], acc / jnp.maximum(l, 1e-30)[..., None], 0.0)
     return out.reshape(t, hq, dh).astype(queries.dtype)
@@ -58,35 +65,45 @@ def _merge(a, b):
     return m, la * sa + lb * sb, acca * sa[..., None] + accb * sb[..., None]
 
 
+def _empty(shape):
+    """The online-softmax carry of no keys yet for queries of `shape` [..., D]."""
+    return (jnp.full(shape[:-1], -jnp.inf), jnp.zeros(shape[:-1]), jnp.zeros(shape))
+
+
 def _this_step(q, k, v, seq, pos, first):
     """Part 1: token i sees token j of the step iff same sequence and pos[j] <= pos[i] (both live).
 
-    Flash-style tiles of QUERY_BLOCK x QUERY_BLOCK tokens: query block j visits key blocks from the one
-    holding the first token of its first sequence (`first`: step index of each token's sequence start)
-    up to j, so a step of many short sequences costs about one tile per block, and one long chunk a
-    triangle of tiles, never the whole T x T square.
+    Flash-style tiles of QUERY_BLOCK x QUERY_BLOCK tokens, batched over all query blocks at once:
+    trip o pairs every query block j with key block j - o. Trip 0 (the diagonal) always runs; trips
+    1.. run only as far as the longest reach back to a sequence start (`first`: step index of each
+    token's sequence start), so a step of many short sequences costs one batched diagonal, and one
+    long chunk one batched trip per block it spans (about twice the triangle's tiles, in few ops).
     """
     t, hk, g, dh = q.shape
     b = min(t, QUERY_BLOCK)
     n = -(-t // b)
     pad = n * b - t
     padded = lambda a, fill=0: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)  # noqa: E731
-    qb, kb, vb = (padded(a).reshape((n, b) + a.shape[1:]) for a in (q, k, v))
-    seqb, posb = padded(seq).reshape(n, b), padded(pos, -1).reshape(n, b)
-    lo = jnp.where(posb[:, 0] >= 0, padded(first).reshape(n, b)[:, 0] // b, jnp.arange(n) + 1)  # dead block: none
+    qb = padded(q).reshape(n, b, hk, g, dh)
+    seqb, posb = padded(seq, -1).reshape(n, b), padded(pos, -1).reshape(n, b)
+    # keys of block j - o for query block j: a slice of keys preceded by n blocks of padding
+    ahead = lambda a, fill: jnp.pad(a, [(n * b, pad)] + [(0, 0)] * (a.ndim - 1),  # noqa: E731
+                                    constant_values=fill).reshape((2 * n, b) + a.shape[1:])
+    kp, vp, seqp, posp = ahead(k, 0), ahead(v, 0), ahead(seq, -1), ahead(pos, -1)
 
-    def query_block(j):
-        def key_block(c, carry):
-            visible = ((seqb[c][None, :] == seqb[j][:, None]) & (posb[c][None, :] <= posb[j][:, None])
-                       & (posb[c][None, :] >= 0))
-            scores = jnp.einsum("bhgd,chd->bhgc", qb[j], kb[c])
-            return _merge(carry, _softmax_part(scores, visible[:, None, None, :], vb[c], "bhgc,chd->bhgd"))
+    def trip(o, carry):
+        key = lambda a: jax.lax.dynamic_slice_in_dim(a, n - o, n, axis=0)  # noqa: E731
+        kseq, kpos = key(seqp), key(posp)
+        visible = ((kseq[:, None, :] == seqb[:, :, None]) & (kpos[:, None, :] <= posb[:, :, None])
+                   & (kpos[:, None, :] >= 0))  # [n, b, c]
+        scores = jnp.einsum("nbhgd,nchd->nbhgc", qb, key(kp))
+        return _merge(carry, _softmax_part(scores, visible[:, :, None, None, :], key(vp), "nbhgc,nchd->nbhgd"))
 
-        init = (jnp.full((b, hk, g), -jnp.inf), jnp.zeros((b, hk, g)), jnp.zeros((b, hk, g, dh)))
-        return jax.lax.fori_loop(lo[j], j + 1, key_block, init)
-
-    out = jax.lax.map(query_block, jnp.arange(n))
-    return jax.tree.map(lambda a: a.reshape((n * b,) + a.shape[2:])[:t], out)
+    blocks = jnp.arange(n)
+    reach = jnp.where(posb[:, 0] >= 0, blocks - padded(first).reshape(n, b)[:, 0] // b, 0)
+    carry = trip(0, _empty(qb.shape))
+    carry = jax.lax.fori_loop(1, jnp.max(reach) + 1, trip, carry)
+    return jax.tree.map(lambda a: a.reshape((n * b,) + a.shape[2:])[:t], carry)
 
 
 def _cached_context(q, kv_pages, page_indices, seq, start, carry):
