@@ -1,4 +1,5 @@
 """The engine's CPU/GPU attention path equals the plain reference on ragged batches."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -37,7 +38,7 @@ def test_matches_reference(q_lens, kv_lens, pages, width, single_pass_tokens, mo
     """Both ways of reading a step's own tokens (tiles over the step, or pages like the cached context)."""
     monkeypatch.setattr(xla_attention, "SINGLE_PASS_TOKENS", single_pass_tokens)
     args = ragged_batch(np.random.default_rng(len(q_lens)), q_lens, kv_lens, pages=pages, width=width)
-    ours = np.asarray(xla_ragged_paged_attention(*args, sm_scale=0.2))
+    ours = np.asarray(jax.jit(xla_ragged_paged_attention, static_argnames="sm_scale")(*args, sm_scale=0.2))
     ref = np.asarray(ragged_paged_attention_reference(*args, sm_scale=0.2))
     live = sum(q_lens)
     assert np.isfinite(ours).all()
