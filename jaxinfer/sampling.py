@@ -61,9 +61,7 @@ def greedy_tokens(logits: jax.Array, block: int = 128) -> jax.Array:
 
 
 def _token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    top = logits.max(axis=-1, keepdims=True)
-    log_total = top[:, 0] + jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))
-    return jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - log_total
+    return jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
 
 
 def _filter(scaled: jax.Array, p: SamplingArrays) -> jax.Array:

@@ -12,7 +12,8 @@ Two layer layouts, the same computation:
     XLA:CPU's dots for a few dozen tokens are 15-40% faster that way than `x @ W[in, out]`; longer
     steps stay token-major (`x @ W[out, in].T`, as fast as before).
   `jaxinfer.model.params.unstack_layers` converts the first into the second.
-Every parameter is declared once, here, with its logical axes (`nn.with_logical_partitioning`); shardings come from `jaxinfer.sharding.LOGICAL_RULES`.
+Every parameter is declared once, here, with its logical axes (`nn.with_logical_partitioning`);
+shardings come from `jaxinfer.sharding.LOGICAL_RULES`.
 
 Shapes use the physical (padded) sizes of a `ModelLayout`; see `jaxinfer.model.layout`.
 """
@@ -53,14 +54,16 @@ def linear(x, w, inputs: int, out_major: bool, feature_major: bool):
     """Projects the `inputs` feature axes of x through w (declared [in..., out...]).
 
     Token-major x [B, T, in...] -> [B, T, out...]; feature-major x [in, N] -> [out, N] (features merged
-    into one axis, the B*T tokens into another). `out_major` says w is stored [out..., in...].
+    into one axis, the B*T tokens into another; only the unrolled layout runs feature-major, so w is
+    then out-major). `out_major` says w is stored [out..., in...].
     """
     in_shape = w.shape[len(w.shape) - inputs:] if out_major else w.shape[:inputs]
     out_shape = w.shape[:len(w.shape) - inputs] if out_major else w.shape[inputs:]
     n_in, n_out = math.prod(in_shape), math.prod(out_shape)
     w2 = w.reshape((n_out, n_in) if out_major else (n_in, n_out))
     if feature_major:
-        return w2 @ x if out_major else w2.T @ x
+        assert out_major, "feature-major activations need output-major weights"
+        return w2 @ x
     b, t = x.shape[:2]
     x2 = x.reshape(b, t, n_in)
     y = jnp.einsum("bti,oi->bto", x2, w2) if out_major else x2 @ w2
