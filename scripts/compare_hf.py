@@ -5,7 +5,8 @@
 SmolLM2-135M-Instruct (the embedded GGUF, float32 on both sides), prompts of equal token length (no
 padding, so batched HF output is comparable token for token). For each batch size the two systems
 run alternately `--repeats` times in one process; reported: median output tokens/s of each, the
-ratio, and whether every generated token matched.
+ratio of the medians, each repeat's paired ratio (the two runs of one repeat are seconds apart, so a
+noisy machine moves both) with their median, and whether every generated token matched.
 """
 from __future__ import annotations
 
@@ -83,9 +84,12 @@ def main(argv=None) -> dict:
                    transformers_tokens_per_s=statistics.median(hf_rates), identical_outputs=matched == batch,
                    identical_requests=matched)
         row["ratio"] = row["jaxinfer_tokens_per_s"] / row["transformers_tokens_per_s"]
+        row["paired_ratios"] = [a / b for a, b in zip(ours_rates, hf_rates)]
+        row["median_paired_ratio"] = statistics.median(row["paired_ratios"])
         rows.append(row)
         print(f"batch {batch:3d}: jaxinfer {row['jaxinfer_tokens_per_s']:8.1f} tok/s  transformers "
-              f"{row['transformers_tokens_per_s']:8.1f} tok/s  ratio {row['ratio']:5.2f}x  "
+              f"{row['transformers_tokens_per_s']:8.1f} tok/s  ratio {row['ratio']:5.2f}x  paired "
+              f"{' '.join(f'{r:.2f}' for r in row['paired_ratios'])} (median {row['median_paired_ratio']:.2f}x)  "
               f"identical {matched}/{batch}", flush=True)
     result = dict(device=jax.devices()[0].device_kind, torch=torch.__version__, transformers=transformers.__version__,
                   jax=jax.__version__, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, results=rows)

@@ -39,5 +39,6 @@ def test_compare_hf_tiny(tmp_path):
                                     "--json", str(out)])
     row = json.loads(out.read_text())["results"][0]
     assert row["identical_outputs"] and row["identical_requests"] == 2  # same greedy tokens as transformers
-    for key in ("jaxinfer_tokens_per_s", "transformers_tokens_per_s", "ratio"):
+    for key in ("jaxinfer_tokens_per_s", "transformers_tokens_per_s", "ratio", "median_paired_ratio"):
         assert math.isfinite(row[key]) and row[key] > 0
+    assert len(row["paired_ratios"]) == 1 and row["paired_ratios"][0] == row["median_paired_ratio"]
