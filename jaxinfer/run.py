@@ -65,7 +65,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--page-size", type=int, default=16)
     e.add_argument("--kv-pages", type=int, default=None, help="KV pages per data shard")
     e.add_argument("--kv-memory-fraction", type=float, default=None)
-    e.add_argument("--attention", default="auto", choices=["auto", "kernel", "reference"])
+    e.add_argument("--attention", default="auto", choices=["auto", "kernel", "native", "reference"],
+                   help="auto: Pallas kernel on TPU, native C++ kernel on CPU, XLA elsewhere")
     e.add_argument("--layer-loop", default="auto", choices=["auto", "scan", "unrolled"],
                    help="auto: unrolled on CPU (faster there), scanned elsewhere (compile time independent of depth)")
     e.add_argument("--strict-no-recompile", action="store_true")

@@ -1,7 +1,8 @@
 """Server limits and lifecycle, on a real server of its own (small queue, short --request-timeout):
 start-up logs and health NOT_SERVING -> SERVING, the server-side request timeout, queue overflow, and
 SIGTERM (NOT_SERVING, UNAVAILABLE for new requests, in-flight requests finish, exit 0). Tests run in
-file order; the SIGTERM test ends the module's server; the last one starts and stops a server of its own.
+file order; the SIGTERM test ends the module's server; the request-timeout test and the last one start and stop
+servers of their own.
 """
 import concurrent.futures
 import signal
@@ -61,25 +62,36 @@ def test_health_turns_serving_after_warm_up_and_start_up_is_logged(server):
     assert log.index("warm-up compiled") < log.index("SERVING stories260K")
 
 
-def test_request_timeout_gives_deadline_exceeded_and_frees_the_slots(server):
-    def outcome(call):
-        try:
-            return len(list(call))
-        except grpc.RpcError as e:
-            return e
+def test_request_timeout_gives_deadline_exceeded_and_frees_the_slots():
+    """A server of its own with --request-timeout 0.5 (the module's server keeps 4 s, so requests it
+    holds in other tests do not expire under them)."""
+    srv = ServerProcess("--request-timeout", "0.5")
+    try:
+        srv.wait_for(r"SERVING stories260K")
+        with grpc.insecure_channel(srv.target) as channel:
+            srv.stub = jaxinfer_pb2_grpc.GenerationStub(channel)
 
-    start = time.monotonic()
-    # No client deadline, so --request-timeout 4 applies. Five requests of 500 tokens on 4 slots cannot all
-    # finish in 4 s: the last one would need 1,000 steps of the engine.
-    calls = [server.stub.Generate(LONG) for _ in range(5)]
-    with concurrent.futures.ThreadPoolExecutor(5) as pool:
-        outcomes = list(pool.map(outcome, calls))
-    timed_out = [o for o in outcomes if isinstance(o, grpc.RpcError)]
-    assert timed_out and all(o == 500 for o in outcomes if not isinstance(o, grpc.RpcError))
-    for e in timed_out:
-        assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "deadline of 4s" in e.details()
-    assert 3.9 < time.monotonic() - start < 10
-    wait_until(lambda: (i := info(server)).active_slots == 0 and i.queue_depth == 0 and i.kv_pages_used == 0, timeout=2)
+            def outcome(call):
+                try:
+                    return len(list(call))
+                except grpc.RpcError as e:
+                    return e
+
+            start = time.monotonic()
+            # No client deadline, so --request-timeout applies. Five requests of 500 tokens on 4 slots: the last
+            # one needs 1,000 engine steps, far more than 0.5 s on any CPU (a step costs the host ~1 ms).
+            calls = [srv.stub.Generate(LONG) for _ in range(5)]
+            with concurrent.futures.ThreadPoolExecutor(5) as pool:
+                outcomes = list(pool.map(outcome, calls))
+            timed_out = [o for o in outcomes if isinstance(o, grpc.RpcError)]
+            assert timed_out and all(o == 500 for o in outcomes if not isinstance(o, grpc.RpcError))
+            for e in timed_out:
+                assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "deadline of 0.5s" in e.details()
+            assert 0.45 < time.monotonic() - start < 10
+            wait_until(lambda: (i := info(srv)).active_slots == 0 and i.queue_depth == 0 and i.kv_pages_used == 0,
+                       timeout=2)
+    finally:
+        srv.stop()
 
 
 def test_queue_overflow_is_refused_immediately(server):

@@ -14,7 +14,7 @@ import types
 import jax
 import numpy as np
 
-from jaxinfer.engine.engine import Engine, EngineConfig, resolve_layer_loop, token_buckets
+from jaxinfer.engine.engine import Engine, EngineConfig, resolve_attention, resolve_layer_loop, token_buckets
 from jaxinfer.engine.step import StepInputs, attention_impl, build_step_fn
 from jaxinfer.kv_cache import CacheShape, abstract_cache, pages_needed
 from jaxinfer.model.forward import ShardedModel
@@ -56,9 +56,7 @@ def step_specs(config, layout, mesh, dtype, engine: EngineConfig, pages_per_shar
     cache = abstract_cache(mesh, cache_shape, per_layer=model.layer_loop == "unrolled")
     row = logical_sharding(mesh, ("batch", None))
     prev = jax.ShapeDtypeStruct((data, engine.max_slots // data), np.int32, sharding=row)
-    attention = engine.attention
-    if attention == "auto":
-        attention = "kernel" if platform == "tpu" else "reference"
+    attention = resolve_attention(engine.attention, platform)  # what the engine will run there
     return StepSpecs(model, cache, cache_shape, prev, token_buckets(engine, data), attention, row)
 
 

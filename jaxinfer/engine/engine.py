@@ -42,7 +42,7 @@ class EngineConfig:
     max_step_tokens: int | None = None  # tokens per data shard per step; None: max(prefill_chunk, slots per shard)
     kv_pages: int | None = None   # pages per data shard; None: from kv_memory_fraction or enough for all slots
     kv_memory_fraction: float | None = None
-    attention: str = "auto"       # auto | kernel | reference
+    attention: str = "auto"       # auto | kernel | native | reference; see resolve_attention
     layer_loop: str = "auto"      # auto (unrolled on CPU, else scan) | scan | unrolled; see jaxinfer.model.llama
     strict_no_recompile: bool = False
     min_bucket: int = 8
@@ -64,10 +64,36 @@ class EngineConfig:
                       "so every decoding slot fits in one step")
         if self.kv_memory_fraction is not None and not 0 < self.kv_memory_fraction < 1:
             raise bad("kv_memory_fraction", "must be in (0, 1)")
-        if self.attention not in ("auto", "kernel", "reference"):
-            raise bad("attention", "must be auto, kernel or reference")
+        if self.attention not in ATTENTION_KINDS:
+            raise bad("attention", "must be " + ", ".join(ATTENTION_KINDS[:-1]) + " or " + ATTENTION_KINDS[-1])
         if self.layer_loop not in ("auto", "scan", "unrolled"):
             raise bad("layer_loop", "must be auto, scan or unrolled")
+
+
+ATTENTION_KINDS = ("auto", "kernel", "native", "reference")
+
+
+def resolve_attention(kind: str, platform: str) -> str:
+    """--attention auto -> the fastest path this platform has: the Pallas kernel on TPU, the native
+    C++ kernel on CPU (the XLA path when it cannot be built here, with one log line saying why), the
+    XLA path elsewhere. An explicit kind that cannot run on this platform is a RequestError."""
+    from jaxinfer import native
+
+    if kind == "auto":
+        if platform == "tpu":
+            return "kernel"
+        if platform == "cpu":
+            if native.available():
+                return "native"
+            log.warning("--attention auto: using the XLA path; the native CPU kernel is unavailable: %s",
+                        native.unavailable_reason())
+        return "reference"
+    if kind == "native":
+        if platform != "cpu":
+            raise RequestError(f"--attention native: runs only on CPU; this mesh is on {platform}")
+        if not native.available():
+            raise RequestError(f"--attention native: unavailable on this host: {native.unavailable_reason()}")
+    return kind
 
 
 def token_buckets(config: EngineConfig, data_shards: int) -> tuple[int, ...]:
@@ -125,10 +151,7 @@ class Engine:
         config.validate(self.data, model.config.max_position_embeddings)
         self.slots_per_shard = config.max_slots // self.data
         self.pages_per_slot = pages_needed(config.max_context, config.page_size)
-        kind = config.attention
-        if kind == "auto":
-            kind = "kernel" if jax.devices()[0].platform == "tpu" else "reference"
-        self.attention = kind
+        kind = self.attention = resolve_attention(config.attention, mesh.devices.flat[0].platform)
         try:  # in place: the model's params take the layout this platform's step runs fastest with
             model.use_layer_loop(resolve_layer_loop(config, mesh.devices.flat[0].platform))
         except ValueError as e:

@@ -112,12 +112,15 @@ def build_step_fn(model: ShardedModel, cache_shape: CacheShape, impl: AttentionI
 
 @functools.lru_cache(maxsize=None)
 def attention_impl(kind: str) -> AttentionImpl:
-    """'reference' -> XLA path; 'kernel' -> Pallas TPU kernel (interpret mode off TPU)."""
+    """'reference' -> XLA path; 'native' -> XLA path reading the paged context with the native CPU
+    kernel; 'kernel' -> Pallas TPU kernel (interpret mode off TPU)."""
     if kind == "reference":
         return xla_ragged_paged_attention
+    if kind == "native":
+        return functools.partial(xla_ragged_paged_attention, native=True)
     if kind == "kernel":
         from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
         interpret = jax.devices()[0].platform != "tpu"
         return functools.partial(ragged_paged_attention, interpret=interpret)
-    raise ValueError(f"--attention {kind!r}: must be auto, kernel or reference")
+    raise ValueError(f"--attention {kind!r}: must be kernel, native or reference")

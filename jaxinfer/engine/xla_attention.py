@@ -22,10 +22,14 @@ QUERY_BLOCK = 32           # query and key tokens per tile of part 1 (measured b
 SINGLE_PASS_TOKENS = 64    # steps of at most this many tokens (decode) skip part 1: see the module docstring
 
 
-def xla_ragged_paged_attention(queries, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale):
+def xla_ragged_paged_attention(queries, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale,
+                               native: bool = False):
     """queries [T, Hq, D]; kv_pages [P, page, 2Hk, D] (K, V interleaved on the head axis, this step's
     K/V already written); kv_lens [S] (cached tokens per sequence after this step); page_indices [S, W];
-    cu_q_lens [S + 1]; num_seqs [1]. Returns [T, Hq, D]; rows past cu_q_lens[num_seqs] are zero."""
+    cu_q_lens [S + 1]; num_seqs [1]. Returns [T, Hq, D]; rows past cu_q_lens[num_seqs] are zero.
+
+    native: read the paged context with the native CPU kernel (`jaxinfer.native.paged_context`)
+    instead of XLA's gather loop (part 2 and single-pass steps; CPU only)."""
     t, hq, dh = queries.shape
     s, width = page_indices.shape
     page = kv_pages.shape[1]
@@ -37,13 +41,15 @@ def xla_ragged_paged_attention(queries, kv_pages, kv_lens, page_indices, cu_q_le
     pos = jnp.where(live, start + tok - cu_q_lens[seq], -1)  # absolute position; -1 = padding
     q = queries.reshape(t, hk, hq // hk, dh).astype(jnp.float32) * sm_scale
 
+    context = _native_context if native else _cached_context
     if t <= SINGLE_PASS_TOKENS:  # decode-sized step: this step's K/V are in the cache, read them with the rest
-        carry = _cached_context(q, kv_pages, page_indices, seq, jnp.where(live, pos + 1, 0), _empty(q.shape))
+        carry = context(q, kv_pages, page_indices, seq, jnp.where(live, pos + 1, 0), None)
     else:
         safe = jnp.maximum(pos, 0)
         own = kv_pages[page_indices[seq, safe // page], safe % page].astype(jnp.float32)  # [T, 2Hk, D]
+        own = jnp.where(live[:, None, None], own, 0.0)  # padding rows read whatever a page held: keep it out of p @ v
         carry = _this_step(q, own[:, 0::2], own[:, 1::2], seq, pos, cu_q_lens[seq])
-        carry = _cached_context(q, kv_pages, page_indices, seq, jnp.where(live, start, 0), carry)
+        carry = context(q, kv_pages, page_indices, seq, jnp.where(live, start, 0), carry)
     _, l, acc = carry
     out = jnp.where(live[:, None, None, None], acc / jnp.maximum(l, 1e-30)[..., None], 0.0)
     return out.reshape(t, hq, dh).astype(queries.dtype)
@@ -106,9 +112,19 @@ def _this_step(q, k, v, seq, pos, first):
     return jax.tree.map(lambda a: a.reshape((n * b,) + a.shape[2:])[:t], carry)
 
 
+def _native_context(q, kv_pages, page_indices, seq, start, carry):
+    """Part 2 with the native CPU kernel: reads each token's pages in place (no gather, no transposes)."""
+    from jaxinfer import native
+
+    part = native.paged_context(q, kv_pages, page_indices, seq, start)
+    return part if carry is None else _merge(carry, part)
+
+
 def _cached_context(q, kv_pages, page_indices, seq, start, carry):
-    """Part 2: token i sees positions [0, start[i]) of its sequence, gathered block by block."""
+    """Part 2: token i sees positions [0, start[i]) of its sequence, gathered block by block.
+    carry: the online-softmax state to continue, or None for none yet."""
     t = q.shape[0]
+    carry = _empty(q.shape) if carry is None else carry
     width = page_indices.shape[1]
     page = kv_pages.shape[1]
     per_block = max(1, min(width, KEYS_PER_ITERATION // page))  # pages per iteration

@@ -1,0 +1,182 @@
+// Paged-context attention for XLA:CPU, called through the XLA FFI (jax.ffi.ffi_call).
+//
+// For each query token i and KV head h: the G query heads of h attend to positions
+// [0, limit[i]) of sequence seq[i], read in place from the paged cache through that sequence's page
+// table. Returns the online-softmax state (row max m, row sum l, unnormalised output acc), so the
+// caller can merge it with other parts or normalise it (acc / l). A row with no visible key gives
+// (-inf, 0, 0).
+//
+// Why native: XLA:CPU has to gather each token's pages into a fresh buffer and transpose K/V for
+// its batched dots, which on a 2-core host costs several times the arithmetic. Here every K/V row
+// is read once per (token, KV head), straight from the cache.
+//
+// Layouts (row-major):
+//   q           f32 [T, Hk, G, D]   (scaled by the softmax scale already)
+//   kv_pages    f32|bf16 [P, page, 2*Hk, D]   K of head h at 2h, V at 2h+1
+//   page_table  i32 [S, W]
+//   seq, limit  i32 [T]
+//   m, l        f32 [T, Hk, G];  acc f32 [T, Hk, G, D]
+// Out-of-range page ids, sequence ids and limits are clamped (never read outside the cache).
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <type_traits>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kMaxGroup = 16;  // query heads per KV head handled in one pass
+
+inline float Load(const float* p, int64_t i) { return p[i]; }
+inline float Load(const uint16_t* p, int64_t i) {
+  uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+struct Shape {
+  int64_t tokens, kv_heads, group, dim, pages, page, slots, width;
+};
+
+// One query token, all its KV heads: online softmax over the visible keys, one page per block (a
+// page holds every head's K and V of `page` positions contiguously, so it is read once per token).
+template <typename KV>
+void AttendToken(const Shape& s, const float* q, const KV* kv, const int32_t* table, int32_t seq,
+                 int32_t limit, float* m, float* l, float* acc, float* scores) {
+  const int64_t rows = s.kv_heads * s.group, d_n = s.dim, page = s.page;
+  for (int64_t r = 0; r < rows; ++r) {
+    m[r] = -std::numeric_limits<float>::infinity();
+    l[r] = 0.f;
+  }
+  std::fill(acc, acc + rows * d_n, 0.f);
+  const int64_t row_stride = 2 * s.kv_heads * d_n;  // one position of a page
+  const int32_t* pages = table + static_cast<int64_t>(seq) * s.width;
+  for (int64_t start = 0; start < limit; start += page) {
+    const int64_t n = std::min<int64_t>(page, limit - start);
+    const int64_t pid = std::clamp<int64_t>(pages[start / page], 0, s.pages - 1);
+    const KV* base = kv + pid * page * row_stride;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t h = r / s.group;
+      const float* qr = q + r * d_n;
+      float* sc = scores + r * page;
+      float block_max = -std::numeric_limits<float>::infinity();
+      for (int64_t k = 0; k < n; ++k) {
+        const KV* key = base + k * row_stride + 2 * h * d_n;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < d_n; ++d) dot += qr[d] * Load(key, d);
+        sc[k] = dot;
+        block_max = std::max(block_max, dot);
+      }
+      const float m_new = std::max(m[r], block_max);
+      const float scale = std::isinf(m[r]) ? 0.f : std::exp(m[r] - m_new);
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t k = 0; k < n; ++k) {
+        sc[k] = std::exp(sc[k] - m_new);
+        sum += sc[k];
+      }
+      l[r] = l[r] * scale + sum;
+      m[r] = m_new;
+      float* ar = acc + r * d_n;
+#pragma omp simd
+      for (int64_t d = 0; d < d_n; ++d) ar[d] *= scale;
+      for (int64_t k = 0; k < n; ++k) {
+        const KV* value = base + k * row_stride + (2 * h + 1) * d_n;
+        const float p = sc[k];
+#pragma omp simd
+        for (int64_t d = 0; d < d_n; ++d) ar[d] += p * Load(value, d);
+      }
+    }
+  }
+}
+
+// Work shared between the calling thread and the pool's: rows are claimed from an atomic counter,
+// so the caller never waits for a task that has not started (a pool thread may be busy elsewhere);
+// it only waits for rows already claimed. The state outlives the call for late tasks, which find
+// no rows left and return without touching the buffers.
+struct Shared {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  std::mutex mu;
+  std::condition_variable cv;
+};
+
+template <typename KV>
+ffi::Error PagedContext(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kv_pages,
+                        ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> seq,
+                        ffi::Buffer<ffi::S32> limit, ffi::ResultBuffer<ffi::F32> m,
+                        ffi::ResultBuffer<ffi::F32> l, ffi::ResultBuffer<ffi::F32> acc) {
+  auto qd = q.dimensions(), kd = kv_pages.dimensions(), td = page_table.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || td.size() != 2) {
+    return ffi::Error::InvalidArgument("paged_context: q must be rank 4, kv_pages rank 4, page_table rank 2");
+  }
+  Shape s{qd[0], qd[1], qd[2], qd[3], kd[0], kd[1], td[0], td[1]};
+  if (kd[2] != 2 * s.kv_heads || kd[3] != s.dim || s.group > kMaxGroup || s.pages < 1 || s.slots < 1) {
+    return ffi::Error::InvalidArgument("paged_context: kv_pages must be [P, page, 2*Hk, D] matching q [T, Hk, G<=16, D]");
+  }
+  const float* qp = q.typed_data();
+  constexpr ffi::DataType kv_type = std::is_same_v<KV, float> ? ffi::DataType::F32 : ffi::DataType::BF16;
+  if (kv_pages.element_type() != kv_type) {
+    return ffi::Error::InvalidArgument("paged_context: kv_pages dtype does not match the handler (f32 or bf16)");
+  }
+  const KV* kvp = kv_pages.reinterpret_data<KV>();
+  const int32_t* tp = page_table.typed_data();
+  const int32_t* sp = seq.typed_data();
+  const int32_t* lp = limit.typed_data();
+  float *mp = m->typed_data(), *lp_out = l->typed_data(), *ap = acc->typed_data();
+  const int64_t rows = s.tokens;  // work items: one query token (all heads) each
+  const int64_t max_keys = s.width * s.page;
+  const int64_t per_token = s.kv_heads * s.group;
+
+  auto run_rows = [=](Shared* st) {
+    std::vector<float> scores(per_token * s.page);
+    int64_t finished = 0;
+    for (int64_t r; (r = st->next.fetch_add(1)) < rows; ++finished) {
+      const int32_t sq = std::clamp<int32_t>(sp[r], 0, static_cast<int32_t>(s.slots - 1));
+      const int32_t lim = static_cast<int32_t>(std::clamp<int64_t>(lp[r], 0, max_keys));
+      const int64_t o = r * per_token;
+      AttendToken<KV>(s, qp + o * s.dim, kvp, tp, sq, lim, mp + o, lp_out + o, ap + o * s.dim, scores.data());
+    }
+    if (finished && st->done.fetch_add(finished) + finished == rows) {
+      std::lock_guard<std::mutex> lock(st->mu);
+      st->cv.notify_all();
+    }
+  };
+
+  auto state = std::make_shared<Shared>();
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), rows / 2);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state, run_rows] { run_rows(state.get()); });
+  run_rows(state.get());
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == rows; });
+  return ffi::Error::Success();
+}
+
+#define JAXINFER_BINDING                  \
+  ffi::Ffi::Bind()                        \
+      .Ctx<ffi::ThreadPool>()             \
+      .Arg<ffi::Buffer<ffi::F32>>()       \
+      .Arg<ffi::AnyBuffer>()              \
+      .Arg<ffi::Buffer<ffi::S32>>()       \
+      .Arg<ffi::Buffer<ffi::S32>>()       \
+      .Arg<ffi::Buffer<ffi::S32>>()       \
+      .Ret<ffi::Buffer<ffi::F32>>()       \
+      .Ret<ffi::Buffer<ffi::F32>>()       \
+      .Ret<ffi::Buffer<ffi::F32>>()
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferPagedContextF32, PagedContext<float>, JAXINFER_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferPagedContextBF16, PagedContext<uint16_t>, JAXINFER_BINDING);

@@ -1,0 +1,103 @@
+"""The native CPU paged-attention kernel (jaxinfer.native) against JAX's own ragged paged attention
+reference, on hostile caches (NaN wherever a stray read could land); its edge cases; how the engine
+picks it and what happens when it cannot be built."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ref_ragged_paged_attention
+
+from jaxinfer import native
+from jaxinfer.engine import engine as engine_mod
+from jaxinfer.engine import xla_attention
+from jaxinfer.engine.requests import RequestError
+from jaxinfer.engine.xla_attention import xla_ragged_paged_attention
+from tests.test_ragged_paged_attention import TOL, make_case
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable_reason()}")
+
+CASES = [
+    # id, q_lens, kv_lens, Hq, Hk, D, page, dtype
+    ("decode", [1] * 6, [17, 1, 40, 33, 16, 64], 4, 4, 128, 16, jnp.float32),
+    ("decode-gqa3", [1] * 5, [70, 3, 32, 31, 45], 9, 3, 64, 16, jnp.float32),
+    ("decode-bf16", [1] * 5, [70, 3, 32, 31, 45], 8, 2, 64, 32, jnp.bfloat16),
+    ("prefill-cached-prefix", [24, 13], [40, 13], 8, 1, 64, 16, jnp.float32),
+    ("prefill-bf16", [20, 70], [52, 90], 4, 4, 128, 32, jnp.bfloat16),
+    ("mixed", [1, 11, 1, 6, 1, 0], [30, 11, 65, 20, 2, 0], 8, 2, 128, 16, jnp.float32),
+    ("long-context", [1, 1, 30], [300, 129, 330], 8, 2, 64, 16, jnp.float32),
+]
+
+
+@pytest.mark.parametrize("use_native", [True, False], ids=["native", "xla"])
+@pytest.mark.parametrize("single_pass_tokens", [0, 1024], ids=["two-part", "single-pass"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_paged_paths_match_jax_reference(case, single_pass_tokens, use_native, monkeypatch):
+    """Two-part steps use the kernel for the cached prefix only; single-pass steps for everything.
+    The XLA path (use_native False) on the same hostile caches: padding rows must not leak NaN."""
+    monkeypatch.setattr(xla_attention, "SINGLE_PASS_TOKENS", single_pass_tokens)
+    _, q_lens, kv_lens, hq, hk, d, page, dtype = case
+    args, n = make_case(len(q_lens), q_lens, kv_lens, Hq=hq, Hk=hk, D=d, page_size=page, dtype=dtype)
+    fn = jax.jit(xla_ragged_paged_attention, static_argnames=("sm_scale", "native"))
+    ours = np.asarray(fn(*args, sm_scale=0.125, native=use_native), np.float32)
+    ref = np.asarray(ref_ragged_paged_attention(*args, sm_scale=0.125), np.float32)
+    assert np.isfinite(ours[:n]).all()
+    np.testing.assert_allclose(ours[:n], ref[:n], atol=TOL[dtype], rtol=0)
+    assert (ours[n:] == 0).all()  # padding rows
+
+
+def test_kernel_state_rows_and_clamping():
+    """The raw kernel: (m, l, acc) per row; no visible key gives (-inf, 0, 0); page ids, sequence ids
+    and limits out of range are clamped instead of reading outside the cache."""
+    rng = np.random.default_rng(0)
+    pages, page, hk, g, d = 4, 8, 2, 3, 16
+    kv = jnp.asarray(rng.standard_normal((pages, page, 2 * hk, d)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((3, hk, g, d)), jnp.float32)
+    table = jnp.array([[2, 0], [10**6, -5]], jnp.int32)
+    seq = jnp.array([0, 0, 7], jnp.int32)
+    limit = jnp.array([0, 11, 10**6], jnp.int32)
+    m, l, acc = jax.jit(native.paged_context)(q, kv, table, seq, limit)
+    assert np.isneginf(np.asarray(m[0])).all() and (np.asarray(l[0]) == 0).all() and (np.asarray(acc[0]) == 0).all()
+    # row 1: positions 0..10 of sequence 0 = page 2 (8 keys) then page 0 (3 keys), against numpy
+    keys = np.concatenate([np.asarray(kv[2]), np.asarray(kv[0, :3])])  # [11, 2Hk, D]
+    for h in range(hk):
+        s = np.einsum("gd,kd->gk", np.asarray(q[1, h]), keys[:, 2 * h])
+        mx = s.max(-1)
+        p = np.exp(s - mx[:, None])
+        np.testing.assert_allclose(np.asarray(m[1, h]), mx, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(l[1, h]), p.sum(-1), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(acc[1, h]), p @ keys[:, 2 * h + 1], rtol=1e-5, atol=1e-5)
+    assert np.isfinite(np.asarray(acc[2])).all()  # seq 7 -> 1, limit -> 16, page ids -> 3 and 0
+
+
+def test_auto_picks_native_on_cpu_only():
+    assert engine_mod.resolve_attention("auto", "cpu") == "native"
+    assert engine_mod.resolve_attention("auto", "tpu") == "kernel"
+    assert engine_mod.resolve_attention("auto", "gpu") == "reference"
+    with pytest.raises(RequestError, match="--attention native: runs only on CPU; this mesh is on gpu"):
+        engine_mod.resolve_attention("native", "gpu")
+
+
+def test_unavailable_falls_back_or_refuses(monkeypatch, caplog):
+    monkeypatch.setattr(native, "unavailable_reason", lambda: "no C++ compiler: 'g++' is not on PATH (set CXX)")
+    monkeypatch.setattr(native, "available", lambda: False)
+    assert engine_mod.resolve_attention("auto", "cpu") == "reference"
+    assert "native CPU kernel is unavailable: no C++ compiler" in caplog.text
+    with pytest.raises(RequestError, match="--attention native: unavailable on this host: no C\\+\\+ compiler"):
+        engine_mod.resolve_attention("native", "cpu")
+
+
+@pytest.mark.parametrize("cxx,expected", [("no-such-compiler-xyz", "no C++ compiler: 'no-such-compiler-xyz' is not on PATH"),
+                                          ("false", "false failed (exit 1) building paged_context.cc")])
+def test_build_failure_is_one_clear_line(tmp_path, cxx, expected):
+    """A fresh process with a broken compiler: available() is False with the reason; nothing raises."""
+    env = dict(os.environ, CXX=cxx, JAXINFER_CACHE_DIR=str(tmp_path))
+    code = "from jaxinfer import native; print(native.available()); print(native.unavailable_reason())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
+    available, reason = out.stdout.strip().splitlines()[-2:]
+    assert available == "False" and reason.startswith(expected), reason
