@@ -68,3 +68,13 @@ def _median_seconds(fn, arg, repeats: int) -> float:
         fn(arg).block_until_ready()
         times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+def write_report(result, path: str | None):
+    """The benchmark scripts' last step: `result` as indented JSON to `path` (when given); returns it."""
+    if path:
+        import json
+
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+    return result

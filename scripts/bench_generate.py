@@ -9,7 +9,6 @@ decode step / step time / peak bandwidth) where the device's bandwidth is known.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ def main() -> None:
     from jaxinfer.checkpoint.load import load_model
     from jaxinfer.engine.engine import Engine, EngineConfig
     from jaxinfer.engine.requests import Request, SamplingParams
-    from jaxinfer.perf import peak_bandwidth
+    from jaxinfer.perf import peak_bandwidth, write_report
     from jaxinfer.sharding import per_device_bytes
     from jaxinfer.sharding import make_mesh
 
@@ -72,9 +71,7 @@ def main() -> None:
               flush=True)
     info = dict(device=jax.devices()[0].device_kind, mesh=args.mesh, model=model.config.name, dtype=args.dtype,
                 jax=jax.__version__, results=rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(info, f, indent=2)
+    write_report(info, args.json)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ weights; `--layers` shortens it to fit a device.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -99,10 +98,7 @@ def main(argv=None) -> dict:
                   dtype=args.dtype, params=n_params, jax=jax.__version__, measured_bandwidth=measured_bw,
                   peak_bandwidth=peak_bw, bandwidth_basis="peak" if peak_bw else "measured",
                   measured_matmul_flops=flops, results=rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return perf.write_report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ noisy machine moves both) with their median, and whether every generated token m
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -43,6 +42,7 @@ def main(argv=None) -> dict:
     from jaxinfer.checkpoint.load import load_model
     from jaxinfer.engine.engine import Engine, EngineConfig
     from jaxinfer.engine.requests import Request, SamplingParams
+    from jaxinfer.perf import write_report
     from jaxinfer.sharding import make_mesh
     from jaxinfer.tokenizer import load_tokenizer
 
@@ -96,10 +96,7 @@ def main(argv=None) -> dict:
               f"identical {matched}/{batch}", flush=True)
     result = dict(device=jax.devices()[0].device_kind, torch=torch.__version__, transformers=transformers.__version__,
                   jax=jax.__version__, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, results=rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return write_report(result, args.json)
 
 
 if __name__ == "__main__":

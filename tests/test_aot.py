@@ -35,7 +35,7 @@ def test_tiny_compiles_for_v5e_2x4_and_manifest_records_it(tmp_path, tpu_availab
                           "--max-context", "128", "--prefill-chunk", "16", "--out", str(tmp_path)])
     assert code == 0, err[-3000:]
     m = json.loads((tmp_path / "manifest.json").read_text())
-    buckets = token_buckets(EngineConfig(max_slots=8, max_context=128, prefill_chunk=16), data_shards=2)
+    buckets = token_buckets(EngineConfig(max_slots=8, max_context=128, prefill_chunk=16), data_shards=2, platform="tpu")
     assert m["buckets"] == list(buckets) == [8, 16]
     assert m["target"] == {"name": "v5e:2x4", "platform": "tpu", "device_kind": "TPU v5 lite", "num_devices": 8,
                            "device_ids": list(range(8)), "memory_bytes": 16 * 2**30}

@@ -42,3 +42,22 @@ def test_compare_hf_tiny(tmp_path):
     for key in ("jaxinfer_tokens_per_s", "transformers_tokens_per_s", "ratio", "median_paired_ratio"):
         assert math.isfinite(row[key]) and row[key] > 0
     assert len(row["paired_ratios"]) == 1 and row["paired_ratios"][0] == row["median_paired_ratio"]
+
+
+def test_benchmark_attention_tiny(tmp_path):
+    import pytest
+
+    from jaxinfer import native
+
+    if not native.available():
+        pytest.skip(native.unavailable_reason())
+    out = tmp_path / "attention.json"
+    load_script("benchmark_attention").main(["--batch", "3", "--context", "5", "40", "--q-len", "2", "--layers", "2",
+                                             "--repeats", "2", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert [(r["batch"], r["context"]) for r in result["results"]] == [(3, 5), (3, 40)]
+    for r in result["results"]:
+        for key in ("native_ms", "xla_ms", "speedup"):
+            assert math.isfinite(r[key]) and r[key] > 0, key
+        assert r["max_abs_difference"] < 1e-4  # the two paths compute the same attention
+    assert result["results"][1]["kv_bytes_per_layer"] == 8 * result["results"][0]["kv_bytes_per_layer"]

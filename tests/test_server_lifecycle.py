@@ -57,7 +57,7 @@ def test_health_turns_serving_after_warm_up_and_start_up_is_logged(server):
     assert server.early_errors[0][0] == grpc.StatusCode.UNAVAILABLE and "warming up" in server.early_errors[0][1]
     log = server.log()
     for pattern in ("mesh {'data': 1, 'sequence': 1, 'tensor': 1}", "model stories260K", "KV cache: 128 pages/shard",
-                    "buckets (8, 16, 32)", "warm-up compiled 3 buckets in"):
+                    "buckets (1, 2, 4, 8, 16, 32)", "warm-up compiled 6 buckets in"):
         assert pattern in log
     assert log.index("warm-up compiled") < log.index("SERVING stories260K")
 

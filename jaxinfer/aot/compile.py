@@ -57,7 +57,7 @@ def step_specs(config, layout, mesh, dtype, engine: EngineConfig, pages_per_shar
     row = logical_sharding(mesh, ("batch", None))
     prev = jax.ShapeDtypeStruct((data, engine.max_slots // data), np.int32, sharding=row)
     attention = resolve_attention(engine.attention, platform)  # what the engine will run there
-    return StepSpecs(model, cache, cache_shape, prev, token_buckets(engine, data), attention, row)
+    return StepSpecs(model, cache, cache_shape, prev, token_buckets(engine, data, platform), attention, row)
 
 
 def step_inputs(specs: StepSpecs, engine: EngineConfig, bucket: int) -> StepInputs:

@@ -100,6 +100,12 @@ def load_executables(root: str | pathlib.Path, system: dict | None = None) -> di
     root = pathlib.Path(root)
     manifest = read(root)
     check_manifest(manifest, system, where=str(root))
+    if manifest.get("engine", {}).get("attention") == "native":  # its steps call the native CPU kernel by name
+        from jaxinfer import native
+
+        if not native.available():
+            raise ManifestMismatch(f"{root}: built with --attention native, which is unavailable here: "
+                                   f"{native.unavailable_reason()}")
     by_id = {d.id: d for d in jax.devices()}
     devices = [by_id[i] for i in manifest["target"]["device_ids"]]  # the mesh's devices, in mesh order
     return {int(b): serialize_executable.deserialize_and_load(*pickle.loads((root / f).read_bytes()),

@@ -45,7 +45,7 @@ class EngineConfig:
     attention: str = "auto"       # auto | kernel | native | reference; see resolve_attention
     layer_loop: str = "auto"      # auto (unrolled on CPU, else scan) | scan | unrolled; see jaxinfer.model.llama
     strict_no_recompile: bool = False
-    min_bucket: int = 8
+    min_bucket: int | None = None  # smallest token bucket; None: see resolve_min_bucket
 
     def validate(self, data_shards: int, model_limit: int) -> None:
         def bad(field, limit):
@@ -66,6 +66,8 @@ class EngineConfig:
             raise bad("kv_memory_fraction", "must be in (0, 1)")
         if self.attention not in ATTENTION_KINDS:
             raise bad("attention", "must be " + ", ".join(ATTENTION_KINDS[:-1]) + " or " + ATTENTION_KINDS[-1])
+        if self.min_bucket is not None and self.min_bucket < 1:
+            raise bad("min_bucket", "must be >= 1")
         if self.layer_loop not in ("auto", "scan", "unrolled"):
             raise bad("layer_loop", "must be auto, scan or unrolled")
 
@@ -96,13 +98,22 @@ def resolve_attention(kind: str, platform: str) -> str:
     return kind
 
 
-def token_buckets(config: EngineConfig, data_shards: int) -> tuple[int, ...]:
+def resolve_min_bucket(config: EngineConfig, platform: str) -> int:
+    """None -> 8 on TPU and GPU (a TPU sublane tile; a step of few tokens is bound by reading the
+    weights there, so padding is nearly free), 1 on CPU, where a step's matmuls cost in proportion
+    to its tokens (batch-1 decode padded to 8 tokens took 1.45x as long)."""
+    if config.min_bucket is not None:
+        return config.min_bucket
+    return 1 if platform == "cpu" else 8
+
+
+def token_buckets(config: EngineConfig, data_shards: int, platform: str) -> tuple[int, ...]:
     """Token counts per data shard that steps are padded to (one compiled step each): powers of two
-    from `min_bucket` up to the step's token budget (`max_step_tokens`, by default
-    max(prefill_chunk, slots per shard))."""
+    from the smallest bucket (`resolve_min_bucket`) up to the step's token budget (`max_step_tokens`,
+    by default max(prefill_chunk, slots per shard))."""
     budget = config.max_step_tokens or max(config.prefill_chunk, config.max_slots // data_shards)
-    return tuple(sorted({min(max(config.min_bucket, 2 ** i), budget)
-                         for i in range(budget.bit_length() + 1)} | {budget}))
+    smallest = resolve_min_bucket(config, platform)
+    return tuple(sorted({min(max(smallest, 2 ** i), budget) for i in range(budget.bit_length() + 1)} | {budget}))
 
 
 def resolve_layer_loop(config: EngineConfig, platform: str) -> str:
@@ -163,7 +174,7 @@ class Engine:
         self.cache_shape = dataclasses.replace(one_page, pages_per_shard=self._resolve_pages(one_page))
         self.allocators = [PageAllocator(self.cache_shape.pages_per_shard) for _ in range(self.data)]
         self.slots: list[list[_Seq | None]] = [[None] * self.slots_per_shard for _ in range(self.data)]
-        self.buckets = token_buckets(config, self.data)
+        self.buckets = token_buckets(config, self.data, mesh.devices.flat[0].platform)
         self.cache = allocate_cache(mesh, self.cache_shape, per_layer=model.layer_loop == "unrolled")
         # step inputs are split over data shards on their leading axis; built once, used every step
         self._by_ndim = {n: logical_sharding(mesh, ("batch",) + (None,) * (n - 1)) for n in (1, 2, 3)}
