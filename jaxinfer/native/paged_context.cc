@@ -7,8 +7,9 @@
 // (-inf, 0, 0).
 //
 // Why native: XLA:CPU has to gather each token's pages into a fresh buffer and transpose K/V for
-// its batched dots, which on a 2-core host costs several times the arithmetic. Here every K/V row
-// is read once per (token, KV head), straight from the cache.
+// its batched dots, which on a 2-core host costs several times the arithmetic. Here each page is
+// read straight from the cache, once per run of up to 8 consecutive query tokens of its sequence.
+// Runs are spread over XLA's intra-op thread pool.
 //
 // Layouts (row-major):
 //   q           f32 [T, Hk, G, D]   (scaled by the softmax scale already)
@@ -36,6 +37,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int kMaxGroup = 16;  // query heads per KV head handled in one pass
+constexpr int64_t kRunTokens = 8;  // query tokens of one sequence sharing each page read
 
 inline float Load(const float* p, int64_t i) { return p[i]; }
 inline float Load(const uint16_t* p, int64_t i) {
@@ -49,55 +51,66 @@ struct Shape {
   int64_t tokens, kv_heads, group, dim, pages, page, slots, width;
 };
 
-// One query token, all its KV heads: online softmax over the visible keys, one page per block (a
-// page holds every head's K and V of `page` positions contiguously, so it is read once per token).
+// One query token, all its heads, against keys [0, n) of one page at `base` (a page holds every
+// head's K and V of `page` positions contiguously): updates the token's online-softmax state.
 template <typename KV>
-void AttendToken(const Shape& s, const float* q, const KV* kv, const int32_t* table, int32_t seq,
-                 int32_t limit, float* m, float* l, float* acc, float* scores) {
-  const int64_t rows = s.kv_heads * s.group, d_n = s.dim, page = s.page;
-  for (int64_t r = 0; r < rows; ++r) {
-    m[r] = -std::numeric_limits<float>::infinity();
-    l[r] = 0.f;
-  }
-  std::fill(acc, acc + rows * d_n, 0.f);
+void AttendPage(const Shape& s, const float* q, const KV* base, int64_t n, float* m, float* l, float* acc,
+                float* scores) {
+  const int64_t rows = s.kv_heads * s.group, d_n = s.dim;
   const int64_t row_stride = 2 * s.kv_heads * d_n;  // one position of a page
-  const int32_t* pages = table + static_cast<int64_t>(seq) * s.width;
-  for (int64_t start = 0; start < limit; start += page) {
-    const int64_t n = std::min<int64_t>(page, limit - start);
-    const int64_t pid = std::clamp<int64_t>(pages[start / page], 0, s.pages - 1);
-    const KV* base = kv + pid * page * row_stride;
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t h = r / s.group;
-      const float* qr = q + r * d_n;
-      float* sc = scores + r * page;
-      float block_max = -std::numeric_limits<float>::infinity();
-      for (int64_t k = 0; k < n; ++k) {
-        const KV* key = base + k * row_stride + 2 * h * d_n;
-        float dot = 0.f;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t h = r / s.group;
+    const float* qr = q + r * d_n;
+    float* sc = scores + r * s.page;
+    float block_max = -std::numeric_limits<float>::infinity();
+    for (int64_t k = 0; k < n; ++k) {
+      const KV* key = base + k * row_stride + 2 * h * d_n;
+      float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < d_n; ++d) dot += qr[d] * Load(key, d);
-        sc[k] = dot;
-        block_max = std::max(block_max, dot);
-      }
-      const float m_new = std::max(m[r], block_max);
-      const float scale = std::isinf(m[r]) ? 0.f : std::exp(m[r] - m_new);
-      float sum = 0.f;
+      for (int64_t d = 0; d < d_n; ++d) dot += qr[d] * Load(key, d);
+      sc[k] = dot;
+      block_max = std::max(block_max, dot);
+    }
+    const float m_new = std::max(m[r], block_max);
+    const float scale = std::isinf(m[r]) ? 0.f : std::exp(m[r] - m_new);
+    float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t k = 0; k < n; ++k) {
-        sc[k] = std::exp(sc[k] - m_new);
-        sum += sc[k];
-      }
-      l[r] = l[r] * scale + sum;
-      m[r] = m_new;
-      float* ar = acc + r * d_n;
+    for (int64_t k = 0; k < n; ++k) {
+      sc[k] = std::exp(sc[k] - m_new);
+      sum += sc[k];
+    }
+    l[r] = l[r] * scale + sum;
+    m[r] = m_new;
+    float* ar = acc + r * d_n;
 #pragma omp simd
-      for (int64_t d = 0; d < d_n; ++d) ar[d] *= scale;
-      for (int64_t k = 0; k < n; ++k) {
-        const KV* value = base + k * row_stride + (2 * h + 1) * d_n;
-        const float p = sc[k];
+    for (int64_t d = 0; d < d_n; ++d) ar[d] *= scale;
+    for (int64_t k = 0; k < n; ++k) {
+      const KV* value = base + k * row_stride + (2 * h + 1) * d_n;
+      const float p = sc[k];
 #pragma omp simd
-        for (int64_t d = 0; d < d_n; ++d) ar[d] += p * Load(value, d);
-      }
+      for (int64_t d = 0; d < d_n; ++d) ar[d] += p * Load(value, d);
+    }
+  }
+}
+
+// A run of consecutive query tokens of one sequence (a prefill chunk, or one decode token): each
+// page is read from memory once for the whole run and used by every token that sees it.
+template <typename KV>
+void AttendRun(const Shape& s, const float* q, const KV* kv, const int32_t* pages, const int32_t* limits,
+               int64_t count, float* m, float* l, float* acc, float* scores) {
+  const int64_t per_token = s.kv_heads * s.group;
+  std::fill(m, m + count * per_token, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + count * per_token, 0.f);
+  std::fill(acc, acc + count * per_token * s.dim, 0.f);
+  const int32_t longest = *std::max_element(limits, limits + count);
+  for (int64_t start = 0; start < longest; start += s.page) {
+    const int64_t pid = std::clamp<int64_t>(pages[start / s.page], 0, s.pages - 1);
+    const KV* base = kv + pid * s.page * 2 * s.kv_heads * s.dim;
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t n = std::min<int64_t>(s.page, limits[i] - start);
+      if (n <= 0) continue;
+      const int64_t o = i * per_token;
+      AttendPage<KV>(s, q + o * s.dim, base, n, m + o, l + o, acc + o * s.dim, scores);
     }
   }
 }
@@ -136,18 +149,26 @@ ffi::Error PagedContext(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyB
   const int32_t* sp = seq.typed_data();
   const int32_t* lp = limit.typed_data();
   float *mp = m->typed_data(), *lp_out = l->typed_data(), *ap = acc->typed_data();
-  const int64_t rows = s.tokens;  // work items: one query token (all heads) each
   const int64_t max_keys = s.width * s.page;
   const int64_t per_token = s.kv_heads * s.group;
+  // Work items: runs of at most kRunTokens consecutive tokens of one sequence, with clamped ids/limits.
+  std::vector<int32_t> seqs(s.tokens), limits(s.tokens);
+  std::vector<int64_t> runs;  // start token of each run, then s.tokens
+  for (int64_t t = 0; t < s.tokens; ++t) {
+    seqs[t] = std::clamp<int32_t>(sp[t], 0, static_cast<int32_t>(s.slots - 1));
+    limits[t] = static_cast<int32_t>(std::clamp<int64_t>(lp[t], 0, max_keys));
+    if (t == 0 || seqs[t] != seqs[t - 1] || t - runs.back() == kRunTokens) runs.push_back(t);
+  }
+  const int64_t rows = static_cast<int64_t>(runs.size());
+  runs.push_back(s.tokens);
 
-  auto run_rows = [=](Shared* st) {
+  auto run_rows = [=, &runs, &seqs, &limits](Shared* st) {
     std::vector<float> scores(per_token * s.page);
     int64_t finished = 0;
     for (int64_t r; (r = st->next.fetch_add(1)) < rows; ++finished) {
-      const int32_t sq = std::clamp<int32_t>(sp[r], 0, static_cast<int32_t>(s.slots - 1));
-      const int32_t lim = static_cast<int32_t>(std::clamp<int64_t>(lp[r], 0, max_keys));
-      const int64_t o = r * per_token;
-      AttendToken<KV>(s, qp + o * s.dim, kvp, tp, sq, lim, mp + o, lp_out + o, ap + o * s.dim, scores.data());
+      const int64_t t = runs[r], o = t * per_token;
+      AttendRun<KV>(s, qp + o * s.dim, kvp, tp + static_cast<int64_t>(seqs[t]) * s.width, limits.data() + t,
+                    runs[r + 1] - t, mp + o, lp_out + o, ap + o * s.dim, scores.data());
     }
     if (finished && st->done.fetch_add(finished) + finished == rows) {
       std::lock_guard<std::mutex> lock(st->mu);
