@@ -11,6 +11,8 @@ Each token attends to the keys of its own sequence in two parts, merged with one
 Steps of at most SINGLE_PASS_TOKENS tokens (decode, and short mixed steps) skip part 1: part 2 alone
 reads each token's context up to and including itself (the step's K/V are already in the pages),
 which costs less than the tiles' extra ops and merge when there are few tokens.
+With `native=True` (CPU) neither part runs: the native kernel reads every token's context, its own
+tokens included, in one pass straight from the pages.
 """
 from __future__ import annotations
 
@@ -28,8 +30,9 @@ def xla_ragged_paged_attention(queries, kv_pages, kv_lens, page_indices, cu_q_le
     K/V already written); kv_lens [S] (cached tokens per sequence after this step); page_indices [S, W];
     cu_q_lens [S + 1]; num_seqs [1]. Returns [T, Hq, D]; rows past cu_q_lens[num_seqs] are zero.
 
-    native: read the paged context with the native CPU kernel (`jaxinfer.native.paged_context`)
-    instead of XLA's gather loop (part 2 and single-pass steps; CPU only)."""
+    native: every step is one pass of the native CPU kernel (`jaxinfer.native.paged_context`) over
+    each token's pages, its own tokens included: on CPU it beats both XLA parts at every step shape
+    measured (32 prompts x 32 tokens 2.9x, one 1024-token prompt 1.9x, decode 1.9-2.9x)."""
     t, hq, dh = queries.shape
     s, width = page_indices.shape
     page = kv_pages.shape[1]
@@ -41,15 +44,18 @@ def xla_ragged_paged_attention(queries, kv_pages, kv_lens, page_indices, cu_q_le
     pos = jnp.where(live, start + tok - cu_q_lens[seq], -1)  # absolute position; -1 = padding
     q = queries.reshape(t, hk, hq // hk, dh).astype(jnp.float32) * sm_scale
 
-    context = _native_context if native else _cached_context
-    if t <= SINGLE_PASS_TOKENS:  # decode-sized step: this step's K/V are in the cache, read them with the rest
-        carry = context(q, kv_pages, page_indices, seq, jnp.where(live, pos + 1, 0), None)
+    if native:
+        from jaxinfer import native as native_kernels
+
+        carry = native_kernels.paged_context(q, kv_pages, page_indices, seq, jnp.where(live, pos + 1, 0))
+    elif t <= SINGLE_PASS_TOKENS:  # decode-sized step: this step's K/V are in the cache, read them with the rest
+        carry = _cached_context(q, kv_pages, page_indices, seq, jnp.where(live, pos + 1, 0), None)
     else:
         safe = jnp.maximum(pos, 0)
         own = kv_pages[page_indices[seq, safe // page], safe % page].astype(jnp.float32)  # [T, 2Hk, D]
         own = jnp.where(live[:, None, None], own, 0.0)  # padding rows read whatever a page held: keep it out of p @ v
         carry = _this_step(q, own[:, 0::2], own[:, 1::2], seq, pos, cu_q_lens[seq])
-        carry = context(q, kv_pages, page_indices, seq, jnp.where(live, start, 0), carry)
+        carry = _cached_context(q, kv_pages, page_indices, seq, jnp.where(live, start, 0), carry)
     _, l, acc = carry
     out = jnp.where(live[:, None, None, None], acc / jnp.maximum(l, 1e-30)[..., None], 0.0)
     return out.reshape(t, hq, dh).astype(queries.dtype)
@@ -110,14 +116,6 @@ def _this_step(q, k, v, seq, pos, first):
     carry = trip(0, _empty(qb.shape))
     carry = jax.lax.fori_loop(1, jnp.max(reach) + 1, trip, carry)
     return jax.tree.map(lambda a: a.reshape((n * b,) + a.shape[2:])[:t], carry)
-
-
-def _native_context(q, kv_pages, page_indices, seq, start, carry):
-    """Part 2 with the native CPU kernel: reads each token's pages in place (no gather, no transposes)."""
-    from jaxinfer import native
-
-    part = native.paged_context(q, kv_pages, page_indices, seq, start)
-    return part if carry is None else _merge(carry, part)
 
 
 def _cached_context(q, kv_pages, page_indices, seq, start, carry):
