@@ -16,10 +16,6 @@ import pathlib  # noqa: E402
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax-compile-cache"))
 
-# The native CPU kernels (jaxinfer.native) are built once per session into the same throwaway cache.
-os.environ.setdefault("JAXINFER_CACHE_DIR",
-                      str(pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jaxinfer-native"))
-
 import pytest  # noqa: E402
 
 DATA = pathlib.Path(__file__).parent / "data"

@@ -94,7 +94,7 @@ def test_unavailable_falls_back_or_refuses(monkeypatch, caplog):
                                           ("false", "false failed (exit 1) building paged_context.cc")])
 def test_build_failure_is_one_clear_line(tmp_path, cxx, expected):
     """A fresh process with a broken compiler: available() is False with the reason; nothing raises."""
-    env = dict(os.environ, CXX=cxx, JAXINFER_CACHE_DIR=str(tmp_path))
+    env = dict(os.environ, CXX=cxx, JAXINFER_CACHE=str(tmp_path))
     code = "from jaxinfer import native; print(native.available()); print(native.unavailable_reason())"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -23,15 +23,11 @@ from jaxinfer.config import PRESETS, get_preset
 from jaxinfer.model import params as P
 from jaxinfer.model.forward import ShardedModel
 from jaxinfer.model.layout import plan_layout
+from jaxinfer.paths import default_cache_dir
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-
-
-def default_cache_dir() -> pathlib.Path:
-    root = os.environ.get("JAXINFER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "jaxinfer")
-    return pathlib.Path(root)
 
 
 def parse_dtype(name) -> jnp.dtype:

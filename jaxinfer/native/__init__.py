@@ -7,7 +7,7 @@ the XLA path.
 
 The shared library is built with the host's C++ compiler (`$CXX`, else `g++`) against the FFI
 headers jaxlib ships (`jax.ffi.include_dir()`), tuned for this CPU (`-march=native`), and cached in
-`$JAXINFER_CACHE_DIR` (default `~/.cache/jaxinfer`) under a name hashed from the source, the
+`native/` of jaxinfer's cache directory (`$JAXINFER_CACHE`, default `~/.cache/jaxinfer`) under a name hashed from the source, the
 jaxlib version, the flags and this CPU, so a change to any of them rebuilds and concurrent
 processes never see a half-written file. `available()` says whether it could be built; the engine's
 `--attention auto` falls back to the XLA path (with one log line saying why) when it cannot.
@@ -28,6 +28,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
+from jaxinfer.paths import default_cache_dir
+
 log = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name("paged_context.cc")
@@ -42,7 +44,7 @@ class NativeUnavailable(RuntimeError):
 
 
 def cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("JAXINFER_CACHE_DIR") or pathlib.Path.home() / ".cache" / "jaxinfer")
+    return default_cache_dir() / "native"
 
 
 def _cpu_signature() -> str:
@@ -68,7 +70,7 @@ def _build(compiler: str) -> pathlib.Path:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
     except OSError as e:
-        raise NativeUnavailable(f"cannot write the kernel cache {out.parent} ({e.strerror}); set JAXINFER_CACHE_DIR") from None
+        raise NativeUnavailable(f"cannot write the kernel cache {out.parent} ({e.strerror}); set JAXINFER_CACHE") from None
     cmd = [compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -91,7 +93,11 @@ def load() -> None:
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
         raise NativeUnavailable(f"no C++ compiler: {compiler!r} is not on PATH (set CXX)")
-    lib = ctypes.cdll.LoadLibrary(str(_build(compiler)))
+    path = _build(compiler)
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(path))
+    except OSError as e:
+        raise NativeUnavailable(f"cannot load {path}: {e} (delete it to rebuild)") from None
     for target, symbol in SYMBOLS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
 
