@@ -47,6 +47,27 @@ inline float Load(const uint16_t* p, int64_t i) {
   return f;
 }
 
+// exp(x) for finite x <= 0 (a score minus the running max), in plain arithmetic the compiler can
+// vectorise (glibc's vector expf needs -ffast-math, which would also assume away the -inf the online
+// softmax starts from): x = n ln2 + r with |r| <= ln2/2, exp(r) by its degree-6 Taylor polynomial
+// (relative error below 2e-7 there), 2^n through the exponent bits. Below -87 it returns about 1e-38
+// instead of a denormal or 0: next to the row's largest term, exp(0) = 1, that is nothing.
+inline float ExpNonPositive(float x) {
+  constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer held in the low bits
+  x = std::max(x, -87.0f);
+  const float shifted = x * kLog2e + kRound;
+  const float n = shifted - kRound;
+  const float r = (x - n * kLn2Hi) - n * kLn2Lo;
+  const float p = 1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720))))));
+  int32_t shifted_bits, scale_bits;
+  std::memcpy(&shifted_bits, &shifted, sizeof shifted_bits);
+  scale_bits = (shifted_bits - 0x4B400000 + 127) << 23;  // 0x4B400000: the bits of kRound
+  float scale;
+  std::memcpy(&scale, &scale_bits, sizeof scale);
+  return p * scale;
+}
+
 struct Shape {
   int64_t tokens, kv_heads, group, dim, pages, page, slots, width;
 };
@@ -76,7 +97,7 @@ void AttendPage(const Shape& s, const float* q, const KV* base, int64_t n, float
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t k = 0; k < n; ++k) {
-      sc[k] = std::exp(sc[k] - m_new);
+      sc[k] = ExpNonPositive(sc[k] - m_new);
       sum += sc[k];
     }
     l[r] = l[r] * scale + sum;
