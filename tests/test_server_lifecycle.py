@@ -17,7 +17,7 @@ from jaxinfer.proto import jaxinfer_pb2_grpc
 from test_server import SP, ServerProcess, wait_until
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-LONG = pb.GenerateRequest(text="Hi", params=SP(max_tokens=500, ignore_eos=True))  # ~5 s on CPU
+LONG = pb.GenerateRequest(text="Hi", params=SP(max_tokens=500, ignore_eos=True))  # 500 engine steps
 
 
 def health_status(health) -> int:

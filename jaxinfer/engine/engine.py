@@ -162,9 +162,10 @@ class Engine:
         config.validate(self.data, model.config.max_position_embeddings)
         self.slots_per_shard = config.max_slots // self.data
         self.pages_per_slot = pages_needed(config.max_context, config.page_size)
-        kind = self.attention = resolve_attention(config.attention, mesh.devices.flat[0].platform)
+        platform = mesh.devices.flat[0].platform
+        kind = self.attention = resolve_attention(config.attention, platform)
         try:  # in place: the model's params take the layout this platform's step runs fastest with
-            model.use_layer_loop(resolve_layer_loop(config, mesh.devices.flat[0].platform))
+            model.use_layer_loop(resolve_layer_loop(config, platform))
         except ValueError as e:
             raise RequestError(f"--layer-loop {config.layer_loop}: {e}") from None
         one_page = CacheShape(
@@ -174,7 +175,7 @@ class Engine:
         self.cache_shape = dataclasses.replace(one_page, pages_per_shard=self._resolve_pages(one_page))
         self.allocators = [PageAllocator(self.cache_shape.pages_per_shard) for _ in range(self.data)]
         self.slots: list[list[_Seq | None]] = [[None] * self.slots_per_shard for _ in range(self.data)]
-        self.buckets = token_buckets(config, self.data, mesh.devices.flat[0].platform)
+        self.buckets = token_buckets(config, self.data, platform)
         self.cache = allocate_cache(mesh, self.cache_shape, per_layer=model.layer_loop == "unrolled")
         # step inputs are split over data shards on their leading axis; built once, used every step
         self._by_ndim = {n: logical_sharding(mesh, ("batch",) + (None,) * (n - 1)) for n in (1, 2, 3)}

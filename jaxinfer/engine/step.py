@@ -112,8 +112,8 @@ def build_step_fn(model: ShardedModel, cache_shape: CacheShape, impl: AttentionI
 
 @functools.lru_cache(maxsize=None)
 def attention_impl(kind: str) -> AttentionImpl:
-    """'reference' -> XLA path; 'native' -> XLA path reading the paged context with the native CPU
-    kernel; 'kernel' -> Pallas TPU kernel (interpret mode off TPU)."""
+    """'reference' -> XLA path; 'native' -> one pass of the native CPU kernel (through the XLA path's
+    entry point); 'kernel' -> Pallas TPU kernel (interpret mode off TPU)."""
     if kind == "reference":
         return xla_ragged_paged_attention
     if kind == "native":

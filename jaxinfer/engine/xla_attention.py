@@ -49,7 +49,7 @@ def xla_ragged_paged_attention(queries, kv_pages, kv_lens, page_indices, cu_q_le
 
         carry = native_kernels.paged_context(q, kv_pages, page_indices, seq, jnp.where(live, pos + 1, 0))
     elif t <= SINGLE_PASS_TOKENS:  # decode-sized step: this step's K/V are in the cache, read them with the rest
-        carry = _cached_context(q, kv_pages, page_indices, seq, jnp.where(live, pos + 1, 0), None)
+        carry = _cached_context(q, kv_pages, page_indices, seq, jnp.where(live, pos + 1, 0), _empty(q.shape))
     else:
         safe = jnp.maximum(pos, 0)
         own = kv_pages[page_indices[seq, safe // page], safe % page].astype(jnp.float32)  # [T, 2Hk, D]
@@ -119,10 +119,8 @@ def _this_step(q, k, v, seq, pos, first):
 
 
 def _cached_context(q, kv_pages, page_indices, seq, start, carry):
-    """Part 2: token i sees positions [0, start[i]) of its sequence, gathered block by block.
-    carry: the online-softmax state to continue, or None for none yet."""
+    """Part 2: token i sees positions [0, start[i]) of its sequence, gathered block by block."""
     t = q.shape[0]
-    carry = _empty(q.shape) if carry is None else carry
     width = page_indices.shape[1]
     page = kv_pages.shape[1]
     per_block = max(1, min(width, KEYS_PER_ITERATION // page))  # pages per iteration
