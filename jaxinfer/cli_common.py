@@ -29,21 +29,3 @@ def user_errors(prog: str, extra: tuple[type[BaseException], ...] = ()):
     except USER_ERRORS + (TokenizerError, ValueError) + extra as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
-
-
-def use_compile_cache(path: str) -> None:
-    """Sends every compilation from now on through JAX's persistent cache in `path`, all entries kept.
-
-    Also when the process already compiled with another (or no) cache directory: JAX fixes the cache
-    at the first compilation, so it is reset here.
-    """
-    import os
-
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache
-
-    os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    compilation_cache.reset_cache()

@@ -1,9 +1,9 @@
 """Paged KV cache: the device pytree, its sharding, and the host-side page allocator.
 
 Device layout (donated to every step and updated in place), one array for all layers when the
-model's layers are scanned:
+model's layer loop is `scan`:
     pages: [layers, data * pages_per_shard, page_size, 2 * kv_heads, head_dim]
-or, when they are unrolled (CPU), a tuple of `layers` arrays [data * pages_per_shard, page_size, ...].
+or, when it is `unrolled` (CPU), a tuple of `layers` arrays [data * pages_per_shard, page_size, ...].
 K and V are interleaved on the combined head axis (index 2h is K of head h, 2h+1 its V), the
 layout of the ragged paged attention kernel. Pages are split over `data` (each data shard owns
 a contiguous block of pages and the slots that use them) and combined heads over `tensor`.
@@ -17,7 +17,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxinfer.sharding import logical_sharding
 
@@ -51,24 +50,24 @@ class CacheShape:
         return self.bytes_per_page * self.data_shards * self.pages_per_shard
 
 
-def cache_sharding(mesh, shape: CacheShape, per_layer: bool = False):
-    """Sharding of the stacked cache, or (per_layer) a tuple with one sharding per layer's array."""
-    if per_layer:
+def cache_sharding(mesh, shape: CacheShape, layer_loop: str = "scan"):
+    """Sharding of the stacked cache (`scan`), or a tuple with one sharding per layer's array (`unrolled`)."""
+    if layer_loop == "unrolled":
         return (logical_sharding(mesh, CACHE_AXES[1:], shape.shape[1:]),) * shape.layers
     return logical_sharding(mesh, CACHE_AXES, shape.shape)
 
 
-def abstract_cache(mesh, shape: CacheShape, per_layer: bool = False):
+def abstract_cache(mesh, shape: CacheShape, layer_loop: str = "scan"):
     """The cache as sharded `jax.ShapeDtypeStruct`s (one array, or a tuple of per-layer arrays)."""
-    sharding = cache_sharding(mesh, shape, per_layer)
-    if per_layer:
+    sharding = cache_sharding(mesh, shape, layer_loop)
+    if layer_loop == "unrolled":
         return tuple(jax.ShapeDtypeStruct(shape.shape[1:], shape.dtype, sharding=s) for s in sharding)
     return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
 
 
-def allocate_cache(mesh, shape: CacheShape, per_layer: bool = False) -> jax.Array | tuple[jax.Array, ...]:
+def allocate_cache(mesh, shape: CacheShape, layer_loop: str = "scan") -> jax.Array | tuple[jax.Array, ...]:
     """Zeroed cache created directly sharded on the mesh (no host copy); see the module docstring."""
-    spec = abstract_cache(mesh, shape, per_layer)
+    spec = abstract_cache(mesh, shape, layer_loop)
     return jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), spec),
                    out_shardings=jax.tree.map(lambda a: a.sharding, spec))()
 
@@ -104,44 +103,3 @@ def device_memory(device) -> tuple[int, int | None]:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return ram // len(jax.devices("cpu")), None
     raise ValueError(f"{device.platform} device {device.id} reports no memory size")
-
-
-
-class OutOfPages(Exception):
-    """Raised by `PageAllocator.allocate` when the shard has too few free pages."""
-
-
-class PageAllocator:
-    """Free list of one data shard's pages. Page ids are local to the shard (0 .. pages-1)."""
-
-    def __init__(self, num_pages: int):
-        self.num_pages = num_pages
-        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
-
-    @property
-    def free(self) -> int:
-        return len(self._free)
-
-    @property
-    def used(self) -> int:
-        return self.num_pages - len(self._free)
-
-    def allocate(self, count: int) -> list[int]:
-        if count > len(self._free):
-            raise OutOfPages(f"need {count} pages, {len(self._free)} free")
-        return [self._free.pop() for _ in range(count)]
-
-    def release(self, pages: list[int]) -> None:
-        self._free.extend(reversed(pages))
-        if len(self._free) > self.num_pages:
-            raise AssertionError("page released twice")
-
-
-def pages_needed(tokens: int, page_size: int) -> int:
-    return -(-tokens // page_size)
-
-
-def page_table(pages: list[int], width: int, fill: int) -> np.ndarray:
-    row = np.full((width,), fill, np.int32)
-    row[:len(pages)] = pages
-    return row

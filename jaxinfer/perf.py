@@ -23,7 +23,7 @@ def peak_bandwidth(device=None) -> float | None:
 
 def decode_mbu(engine, elapsed: float) -> str:
     """Lower-bound MBU of the run: each step reads every parameter shard once (KV reads not counted)."""
-    steps = engine.stats["steps"]
+    steps = engine.status().steps
     bw = peak_bandwidth(engine.model.mesh.devices.flat[0])
     if not steps or elapsed <= 0:
         return "MBU: n/a (no steps)"

@@ -17,7 +17,7 @@ import sys
 import threading
 
 from jaxinfer.cli_common import setup_logging, user_errors
-from jaxinfer.run import add_model_args, setup_engine
+from jaxinfer.bootstrap import add_model_args, build_engine, check_paths
 
 log = logging.getLogger("jaxinfer.serve")
 
@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     setup_logging(args.verbose)
     with user_errors("jaxinfer.serve", (OSError,)):
         check_server_args(args)
+        check_paths(args)
         from grpc_health.v1 import health_pb2
         from prometheus_client import start_http_server
 
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
         server.start()
         log.info("gRPC listening on %s:%d (health NOT_SERVING until warm-up is done)", args.host, port)
 
-        engine = setup_engine(args)  # logs the mesh, model, KV pages, buckets and warm-up time
+        engine = build_engine(args)  # logs the mesh, model, KV pages, buckets and warm-up time
         orchestrator = Orchestrator(engine, metrics, max_queue=args.max_queue, stream_buffer=args.stream_buffer,
                                     request_timeout=args.request_timeout)
         orchestrator.start()

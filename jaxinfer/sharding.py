@@ -20,7 +20,8 @@ from typing import Sequence
 
 MESH_AXES = ("data", "sequence", "tensor")
 
-# logical axis -> mesh axis (None = replicated). The single source of sharding truth.
+# logical axis -> mesh axis (None = replicated). The single source of sharding truth: parameter
+# shardings, the cache, step inputs and every `shard_map` spec derive from it.
 LOGICAL_RULES: dict[str, str | None] = {
     # parameters
     "layers": None,
@@ -31,20 +32,16 @@ LOGICAL_RULES: dict[str, str | None] = {
     "head_dim": None,
     "mlp": "tensor",
     "norm": None,
-    # activations
+    # activations and step inputs: rows (dense batch rows, or the engine's data shards) and tokens
     "batch": "data",
     "length": "sequence",
-    "act_embed": None,
     "act_heads": "tensor",
-    "act_vocab": "tensor",
     # paged KV cache: each data shard owns its pages; KV heads split like the weights
     "cache_layers": None,
     "cache_pages": "data",
     "cache_page_tokens": None,
     "cache_kv_heads": "tensor",
     "cache_head_dim": None,
-    # engine bookkeeping (slots belong to data shards)
-    "slots": "data",
 }
 
 MESH_CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "mesh_configs"
@@ -198,6 +195,13 @@ def logical_to_mesh_axes(logical: Sequence[str | None]) -> tuple[str | None, ...
             used[axis] = name
         out.append(axis)
     return tuple(out)
+
+
+def logical_spec(logical: Sequence[str | None]):
+    """The PartitionSpec of an array with these logical axes (for `shard_map` in/out specs)."""
+    from jax.sharding import PartitionSpec
+
+    return PartitionSpec(*logical_to_mesh_axes(logical))
 
 
 def logical_sharding(mesh, logical: Sequence[str | None], shape: Sequence[int] | None = None):

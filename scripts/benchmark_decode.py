@@ -47,6 +47,7 @@ def main(argv=None) -> dict:
     from jaxinfer.model.forward import ShardedModel
     from jaxinfer.model.layout import plan_layout
     from jaxinfer.model.params import init_params
+    from jaxinfer.platform import layer_loop_for, mesh_platform
     from jaxinfer.sharding import make_mesh, per_device_bytes
 
     mesh = make_mesh(args.mesh)
@@ -55,6 +56,7 @@ def main(argv=None) -> dict:
         layout = plan_layout(config, mesh.shape["tensor"])
         dtype = parse_dtype(args.dtype)
         model = ShardedModel(config, layout, mesh, init_params(config, layout, mesh, dtype), dtype, f"preset:{args.model}")
+        model = model.with_layer_loop(layer_loop_for(mesh_platform(mesh)))  # the platform's, as load_model does
     else:
         model = load_model(args.model, mesh, args.dtype)
     device = mesh.devices.flat[0]
@@ -73,8 +75,7 @@ def main(argv=None) -> dict:
             for i in range(batch):
                 engine.submit(Request(f"r{i}", [(i * 31 + j) % 1000 + 3 for j in range(context)],
                                       SamplingParams(max_tokens=args.steps + 2, ignore_eos=True)))
-            while any(s is not None and s.num_computed < len(s.req.prompt_ids)
-                      for shard in engine.slots for s in shard) or engine.waiting:
+            while engine.status().prefilling:
                 engine.step()  # prefill
             times = []
             for _ in range(args.steps):

@@ -26,7 +26,7 @@ def main(argv=None) -> dict:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--mesh", default="1x1")
-    p.add_argument("--attention", default="auto", choices=["auto", "native", "reference"],
+    p.add_argument("--attention", default="auto", choices=["auto", "native", "xla"],
                    help="jaxinfer's attention path (auto: the native C++ kernel on CPU where it builds)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -83,7 +83,7 @@ def main(argv=None) -> dict:
                 ours_rates.append(batch * args.new_tokens / ours_time)
                 hf_rates.append(batch * args.new_tokens / hf_time)
         matched = sum(a == b for a, b in zip(ours, theirs))
-        row = dict(batch=batch, attention=engine.attention, jaxinfer_tokens_per_s=statistics.median(ours_rates),
+        row = dict(batch=batch, attention=engine.platform.attention, jaxinfer_tokens_per_s=statistics.median(ours_rates),
                    transformers_tokens_per_s=statistics.median(hf_rates), identical_outputs=matched == batch,
                    identical_requests=matched)
         row["ratio"] = row["jaxinfer_tokens_per_s"] / row["transformers_tokens_per_s"]

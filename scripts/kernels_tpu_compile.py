@@ -118,19 +118,20 @@ def _fmt(r):
 
 def decode_step(topology: str, small: bool) -> dict:
     """Compiles the engine's whole decode step (every layer, cache write, sampling) for `topology` with
-    the Pallas kernel and with the XLA reference attention; returns memory and cost estimates of each.
+    the Pallas kernel and with the XLA attention path; returns memory and cost estimates of each.
 
     Llama-3-8B in bf16 with 64 slots at 2k context (the tiny preset with 8 slots at 128 with `small`),
-    on the topology's preset mesh, compiled through `jaxinfer.aot` exactly as the engine runs it.
+    on the topology's preset mesh, compiled through `jaxinfer.compilation` exactly as the engine runs it.
     """
     import jax
     import numpy as np
 
-    from jaxinfer.aot import compile as aot_compile
-    from jaxinfer.aot import target
+    from jaxinfer import platform as platforms
+    from jaxinfer.compilation import steps as aot_compile
+    from jaxinfer.compilation import target
     from jaxinfer.config import get_preset
-    from jaxinfer.engine.engine import EngineConfig
-    from jaxinfer.kv_cache import pages_needed
+    from jaxinfer.engine.config import EngineConfig
+    from jaxinfer.engine.pages import pages_needed
     from jaxinfer.model.layout import plan_layout
     from jaxinfer.sharding import MESH_AXES
 
@@ -140,12 +141,13 @@ def decode_step(topology: str, small: bool) -> dict:
     slots, context = (8, 128) if small else (64, 2048)
     layout = plan_layout(config, spec.tensor, quiet=True)
     out = {}
-    for kind in ("kernel", "reference"):
+    for kind in ("pallas", "xla"):
         engine = EngineConfig(max_slots=slots, max_context=context, prefill_chunk=slots // spec.data, attention=kind)
         pages = slots // spec.data * pages_needed(context, engine.page_size)
-        specs = aot_compile.step_specs(config, layout, mesh, jax.numpy.bfloat16, engine, pages, "tpu")
+        policy = platforms.resolve("tpu", attention=kind)
+        specs = aot_compile.step_specs(config, layout, mesh, jax.numpy.bfloat16, engine, pages, policy)
         try:
-            (r,) = aot_compile.compile_buckets(specs, engine, "tpu", buckets=[slots // spec.data])
+            (r,) = aot_compile.compile_buckets(specs, buckets=[slots // spec.data])
             out[kind] = {"ok": True, "compile_s": r.seconds, "memory": r.memory, "estimated_seconds": r.estimated_seconds,
                          "mosaic_kernel_in_step": "tpu_custom_call" in r.compiled.as_text()}
         except Exception as e:  # report, keep going with the other topologies

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from jaxinfer.aot import manifest as aot_manifest
+from jaxinfer.compilation import manifest as aot_manifest
 from jaxinfer.config import get_preset
-from jaxinfer.engine.engine import EngineConfig, token_buckets
+from jaxinfer.engine.config import EngineConfig, token_buckets
 
 STORIES = "tests/data/stories260K/stories260K.bin"
 
@@ -35,12 +35,12 @@ def test_tiny_compiles_for_v5e_2x4_and_manifest_records_it(tmp_path, tpu_availab
                           "--max-context", "128", "--prefill-chunk", "16", "--out", str(tmp_path)])
     assert code == 0, err[-3000:]
     m = json.loads((tmp_path / "manifest.json").read_text())
-    buckets = token_buckets(EngineConfig(max_slots=8, max_context=128, prefill_chunk=16), data_shards=2, platform="tpu")
+    buckets = token_buckets(EngineConfig(max_slots=8, max_context=128, prefill_chunk=16).step_budget(2), smallest=8)
     assert m["buckets"] == list(buckets) == [8, 16]
     assert m["target"] == {"name": "v5e:2x4", "platform": "tpu", "device_kind": "TPU v5 lite", "num_devices": 8,
                            "device_ids": list(range(8)), "memory_bytes": 16 * 2**30}
     assert m["mesh"] == {"data": 2, "sequence": 1, "tensor": 4}
-    assert m["model"]["name"] == "tiny" and m["engine"]["attention"] == "kernel"
+    assert m["model"]["name"] == "tiny" and m["engine"]["attention"] == "pallas"
     assert m["versions"] == aot_manifest.versions() and m["versions"]["libtpu"]
     for b in buckets:
         assert (tmp_path / m["executables"][str(b)]).stat().st_size > 100_000  # a real TPU binary

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from jaxinfer.checkpoint.errors import CheckpointError
-from jaxinfer.checkpoint.source import TensorSource, canonical_names, open_source
+from jaxinfer.checkpoint.open_source import open_source
+from jaxinfer.checkpoint.source import TensorSource, canonical_names
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

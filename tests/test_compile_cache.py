@@ -60,9 +60,11 @@ def test_serialized_cpu_executables_load_and_match_the_engine(aot_dir):
     import jax
     import numpy as np
 
-    from jaxinfer.aot.manifest import load_executables
     from jaxinfer.checkpoint.load import load_model
+    from jaxinfer.compilation.manifest import load_executables
     from jaxinfer.engine.engine import Engine, EngineConfig
+    from jaxinfer.engine.step import build_step_fn
+    from jaxinfer.engine.step_inputs import StepInputs
     from jaxinfer.sharding import make_mesh
 
     executables = load_executables(aot_dir)
@@ -70,8 +72,10 @@ def test_serialized_cpu_executables_load_and_match_the_engine(aot_dir):
     step = executables[8]
     model = load_model(ARGS[1], make_mesh("1x1", jax.devices()[:1]))
     engine = Engine(model, None, EngineConfig(max_context=128, prefill_chunk=32))
-    inputs = engine._empty_inputs(8)
-    tokens, logprobs, _ = step(model.params, jax.tree.map(jax.numpy.copy, engine.cache), inputs, engine._prev)
-    want, want_lp, _ = engine._step_fn(model.params, engine.cache, inputs, engine._prev)
+    inputs = StepInputs.from_flat(jax.device_put(engine.inputs.empty(8)))  # the engine's idle bucket-8 step
+    prev = jax.numpy.zeros((1, engine.config.max_slots), jax.numpy.int32)
+    tokens, logprobs, _ = step(model.params, jax.tree.map(jax.numpy.copy, engine.cache), inputs, prev)
+    own_step = build_step_fn(model, engine.cache_shape, engine.platform)
+    want, want_lp, _ = own_step(model.params, engine.cache, inputs, prev)
     np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want))
     np.testing.assert_array_equal(np.asarray(logprobs), np.asarray(want_lp))

@@ -13,13 +13,13 @@ def test_flash_kernel_logits_equal_reference(mesh):
     tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, size=(2, 40))
     positions = np.tile(np.arange(40), (2, 1))
     positions[1, 25:] = -1  # right padding
-    ref = model.logits(tokens, positions, attention="reference")
-    ker = model.logits(tokens, positions, attention="kernel")
+    ref = model.logits(tokens, positions, attention="xla")
+    ker = model.logits(tokens, positions, attention="pallas")
     assert relative_error(ker[0], ref[0]) < 1e-5
     assert relative_error(ker[1, :25], ref[1, :25]) < 1e-5
 
 
 def test_unknown_attention_is_refused():
     model = load_model("tiny", make_mesh("1x1"))
-    with pytest.raises(ValueError, match="attention='flash': must be reference or kernel"):
+    with pytest.raises(ValueError, match="attention='flash': must be xla or pallas"):
         model.logits(np.zeros((1, 4), np.int32), attention="flash")

@@ -6,7 +6,8 @@ import pytest
 
 from jaxinfer.checkpoint.load import load_model
 from jaxinfer.engine.engine import Engine, EngineConfig
-from jaxinfer.engine.requests import Request, RequestError, SamplingParams
+from jaxinfer.config import ConfigError
+from jaxinfer.engine.requests import Request, SamplingParams
 from jaxinfer.sharding import make_mesh
 from jaxinfer.tokenizer import load_tokenizer
 from tests.dense_greedy import greedy_dense
@@ -87,9 +88,9 @@ def test_preemption_is_invisible(stories):
     expected = [r.token_ids for r in ample.generate(reqs())]
     tight = make_engine(models["2x4"], tok, max_slots=8, kv_pages=16)  # 16 pages/shard, 4 slots x ~5 pages needed
     got = tight.generate(reqs())
-    assert tight.stats["preemptions"] > 0
+    assert tight.status().preemptions > 0
     assert [r.token_ids for r in got] == expected
-    assert tight.pages_used == 0  # every page returned
+    assert tight.status().pages_used == 0  # every page returned
 
 
 def test_continuous_batching_refills_slots(stories):
@@ -100,7 +101,8 @@ def test_continuous_batching_refills_slots(stories):
     order = []
     engine.generate([long] + shorts, on_event=lambda ev: ev.result and order.append(ev.request_id))
     assert order[-1] == "r0"  # five short requests came and went through the second slot meanwhile
-    assert engine.active_slots == 0 and engine.pages_used == 0
+    status = engine.status()
+    assert status.active_slots == 0 and status.pages_used == 0
 
 
 def test_stop_strings_and_tokens(stories):
@@ -133,7 +135,7 @@ def test_scanned_and_unrolled_layers_generate_the_same(data_dir, stories):
     path = str(data_dir / "stories260K" / "stories260K.bin")
     outputs = {}
     for loop in ("scan", "unrolled"):
-        model = load_model(path, make_mesh("2x4"))
+        model = load_model(path, make_mesh("2x4"), layer_loop=loop)
         engine = make_engine(model, tok, layer_loop=loop)
         assert model.layer_loop == loop
         if loop == "unrolled":
@@ -148,9 +150,11 @@ def test_scanned_and_unrolled_layers_generate_the_same(data_dir, stories):
             assert engine.cache.shape[0] == model.config.num_layers
         reqs = [story_request(tok, i, p, max_tokens=10) for i, p in enumerate(STORY_PROMPTS[:4])]
         outputs[loop] = [r.token_ids for r in engine.generate(reqs)]
-        if loop == "unrolled":  # the conversion is one way: asking an unrolled model for scan is refused
-            with pytest.raises(RequestError, match="--layer-loop scan: this model's params are already unrolled"):
+        if loop == "unrolled":  # an engine refuses params in another layer loop than its platform policy's
+            with pytest.raises(ConfigError, match="--layer-loop scan: the model was loaded with layer loop unrolled"):
                 Engine(model, tok, EngineConfig(max_slots=4, max_context=256, layer_loop="scan"))
+            with pytest.raises(ValueError, match="this model's params are already unrolled"):
+                model.with_layer_loop("scan")
     assert outputs["scan"] == outputs["unrolled"]
 
 
@@ -160,6 +164,6 @@ def test_max_step_tokens_sets_the_largest_bucket(stories):
     assert engine.buckets[-1] == 64
     reqs = [story_request(tok, i, (p + ". ") * 4, max_tokens=4) for i, p in enumerate(STORY_PROMPTS[:4])]
     engine.generate(reqs)
-    assert engine.stats["bucket_64"] >= 1  # four 16-token prompt chunks share one step
-    with pytest.raises(RequestError, match=r"--max-step-tokens 2 must be >= the slots per data shard \(4\)"):
+    assert engine.status().steps_by_bucket[64] >= 1  # four 16-token prompt chunks share one step
+    with pytest.raises(ConfigError, match=r"--max-step-tokens 2 must be >= the slots per data shard \(4\)"):
         Engine(models["1x1"], tok, EngineConfig(max_slots=4, max_context=256, max_step_tokens=2))

@@ -48,7 +48,7 @@ def setup():
 @pytest.mark.parametrize("mesh,layer_loop", [("1x1", "auto"), ("2x4", "scan")])
 def test_engine_greedy_equals_transformers_generate(setup, mesh, layer_loop):
     path, tok, prompts, expected = setup
-    model = load_model(path, make_mesh(mesh), "float32")
+    model = load_model(path, make_mesh(mesh), "float32", layer_loop=layer_loop)
     engine = Engine(model, tok, EngineConfig(max_slots=4, max_context=512, prefill_chunk=32, layer_loop=layer_loop))
     assert model.layer_loop == ("unrolled" if layer_loop == "auto" else "scan")
     engine.warmup()

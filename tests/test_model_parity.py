@@ -53,7 +53,7 @@ def test_logits_match_transformers(hf_models, variant, mesh_name):
     cfg = VARIANTS[variant]
     path, reference = hf_models[variant]
     mesh = make_mesh(mesh_name)
-    model = load_model(str(path), mesh, "float32")
+    model = load_model(str(path), mesh, "float32", layer_loop="scan")
     tokens = _tokens(cfg.vocab_size)
     ours = model.logits(tokens)
     theirs = hf_logits(reference, tokens)
@@ -65,7 +65,7 @@ def test_logits_match_transformers(hf_models, variant, mesh_name):
 def test_long_positions_rope_scaling(hf_models):
     """Positions past original_max_position exercise every branch of the llama3 frequency scaling."""
     path, reference = hf_models["llama31_rope"]
-    model = load_model(str(path), make_mesh("1x1"), "float32")
+    model = load_model(str(path), make_mesh("1x1"), "float32", layer_loop="scan")
     tokens = _tokens(VARIANTS["llama31_rope"].vocab_size, batch=1, length=200, seed=3)
     err = relative_error(model.logits(tokens), hf_logits(reference, tokens))
     assert err < 1e-4
@@ -76,9 +76,9 @@ def test_meshes_agree(hf_models, variant):
     """Same weights on 1x1, 2x4 and 1x2x4 (sequence-sharded activations) give the same logits."""
     path, _ = hf_models[variant]
     tokens = _tokens(VARIANTS[variant].vocab_size, batch=2, length=32, seed=1)
-    base = load_model(str(path), make_mesh("1x1"), "float32").logits(tokens)
+    base = load_model(str(path), make_mesh("1x1"), "float32", layer_loop="scan").logits(tokens)
     for mesh_name in ("2x4", "1x2x4"):
-        other = load_model(str(path), make_mesh(mesh_name), "float32").logits(tokens)
+        other = load_model(str(path), make_mesh(mesh_name), "float32", layer_loop="scan").logits(tokens)
         err = relative_error(other, base)
         assert err < 1e-5, f"{variant}: {mesh_name} vs 1x1 relative error {err:.2e}"
 
@@ -86,7 +86,7 @@ def test_meshes_agree(hf_models, variant):
 def test_padding_rows_do_not_change_real_rows(hf_models):
     """Right-padded rows (position -1) leave the real tokens' logits unchanged."""
     path, reference = hf_models["gqa"]
-    model = load_model(str(path), make_mesh("2x4"), "float32")
+    model = load_model(str(path), make_mesh("2x4"), "float32", layer_loop="scan")
     tokens = _tokens(VARIANTS["gqa"].vocab_size, batch=2, length=24, seed=2)
     positions = np.tile(np.arange(24), (2, 1))
     positions[1, 10:] = -1
@@ -98,13 +98,12 @@ def test_padding_rows_do_not_change_real_rows(hf_models):
 @pytest.mark.parametrize("variant,mesh_name", [("gqa", "1x1"), ("odd_heads", "2x4")])
 def test_unrolled_layout_matches_transformers(hf_models, variant, mesh_name):
     """The CPU layout (per-layer, output-major weights) against transformers, on both of its paths:
-    short rows run feature-major, long rows token-major (see `llama.FEATURE_MAJOR_TOKENS`)."""
-    from jaxinfer.model.llama import FEATURE_MAJOR_TOKENS
+    short rows run feature-major, long rows token-major (see `cpu_layout.FEATURE_MAJOR_TOKENS`)."""
+    from jaxinfer.model.cpu_layout import FEATURE_MAJOR_TOKENS
 
     cfg = VARIANTS[variant]
     path, reference = hf_models[variant]
-    model = load_model(str(path), make_mesh(mesh_name), "float32")
-    model.use_layer_loop("unrolled")
+    model = load_model(str(path), make_mesh(mesh_name), "float32", layer_loop="unrolled")
     for length in (12, FEATURE_MAJOR_TOKENS + 36):
         tokens = _tokens(cfg.vocab_size, batch=2, length=length, seed=length)
         err = relative_error(model.logits(tokens), hf_logits(reference, tokens))

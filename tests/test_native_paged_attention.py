@@ -1,10 +1,6 @@
 """The native CPU paged-attention kernel (jaxinfer.native) against JAX's own ragged paged attention
-reference, on hostile caches (NaN wherever a stray read could land); its edge cases; how the engine
-picks it and what happens when it cannot be built."""
-import os
-import subprocess
-import sys
-
+reference, on hostile caches (NaN wherever a stray read could land), and its edge cases. How the
+platform policy picks it, and what happens when it cannot be built, is tests/test_platform.py."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,9 +8,7 @@ import pytest
 from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ref_ragged_paged_attention
 
 from jaxinfer import native
-from jaxinfer.engine import engine as engine_mod
 from jaxinfer.engine import xla_attention
-from jaxinfer.engine.requests import RequestError
 from jaxinfer.engine.xla_attention import xla_ragged_paged_attention
 from tests.test_ragged_paged_attention import TOL, make_case
 
@@ -71,33 +65,3 @@ def test_kernel_state_rows_and_clamping():
         np.testing.assert_allclose(np.asarray(l[1, h]), p.sum(-1), rtol=1e-5)
         np.testing.assert_allclose(np.asarray(acc[1, h]), p @ keys[:, 2 * h + 1], rtol=1e-5, atol=1e-5)
     assert np.isfinite(np.asarray(acc[2])).all()  # seq 7 -> 1, limit -> 16, page ids -> 3 and 0
-
-
-def test_auto_picks_native_on_cpu_only():
-    assert engine_mod.resolve_attention("auto", "cpu") == "native"
-    assert engine_mod.resolve_attention("auto", "tpu") == "kernel"
-    assert engine_mod.resolve_attention("auto", "gpu") == "reference"
-    with pytest.raises(RequestError, match="--attention native: runs only on CPU; this mesh is on gpu"):
-        engine_mod.resolve_attention("native", "gpu")
-
-
-def test_unavailable_falls_back_or_refuses(monkeypatch, caplog):
-    monkeypatch.setattr(native, "unavailable_reason", lambda: "no C++ compiler: 'g++' is not on PATH (set CXX)")
-    monkeypatch.setattr(native, "available", lambda: False)
-    assert engine_mod.resolve_attention("auto", "cpu") == "reference"
-    assert "native CPU kernel is unavailable: no C++ compiler" in caplog.text
-    with pytest.raises(RequestError, match="--attention native: unavailable on this host: no C\\+\\+ compiler"):
-        engine_mod.resolve_attention("native", "cpu")
-
-
-@pytest.mark.parametrize("cxx,expected", [("no-such-compiler-xyz", "no C++ compiler: 'no-such-compiler-xyz' is not on PATH"),
-                                          ("false", "false failed (exit 1) building paged_context.cc")])
-def test_build_failure_is_one_clear_line(tmp_path, cxx, expected):
-    """A fresh process with a broken compiler: available() is False with the reason; nothing raises."""
-    env = dict(os.environ, CXX=cxx, JAXINFER_CACHE=str(tmp_path))
-    code = "from jaxinfer import native; print(native.available()); print(native.unavailable_reason())"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert out.returncode == 0, out.stderr
-    available, reason = out.stdout.strip().splitlines()[-2:]
-    assert available == "False" and reason.startswith(expected), reason

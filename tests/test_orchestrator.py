@@ -12,6 +12,7 @@ import types
 import grpc
 import pytest
 
+from jaxinfer.engine.engine import EngineStatus
 from jaxinfer.engine.requests import Event, Request, Result, SamplingParams
 from jaxinfer.server.metrics import Metrics
 from jaxinfer.server.orchestrator import Orchestrator, RequestFailed
@@ -29,19 +30,15 @@ class MockEngine:
         self.waiting = collections.deque()
         self.running: dict[str, tuple[Request, list[int]]] = {}
         self.stats = collections.Counter()
-        self.compilations_after_warmup = 0
         self.pages_total = 4 * max_slots
         self.fail_next_step = False
         self.cancelled_at: dict[str, int] = {}  # request id -> steps dispatched when engine.cancel ran
         self.admitted: list[str] = []
 
-    @property
-    def active_slots(self):
-        return len(self.running)
-
-    @property
-    def pages_used(self):
-        return 4 * len(self.running)
+    def status(self):
+        return EngineStatus(active_slots=len(self.running), waiting=len(self.waiting), prefilling=0, pages_used=4 * len(self.running),
+                            pages_total=self.pages_total, steps=self.stats["steps"], preemptions=0,
+                            compilations_after_warmup=0, steps_by_bucket={}, finished={})
 
     def submit(self, req):
         if req.prompt_ids[0] == -1:

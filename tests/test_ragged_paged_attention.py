@@ -233,7 +233,7 @@ def test_compile_script_small(tmp_path):
     for name, r in res["v5e:2x2"].items():
         assert r["ok"], (name, r)
         assert r["cost"]["flops"] > 0 and r["cost"]["bytes accessed"] > 0
-    for kind in ("kernel", "reference"):  # the engine's whole decode step, with the kernel and without
+    for kind in ("pallas", "xla"):  # the engine's whole decode step, with the kernel and without
         assert step[kind]["ok"], step[kind]
         assert step[kind]["memory"]["argument"] > 0
-    assert step["kernel"]["mosaic_kernel_in_step"] and not step["reference"]["mosaic_kernel_in_step"]
+    assert step["pallas"]["mosaic_kernel_in_step"] and not step["xla"]["mosaic_kernel_in_step"]

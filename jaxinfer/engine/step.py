@@ -1,13 +1,9 @@
 """The jitted engine step: one ragged batch of tokens through the model with a paged KV cache.
 
-Per data shard, a step carries up to `tokens` (a bucket size) tokens: the next token of every
-decoding slot and chunks of prompts being prefilled, laid out slot by slot. Sequence i of a shard is
-its slot i (idle slots have zero query tokens). Attention runs inside `shard_map` over
-(data, tensor): each data shard sees only its own pages and slots, each tensor shard its own KV
-heads, so the cache write and the attention read never leave the device.
-
-Tokens of decoding slots come from the previous step's sampled tokens on device (`use_prev`), so
-the host can dispatch step n+1 before it has read step n's tokens back.
+Sequence i of a data shard is its slot i (idle slots have zero query tokens). Attention runs inside
+`shard_map` over (data, tensor), its specs taken from the sharding rules: each data shard sees only
+its own pages and slots, each tensor shard its own KV heads, so the cache write and the attention
+read never leave the device.
 """
 from __future__ import annotations
 
@@ -17,40 +13,19 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
+from jaxinfer.engine.step_inputs import StepInputs
 from jaxinfer.engine.xla_attention import xla_ragged_paged_attention
-from jaxinfer.kv_cache import CacheShape, cache_sharding
+from jaxinfer.kv_cache import CACHE_AXES, CacheShape, cache_sharding
 from jaxinfer.model.forward import ShardedModel
-from jaxinfer.sampling import SamplingArrays, sample
+from jaxinfer.platform import Platform
+from jaxinfer.sampling import sample
+from jaxinfer.sharding import logical_sharding, logical_spec
 
 AttentionImpl = Callable[..., jax.Array]  # ragged_paged_attention(queries, kv_pages, kv_lens, ...)
 
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class StepInputs:
-    """Host-built arrays of one step. D = data shards, T = token bucket, S = slots per shard, W = pages per slot."""
-
-    tokens: jax.Array        # i32 [D, T] prompt tokens (ignored where use_prev)
-    use_prev: jax.Array      # bool [D, T] take the token the previous step sampled for prev_slot
-    prev_slot: jax.Array     # i32 [D, T]
-    positions: jax.Array     # i32 [D, T] absolute positions; -1 for padding
-    write_page: jax.Array    # i32 [D, T] shard-local page receiving this token's K/V; out of range = drop
-    write_offset: jax.Array  # i32 [D, T]
-    kv_lens: jax.Array       # i32 [D, S] tokens in cache per slot after this step's writes
-    page_indices: jax.Array  # i32 [D, S, W] shard-local page tables
-    cu_q_lens: jax.Array     # i32 [D, S + 1]
-    num_seqs: jax.Array      # i32 [D, 1]
-    sample_index: jax.Array  # i32 [D, S] token whose logits are sampled for each slot
-    sampling: SamplingArrays  # each field [D, S]
-
-    @classmethod
-    def from_flat(cls, arrays: dict) -> "StepInputs":
-        """From one flat dict holding every field, the sampling ones included (as `Engine._empty_host` builds)."""
-        sampling_keys = [f.name for f in dataclasses.fields(SamplingArrays)]
-        return cls(**{k: v for k, v in arrays.items() if k not in sampling_keys},
-                   sampling=SamplingArrays(**{k: arrays[k] for k in sampling_keys}))
+ACTIVATION_AXES = ("batch", None, "act_heads", None)  # q, k, v, out: [D, T, heads, head_dim]
+ROW_AXES = ("batch", None)                            # per-shard step inputs [D, ...]
 
 
 @jax.tree_util.register_dataclass
@@ -65,10 +40,10 @@ class PagedAttention:
     def attend(self, layer, q, k, v, cache, sm_scale):
         """`layer` indexes a stacked cache; None means `cache` is this layer's own array (unrolled)."""
         x = self.inputs
-        act = P("data", None, "tensor", None)
         stacked = layer is not None
-        cache_spec = P(None, "data", None, "tensor", None) if stacked else P("data", None, "tensor", None)
-        row, row2 = P("data", None), P("data", None, None)
+        act = logical_spec(ACTIVATION_AXES)
+        cache_spec = logical_spec(CACHE_AXES if stacked else CACHE_AXES[1:])
+        row, row3 = logical_spec(ROW_AXES), logical_spec(ROW_AXES + (None,))
 
         def local(layer, q, k, v, cache, write_page, write_offset, kv_lens, page_indices, cu_q_lens, num_seqs):
             t, hk, dh = k.shape[1], k.shape[2], k.shape[3]
@@ -80,19 +55,20 @@ class PagedAttention:
             return out[None], cache
 
         fn = jax.shard_map(local, mesh=self.mesh,
-                           in_specs=(P(), act, act, act, cache_spec, row, row, row, row2, row, row),
+                           in_specs=(logical_spec(()), act, act, act, cache_spec, row, row, row, row3, row, row),
                            out_specs=(act, cache_spec), check_vma=False)
         return fn(layer if stacked else jnp.int32(0), q, k, v, cache, x.write_page, x.write_offset, x.kv_lens,
                   x.page_indices, x.cu_q_lens, x.num_seqs)
 
 
-def build_step_fn(model: ShardedModel, cache_shape: CacheShape, impl: AttentionImpl, row_sharding):
+def build_step_fn(model: ShardedModel, cache_shape: CacheShape, platform: Platform):
     """Returns jit(step)(params, cache, inputs, prev_tokens) -> (tokens [D,S], logprobs [D,S], cache).
 
     The cache is donated: XLA updates it in place and there is never a second copy on device.
     """
     module = model.module
     mesh = model.mesh
+    impl = attention_impl(platform.attention, platform.interpret)
 
     def step(params, cache, inputs: StepInputs, prev_tokens):
         tokens = jnp.where(inputs.use_prev, jnp.take_along_axis(prev_tokens, inputs.prev_slot, axis=1),
@@ -105,22 +81,21 @@ def build_step_fn(model: ShardedModel, cache_shape: CacheShape, impl: AttentionI
         next_tokens, logprobs = sample(logits.reshape(d * s, v), flat)
         return next_tokens.reshape(d, s), logprobs.reshape(d, s), cache
 
-    per_layer = model.layer_loop == "unrolled"
+    row = logical_sharding(mesh, ROW_AXES)
     return jax.jit(step, donate_argnums=(1,),
-                   out_shardings=(row_sharding, row_sharding, cache_sharding(mesh, cache_shape, per_layer)))
+                   out_shardings=(row, row, cache_sharding(mesh, cache_shape, model.layer_loop)))
 
 
 @functools.lru_cache(maxsize=None)
-def attention_impl(kind: str) -> AttentionImpl:
-    """'reference' -> XLA path; 'native' -> one pass of the native CPU kernel (through the XLA path's
-    entry point); 'kernel' -> Pallas TPU kernel (interpret mode off TPU)."""
-    if kind == "reference":
+def attention_impl(kind: str, interpret: bool) -> AttentionImpl:
+    """'xla' -> the XLA path; 'native' -> one pass of the native CPU kernel (through the XLA path's entry
+    point); 'pallas' -> the Pallas ragged paged-attention kernel (in TPU interpret mode when `interpret`)."""
+    if kind == "xla":
         return xla_ragged_paged_attention
     if kind == "native":
         return functools.partial(xla_ragged_paged_attention, native=True)
-    if kind == "kernel":
+    if kind == "pallas":
         from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
-        interpret = jax.devices()[0].platform != "tpu"
         return functools.partial(ragged_paged_attention, interpret=interpret)
-    raise ValueError(f"--attention {kind!r}: must be kernel, native or reference")
+    raise ValueError(f"attention {kind!r}: must be pallas, xla or native")

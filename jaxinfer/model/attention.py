@@ -12,6 +12,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxinfer.sharding import logical_spec
+
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -46,25 +48,23 @@ class DenseCausal:
     positions: jax.Array
     mesh: object = dataclasses.field(default=None, metadata=dict(static=True))
     kernel: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    interpret: bool = dataclasses.field(default=True, metadata=dict(static=True))  # TPU interpret mode
 
     def attend(self, layer, q, k, v, cache, sm_scale):
         del layer
         if self.kernel:
-            return flash_attention_sharded(self.mesh, q, k, v, sm_scale), cache
+            return flash_attention_sharded(self.mesh, q, k, v, sm_scale, self.interpret), cache
         pos = self.positions
         valid = pos >= 0
         mask = (pos[:, None, :] <= pos[:, :, None]) & valid[:, None, :]
         return dense_attention(q, k, v, mask, sm_scale), cache
 
 
-def flash_attention_sharded(mesh, q, k, v, sm_scale: float):
+def flash_attention_sharded(mesh, q, k, v, sm_scale: float, interpret: bool):
     """Pallas flash attention per (data, tensor) shard: rows split over data, heads over tensor."""
-    from jax.sharding import PartitionSpec as P
-
     from pallas_kernels.flash_attention import flash_attention
 
-    interpret = jax.devices()[0].platform != "tpu"
-    spec = P("data", None, "tensor", None)
+    spec = logical_spec(("batch", None, "act_heads", None))
     fn = jax.shard_map(lambda q, k, v: flash_attention(q, k, v, sm_scale=sm_scale, causal=True, interpret=interpret),
                        mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
     return fn(q, k, v)

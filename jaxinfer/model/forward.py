@@ -14,10 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.config import ModelConfig
+from jaxinfer.model import cpu_layout
 from jaxinfer.model.attention import DenseCausal
 from jaxinfer.model.layout import ModelLayout
 from jaxinfer.model.llama import Llama
-from jaxinfer.model.params import unstack_layers
+from jaxinfer.model.projections import TokenMajor
+from jaxinfer.platform import pallas_interpret
 from jaxinfer.sharding import ceil_to, logical_sharding
 
 
@@ -36,30 +38,34 @@ class ShardedModel:
 
     @property
     def module(self) -> Llama:
-        return Llama(self.config, self.layout, self.dtype, scan_layers=self.layer_loop == "scan")
+        """The Flax module for this model's layer loop: `unrolled` params use the CPU layout's
+        output-major projections (`jaxinfer.model.cpu_layout`), `scan` params the checkpoint's."""
+        proj = cpu_layout.OutputMajor() if self.layer_loop == "unrolled" else TokenMajor()
+        return Llama(self.config, self.layout, self.dtype, self.layer_loop, proj)
 
-    def use_layer_loop(self, kind: str) -> None:
-        """Switches this model to `kind` ("scan" or "unrolled", see `jaxinfer.model.llama`) in place.
+    def with_layer_loop(self, kind: str) -> "ShardedModel":
+        """This model with `kind` ("scan" or "unrolled") layer params; itself when it has them already.
 
-        scan -> unrolled splits the stacked params on device, one weight kind at a time. The reverse is
-        not needed by anything (checkpoints are written from sources, never from a loaded model).
+        scan -> unrolled splits the stacked params on device one weight kind at a time and consumes
+        them (this object must not be used afterwards). The reverse is not needed by anything
+        (checkpoints are written from sources, never from a loaded model).
         """
         if kind == self.layer_loop:
-            return
+            return self
         if (self.layer_loop, kind) != ("scan", "unrolled"):
             raise ValueError(f"this model's params are already {self.layer_loop} (only scan -> unrolled converts); "
-                             f"load the model again for a {kind} engine")
-        self.params = unstack_layers(self.params, self.config.num_layers)
-        self.layer_loop = kind
+                             f"load the model again for a {kind} layer loop")
+        return dataclasses.replace(self, params=cpu_layout.unroll(self.params, self.config.num_layers),
+                                   layer_loop=kind)
 
-    def logits(self, tokens, positions=None, attention: str = "reference") -> np.ndarray:
+    def logits(self, tokens, positions=None, attention: str = "xla") -> np.ndarray:
         """tokens int [B, T] (rows right-padded with any id where positions is -1) -> float32 [B, T, vocab].
 
         Rows and columns are padded internally to multiples of the `data` and `sequence` axes.
-        `attention="kernel"` uses the Pallas flash attention kernel (see `DenseCausal`).
+        `attention="pallas"` uses the Pallas flash attention kernel (see `DenseCausal`).
         """
-        if attention not in ("reference", "kernel"):
-            raise ValueError(f"attention={attention!r}: must be reference or kernel")
+        if attention not in ("xla", "pallas"):
+            raise ValueError(f"attention={attention!r}: must be xla or pallas")
         tokens = np.asarray(tokens, dtype=np.int32)
         b, t = tokens.shape
         if positions is None:
@@ -70,16 +76,16 @@ class ShardedModel:
         pos = np.full((bp, tp), -1, np.int32)
         tok[:b, :t], pos[:b, :t] = tokens, positions
         sharding = logical_sharding(self.mesh, ("batch", "length"), tok.shape)
-        fn = _dense_forward(self.module, self.mesh, attention == "kernel")
+        fn = _dense_forward(self.module, self.mesh, attention == "pallas", pallas_interpret(self.mesh))
         out = fn(self.params, jax.device_put(tok, sharding), jax.device_put(pos, sharding))
         return np.asarray(out)[:b, :t]
 
 
 @functools.lru_cache(maxsize=None)
-def _dense_forward(module: Llama, mesh, kernel: bool):
+def _dense_forward(module: Llama, mesh, kernel: bool, interpret: bool):
     @jax.jit
     def forward(params, tokens, positions):
-        ctx = DenseCausal(positions, mesh, kernel)
+        ctx = DenseCausal(positions, mesh, kernel, interpret)
         logits, _ = module.apply({"params": params}, tokens, positions, ctx)
         return logits
 

@@ -13,7 +13,7 @@ import numpy as np
 from jaxinfer.config import ModelConfig
 from jaxinfer.model.attention import DenseCausal
 from jaxinfer.model.layout import ModelLayout, plan_layout
-from jaxinfer.model.llama import OUT_MAJOR, Llama
+from jaxinfer.model.llama import Llama
 from jaxinfer.sharding import logical_sharding
 
 Params = dict[str, Any]
@@ -132,37 +132,3 @@ def set_path(tree, path, value):
 
 def flatten(tree) -> list[tuple[tuple[str, ...], Any]]:
     return list(_flatten(tree))
-
-
-@functools.lru_cache(maxsize=None)
-def _layer_splitter(num_layers: int, sharding, perm: tuple[int, ...]):
-    """One jitted split per (depth, sharding, permutation), so weight kinds of equal shape share one compilation."""
-    return jax.jit(lambda a: tuple(a[i].transpose(perm) for i in range(num_layers)),
-                   out_shardings=(sharding,) * num_layers)
-
-
-def unstack_layers(params: Params, num_layers: int) -> Params:
-    """Scanned layout {'layers': leaves [L, ...]} -> unrolled {'layers_0': ..., 'layers_{L-1}': ...}.
-
-    Projection weights are transposed to the unrolled layout's output-major order (`llama.OUT_MAJOR`).
-    Each per-layer array keeps its stacked sharding minus the layer axis (permuted alike). Runs one
-    weight kind at a time and drops the stacked array as soon as it is split, so device memory peaks
-    at the weights plus one weight kind. `params` is consumed: its stacked arrays are removed as they
-    are split.
-    """
-    out = {k: v for k, v in params.items() if k != "layers"}
-    stacked = params["layers"]
-    for path, leaf in _flatten(stacked):
-        spec = tuple(leaf.sharding.spec) + (None,) * (len(leaf.shape) - len(leaf.sharding.spec))
-        perm = OUT_MAJOR.get(path[-1], tuple(range(len(leaf.shape) - 1)))
-        one = jax.sharding.NamedSharding(leaf.sharding.mesh, jax.sharding.PartitionSpec(*(spec[1:][i] for i in perm)))
-        if isinstance(leaf, jax.ShapeDtypeStruct):  # abstract params (AOT compilation)
-            shape = tuple(leaf.shape[1:][i] for i in perm)
-            parts = [jax.ShapeDtypeStruct(shape, leaf.dtype, sharding=one)] * num_layers
-        else:
-            parts = _layer_splitter(num_layers, one, perm)(leaf)
-        for i, part in enumerate(parts):
-            set_path(out, (f"layers_{i}",) + path, part)
-        set_path(stacked, path, None)
-        del leaf
-    return out

@@ -195,7 +195,7 @@ class Orchestrator:
                 _, ticket, steps_then = command
                 if self._tickets.get(ticket.request_id) is ticket:
                     if self._end(ticket, grpc.StatusCode.CANCELLED, "cancelled by the client"):
-                        self.metrics.release_steps.observe(self.engine.stats["steps"] - steps_then)
+                        self.metrics.release_steps.observe(self.engine.status().steps - steps_then)
             else:
                 for ticket in self._in_flight():
                     self._end(ticket, grpc.StatusCode.UNAVAILABLE, "the server shut down before the request finished")
@@ -256,12 +256,11 @@ class Orchestrator:
 
     def _status(self, peak: int) -> dict:
         """The engine's state as plain numbers, published for other threads (GetModelInfo) and metrics."""
-        e = self.engine
-        active = e.active_slots
-        status = dict(active_slots=active, peak_active_slots=max(peak, active), queue_depth=len(e.waiting),
-                      kv_pages_used=e.pages_used, kv_pages_total=e.pages_total, engine_steps=e.stats["steps"])
+        e = self.engine.status()
+        status = dict(active_slots=e.active_slots, peak_active_slots=max(peak, e.active_slots), queue_depth=e.waiting,
+                      kv_pages_used=e.pages_used, kv_pages_total=e.pages_total, engine_steps=e.steps)
         self.metrics.engine_state(
-            active_slots=active, max_slots=e.config.max_slots, queue_depth=status["queue_depth"],
-            pages_used=status["kv_pages_used"], pages_total=status["kv_pages_total"], steps=status["engine_steps"],
-            preemptions=e.stats["preemptions"], compilations=e.compilations_after_warmup)
+            active_slots=e.active_slots, max_slots=self.engine.config.max_slots, queue_depth=e.waiting,
+            pages_used=e.pages_used, pages_total=e.pages_total, steps=e.steps, preemptions=e.preemptions,
+            compilations=e.compilations_after_warmup)
         return status

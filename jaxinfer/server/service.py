@@ -2,8 +2,8 @@
 orchestrator, engine Events back out as protobufs. All of it runs on gRPC handler threads.
 
 Requests are checked at the edge, before they take a place in the queue: the raw bytes by
-`wire_problem` (unknown fields, invalid UTF-8), then the prompt and sampling parameters against the
-engine's limits. Every rejection is INVALID_ARGUMENT with a message naming the field.
+`wire_problem` (unknown fields, invalid UTF-8), then the prompt and sampling parameters by the
+request builder, once. Every rejection is INVALID_ARGUMENT with a message naming the field.
 """
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from jaxinfer.engine.requests import Request, RequestError, SamplingParams
+from jaxinfer.engine.requests import Request, RequestError
 from jaxinfer.proto import jaxinfer_pb2 as pb
+from jaxinfer.request_builder import RequestBuilder
 from jaxinfer.server.orchestrator import RequestFailed
 from jaxinfer.server.wire import wire_problem
 from jaxinfer.tokenizer import TokenizerError
@@ -58,10 +59,11 @@ class GenerationService:
 
     def __init__(self, metrics):
         self.metrics = metrics
-        self.engine = self.orchestrator = None
+        self.engine = self.orchestrator = self.builder = None
         self._info: pb.ModelInfo | None = None
 
     def ready(self, engine, orchestrator) -> None:
+        self.builder = RequestBuilder.for_engine(engine)
         self._info = _model_info(engine, orchestrator)
         self.engine, self.orchestrator = engine, orchestrator
 
@@ -146,7 +148,7 @@ class GenerationService:
         return response
 
     def _tokenize(self, msg: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
-        return pb.TokenizeResponse(token_ids=self._prompt(msg)[1])
+        return pb.TokenizeResponse(token_ids=self.builder.encode(**_prompt_fields(msg))[1])
 
     def _detokenize(self, msg: pb.DetokenizeRequest, context) -> pb.DetokenizeResponse:
         try:
@@ -163,14 +165,8 @@ class GenerationService:
 
     # ---- requests -------------------------------------------------------------------------------
     def _submit(self, msg: pb.GenerateRequest, context):
-        """Validates the request and queues it; ties the request's life to the RPC's."""
-        source, ids = self._prompt(msg)
-        limit = self.engine.max_prompt_tokens
-        if len(ids) > limit:
-            raise RequestError(f"{source}: the prompt is {len(ids)} tokens, above the limit of {limit} "
-                               f"(max context {self.engine.config.max_context} minus 1 for the first output token)")
-        request = Request(msg.request_id or uuid.uuid4().hex, ids, self._params(msg.params))
-        self.engine.validate(request)
+        """Builds the request (validated once, by the request builder) and queues it; ties its life to the RPC's."""
+        request = self._build(msg, msg.request_id or uuid.uuid4().hex, self._params(msg.params))
         remaining = context.time_remaining()
         ticket = self.orchestrator.submit(request, remaining if remaining < _NO_DEADLINE else None,
                                           on_cutoff=lambda: _cancel_later(context))
@@ -178,35 +174,25 @@ class GenerationService:
             self.orchestrator.cancel(ticket)  # the RPC ended before the callback could be added
         return ticket
 
-    def _prompt(self, msg) -> tuple[str, list[int]]:
-        """(name of the field holding the prompt, its token ids) for exactly one of text, messages, token_ids."""
-        options = [name for name in ("text", "messages", "token_ids") if name in msg.DESCRIPTOR.fields_by_name]
-        given = [name for name in options if (msg.HasField(name) if name == "text" else len(getattr(msg, name)))]
-        if not given:
-            raise RequestError(f"the prompt is empty: set one of {', '.join(options)}")
-        if len(given) > 1:
-            raise RequestError(f"set only one of text, messages or token_ids, not {' and '.join(given)}")
-        source, tok = given[0], self.engine.tokenizer
-        if source == "token_ids":
-            return source, list(msg.token_ids)
-        if source == "text":
-            if not msg.text:
-                raise RequestError("text is empty")
-            return source, tok.encode(msg.text)
-        if not tok.has_chat_template:
-            raise RequestError("messages: this model has no chat template; send text or token_ids instead")
-        try:
-            return source, tok.encode_chat([{"role": m.role, "content": m.content} for m in msg.messages])
-        except TokenizerError as e:
-            raise RequestError(f"messages: {e}") from None
+    def _build(self, msg, request_id: str, params: dict) -> Request:
+        return self.builder.build(request_id, **_prompt_fields(msg), params=params, params_where="params.")
 
-    def _params(self, p: pb.SamplingParams) -> SamplingParams:
+    def _params(self, p: pb.SamplingParams) -> dict:
         values = {name: getattr(p, name) for name in _OPTIONAL_PARAMS if p.HasField(name)}
-        params = SamplingParams(**values, stop=tuple(p.stop), stop_token_ids=tuple(p.stop_token_ids),
-                                ignore_eos=p.ignore_eos, logprobs=p.logprobs)
-        params.validate(max_tokens_limit=self.engine.config.max_context,
-                        vocab_size=self.engine.model.config.vocab_size, where="params.")
-        return params
+        return dict(values, stop=tuple(p.stop), stop_token_ids=tuple(p.stop_token_ids), ignore_eos=p.ignore_eos,
+                    logprobs=p.logprobs)
+
+
+def _prompt_fields(msg) -> dict:
+    """The prompt fields a request message sets: text, messages or (GenerateRequest only) token_ids."""
+    prompt = {}
+    if msg.HasField("text"):
+        prompt["text"] = msg.text
+    if len(msg.messages):
+        prompt["messages"] = [{"role": m.role, "content": m.content} for m in msg.messages]
+    if "token_ids" in msg.DESCRIPTOR.fields_by_name and len(msg.token_ids):
+        prompt["token_ids"] = list(msg.token_ids)
+    return prompt
 
 
 def _cancel_later(context) -> None:
@@ -220,7 +206,8 @@ def _finish(response: pb.GenerateResponse, result) -> None:
     response.finish_reason = _FINISH[result.finish_reason]
     response.usage.CopyFrom(pb.Usage(
         prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-        time_to_first_token_s=result.ttft_s or 0.0, total_time_s=result.total_s, preemptions=result.preemptions))
+        time_to_first_token_s=result.ttft_s or 0.0, total_time_s=result.total_s, preemptions=result.preemptions,
+        seed=result.seed or 0))
 
 
 def _model_info(engine, orchestrator) -> pb.ModelInfo:
@@ -232,7 +219,7 @@ def _model_info(engine, orchestrator) -> pb.ModelInfo:
             num_layers=c.num_layers, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
             rope_theta=c.rope_theta, max_position_embeddings=c.max_position_embeddings,
             tie_embeddings=c.tie_embeddings, eos_token_ids=engine.tokenizer.eos_ids, dtype=str(np.dtype(model.dtype))),
-        mesh=dict(model.mesh.shape), platform=model.mesh.devices.flat[0].platform,
+        mesh=dict(model.mesh.shape), platform=engine.platform.name,
         max_context=ec.max_context, max_prompt_tokens=engine.max_prompt_tokens, max_slots=ec.max_slots,
         page_size=ec.page_size, kv_pages_total=engine.pages_total, bucket_sizes=engine.buckets,
         has_chat_template=engine.tokenizer.has_chat_template, max_queue=orchestrator.max_queue)

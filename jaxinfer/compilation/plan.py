@@ -10,7 +10,8 @@ import dataclasses
 
 import numpy as np
 
-from jaxinfer.kv_cache import CacheShape, pages_for_budget, pages_for_memory_fraction, pages_needed
+from jaxinfer.engine.pages import pages_needed
+from jaxinfer.kv_cache import CacheShape, pages_for_budget, pages_for_memory_fraction
 
 GiB = 2**30
 

@@ -1,24 +1,25 @@
 """Lowers and compiles the engine's step for every token bucket from abstract shapes (no weights).
 
 The step is `build_step_fn` itself, given a `ShardedModel` whose params are `ShapeDtypeStruct`s with
-shardings; the step inputs are built by the engine's own host-array builder (`Engine._empty_host`)
-and turned into sharded `ShapeDtypeStruct`s, so the compiled signatures are exactly the engine's.
+shardings; the step inputs come from the engine's own `HostBatchBuilder`, turned into sharded
+`ShapeDtypeStruct`s, so the compiled signatures are exactly the engine's.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
-import types
 
 import jax
 import numpy as np
 
-from jaxinfer.engine.engine import Engine, EngineConfig, resolve_attention, resolve_layer_loop, token_buckets
-from jaxinfer.engine.step import StepInputs, attention_impl, build_step_fn
-from jaxinfer.kv_cache import CacheShape, abstract_cache, pages_needed
+from jaxinfer.engine.config import EngineConfig, token_buckets
+from jaxinfer.engine.pages import pages_needed
+from jaxinfer.engine.step import ROW_AXES, build_step_fn
+from jaxinfer.engine.step_inputs import HostBatchBuilder, StepInputs
+from jaxinfer.kv_cache import CacheShape, abstract_cache
 from jaxinfer.model.forward import ShardedModel
 from jaxinfer.model.params import abstract_params
+from jaxinfer.platform import Platform
 from jaxinfer.sharding import logical_sharding
 
 COST_SECONDS_KEYS = ("optimal_seconds", "estimated_seconds", "seconds")
@@ -33,9 +34,8 @@ class StepSpecs:
     cache_shape: CacheShape
     prev_tokens: jax.ShapeDtypeStruct  # i32 [D, S]
     buckets: tuple[int, ...]
-    attention: str
-    row: object                   # sharding of [D, ...] rows
-
+    platform: Platform
+    inputs: HostBatchBuilder
 
 @dataclasses.dataclass
 class BucketResult:
@@ -46,47 +46,38 @@ class BucketResult:
     compiled: object = dataclasses.field(repr=False)
 
 
-def step_specs(config, layout, mesh, dtype, engine: EngineConfig, pages_per_shard: int, platform: str) -> StepSpecs:
+def step_specs(config, layout, mesh, dtype, engine: EngineConfig, pages_per_shard: int,
+               platform: Platform) -> StepSpecs:
     data = mesh.shape["data"]
     model = ShardedModel(config, layout, mesh, abstract_params(config, layout, dtype, mesh), dtype)
-    model.use_layer_loop(resolve_layer_loop(engine, platform))  # the params layout the engine will run
+    model = model.with_layer_loop(platform.layer_loop)  # the params layout the engine will run
     cache_shape = CacheShape(layers=config.num_layers, data_shards=data, pages_per_shard=pages_per_shard,
                              page_size=engine.page_size, kv_heads=layout.kv_heads, head_dim=config.head_dim,
                              dtype=str(np.dtype(dtype)))
-    cache = abstract_cache(mesh, cache_shape, per_layer=model.layer_loop == "unrolled")
-    row = logical_sharding(mesh, ("batch", None))
-    prev = jax.ShapeDtypeStruct((data, engine.max_slots // data), np.int32, sharding=row)
-    attention = resolve_attention(engine.attention, platform)  # what the engine will run there
-    return StepSpecs(model, cache, cache_shape, prev, token_buckets(engine, data, platform), attention, row)
+    cache = abstract_cache(mesh, cache_shape, model.layer_loop)
+    slots = engine.max_slots // data
+    prev = jax.ShapeDtypeStruct((data, slots), np.int32, sharding=logical_sharding(mesh, ROW_AXES))
+    inputs = HostBatchBuilder(data, slots, pages_needed(engine.max_context, engine.page_size), pages_per_shard,
+                              engine.page_size)
+    buckets = token_buckets(engine.step_budget(data), platform.min_bucket)
+    return StepSpecs(model, cache, cache_shape, prev, buckets, platform, inputs)
 
 
-def step_inputs(specs: StepSpecs, engine: EngineConfig, bucket: int) -> StepInputs:
+def step_inputs(specs: StepSpecs, bucket: int) -> StepInputs:
     """The engine's idle inputs for `bucket`, as ShapeDtypeStructs sharded on their leading (data) axis."""
     mesh = specs.model.mesh
-    fake = types.SimpleNamespace(data=mesh.shape["data"], slots_per_shard=engine.max_slots // mesh.shape["data"],
-                                 pages_per_slot=pages_needed(engine.max_context, engine.page_size),
-                                 cache_shape=specs.cache_shape)
-    host = Engine._empty_host(fake, bucket)
     spec = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=logical_sharding(
-        mesh, ("batch",) + (None,) * (a.ndim - 1))) for k, a in host.items()}
+        mesh, ("batch",) + (None,) * (a.ndim - 1))) for k, a in specs.inputs.empty(bucket).items()}
     return StepInputs.from_flat(spec)
 
 
-def attention_for(kind: str, platform: str):
-    """The attention implementation the engine would run on `platform` (the kernel compiled, never interpreted)."""
-    if kind == "kernel" and platform == "tpu":
-        from pallas_kernels.ragged_paged_attention import ragged_paged_attention
-
-        return functools.partial(ragged_paged_attention, interpret=False)
-    return attention_impl(kind)
-
-
-def compile_buckets(specs: StepSpecs, engine: EngineConfig, platform: str, buckets=None):
-    """Compiles the step for each bucket (default: all the engine uses); yields a BucketResult per bucket."""
-    fn = build_step_fn(specs.model, specs.cache_shape, attention_for(specs.attention, platform), specs.row)
+def compile_buckets(specs: StepSpecs, buckets=None):
+    """Compiles the step for each bucket (default: all the engine uses); yields a BucketResult per bucket.
+    For a TPU target the platform's Pallas kernel is compiled, never interpreted."""
+    fn = build_step_fn(specs.model, specs.cache_shape, specs.platform)
     for bucket in buckets or specs.buckets:
         start = time.perf_counter()
-        compiled = fn.lower(specs.model.params, specs.cache, step_inputs(specs, engine, bucket),
+        compiled = fn.lower(specs.model.params, specs.cache, step_inputs(specs, bucket),
                             specs.prev_tokens).compile()
         seconds = time.perf_counter() - start
         yield BucketResult(bucket, seconds, memory_figures(compiled), estimated_seconds(compiled), compiled)

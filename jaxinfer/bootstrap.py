@@ -1,0 +1,130 @@
+"""Start-up, the one way: flags -> mesh -> platform -> model -> tokenizer -> Engine.
+
+The batch job, the server, the AOT tool and the scripts all declare the shared flags with
+`add_model_args` and start an engine with `build_engine`. Paths given on the command line are
+checked (`check_paths`) before anything is loaded, and a mesh the engine cannot serve is refused
+before the model is read.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+
+from jaxinfer.config import ConfigError
+
+log = logging.getLogger("jaxinfer")
+
+DEFAULT_MAX_CONTEXT = 1024
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by the batch job, the server and the AOT tool."""
+    p.add_argument("--mesh", default=None, help="2x4 (data x tensor), data=2,tensor=4 or a preset "
+                   "(default: 2x4 on CPU, all devices on tensor otherwise)")
+    p.add_argument("--model", default=None, help="preset, native checkpoint dir, HF dir, .gguf or llama2.c .bin "
+                   "(default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer path when it is not inside or beside the model")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    e = p.add_argument_group("engine")
+    e.add_argument("--max-slots", type=int, default=8)
+    e.add_argument("--max-context", type=int, default=None,
+                   help=f"prompt + output tokens per request (default: {DEFAULT_MAX_CONTEXT}, or the model's limit "
+                   "when smaller)")
+    e.add_argument("--prefill-chunk", type=int, default=256, help="most prompt tokens of one request per step")
+    e.add_argument("--max-step-tokens", type=int, default=None,
+                   help="tokens per data shard per step (default: max(--prefill-chunk, slots per shard))")
+    e.add_argument("--page-size", type=int, default=16)
+    e.add_argument("--kv-pages", type=int, default=None, help="KV pages per data shard")
+    e.add_argument("--kv-memory-fraction", type=float, default=None)
+    e.add_argument("--attention", default="auto", choices=["auto", "pallas", "xla", "native"],
+                   help="auto: the Pallas kernel on TPU, the native C++ kernel on CPU, XLA elsewhere")
+    e.add_argument("--layer-loop", default="auto", choices=["auto", "scan", "unrolled"],
+                   help="auto: unrolled on CPU (faster there), scan elsewhere (compile time independent of depth)")
+    e.add_argument("--strict-no-recompile", action="store_true")
+    e.add_argument("--compile-cache", default=None, help="directory for JAX's persistent compilation cache")
+    p.add_argument("--verbose", action="store_true")
+
+
+def engine_config(args, model_limit: int):
+    """The `EngineConfig` of the engine flags `add_model_args` declares; `--max-context` defaults to the
+    smaller of `DEFAULT_MAX_CONTEXT` and the model's limit."""
+    from jaxinfer.engine.config import EngineConfig
+
+    max_context = args.max_context if args.max_context is not None else min(DEFAULT_MAX_CONTEXT, model_limit)
+    return EngineConfig(
+        max_slots=args.max_slots, page_size=args.page_size, max_context=max_context,
+        prefill_chunk=args.prefill_chunk, max_step_tokens=args.max_step_tokens, kv_pages=args.kv_pages,
+        kv_memory_fraction=args.kv_memory_fraction, attention=args.attention, layer_loop=args.layer_loop,
+        strict_no_recompile=args.strict_no_recompile)
+
+
+def check_paths(args, inputs: tuple[str, ...] = ()) -> None:
+    """Refuses, before anything loads, a --model or --tokenizer path that does not exist, a
+    --compile-cache that is not a directory, and any of `inputs` (flag names) that is not a file."""
+    from jaxinfer.checkpoint.default_model import DEFAULT_MODEL
+    from jaxinfer.config import PRESETS
+
+    model = getattr(args, "model", None)
+    if model and model not in PRESETS and model != DEFAULT_MODEL and not os.path.exists(model):
+        raise ConfigError(f"--model {model}: no such file or directory, and not a preset "
+                          f"(presets: {', '.join(sorted(PRESETS))})")
+    if getattr(args, "tokenizer", None) and not os.path.exists(args.tokenizer):
+        raise ConfigError(f"--tokenizer {args.tokenizer}: no such file or directory")
+    cache = getattr(args, "compile_cache", None)
+    if cache and os.path.exists(cache) and not os.path.isdir(cache):
+        raise ConfigError(f"--compile-cache {cache}: exists and is not a directory")
+    for flag in inputs:
+        path = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"{flag} {path}: no such file")
+
+
+def resolve_mesh(flag: str | None):
+    """--mesh -> a `MeshSpec` (host devices set up for it on a CPU-only machine); a sequence axis the
+    engine cannot use yet is refused here, before any model is loaded."""
+    from jaxinfer.engine.config import refuse_sequence_axis
+    from jaxinfer.sharding import accelerator_present, ensure_host_devices, parse_mesh
+
+    spec = parse_mesh(flag) if flag else (None if accelerator_present() else parse_mesh("2x4"))
+    if spec is not None:
+        refuse_sequence_axis(spec.sequence, flag)
+    ensure_host_devices(spec.size if spec else 1)
+    return spec
+
+
+def build_engine(args, warmup: bool = True):
+    """Mesh, platform, model, tokenizer and an engine (warmed up unless told not to) from parsed flags."""
+    from jaxinfer.engine import compile_counter
+
+    check_paths(args)
+    spec = resolve_mesh(args.mesh)
+    compile_counter.install()  # from the first compile on, so the summary's total is complete
+    if args.compile_cache:
+        from jaxinfer.compilation.cache import use_compile_cache
+
+        use_compile_cache(args.compile_cache)
+    import jax
+
+    from jaxinfer import platform as platforms
+    from jaxinfer.checkpoint.load import load_model
+    from jaxinfer.engine.engine import Engine
+    from jaxinfer.sharding import describe, make_mesh, parse_mesh
+    from jaxinfer.tokenizer import TokenizerError, load_tokenizer
+
+    mesh = make_mesh(spec or parse_mesh(str(len(jax.devices()))))
+    log.info("%s", describe(mesh))
+    policy = platforms.for_mesh(mesh, args.attention, args.layer_loop)
+    start = time.perf_counter()
+    model = load_model(args.model, mesh, args.dtype, layer_loop=policy.layer_loop)
+    log.info("model %s (%s) loaded in %.1fs", model.config.name, model.source, time.perf_counter() - start)
+    tok_path = args.tokenizer or model.tokenizer_path
+    if not tok_path:
+        raise TokenizerError(f"--tokenizer is required: no tokenizer found inside or beside {model.source}")
+    tokenizer = load_tokenizer(tok_path)
+    engine = Engine(model, tokenizer, engine_config(args, model.config.max_position_embeddings), policy)
+    if warmup:
+        seconds = engine.warmup()
+        log.info("warm-up compiled %d buckets in %.2fs", len(engine.buckets), seconds)
+    return engine

@@ -1,0 +1,24 @@
+"""`--compile-cache DIR`: JAX's persistent compilation cache in DIR, refused when DIR holds AOT output
+built for other versions or chips."""
+from __future__ import annotations
+
+import os
+
+from jaxinfer.compilation.manifest import check_cache_dir
+
+
+def use_compile_cache(path: str) -> None:
+    """Sends every compilation from now on through JAX's persistent cache in `path`, all entries kept.
+
+    Also when the process already compiled with another (or no) cache directory: JAX fixes the cache
+    at the first compilation, so it is reset here.
+    """
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    check_cache_dir(path)
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    compilation_cache.reset_cache()

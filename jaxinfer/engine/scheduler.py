@@ -1,0 +1,206 @@
+"""The scheduler: slots, KV pages, admission, chunked prefill and preemption. Pure host code (no JAX).
+
+Each data shard has `slots_per_shard` slots and its own `PagePool`. `schedule()` plans one step:
+  1. admit waiting requests (first come, first served) into free slots, least-loaded shard first;
+  2. per shard, one token for every decoding slot, then prompt chunks of prefilling slots (at most
+     `prefill_chunk` tokens each) until the step's token budget is spent, allocating pages as
+     needed; when a shard runs out of pages its youngest running request is preempted (its pages
+     released, re-queued at the front, recomputed later from its prompt and tokens so far);
+  3. the smallest bucket that holds the busiest shard's tokens.
+The plan says which tokens of which sequence run and which sequences sample; the engine turns it
+into device arrays (`step_inputs`) and reports sampled tokens back through `accept`.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+
+from jaxinfer.engine.pages import OutOfPages, PagePool, pages_needed
+from jaxinfer.engine.requests import Request
+
+log = logging.getLogger(__name__)
+
+
+class Sequence:
+    """A request in flight: its tokens, where its KV lives, and how far it has got."""
+
+    def __init__(self, request: Request, seed: int):
+        self.request = request
+        self.seed = seed
+        self.generated: list[int] = []
+        self.inflight = 0          # tokens sampled on device, not yet read back (0 or 1)
+        self.num_computed = 0      # tokens whose K/V are in the cache (or being written by a dispatched step)
+        self.pages: list[int] = []
+        self.shard = self.slot = -1
+        self.preemptions = 0
+        self.finished: str | None = None
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+    @property
+    def total(self) -> int:
+        """Tokens the sequence has: prompt, generated, and the one in flight."""
+        return len(self.request.prompt_ids) + len(self.generated) + self.inflight
+
+    def known_tokens(self, start: int, stop: int) -> list[int]:
+        """Token ids at positions [start, stop) that the host has (prompt, then generated)."""
+        n = len(self.request.prompt_ids)
+        head = list(self.request.prompt_ids[start:min(stop, n)])
+        return head + self.generated[max(start - n, 0):max(stop - n, 0)] if stop > n else head
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """`count` tokens of `seq` from position `start` run in this step; `samples` tokens are sampled
+    after its last one (0 for a prompt chunk that does not reach the prompt's end, else 1)."""
+
+    seq: Sequence
+    start: int
+    count: int
+    samples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    shards: tuple[tuple[Chunk, ...], ...]  # per data shard, in scheduling order
+    bucket: int                            # tokens per shard the step is padded to
+
+    @property
+    def chunks(self) -> list[Chunk]:
+        return [c for shard in self.shards for c in shard]
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerLimits:
+    data_shards: int
+    slots_per_shard: int
+    pages_per_shard: int
+    page_size: int
+    max_context: int
+    prefill_chunk: int
+    buckets: tuple[int, ...]
+
+
+class Scheduler:
+    def __init__(self, limits: SchedulerLimits):
+        self.limits = limits
+        self.pools = [PagePool(limits.pages_per_shard) for _ in range(limits.data_shards)]
+        self.slots: list[list[Sequence | None]] = [[None] * limits.slots_per_shard for _ in range(limits.data_shards)]
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.preemptions = 0
+
+    # ---- queries ---------------------------------------------------------------------------
+    def running(self) -> list[Sequence]:
+        return [s for shard in self.slots for s in shard if s is not None]
+
+    def find(self, request_id: str) -> Sequence | None:
+        for seq in list(self.waiting) + self.running():
+            if seq.id == request_id and not seq.finished:
+                return seq
+        return None
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(s is not None for shard in self.slots for s in shard)
+
+    @property
+    def pages_used(self) -> int:
+        return sum(p.used for p in self.pools)
+
+    @property
+    def pages_total(self) -> int:
+        return sum(p.num_pages for p in self.pools)
+
+    # ---- changes -----------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Ends `seq`: out of the queue, or its slot and pages free for the next step."""
+        seq.finished = reason
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.shard >= 0 and self.slots[seq.shard][seq.slot] is seq:
+            self.slots[seq.shard][seq.slot] = None
+            self.pools[seq.shard].release(seq.pages)
+            seq.pages = []
+
+    def accept(self, seq: Sequence, tokens: list[int]) -> None:
+        """Tokens sampled for `seq` by a step, now read back on the host."""
+        seq.inflight -= len(tokens)
+        seq.generated.extend(tokens)
+
+    def schedule(self) -> StepPlan | None:
+        """Plans the next step and marks its tokens computed and its samples in flight; None if idle."""
+        self._admit()
+        budget = self.limits.buckets[-1]
+        shards = tuple(tuple(self._schedule_shard(d, budget)) for d in range(self.limits.data_shards))
+        if not any(shards):
+            return None
+        used = max(sum(c.count for c in chunks) for chunks in shards)
+        plan = StepPlan(shards, next(b for b in self.limits.buckets if b >= used))
+        for chunk in plan.chunks:
+            chunk.seq.num_computed = chunk.start + chunk.count
+            chunk.seq.inflight += chunk.samples
+        return plan
+
+    # ---- internals ---------------------------------------------------------------------------
+    def _admit(self) -> None:
+        while self.waiting:
+            free = [(sum(s is None for s in shard), -d) for d, shard in enumerate(self.slots)]
+            count, neg_d = max(free)
+            if count == 0 or self.waiting[0].inflight:  # a preempted request's last token is still in flight
+                return
+            seq = self.waiting.popleft()
+            seq.shard = -neg_d
+            seq.slot = self.slots[seq.shard].index(None)
+            self.slots[seq.shard][seq.slot] = seq
+
+    def _preempt_youngest(self, shard: int) -> Sequence:
+        running = [s for s in self.slots[shard] if s is not None]
+        victim = max(running, key=lambda s: (s.request.arrival_time, s.id))
+        self.pools[shard].release(victim.pages)
+        victim.pages, victim.num_computed = [], 0
+        self.slots[shard][victim.slot] = None
+        victim.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(victim)
+        log.info("preempted request %s (KV pages exhausted on data shard %d); it will be recomputed", victim.id, shard)
+        return victim
+
+    def _done_by_length(self, seq: Sequence) -> bool:
+        produced = len(seq.generated) + seq.inflight
+        return produced >= seq.request.params.max_tokens or seq.total >= self.limits.max_context
+
+    def _schedule_shard(self, shard: int, budget: int) -> list[Chunk]:
+        """Decodes first, then prefill chunks, oldest request first within each."""
+        pool, page = self.pools[shard], self.limits.page_size
+        running = sorted((s for s in self.slots[shard] if s is not None), key=lambda s: (s.request.arrival_time, s.id))
+        decodes = [s for s in running if s.total - s.num_computed == 1]
+        prefills = [s for s in running if s.total - s.num_computed > 1]
+        plan: list[Chunk] = []
+        for seq in decodes + prefills:
+            if self.slots[shard][seq.slot] is not seq or budget == 0:
+                continue
+            if seq.total - seq.num_computed == 1 and self._done_by_length(seq):
+                continue  # finished by length; collected when its last token is read back
+            count = min(seq.total - seq.num_computed, budget, self.limits.prefill_chunk)
+            while True:
+                need = pages_needed(seq.num_computed + count, page) - len(seq.pages)
+                try:
+                    seq.pages += pool.allocate(max(need, 0))
+                    break
+                except OutOfPages:
+                    victim = self._preempt_youngest(shard)
+                    budget += sum(c.count for c in plan if c.seq is victim)
+                    plan = [c for c in plan if c.seq is not victim]
+                    if victim is seq:
+                        break
+            if self.slots[shard][seq.slot] is not seq:
+                continue
+            samples = int(seq.num_computed + count == seq.total)
+            plan.append(Chunk(seq, seq.num_computed, count, samples))
+            budget -= count
+        return plan

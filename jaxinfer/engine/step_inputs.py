@@ -1,0 +1,118 @@
+"""A step's inputs: the `StepInputs` pytree the jitted step takes, and the host builder that fills it
+from a `StepPlan`. The engine, warm-up and AOT compilation all build their arrays here, so the
+compiled signatures are exactly the ones the engine runs.
+
+Per data shard, a step carries up to `bucket` tokens laid out slot by slot. Tokens of decoding
+slots come from the previous step's samples on device (`use_prev`), so the host can dispatch step
+n+1 before it has read step n's tokens back.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from jaxinfer.engine.scheduler import StepPlan
+from jaxinfer.sampling import SamplingArrays
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    """Arrays of one step. D = data shards, T = token bucket, S = slots per shard, W = pages per slot."""
+
+    tokens: jax.Array        # i32 [D, T] prompt tokens (ignored where use_prev)
+    use_prev: jax.Array      # bool [D, T] take the token the previous step sampled for prev_slot
+    prev_slot: jax.Array     # i32 [D, T]
+    positions: jax.Array     # i32 [D, T] absolute positions; -1 for padding
+    write_page: jax.Array    # i32 [D, T] shard-local page receiving this token's K/V; out of range = drop
+    write_offset: jax.Array  # i32 [D, T]
+    kv_lens: jax.Array       # i32 [D, S] tokens in cache per slot after this step's writes
+    page_indices: jax.Array  # i32 [D, S, W] shard-local page tables
+    cu_q_lens: jax.Array     # i32 [D, S + 1]
+    num_seqs: jax.Array      # i32 [D, 1]
+    sample_index: jax.Array  # i32 [D, S] token whose logits are sampled for each slot
+    sampling: SamplingArrays  # each field [D, S]
+
+    @classmethod
+    def from_flat(cls, arrays: dict) -> "StepInputs":
+        """From one flat dict holding every field, the sampling ones included (as `HostBatchBuilder` builds)."""
+        sampling_keys = [f.name for f in dataclasses.fields(SamplingArrays)]
+        return cls(**{k: v for k, v in arrays.items() if k not in sampling_keys},
+                   sampling=SamplingArrays(**{k: arrays[k] for k in sampling_keys}))
+
+
+@dataclasses.dataclass(frozen=True)
+class HostBatchBuilder:
+    """Builds one step's host (numpy) arrays; shapes depend only on these sizes and the bucket."""
+
+    data_shards: int
+    slots_per_shard: int
+    pages_per_slot: int
+    pages_per_shard: int
+    page_size: int
+
+    def empty(self, bucket: int) -> dict[str, np.ndarray]:
+        """An idle step: no tokens, every write dropped (what warm-up runs and AOT compiles)."""
+        d, s, w = self.data_shards, self.slots_per_shard, self.pages_per_slot
+        return dict(
+            tokens=np.zeros((d, bucket), np.int32), use_prev=np.zeros((d, bucket), bool),
+            prev_slot=np.zeros((d, bucket), np.int32), positions=np.full((d, bucket), -1, np.int32),
+            write_page=np.full((d, bucket), self.pages_per_shard, np.int32),
+            write_offset=np.zeros((d, bucket), np.int32), kv_lens=np.zeros((d, s), np.int32),
+            page_indices=np.zeros((d, s, w), np.int32), cu_q_lens=np.zeros((d, s + 1), np.int32),
+            num_seqs=np.full((d, 1), s, np.int32), sample_index=np.zeros((d, s), np.int32),
+            temperature=np.zeros((d, s), np.float32), top_k=np.zeros((d, s), np.int32),
+            top_p=np.ones((d, s), np.float32), min_p=np.zeros((d, s), np.float32),
+            seed=np.zeros((d, s), np.uint32), position=np.zeros((d, s), np.int32),
+            logprobs=np.zeros((d, s), bool))
+
+    def build(self, plan: StepPlan) -> dict[str, np.ndarray]:
+        """The arrays of `plan`, with a few numpy ops per shard (a Python loop over slots and tokens costs
+        milliseconds of host time per step at batch 32, taken from the device's cores on CPU)."""
+        host = self.empty(plan.bucket)
+        for d, chunks in enumerate(plan.shards):
+            if chunks:  # a shard with no tokens keeps cu_q_lens all zero
+                self._fill_shard(host, d, sorted(chunks, key=lambda c: c.seq.slot))
+        return host
+
+    def _fill_shard(self, host: dict, d: int, chunks) -> None:
+        page = self.page_size
+        seqs = [c.seq for c in chunks]
+        slots = np.array([seq.slot for seq in seqs], np.int32)
+        starts = np.array([c.start for c in chunks], np.int32)
+        counts = np.array([c.count for c in chunks], np.int32)
+        known = np.array([len(seq.request.prompt_ids) + len(seq.generated) for seq in seqs], np.int32)
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)  # each chunk's first token
+        n = int(counts.sum())
+        by_slot = np.zeros(self.slots_per_shard, np.int32)
+        by_slot[slots] = counts
+        host["cu_q_lens"][d, 1:] = np.cumsum(by_slot)
+        entry = np.repeat(np.arange(len(chunks)), counts)
+        pos = starts[entry] + np.arange(n, dtype=np.int32) - first[entry]
+        for c, f in zip(chunks, first.tolist()):
+            host["page_indices"][d, c.seq.slot, :len(c.seq.pages)] = c.seq.pages
+            have = c.seq.known_tokens(c.start, c.start + c.count)  # the rest come from the previous step's samples
+            host["tokens"][d, f:f + len(have)] = have
+        host["use_prev"][d, :n] = pos >= known[entry]
+        host["prev_slot"][d, :n] = slots[entry]
+        host["positions"][d, :n] = pos
+        host["write_page"][d, :n] = host["page_indices"][d, slots[entry], pos // page]
+        host["write_offset"][d, :n] = pos % page
+        host["kv_lens"][d, slots] = starts + counts
+        done = [e for e, c in enumerate(chunks) if c.samples]
+        if not done:
+            return
+        if any(chunks[e].samples > 1 for e in done):
+            raise NotImplementedError("several samples per slot need the speculative verification step")
+        at = slots[done]
+        params = [seqs[e].request.params for e in done]
+        host["sample_index"][d, at] = first[done] + counts[done] - 1
+        host["temperature"][d, at] = [p.temperature for p in params]
+        host["top_k"][d, at] = [p.top_k for p in params]
+        host["top_p"][d, at] = [p.top_p for p in params]
+        host["min_p"][d, at] = [p.min_p for p in params]
+        host["seed"][d, at] = [seqs[e].seed for e in done]
+        host["position"][d, at] = starts[done] + counts[done]
+        host["logprobs"][d, at] = [p.logprobs for p in params]
