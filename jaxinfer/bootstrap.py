@@ -5,6 +5,7 @@ The batch job, the server, the AOT tool and the scripts all declare the shared f
 checked (`check_paths`) before anything is loaded, and a mesh the engine cannot serve is refused
 before the model is read.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,27 +22,48 @@ DEFAULT_MAX_CONTEXT = 1024
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by the batch job, the server and the AOT tool."""
-    p.add_argument("--mesh", default=None, help="2x4 (data x tensor), data=2,tensor=4 or a preset "
-                   "(default: 2x4 on CPU, all devices on tensor otherwise)")
-    p.add_argument("--model", default=None, help="preset, native checkpoint dir, HF dir, .gguf or llama2.c .bin "
-                   "(default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--mesh",
+        default=None,
+        help="2x4 (data x tensor), data=2,tensor=4 or a preset (default: 2x4 on CPU, all devices on tensor otherwise)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="preset, native checkpoint dir, HF dir, .gguf or llama2.c .bin (default: embedded SmolLM2-135M-Instruct)",
+    )
     p.add_argument("--tokenizer", default=None, help="tokenizer path when it is not inside or beside the model")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     e = p.add_argument_group("engine")
     e.add_argument("--max-slots", type=int, default=8)
-    e.add_argument("--max-context", type=int, default=None,
-                   help=f"prompt + output tokens per request (default: {DEFAULT_MAX_CONTEXT}, or the model's limit "
-                   "when smaller)")
+    e.add_argument(
+        "--max-context",
+        type=int,
+        default=None,
+        help=f"prompt + output tokens per request (default: {DEFAULT_MAX_CONTEXT}, or the model's limit when smaller)",
+    )
     e.add_argument("--prefill-chunk", type=int, default=256, help="most prompt tokens of one request per step")
-    e.add_argument("--max-step-tokens", type=int, default=None,
-                   help="tokens per data shard per step (default: max(--prefill-chunk, slots per shard))")
+    e.add_argument(
+        "--max-step-tokens",
+        type=int,
+        default=None,
+        help="tokens per data shard per step (default: max(--prefill-chunk, slots per shard))",
+    )
     e.add_argument("--page-size", type=int, default=16)
     e.add_argument("--kv-pages", type=int, default=None, help="KV pages per data shard")
     e.add_argument("--kv-memory-fraction", type=float, default=None)
-    e.add_argument("--attention", default="auto", choices=["auto", "pallas", "xla", "native"],
-                   help="auto: the Pallas kernel on TPU, the native C++ kernel on CPU, XLA elsewhere")
-    e.add_argument("--layer-loop", default="auto", choices=["auto", "scan", "unrolled"],
-                   help="auto: unrolled on CPU (faster there), scan elsewhere (compile time independent of depth)")
+    e.add_argument(
+        "--attention",
+        default="auto",
+        choices=["auto", "pallas", "xla", "native"],
+        help="auto: the Pallas kernel on TPU, the native C++ kernel on CPU, XLA elsewhere",
+    )
+    e.add_argument(
+        "--layer-loop",
+        default="auto",
+        choices=["auto", "scan", "unrolled"],
+        help="auto: unrolled on CPU (faster there), scan elsewhere (compile time independent of depth)",
+    )
     e.add_argument("--strict-no-recompile", action="store_true")
     e.add_argument("--compile-cache", default=None, help="directory for JAX's persistent compilation cache")
     p.add_argument("--verbose", action="store_true")
@@ -54,10 +76,17 @@ def engine_config(args, model_limit: int):
 
     max_context = args.max_context if args.max_context is not None else min(DEFAULT_MAX_CONTEXT, model_limit)
     return EngineConfig(
-        max_slots=args.max_slots, page_size=args.page_size, max_context=max_context,
-        prefill_chunk=args.prefill_chunk, max_step_tokens=args.max_step_tokens, kv_pages=args.kv_pages,
-        kv_memory_fraction=args.kv_memory_fraction, attention=args.attention, layer_loop=args.layer_loop,
-        strict_no_recompile=args.strict_no_recompile)
+        max_slots=args.max_slots,
+        page_size=args.page_size,
+        max_context=max_context,
+        prefill_chunk=args.prefill_chunk,
+        max_step_tokens=args.max_step_tokens,
+        kv_pages=args.kv_pages,
+        kv_memory_fraction=args.kv_memory_fraction,
+        attention=args.attention,
+        layer_loop=args.layer_loop,
+        strict_no_recompile=args.strict_no_recompile,
+    )
 
 
 def check_paths(args, inputs: tuple[str, ...] = ()) -> None:
@@ -68,8 +97,9 @@ def check_paths(args, inputs: tuple[str, ...] = ()) -> None:
 
     model = getattr(args, "model", None)
     if model and model not in PRESETS and model != DEFAULT_MODEL and not os.path.exists(model):
-        raise ConfigError(f"--model {model}: no such file or directory, and not a preset "
-                          f"(presets: {', '.join(sorted(PRESETS))})")
+        raise ConfigError(
+            f"--model {model}: no such file or directory, and not a preset (presets: {', '.join(sorted(PRESETS))})"
+        )
     if getattr(args, "tokenizer", None) and not os.path.exists(args.tokenizer):
         raise ConfigError(f"--tokenizer {args.tokenizer}: no such file or directory")
     cache = getattr(args, "compile_cache", None)

@@ -1,4 +1,5 @@
 """Shared CLI plumbing: logging set-up and turning user mistakes into one-line errors, not tracebacks."""
+
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +14,11 @@ USER_ERRORS: tuple[type[BaseException], ...] = (CheckpointError, ConfigError, Me
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     for noisy in ("absl", "jax._src", "orbax", "etils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -7,6 +7,7 @@
 
 Exit status: 0 on success, 1 when the server answers with an error status (printed as CODE: details).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,9 @@ from jaxinfer.proto import jaxinfer_pb2_grpc
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jaxinfer.client", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="jaxinfer.client", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("prompt", nargs="?", help="prompt text")
     p.add_argument("--target", default="localhost:50051", help="server address host:port")
     p.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
@@ -46,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_request(args) -> pb.GenerateRequest:
-    params = pb.SamplingParams(stop=args.stop, stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos,
-                               logprobs=args.logprobs)
+    params = pb.SamplingParams(
+        stop=args.stop, stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos, logprobs=args.logprobs
+    )
     for name in ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed"):
         if getattr(args, name) is not None:
             setattr(params, name, getattr(args, name))
@@ -87,9 +90,11 @@ def main(argv=None) -> int:
                     if response.HasField("usage"):
                         u = response.usage
                         reason = pb.FinishReason.Name(response.finish_reason).removeprefix("FINISH_REASON_").lower()
-                        print(f"\n[{reason}: {u.prompt_tokens} prompt + {u.completion_tokens} completion tokens, "
-                              f"TTFT {u.time_to_first_token_s * 1e3:.0f} ms, total {u.total_time_s:.2f} s]",
-                              file=sys.stderr)
+                        print(
+                            f"\n[{reason}: {u.prompt_tokens} prompt + {u.completion_tokens} completion tokens, "
+                            f"TTFT {u.time_to_first_token_s * 1e3:.0f} ms, total {u.total_time_s:.2f} s]",
+                            file=sys.stderr,
+                        )
         except grpc.RpcError as e:
             print(f"\njaxinfer.client: error: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1

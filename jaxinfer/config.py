@@ -4,12 +4,14 @@ A `ModelConfig` describes the *logical* model (the numbers a checkpoint was trai
 with). Head padding for meshes whose tensor axis does not divide the head counts is
 a load-time concern handled in `jaxinfer.model.heads`, never by editing presets.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -47,15 +49,24 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = (2,)
 
     def __post_init__(self):
-        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                      "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+        for field in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             value = getattr(self, field)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"model config {self.name!r}: {field}={value!r} must be a positive integer")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"model config {self.name!r}: num_heads={self.num_heads} must be a multiple of "
-                f"num_kv_heads={self.num_kv_heads}")
+                f"num_kv_heads={self.num_kv_heads}"
+            )
         if self.head_dim % 2:
             raise ConfigError(f"model config {self.name!r}: head_dim={self.head_dim} must be even for RoPE")
 
@@ -63,7 +74,7 @@ class ModelConfig:
     def q_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def param_count(self) -> int:
@@ -76,7 +87,7 @@ class ModelConfig:
 
     # ---- Hugging Face config.json ---------------------------------------------------
     @classmethod
-    def from_hf_config(cls, source: str | os.PathLike | Mapping[str, Any], name: str | None = None) -> "ModelConfig":
+    def from_hf_config(cls, source: str | os.PathLike | Mapping[str, Any], name: str | None = None) -> ModelConfig:
         """Builds a config from a HF `config.json` path, a directory holding one, or its parsed dict."""
         if isinstance(source, Mapping):
             cfg, origin = dict(source), "config dict"
@@ -97,7 +108,8 @@ class ModelConfig:
         if model_type not in ("llama", "mistral") and not any(a in SUPPORTED_HF_ARCHITECTURES for a in archs):
             raise ConfigError(
                 f"{origin}: unsupported architecture {archs or model_type!r}; "
-                f"supported: {', '.join(SUPPORTED_HF_ARCHITECTURES)}")
+                f"supported: {', '.join(SUPPORTED_HF_ARCHITECTURES)}"
+            )
         if cfg.get("sliding_window") not in (None, 0) and model_type == "mistral":
             raise ConfigError(f"{origin}: sliding_window={cfg['sliding_window']} is not supported")
         for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
@@ -114,7 +126,8 @@ class ModelConfig:
                     factor=float(rs["factor"]),
                     low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
                     high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
-                    original_max_position=int(rs.get("original_max_position_embeddings", 8192)))
+                    original_max_position=int(rs.get("original_max_position_embeddings", 8192)),
+                )
             elif kind not in (None, "default"):
                 raise ConfigError(f"{origin}: rope_scaling type {kind!r} is not supported (supported: llama3)")
         eos = cfg.get("eos_token_id", 2)
@@ -140,22 +153,34 @@ class ModelConfig:
     def to_hf_config(self) -> dict[str, Any]:
         """The equivalent HF `LlamaConfig` dict (used to build reference models in tests)."""
         d = {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim, "rope_theta": self.rope_theta, "rms_norm_eps": self.rms_norm_eps,
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
             "tie_word_embeddings": self.tie_embeddings,
-            "max_position_embeddings": self.max_position_embeddings, "hidden_act": "silu",
-            "attention_bias": False, "mlp_bias": False,
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
         }
         if self.rope_scaling:
             r = self.rope_scaling
-            d["rope_scaling"] = {"rope_type": "llama3", "factor": r.factor, "low_freq_factor": r.low_freq_factor,
-                                 "high_freq_factor": r.high_freq_factor,
-                                 "original_max_position_embeddings": r.original_max_position}
+            d["rope_scaling"] = {
+                "rope_type": "llama3",
+                "factor": r.factor,
+                "low_freq_factor": r.low_freq_factor,
+                "high_freq_factor": r.high_freq_factor,
+                "original_max_position_embeddings": r.original_max_position,
+            }
         return d
 
 
@@ -164,31 +189,119 @@ SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 _LLAMA3_VOCAB = 128256
 _LLAMA3_EOS = (128001, 128008, 128009)
 
-PRESETS: dict[str, ModelConfig] = {c.name: c for c in [
-    ModelConfig(name="tiny", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
-                num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512),
-    ModelConfig(name="stories260k", vocab_size=512, hidden_size=64, intermediate_size=172, num_layers=5,
-                num_heads=8, num_kv_heads=4, head_dim=8, tie_embeddings=True, max_position_embeddings=512),
-    ModelConfig(name="smollm2-135m", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
-                num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0, tie_embeddings=True,
-                max_position_embeddings=8192, bos_token_id=1, eos_token_ids=(2,)),
-    ModelConfig(name="llama2-7b", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
-                num_heads=32, num_kv_heads=32, head_dim=128, max_position_embeddings=4096),
-    ModelConfig(name="llama3-8b", vocab_size=_LLAMA3_VOCAB, hidden_size=4096, intermediate_size=14336,
-                num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
-                max_position_embeddings=8192, bos_token_id=128000, eos_token_ids=_LLAMA3_EOS),
-    ModelConfig(name="llama3.1-8b", vocab_size=_LLAMA3_VOCAB, hidden_size=4096, intermediate_size=14336,
-                num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
-                rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192), max_position_embeddings=131072,
-                bos_token_id=128000, eos_token_ids=_LLAMA3_EOS),
-    ModelConfig(name="llama3-70b", vocab_size=_LLAMA3_VOCAB, hidden_size=8192, intermediate_size=28672,
-                num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
-                max_position_embeddings=8192, bos_token_id=128000, eos_token_ids=_LLAMA3_EOS),
-    ModelConfig(name="llama3.2-1b", vocab_size=_LLAMA3_VOCAB, hidden_size=2048, intermediate_size=8192,
-                num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64, rope_theta=500000.0,
-                rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192), tie_embeddings=True,
-                max_position_embeddings=131072, bos_token_id=128000, eos_token_ids=_LLAMA3_EOS),
-]}
+PRESETS: dict[str, ModelConfig] = {
+    c.name: c
+    for c in [
+        ModelConfig(
+            name="tiny",
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            max_position_embeddings=512,
+        ),
+        ModelConfig(
+            name="stories260k",
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=172,
+            num_layers=5,
+            num_heads=8,
+            num_kv_heads=4,
+            head_dim=8,
+            tie_embeddings=True,
+            max_position_embeddings=512,
+        ),
+        ModelConfig(
+            name="smollm2-135m",
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_layers=30,
+            num_heads=9,
+            num_kv_heads=3,
+            head_dim=64,
+            rope_theta=100000.0,
+            tie_embeddings=True,
+            max_position_embeddings=8192,
+            bos_token_id=1,
+            eos_token_ids=(2,),
+        ),
+        ModelConfig(
+            name="llama2-7b",
+            vocab_size=32000,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_layers=32,
+            num_heads=32,
+            num_kv_heads=32,
+            head_dim=128,
+            max_position_embeddings=4096,
+        ),
+        ModelConfig(
+            name="llama3-8b",
+            vocab_size=_LLAMA3_VOCAB,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_layers=32,
+            num_heads=32,
+            num_kv_heads=8,
+            head_dim=128,
+            rope_theta=500000.0,
+            max_position_embeddings=8192,
+            bos_token_id=128000,
+            eos_token_ids=_LLAMA3_EOS,
+        ),
+        ModelConfig(
+            name="llama3.1-8b",
+            vocab_size=_LLAMA3_VOCAB,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_layers=32,
+            num_heads=32,
+            num_kv_heads=8,
+            head_dim=128,
+            rope_theta=500000.0,
+            rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
+            max_position_embeddings=131072,
+            bos_token_id=128000,
+            eos_token_ids=_LLAMA3_EOS,
+        ),
+        ModelConfig(
+            name="llama3-70b",
+            vocab_size=_LLAMA3_VOCAB,
+            hidden_size=8192,
+            intermediate_size=28672,
+            num_layers=80,
+            num_heads=64,
+            num_kv_heads=8,
+            head_dim=128,
+            rope_theta=500000.0,
+            max_position_embeddings=8192,
+            bos_token_id=128000,
+            eos_token_ids=_LLAMA3_EOS,
+        ),
+        ModelConfig(
+            name="llama3.2-1b",
+            vocab_size=_LLAMA3_VOCAB,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_layers=16,
+            num_heads=32,
+            num_kv_heads=8,
+            head_dim=64,
+            rope_theta=500000.0,
+            rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192),
+            tie_embeddings=True,
+            max_position_embeddings=131072,
+            bos_token_id=128000,
+            eos_token_ids=_LLAMA3_EOS,
+        ),
+    ]
+}
 
 
 def get_preset(name: str) -> ModelConfig:

@@ -1,4 +1,5 @@
 """`python -m jaxinfer.convert SRC DST`: convert a HF directory, GGUF or llama2.c file to a native checkpoint."""
+
 from __future__ import annotations
 
 import argparse

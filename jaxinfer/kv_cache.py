@@ -9,6 +9,7 @@ layout of the ragged paged attention kernel. Pages are split over `data` (each d
 a contiguous block of pages and the slots that use them) and combined heads over `tensor`.
 Page numbers inside a shard's page tables are local to that shard.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,8 +38,7 @@ class CacheShape:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (self.layers, self.data_shards * self.pages_per_shard, self.page_size,
-                2 * self.kv_heads, self.head_dim)
+        return (self.layers, self.data_shards * self.pages_per_shard, self.page_size, 2 * self.kv_heads, self.head_dim)
 
     @property
     def bytes_per_page(self) -> int:
@@ -68,8 +68,10 @@ def abstract_cache(mesh, shape: CacheShape, layer_loop: str = "scan"):
 def allocate_cache(mesh, shape: CacheShape, layer_loop: str = "scan") -> jax.Array | tuple[jax.Array, ...]:
     """Zeroed cache created directly sharded on the mesh (no host copy); see the module docstring."""
     spec = abstract_cache(mesh, shape, layer_loop)
-    return jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), spec),
-                   out_shardings=jax.tree.map(lambda a: a.sharding, spec))()
+    return jax.jit(
+        lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), spec),
+        out_shardings=jax.tree.map(lambda a: a.sharding, spec),
+    )()
 
 
 def pages_for_budget(budget_bytes_per_device: float, shape: CacheShape, tensor: int) -> int:
@@ -80,8 +82,9 @@ def pages_for_budget(budget_bytes_per_device: float, shape: CacheShape, tensor: 
     return max(0, int(budget_bytes_per_device // (shape.bytes_per_page // tensor)))
 
 
-def pages_for_memory_fraction(memory_bytes: int, fraction: float, in_use_bytes: int, shape: CacheShape,
-                              tensor: int) -> int:
+def pages_for_memory_fraction(
+    memory_bytes: int, fraction: float, in_use_bytes: int, shape: CacheShape, tensor: int
+) -> int:
     """Pages per data shard when `fraction` of each device's memory may hold weights plus KV cache.
 
     `--kv-memory-fraction` means this both in the engine (memory and use measured on the device) and in

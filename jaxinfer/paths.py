@@ -1,4 +1,5 @@
 """Where jaxinfer keeps what it builds on a machine: converted default models, native CPU kernels."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Device facts and roofline arithmetic: memory bandwidth per device and decode MBU."""
+
 from __future__ import annotations
 
 import jax
@@ -8,8 +9,15 @@ from jaxinfer.sharding import per_device_bytes
 
 # Peak HBM bandwidth per device (bytes/s), by `device_kind` substring. Published figures.
 PEAK_BANDWIDTH = {
-    "TPU v5 lite": 819e9, "TPU v5e": 819e9, "TPU v5p": 2765e9, "TPU v5": 2765e9, "TPU v6": 1640e9,
-    "TPU v4": 1228e9, "H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12,
+    "TPU v5 lite": 819e9,
+    "TPU v5e": 819e9,
+    "TPU v5p": 2765e9,
+    "TPU v5": 2765e9,
+    "TPU v6": 1640e9,
+    "TPU v4": 1228e9,
+    "H200": 4.8e12,
+    "H100": 3.35e12,
+    "A100": 2.0e12,
 }
 
 
@@ -29,7 +37,8 @@ def decode_mbu(engine, elapsed: float) -> str:
         return "MBU: n/a (no steps)"
     achieved = per_device_bytes(engine.model.params) * steps / elapsed
     if bw is None:
-        return f"MBU: n/a (peak bandwidth of {jax.devices()[0].device_kind!r} unknown); weights read {achieved / 1e9:.2f} GB/s per device"
+        kind = engine.model.mesh.devices.flat[0].device_kind
+        return f"MBU: n/a (peak bandwidth of {kind!r} unknown); weights read {achieved / 1e9:.2f} GB/s per device"
     return f"MBU (weights only, lower bound): {achieved / bw:.1%} of {bw / 1e9:.0f} GB/s"
 
 

@@ -11,6 +11,7 @@ that the bootstrap (or the engine, for a bare `Engine(model, ...)`) resolved fro
     (a sublane tile; a short step is bound by reading the weights, so padding is free there);
   - `interpret`: Pallas kernels run in TPU interpret mode anywhere but on a TPU.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,11 +26,11 @@ PLATFORMS = ("cpu", "gpu", "tpu")
 
 @dataclasses.dataclass(frozen=True)
 class Platform:
-    name: str         # cpu | gpu | tpu
-    attention: str    # pallas | xla | native
-    layer_loop: str   # scan | unrolled
+    name: str  # cpu | gpu | tpu
+    attention: str  # pallas | xla | native
+    layer_loop: str  # scan | unrolled
     min_bucket: int
-    interpret: bool   # Pallas kernels in TPU interpret mode
+    interpret: bool  # Pallas kernels in TPU interpret mode
 
 
 def mesh_platform(mesh) -> str:
@@ -42,15 +43,19 @@ def pallas_interpret(mesh) -> bool:
     return mesh_platform(mesh) != "tpu"
 
 
-def resolve(platform: str, attention: str = "auto", layer_loop: str = "auto", min_bucket: int | None = None,
-            quiet: bool = False) -> Platform:
+def resolve(
+    platform: str, attention: str = "auto", layer_loop: str = "auto", min_bucket: int | None = None, quiet: bool = False
+) -> Platform:
     """The policy for `platform` with the user's choices applied; an impossible choice is a ConfigError."""
     if platform not in PLATFORMS:
         raise ConfigError(f"platform {platform!r}: must be one of {', '.join(PLATFORMS)}")
-    return Platform(name=platform, attention=_attention(attention, platform, quiet),
-                    layer_loop=layer_loop_for(platform, layer_loop),
-                    min_bucket=min_bucket if min_bucket is not None else (1 if platform == "cpu" else 8),
-                    interpret=platform != "tpu")
+    return Platform(
+        name=platform,
+        attention=_attention(attention, platform, quiet),
+        layer_loop=layer_loop_for(platform, layer_loop),
+        min_bucket=min_bucket if min_bucket is not None else (1 if platform == "cpu" else 8),
+        interpret=platform != "tpu",
+    )
 
 
 def for_mesh(mesh, attention: str = "auto", layer_loop: str = "auto", min_bucket: int | None = None) -> Platform:
@@ -67,8 +72,10 @@ def _attention(kind: str, platform: str, quiet: bool) -> str:
             if native.available():
                 return "native"
             if not quiet:
-                log.warning("--attention auto: using the XLA path; the native CPU kernel is unavailable: %s",
-                            native.unavailable_reason())
+                log.warning(
+                    "--attention auto: using the XLA path; the native CPU kernel is unavailable: %s",
+                    native.unavailable_reason(),
+                )
         return "xla"
     if kind == "native":
         if platform != "cpu":

@@ -3,10 +3,12 @@ engine `Request`. The batch job and the gRPC service build every request here (s
 nothing after it validates again. A bad field is a `RequestError` naming the field, the value and
 the limit; `where` prefixes it with the place (a JSONL line, a prompt number, `params.`).
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from jaxinfer.engine.requests import Request, RequestError, SamplingParams
 from jaxinfer.tokenizer import TokenizerError
@@ -14,7 +16,7 @@ from jaxinfer.tokenizer import TokenizerError
 
 @dataclasses.dataclass(frozen=True)
 class RequestLimits:
-    max_context: int        # prompt + generated tokens
+    max_context: int  # prompt + generated tokens
     vocab_size: int
 
     @property
@@ -27,7 +29,7 @@ class RequestBuilder:
         self.tokenizer, self.limits = tokenizer, limits
 
     @classmethod
-    def for_engine(cls, engine) -> "RequestBuilder":
+    def for_engine(cls, engine) -> RequestBuilder:
         return cls(engine.tokenizer, RequestLimits(engine.config.max_context, engine.model.config.vocab_size))
 
     def params(self, raw: SamplingParams | Mapping[str, Any], where: str = "") -> SamplingParams:
@@ -36,25 +38,38 @@ class RequestBuilder:
         params.validate(max_tokens_limit=self.limits.max_context, vocab_size=self.limits.vocab_size, where=where)
         return params
 
-    def build(self, request_id: str, *, text: str | None = None, messages: Sequence[Mapping] | None = None,
-              token_ids: Sequence[int] | None = None, params: SamplingParams | Mapping[str, Any] = SamplingParams(),
-              chat: bool = False, truncate: bool = False, where: str = "", params_where: str = "",
-              text_field: str = "text", truncate_hint: str = "") -> Request:
+    def build(
+        self,
+        request_id: str,
+        *,
+        text: str | None = None,
+        messages: Sequence[Mapping] | None = None,
+        token_ids: Sequence[int] | None = None,
+        params: SamplingParams | Mapping[str, Any] = SamplingParams(),
+        chat: bool = False,
+        truncate: bool = False,
+        where: str = "",
+        params_where: str = "",
+        text_field: str = "text",
+        truncate_hint: str = "",
+    ) -> Request:
         """Exactly one of `text` (rendered with the chat template when `chat`), `messages` or `token_ids`.
 
         An over-long prompt is refused (its message ends with `truncate_hint`), or with `truncate` cut
         to its last tokens. `text_field` is what the protocol calls the text prompt.
         """
-        source, ids = self.encode(text=text, messages=messages, token_ids=token_ids, chat=chat, where=where,
-                                  text_field=text_field)
+        source, ids = self.encode(
+            text=text, messages=messages, token_ids=token_ids, chat=chat, where=where, text_field=text_field
+        )
         limit = self.limits.max_prompt_tokens
         if not ids:
             raise RequestError(f"{where}{source}: the prompt is empty")
         if len(ids) > limit:
             if not truncate:
-                raise RequestError(f"{where}{source}: the prompt is {len(ids)} tokens, above the limit of {limit} "
-                                   f"(max context {self.limits.max_context} minus 1 for the first output token)"
-                                   + truncate_hint)
+                raise RequestError(
+                    f"{where}{source}: the prompt is {len(ids)} tokens, above the limit of {limit} "
+                    f"(max context {self.limits.max_context} minus 1 for the first output token)" + truncate_hint
+                )
             ids = ids[-limit:]
         vocab = self.limits.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
@@ -62,17 +77,22 @@ class RequestBuilder:
             raise RequestError(f"{where}token_ids contains {bad}, outside the vocabulary [0, {vocab})")
         return Request(request_id, ids, self.params(params, where + params_where))
 
-    def encode(self, *, text=None, messages=None, token_ids=None, chat: bool = False, where: str = "",
-               text_field: str = "text") -> tuple[str, list[int]]:
+    def encode(
+        self, *, text=None, messages=None, token_ids=None, chat: bool = False, where: str = "", text_field: str = "text"
+    ) -> tuple[str, list[int]]:
         """(the field that held the prompt, its token ids), with no length limit (Tokenize uses this)."""
-        given = [name for name, value in ((text_field, text), ("messages", messages), ("token_ids", token_ids))
-                 if value is not None]
+        given = [
+            name
+            for name, value in ((text_field, text), ("messages", messages), ("token_ids", token_ids))
+            if value is not None
+        ]
         if not given:
             raise RequestError(f"{where}the prompt is empty: set one of {text_field}, messages or token_ids")
         if len(given) > 1:
             raise RequestError(f"{where}set only one of {text_field}, messages or token_ids, not {' and '.join(given)}")
-        return given[0], self._encode("text" if given[0] == text_field else given[0], text, messages, token_ids,
-                                      chat, where, text_field)
+        return given[0], self._encode(
+            "text" if given[0] == text_field else given[0], text, messages, token_ids, chat, where, text_field
+        )
 
     def _encode(self, source, text, messages, token_ids, chat: bool, where: str, text_field: str) -> list[int]:
         tok = self.tokenizer

@@ -8,6 +8,7 @@ sampling parameters (max_tokens, temperature, top_k, top_p, min_p, seed, stop, s
 ignore_eos, logprobs). A bad line is reported (with its line number) and in the output file; the
 others still run; the exit status is then 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,14 +29,19 @@ BUILTIN_PROMPTS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jaxinfer.run", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="jaxinfer.run", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_model_args(p)
     p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     p.add_argument("--input", help="JSONL file of requests")
     p.add_argument("--output", help="write results as JSONL (input order)")
-    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                   help="render --prompt text with the model's chat template (default: when it has one)")
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="render --prompt text with the model's chat template (default: when it has one)",
+    )
     p.add_argument("--truncate", action="store_true", help="keep the last tokens of over-long prompts")
     s = p.add_argument_group("sampling (defaults for every request)")
     s.add_argument("--max-tokens", type=int, default=128)
@@ -76,9 +82,17 @@ def read_requests(args, engine):
                 raise RequestError(f"{where}expected a JSON object, got {type(obj).__name__}")
             rid = str(obj.pop("id", rid))
             prompt, messages = obj.pop("prompt", None), obj.pop("messages", None)
-            req = builder.build(rid, text=prompt, messages=messages, params={**defaults, **obj}, chat=chat,
-                                truncate=args.truncate, where=where, text_field="prompt",
-                                truncate_hint="; use --truncate to keep the last tokens")
+            req = builder.build(
+                rid,
+                text=prompt,
+                messages=messages,
+                params={**defaults, **obj},
+                chat=chat,
+                truncate=args.truncate,
+                where=where,
+                text_field="prompt",
+                truncate_hint="; use --truncate to keep the last tokens",
+            )
             out.append((rid, req, None))
         except RequestError as e:
             msg = str(e) if str(e).startswith(where) else where + str(e)
@@ -87,8 +101,16 @@ def read_requests(args, engine):
 
 
 def default_sampling(args) -> dict:
-    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                min_p=args.min_p, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+    return dict(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+    )
 
 
 def percentile(values, q):
@@ -105,8 +127,11 @@ def summarize(results, elapsed: float, engine) -> str:
     prompt = sum(r.prompt_tokens for r in ok)
     gen = sum(r.completion_tokens for r in ok)
     ttft = [r.ttft_s * 1e3 for r in ok if r.ttft_s is not None]
-    tpot = [(r.total_s - r.ttft_s) / (r.completion_tokens - 1) * 1e3 for r in ok
-            if r.ttft_s is not None and r.completion_tokens > 1]
+    tpot = [
+        (r.total_s - r.ttft_s) / (r.completion_tokens - 1) * 1e3
+        for r in ok
+        if r.ttft_s is not None and r.completion_tokens > 1
+    ]
     lines = [
         f"requests {len(ok)}  prompt tokens {prompt}  generated tokens {gen}  wall {elapsed:.2f}s",
         f"TTFT ms p50 {percentile(ttft, 50):.1f} p90 {percentile(ttft, 90):.1f} p99 {percentile(ttft, 99):.1f}",
@@ -142,18 +167,21 @@ def main(argv=None) -> int:
         from tqdm import tqdm
 
         start = time.perf_counter()
-        with tqdm(total=len(requests), desc="requests", unit="req", file=sys.stderr,
-                  disable=len(requests) < 8 or None) as bar:
+        with tqdm(
+            total=len(requests), desc="requests", unit="req", file=sys.stderr, disable=len(requests) < 8 or None
+        ) as bar:
             results = engine.generate(requests, on_event=lambda ev: ev.result and bar.update(1))
         elapsed = time.perf_counter() - start
         by_id = {r.id: r for r in results}
         if args.output:
             with open(args.output, "w", encoding="utf-8") as f:
                 for rid, req, err in items:
-                    f.write(json.dumps(result_record(rid, req, by_id.get(rid) if req else None, err),
-                                       ensure_ascii=False) + "\n")
+                    f.write(
+                        json.dumps(result_record(rid, req, by_id.get(rid) if req else None, err), ensure_ascii=False)
+                        + "\n"
+                    )
         else:
-            for rid, req, err in items:
+            for rid, req, _ in items:
                 if req is not None:
                     r = by_id[rid]
                     seed = f", seed {r.seed}" if req.params.temperature > 0 else ""  # greedy needs none
@@ -165,11 +193,16 @@ def main(argv=None) -> int:
 def result_record(rid, req, result, err) -> dict:
     if err is not None:
         return {"id": rid, "error": err}
-    return {"id": rid, "text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
-            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
-            "seed": result.seed,
-            "timings": {"ttft_s": result.ttft_s, "total_s": result.total_s},
-            **({"logprobs": result.logprobs} if result.logprobs is not None else {})}
+    return {
+        "id": rid,
+        "text": result.text,
+        "token_ids": result.token_ids,
+        "finish_reason": result.finish_reason,
+        "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
+        "seed": result.seed,
+        "timings": {"ttft_s": result.ttft_s, "total_s": result.total_s},
+        **({"logprobs": result.logprobs} if result.logprobs is not None else {}),
+    }
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ top-k, top-p (nucleus), min-p, all on the temperature-scaled distribution. The r
 row uses `fold_in(key(seed), position)`: it depends only on the request's seed and the position of
 the token being sampled, never on the slot or the batch around it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,12 +20,12 @@ class SamplingArrays:
     """Per-row sampling parameters, all shaped [rows]."""
 
     temperature: jax.Array  # f32; 0 = greedy
-    top_k: jax.Array        # i32; 0 = off
-    top_p: jax.Array        # f32 in (0, 1]; 1 = off
-    min_p: jax.Array        # f32 in [0, 1); 0 = off
-    seed: jax.Array         # u32
-    position: jax.Array     # i32, absolute position of the token being sampled
-    logprobs: jax.Array     # bool, the caller wants the sampled token's logprob (else it is returned as 0)
+    top_k: jax.Array  # i32; 0 = off
+    top_p: jax.Array  # f32 in (0, 1]; 1 = off
+    min_p: jax.Array  # f32 in [0, 1); 0 = off
+    seed: jax.Array  # u32
+    position: jax.Array  # i32, absolute position of the token being sampled
+    logprobs: jax.Array  # bool, the caller wants the sampled token's logprob (else it is returned as 0)
 
 
 def sample(logits: jax.Array, p: SamplingArrays) -> tuple[jax.Array, jax.Array]:

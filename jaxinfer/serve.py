@@ -7,6 +7,7 @@ The port opens before the model loads, with health NOT_SERVING; it turns SERVING
 compiled every bucket. SIGTERM or SIGINT: health NOT_SERVING, new requests get UNAVAILABLE,
 in-flight requests get --drain-seconds to finish, then the process exits 0 (at once, during start-up).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,28 +17,42 @@ import signal
 import sys
 import threading
 
-from jaxinfer.cli_common import setup_logging, user_errors
 from jaxinfer.bootstrap import add_model_args, build_engine, check_paths
+from jaxinfer.cli_common import setup_logging, user_errors
 
 log = logging.getLogger("jaxinfer.serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jaxinfer.serve", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="jaxinfer.serve", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_model_args(p)
     s = p.add_argument_group("server")
     s.add_argument("--host", default="0.0.0.0", help="address to listen on (gRPC and metrics)")
     s.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port, logged)")
     s.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (0: any free port)")
-    s.add_argument("--max-queue", type=int, default=256,
-                   help="requests that may wait for a slot; beyond it requests get RESOURCE_EXHAUSTED")
-    s.add_argument("--request-timeout", type=float, default=600.0,
-                   help="seconds a request may take; the client's deadline applies when shorter")
-    s.add_argument("--drain-seconds", type=float, default=30.0,
-                   help="on SIGTERM/SIGINT, how long in-flight requests get to finish")
-    s.add_argument("--stream-buffer", type=int, default=64,
-                   help="responses buffered per streaming request; a client that lets it fill is cut off")
+    s.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="requests that may wait for a slot; beyond it requests get RESOURCE_EXHAUSTED",
+    )
+    s.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a request may take; the client's deadline applies when shorter",
+    )
+    s.add_argument(
+        "--drain-seconds", type=float, default=30.0, help="on SIGTERM/SIGINT, how long in-flight requests get to finish"
+    )
+    s.add_argument(
+        "--stream-buffer",
+        type=int,
+        default=64,
+        help="responses buffered per streaming request; a client that lets it fill is cut off",
+    )
     return p
 
 
@@ -89,16 +104,26 @@ def main(argv=None) -> int:
         log.info("gRPC listening on %s:%d (health NOT_SERVING until warm-up is done)", args.host, port)
 
         engine = build_engine(args)  # logs the mesh, model, KV pages, buckets and warm-up time
-        orchestrator = Orchestrator(engine, metrics, max_queue=args.max_queue, stream_buffer=args.stream_buffer,
-                                    request_timeout=args.request_timeout)
+        orchestrator = Orchestrator(
+            engine,
+            metrics,
+            max_queue=args.max_queue,
+            stream_buffer=args.stream_buffer,
+            request_timeout=args.request_timeout,
+        )
         orchestrator.start()
         warming.clear()
         service.ready(engine, orchestrator)
         if not stopping.is_set():
             for name in ("", SERVICE):
                 health.set(name, health_pb2.HealthCheckResponse.SERVING)
-            log.info("SERVING %s: %d slots, queue %d, buckets %s", engine.model.config.name, engine.config.max_slots,
-                     args.max_queue, engine.buckets)
+            log.info(
+                "SERVING %s: %d slots, queue %d, buckets %s",
+                engine.model.config.name,
+                engine.config.max_slots,
+                args.max_queue,
+                engine.buckets,
+            )
         while not stopping.wait(1.0):
             pass
         orchestrator.stop_accepting()

@@ -9,6 +9,7 @@ Every mesh has the three named axes `data`, `sequence`, `tensor`:
 Parameters and cache leaves declare *logical* axes once (`vocab`, `embed`, `q_heads`, ...);
 `LOGICAL_RULES` below is the only place that maps them to mesh axes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +17,7 @@ import math
 import os
 import pathlib
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 MESH_AXES = ("data", "sequence", "tensor")
 
@@ -100,8 +101,10 @@ def parse_mesh(text: str) -> MeshSpec:
         spec = load_mesh_preset(text)
     else:
         presets = ", ".join(sorted(p.stem for p in MESH_CONFIG_DIR.glob("*.yaml")))
-        raise MeshError(f"--mesh {text!r}: expected DATAxTENSOR, DATAxSEQUENCExTENSOR, "
-                        f"data=N,sequence=N,tensor=N or a preset ({presets})")
+        raise MeshError(
+            f"--mesh {text!r}: expected DATAxTENSOR, DATAxSEQUENCExTENSOR, "
+            f"data=N,sequence=N,tensor=N or a preset ({presets})"
+        )
     for axis, size in zip(MESH_AXES, spec.shape):
         if size < 1:
             raise MeshError(f"--mesh {text!r}: axis {axis} size {size} must be >= 1")
@@ -116,8 +119,11 @@ def load_mesh_preset(name: str) -> MeshSpec:
         raw = yaml.safe_load(f) or {}
     mesh = raw.get("mesh", {})
     return MeshSpec(
-        data=int(mesh.get("data", 1)), sequence=int(mesh.get("sequence", 1)), tensor=int(mesh.get("tensor", 1)),
-        name=name, topology=raw.get("topology"),
+        data=int(mesh.get("data", 1)),
+        sequence=int(mesh.get("sequence", 1)),
+        tensor=int(mesh.get("tensor", 1)),
+        name=name,
+        topology=raw.get("topology"),
         hbm_bytes_per_device=int(raw["hbm_gib_per_device"] * 2**30) if raw.get("hbm_gib_per_device") else None,
         hbm_bandwidth_bytes_per_s=float(raw["hbm_gbps_per_device"]) * 1e9 if raw.get("hbm_gbps_per_device") else None,
     )
@@ -168,10 +174,12 @@ def make_mesh(spec: MeshSpec | str, devices: Sequence | None = None):
         devices = jax.devices()
     devices = list(devices)
     if spec.size > len(devices):
-        raise MeshError(f"mesh {spec} needs {spec.size} devices but only {len(devices)} "
-                        f"{devices[0].platform.upper()} device(s) are available")
+        raise MeshError(
+            f"mesh {spec} needs {spec.size} devices but only {len(devices)} "
+            f"{devices[0].platform.upper()} device(s) are available"
+        )
     if spec.size < len(devices):
-        devices = devices[:spec.size]
+        devices = devices[: spec.size]
     try:
         grid = jax.experimental.mesh_utils.create_device_mesh(spec.shape, devices=devices)
     except Exception:  # non-physical host device sets: fall back to the given order
@@ -236,5 +244,7 @@ def per_device_bytes(tree) -> int:
     import jax
     import numpy as np
 
-    return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
-               for leaf in jax.tree.leaves(tree))
+    return sum(
+        math.prod(leaf.sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+        for leaf in jax.tree.leaves(tree)
+    )

@@ -3,6 +3,7 @@
 
 A thin wrapper over `python -m jaxinfer.aot` (see its --help); runs from a checkout without installing.
 """
+
 import os
 import sys
 

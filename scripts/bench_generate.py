@@ -6,6 +6,7 @@ For each batch size: B identical-length requests run together (ignore_eos, fixed
 after warm-up; reports output tokens/s, median decode step time, and MBU (weights + KV read per
 decode step / step time / peak bandwidth) where the device's bandwidth is known.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,7 @@ def main() -> None:
     from jaxinfer.engine.engine import Engine, EngineConfig
     from jaxinfer.engine.requests import Request, SamplingParams
     from jaxinfer.perf import peak_bandwidth, write_report
-    from jaxinfer.sharding import per_device_bytes
-    from jaxinfer.sharding import make_mesh
+    from jaxinfer.sharding import make_mesh, per_device_bytes
 
     mesh = make_mesh(args.mesh)
     model = load_model(args.model, mesh, args.dtype)
@@ -46,11 +46,22 @@ def main() -> None:
     rows = []
     for batch in args.batch:
         context = args.prompt_tokens + args.new_tokens + 16
-        engine = Engine(model, None, EngineConfig(max_slots=max(batch, mesh.shape["data"]), max_context=context,
-                                                  prefill_chunk=max(64, args.prompt_tokens)))
+        engine = Engine(
+            model,
+            None,
+            EngineConfig(
+                max_slots=max(batch, mesh.shape["data"]), max_context=context, prefill_chunk=max(64, args.prompt_tokens)
+            ),
+        )
         engine.warmup()
-        reqs = [Request(f"b{i}", [(7 * i + j) % 1000 + 10 for j in range(args.prompt_tokens)],
-                        SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)) for i in range(batch)]
+        reqs = [
+            Request(
+                f"b{i}",
+                [(7 * i + j) % 1000 + 10 for j in range(args.prompt_tokens)],
+                SamplingParams(max_tokens=args.new_tokens, ignore_eos=True),
+            )
+            for i in range(batch)
+        ]
         for req in reqs:
             engine.submit(req)
         step_times = []
@@ -63,14 +74,29 @@ def main() -> None:
         decode_step = statistics.median(step_times)  # decode steps dominate: prefill is 1-2 steps
         kv_bytes = engine.cache_shape.bytes_per_page * (context // engine.config.page_size) * batch // mesh.size
         achieved = (weights + kv_bytes) / decode_step
-        rows.append(dict(batch=batch, output_tokens_per_s=batch * args.new_tokens / elapsed,
-                         decode_step_ms=decode_step * 1e3, achieved_gb_s=achieved / 1e9,
-                         mbu=(achieved / bw) if bw else None, compilations_after_warmup=engine.compilations_after_warmup))
-        print(f"batch {batch:3d}: {rows[-1]['output_tokens_per_s']:8.1f} tok/s  step {decode_step * 1e3:7.1f} ms  "
-              f"{achieved / 1e9:6.2f} GB/s" + (f"  MBU {achieved / bw:.1%}" if bw else "  MBU n/a (bandwidth unknown)"),
-              flush=True)
-    info = dict(device=jax.devices()[0].device_kind, mesh=args.mesh, model=model.config.name, dtype=args.dtype,
-                jax=jax.__version__, results=rows)
+        rows.append(
+            dict(
+                batch=batch,
+                output_tokens_per_s=batch * args.new_tokens / elapsed,
+                decode_step_ms=decode_step * 1e3,
+                achieved_gb_s=achieved / 1e9,
+                mbu=(achieved / bw) if bw else None,
+                compilations_after_warmup=engine.compilations_after_warmup,
+            )
+        )
+        print(
+            f"batch {batch:3d}: {rows[-1]['output_tokens_per_s']:8.1f} tok/s  step {decode_step * 1e3:7.1f} ms  "
+            f"{achieved / 1e9:6.2f} GB/s" + (f"  MBU {achieved / bw:.1%}" if bw else "  MBU n/a (bandwidth unknown)"),
+            flush=True,
+        )
+    info = dict(
+        device=jax.devices()[0].device_kind,
+        mesh=args.mesh,
+        model=model.config.name,
+        dtype=args.dtype,
+        jax=jax.__version__,
+        results=rows,
+    )
     write_report(info, args.json)
 
 

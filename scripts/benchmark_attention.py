@@ -8,6 +8,7 @@ each layer its own cache array of `--pages` random pages), SmolLM2-135M's heads 
 median of each, their ratio, the K/V bytes each call reads and the largest difference between the two
 outputs are reported (they compute the same thing: a difference above 1e-4 is a bug).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,8 @@ def main(argv=None) -> dict:
     import numpy as np
 
     from jaxinfer import native
-    from jaxinfer.perf import write_report
     from jaxinfer.engine.xla_attention import xla_ragged_paged_attention
+    from jaxinfer.perf import write_report
 
     if not native.available():
         raise SystemExit(f"benchmark_attention: the native kernel is unavailable: {native.unavailable_reason()}")
@@ -54,7 +55,7 @@ def main(argv=None) -> dict:
             width = -(-context // page)
             pages = batch * width + 1
             caches = [jnp.asarray(rng.standard_normal((pages, page, 2 * hk, d)), dtype) for _ in range(args.layers)]
-            table = jnp.asarray(rng.permutation(pages)[:batch * width].reshape(batch, width), jnp.int32)
+            table = jnp.asarray(rng.permutation(pages)[: batch * width].reshape(batch, width), jnp.int32)
             q = jnp.asarray(rng.standard_normal((batch * args.q_len, hq, d)), dtype)
             kv_lens = jnp.full((batch,), context, jnp.int32)
             cu = jnp.arange(batch + 1, dtype=jnp.int32) * args.q_len
@@ -63,9 +64,18 @@ def main(argv=None) -> dict:
             def chain(use_native):
                 def run(q, caches):
                     for cache in caches:  # each layer's output is the next one's query, as in a model
-                        q = xla_ragged_paged_attention(q, cache, kv_lens, table, cu, seqs, sm_scale=d ** -0.5,
-                                                       native=use_native)
+                        q = xla_ragged_paged_attention(
+                            q,
+                            cache,
+                            kv_lens,
+                            table,
+                            cu,
+                            seqs,
+                            sm_scale=d**-0.5,
+                            native=use_native,
+                        )
                     return q
+
                 return jax.jit(run)
 
             fns = {"native": chain(True), "xla": chain(False)}
@@ -77,16 +87,33 @@ def main(argv=None) -> dict:
                     f(q, caches).block_until_ready()
                     times[k].append(time.perf_counter() - start)
             ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-            row = dict(batch=batch, context=context, q_len=args.q_len, layers=args.layers,
-                       native_ms=ms["native"], xla_ms=ms["xla"], speedup=ms["xla"] / ms["native"],
-                       kv_bytes_per_layer=batch * context * 2 * hk * d * dtype.itemsize,
-                       max_abs_difference=float(np.max(np.abs(outs["native"] - outs["xla"]))))
+            row = dict(
+                batch=batch,
+                context=context,
+                q_len=args.q_len,
+                layers=args.layers,
+                native_ms=ms["native"],
+                xla_ms=ms["xla"],
+                speedup=ms["xla"] / ms["native"],
+                kv_bytes_per_layer=batch * context * 2 * hk * d * dtype.itemsize,
+                max_abs_difference=float(np.max(np.abs(outs["native"] - outs["xla"]))),
+            )
             rows.append(row)
-            print(f"batch {batch:3d} context {context:5d} q_len {args.q_len}: native {row['native_ms']:8.2f} ms  "
-                  f"xla {row['xla_ms']:8.2f} ms  speedup {row['speedup']:5.2f}x  "
-                  f"max |diff| {row['max_abs_difference']:.1e}", flush=True)
-    result = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, heads=[hq, hk], head_dim=d,
-                  page_size=page, dtype=args.dtype, results=rows)
+            print(
+                f"batch {batch:3d} context {context:5d} q_len {args.q_len}: native {row['native_ms']:8.2f} ms  "
+                f"xla {row['xla_ms']:8.2f} ms  speedup {row['speedup']:5.2f}x  "
+                f"max |diff| {row['max_abs_difference']:.1e}",
+                flush=True,
+            )
+    result = dict(
+        device=jax.devices()[0].device_kind,
+        jax=jax.__version__,
+        heads=[hq, hk],
+        head_dim=d,
+        page_size=page,
+        dtype=args.dtype,
+        results=rows,
+    )
     return write_report(result, args.json)
 
 

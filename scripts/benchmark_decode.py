@@ -1,6 +1,7 @@
 """Decode-step roofline: step time, tokens/s, bytes moved, achieved bandwidth, MBU and MFU.
 
-    python scripts/benchmark_decode.py --batch 1 16 64 --context 128 2048 [--model llama3-8b --layers 8 --dtype bfloat16]
+    python scripts/benchmark_decode.py --batch 1 16 64 --context 128 2048 \
+        [--model llama3-8b --layers 8 --dtype bfloat16]
 
 For each (batch, context): `batch` requests with `context`-token prompts are prefilled, then
 `--steps` decode steps are timed one by one (the host blocks once per step, so a step's wall time
@@ -10,6 +11,7 @@ where none is known, by the bandwidth measured here with a large device copy; MF
 2 x params x batch / step time by the measured dense matmul FLOP/s. A preset `--model` uses random
 weights; `--layers` shortens it to fit a device.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,7 +57,9 @@ def main(argv=None) -> dict:
         config = PRESETS[args.model].replace(num_layers=args.layers)
         layout = plan_layout(config, mesh.shape["tensor"])
         dtype = parse_dtype(args.dtype)
-        model = ShardedModel(config, layout, mesh, init_params(config, layout, mesh, dtype), dtype, f"preset:{args.model}")
+        model = ShardedModel(
+            config, layout, mesh, init_params(config, layout, mesh, dtype), dtype, f"preset:{args.model}"
+        )
         model = model.with_layer_loop(layer_loop_for(mesh_platform(mesh)))  # the platform's, as load_model does
     else:
         model = load_model(args.model, mesh, args.dtype)
@@ -69,12 +73,20 @@ def main(argv=None) -> dict:
     for context in args.context:
         for batch in args.batch:
             slots = max(batch, mesh.shape["data"])
-            engine = Engine(model, None, EngineConfig(max_slots=slots, max_context=context + args.steps + 8,
-                                                      prefill_chunk=min(context, 512)))
+            engine = Engine(
+                model,
+                None,
+                EngineConfig(max_slots=slots, max_context=context + args.steps + 8, prefill_chunk=min(context, 512)),
+            )
             engine.warmup()
             for i in range(batch):
-                engine.submit(Request(f"r{i}", [(i * 31 + j) % 1000 + 3 for j in range(context)],
-                                      SamplingParams(max_tokens=args.steps + 2, ignore_eos=True)))
+                engine.submit(
+                    Request(
+                        f"r{i}",
+                        [(i * 31 + j) % 1000 + 3 for j in range(context)],
+                        SamplingParams(max_tokens=args.steps + 2, ignore_eos=True),
+                    )
+                )
             while engine.status().prefilling:
                 engine.step()  # prefill
             times = []
@@ -85,20 +97,47 @@ def main(argv=None) -> dict:
             while engine.has_work():
                 engine.step()
             step = statistics.median(times)
-            kv = perf.kv_bytes_read_per_device(engine.cache_shape, batch * (context + args.steps // 2),
-                                               mesh.shape["tensor"]) // mesh.shape["data"]
+            kv = (
+                perf.kv_bytes_read_per_device(
+                    engine.cache_shape, batch * (context + args.steps // 2), mesh.shape["tensor"]
+                )
+                // mesh.shape["data"]
+            )
             achieved = (weights + kv) / step
-            rows.append(dict(batch=batch, context=context, step_ms=step * 1e3, tokens_per_s=batch / step,
-                             weight_bytes=weights, kv_bytes=kv, achieved_bytes_per_s=achieved,
-                             mbu=achieved / (peak_bw or measured_bw), mfu=2 * n_params * batch / mesh.size / step / flops,
-                             compilations_after_warmup=engine.compilations_after_warmup))
+            rows.append(
+                dict(
+                    batch=batch,
+                    context=context,
+                    step_ms=step * 1e3,
+                    tokens_per_s=batch / step,
+                    weight_bytes=weights,
+                    kv_bytes=kv,
+                    achieved_bytes_per_s=achieved,
+                    mbu=achieved / (peak_bw or measured_bw),
+                    mfu=2 * n_params * batch / mesh.size / step / flops,
+                    compilations_after_warmup=engine.compilations_after_warmup,
+                )
+            )
             r = rows[-1]
-            print(f"batch {batch:4d} context {context:6d}: step {r['step_ms']:8.2f} ms  {r['tokens_per_s']:9.1f} tok/s  "
-                  f"{achieved / 1e9:7.2f} GB/s  MBU {r['mbu']:6.1%}  MFU {r['mfu']:6.2%}", flush=True)
-    result = dict(device=device.device_kind, platform=device.platform, mesh=args.mesh, model=model.config.name,
-                  dtype=args.dtype, params=n_params, jax=jax.__version__, measured_bandwidth=measured_bw,
-                  peak_bandwidth=peak_bw, bandwidth_basis="peak" if peak_bw else "measured",
-                  measured_matmul_flops=flops, results=rows)
+            print(
+                f"batch {batch:4d} context {context:6d}: step {r['step_ms']:8.2f} ms  {r['tokens_per_s']:9.1f} tok/s  "
+                f"{achieved / 1e9:7.2f} GB/s  MBU {r['mbu']:6.1%}  MFU {r['mfu']:6.2%}",
+                flush=True,
+            )
+    result = dict(
+        device=device.device_kind,
+        platform=device.platform,
+        mesh=args.mesh,
+        model=model.config.name,
+        dtype=args.dtype,
+        params=n_params,
+        jax=jax.__version__,
+        measured_bandwidth=measured_bw,
+        peak_bandwidth=peak_bw,
+        bandwidth_basis="peak" if peak_bw else "measured",
+        measured_matmul_flops=flops,
+        results=rows,
+    )
     return perf.write_report(result, args.json)
 
 

@@ -10,6 +10,7 @@ everything at once); each rate is one run. Per run: TTFT, time per output token 
 first) and inter-token latency (ITL, between streamed chunks, per token), p50/p90/p99 in ms;
 request throughput; input and output tokens/s; goodput (requests/s meeting both SLOs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,12 @@ def percentiles(values) -> dict:
     if not values:
         return {"p50": None, "p90": None, "p99": None, "mean": None}
     arr = np.asarray(values, np.float64)
-    return {"p50": float(np.percentile(arr, 50)), "p90": float(np.percentile(arr, 90)),
-            "p99": float(np.percentile(arr, 99)), "mean": float(arr.mean())}
+    return {
+        "p50": float(np.percentile(arr, 50)),
+        "p90": float(np.percentile(arr, 90)),
+        "p99": float(np.percentile(arr, 99)),
+        "mean": float(arr.mean()),
+    }
 
 
 def one_request(stub, pb, request, record):
@@ -62,8 +67,9 @@ def one_request(stub, pb, request, record):
                 tokens += n
             if response.HasField("usage"):
                 usage = response.usage
-        record.update(ok=True, start=start, chunks=chunks, tokens=tokens,
-                      prompt_tokens=usage.prompt_tokens if usage else 0)
+        record.update(
+            ok=True, start=start, chunks=chunks, tokens=tokens, prompt_tokens=usage.prompt_tokens if usage else 0
+        )
     except Exception as e:  # a failed request is counted, not fatal
         record.update(ok=False, error=str(e).splitlines()[0])
 
@@ -92,13 +98,19 @@ def run_rate(stub, pb, requests, rate: float, seed: int, slo_ttft_ms, slo_tpot_m
         per = (r["chunks"][-1][0] - r["chunks"][0][0]) * 1e3 / max(r["tokens"] - 1, 1)
         good += (slo_ttft_ms is None or first <= slo_ttft_ms) and (slo_tpot_ms is None or per <= slo_tpot_ms)
     return {
-        "rate": rate if math.isfinite(rate) else "inf", "requests": len(requests), "completed": len(done),
-        "failed": len(requests) - len(done), "duration_s": duration,
+        "rate": rate if math.isfinite(rate) else "inf",
+        "requests": len(requests),
+        "completed": len(done),
+        "failed": len(requests) - len(done),
+        "duration_s": duration,
         "request_throughput": len(done) / duration,
         "input_tokens_per_s": sum(r["prompt_tokens"] for r in done) / duration,
         "output_tokens_per_s": sum(r["tokens"] for r in done) / duration,
-        "ttft_ms": percentiles(ttft), "tpot_ms": percentiles(tpot), "itl_ms": percentiles(itl),
-        "slo": {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms}, "goodput": good / duration,
+        "ttft_ms": percentiles(ttft),
+        "tpot_ms": percentiles(tpot),
+        "itl_ms": percentiles(itl),
+        "slo": {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms},
+        "goodput": good / duration,
         "errors": sorted({r["error"] for r in records if not r.get("ok")})[:5],
     }
 
@@ -112,10 +124,12 @@ def build_requests(pb, args, vocab: int):
         prompts = [dict(text=texts[i % len(texts)]) for i in range(args.num_requests)]
     else:
         in_len = length_sampler(args.prompt_len)
-        prompts = [dict(token_ids=[rng.randrange(10, vocab) for _ in range(in_len(rng))])
-                   for _ in range(args.num_requests)]
-    return [pb.GenerateRequest(params=pb.SamplingParams(max_tokens=out_len(rng), ignore_eos=True), **p)
-            for p in prompts]
+        prompts = [
+            dict(token_ids=[rng.randrange(10, vocab) for _ in range(in_len(rng))]) for _ in range(args.num_requests)
+        ]
+    return [
+        pb.GenerateRequest(params=pb.SamplingParams(max_tokens=out_len(rng), ignore_eos=True), **p) for p in prompts
+    ]
 
 
 def plot(results, path: str) -> None:
@@ -165,10 +179,13 @@ def main(argv=None) -> dict:
             requests = build_requests(pb, args, info.config.vocab_size)
             results.append(run_rate(stub, pb, requests, rate, args.seed, args.slo_ttft_ms, args.slo_tpot_ms))
             r = results[-1]
-            print(f"rate {r['rate']}: {r['completed']}/{r['requests']} ok  {r['request_throughput']:.2f} req/s  "
-                  f"out {r['output_tokens_per_s']:.1f} tok/s  TTFT p50/p99 {r['ttft_ms']['p50']:.1f}/"
-                  f"{r['ttft_ms']['p99']:.1f} ms  TPOT p50/p99 {r['tpot_ms']['p50']:.1f}/{r['tpot_ms']['p99']:.1f} ms  "
-                  f"goodput {r['goodput']:.2f} req/s", flush=True)
+            print(
+                f"rate {r['rate']}: {r['completed']}/{r['requests']} ok  {r['request_throughput']:.2f} req/s  "
+                f"out {r['output_tokens_per_s']:.1f} tok/s  TTFT p50/p99 {r['ttft_ms']['p50']:.1f}/"
+                f"{r['ttft_ms']['p99']:.1f} ms  TPOT p50/p99 {r['tpot_ms']['p50']:.1f}/{r['tpot_ms']['p99']:.1f} ms  "
+                f"goodput {r['goodput']:.2f} req/s",
+                flush=True,
+            )
     out = {"target": args.target, "model": info.model_name, "platform": info.platform, "results": results}
     if args.json:
         with open(args.json, "w") as f:

@@ -36,11 +36,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.flash_attention import flash_attention  # noqa: E402
-from pallas_kernels.ragged_paged_attention import (  # noqa: E402
-    ragged_paged_attention, ragged_paged_attention_reference)
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention, ragged_paged_attention_reference  # noqa: E402
 
 TOPOLOGIES = ("v5e:2x4", "v5p:2x2x1", "v6e:2x4")
 COST_KEYS = ("flops", "transcendentals", "bytes accessed", "optimal_seconds")
@@ -49,6 +49,7 @@ COST_KEYS = ("flops", "transcendentals", "bytes accessed", "optimal_seconds")
 def make_mesh(topology: str, tensor: int) -> Mesh:
     """('data', 'tensor') mesh over the topology's devices; tensor is capped by the count."""
     from jax.experimental import topologies
+
     devs = np.array(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
     tensor = min(tensor, devs.size)
     return Mesh(devs.reshape(devs.size // tensor, tensor), ("data", "tensor"))
@@ -62,18 +63,20 @@ def compile_for_topology(mesh: Mesh, fn, arg_specs, out_spec, *, shard_map=True)
     Returns {'ok', 'memory': {...}, 'cost': {...}} or {'ok': False, 'error': ...}.
     """
     if shard_map:
-        fn = jax.shard_map(fn, mesh=mesh, in_specs=tuple(s for _, _, s in arg_specs),
-                           out_specs=out_spec, check_vma=False)
-    args = [jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
-            for shape, dtype, spec in arg_specs]
+        fn = jax.shard_map(
+            fn, mesh=mesh, in_specs=tuple(s for _, _, s in arg_specs), out_specs=out_spec, check_vma=False
+        )
+    args = [jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec)) for shape, dtype, spec in arg_specs]
     try:
         compiled = jax.jit(fn, out_shardings=NamedSharding(mesh, out_spec)).lower(*args).compile()
     except Exception as e:  # report, keep going with the other configs
         return {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:500]}"}
     mem = compiled.memory_analysis()
-    memory = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in
-              ("argument", "output", "temp", "generated_code", "alias")
-              if hasattr(mem, f"{k}_size_in_bytes")}
+    memory = {
+        k: int(getattr(mem, f"{k}_size_in_bytes"))
+        for k in ("argument", "output", "temp", "generated_code", "alias")
+        if hasattr(mem, f"{k}_size_in_bytes")
+    }
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else (ca or {})
     cost = {k: float(ca[k]) for k in COST_KEYS if k in ca}
@@ -87,23 +90,32 @@ def configs(small: bool):
     pps = ctx // page
     i32 = jnp.int32
     qs, kvs, rep = P(None, "tensor", None), P(None, None, "tensor", None), P()
-    sm = D ** -0.5
+    sm = D**-0.5
 
     def rpa_specs(T, S):
-        return [((T, Hq, D), dt, qs), ((S * pps + 1, page, 2 * Hk, D), dt, kvs),
-                ((S,), i32, rep), ((S, pps), i32, rep), ((S + 1,), i32, rep), ((1,), i32, rep)]
+        return [
+            ((T, Hq, D), dt, qs),
+            ((S * pps + 1, page, 2 * Hk, D), dt, kvs),
+            ((S,), i32, rep),
+            ((S, pps), i32, rep),
+            ((S + 1,), i32, rep),
+            ((1,), i32, rep),
+        ]
 
     rpa = functools.partial(ragged_paged_attention, sm_scale=sm)
     ref = functools.partial(ragged_paged_attention_reference, sm_scale=sm)
     fa_spec = P(None, None, "tensor", None)
-    fa = [((1, chunk, Hq, D), dt, fa_spec), ((1, ctx, Hk, D), dt, fa_spec),
-          ((1, ctx, Hk, D), dt, fa_spec), ((1,), i32, P())]
+    fa = [
+        ((1, chunk, Hq, D), dt, fa_spec),
+        ((1, ctx, Hk, D), dt, fa_spec),
+        ((1, ctx, Hk, D), dt, fa_spec),
+        ((1,), i32, P()),
+    ]
     return [
         ("rpa_decode", rpa, rpa_specs(n_dec, n_dec), qs),
         ("rpa_decode_reference", ref, rpa_specs(n_dec, n_dec), qs),
         ("rpa_prefill_chunk", rpa, rpa_specs(chunk, n_pre), qs),
-        ("flash_prefill_chunk",
-         lambda q, k, v, o: flash_attention(q, k, v, sm_scale=sm, q_offset=o), fa, fa_spec),
+        ("flash_prefill_chunk", lambda q, k, v, o: flash_attention(q, k, v, sm_scale=sm, q_offset=o), fa, fa_spec),
     ]
 
 
@@ -148,8 +160,13 @@ def decode_step(topology: str, small: bool) -> dict:
         specs = aot_compile.step_specs(config, layout, mesh, jax.numpy.bfloat16, engine, pages, policy)
         try:
             (r,) = aot_compile.compile_buckets(specs, buckets=[slots // spec.data])
-            out[kind] = {"ok": True, "compile_s": r.seconds, "memory": r.memory, "estimated_seconds": r.estimated_seconds,
-                         "mosaic_kernel_in_step": "tpu_custom_call" in r.compiled.as_text()}
+            out[kind] = {
+                "ok": True,
+                "compile_s": r.seconds,
+                "memory": r.memory,
+                "estimated_seconds": r.estimated_seconds,
+                "mosaic_kernel_in_step": "tpu_custom_call" in r.compiled.as_text(),
+            }
         except Exception as e:  # report, keep going with the other topologies
             out[kind] = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
     return out
@@ -176,16 +193,22 @@ def main(argv=None) -> dict:
         if dec["ok"] and ref["ok"]:
             k_s, r_s = dec["cost"].get("optimal_seconds"), ref["cost"].get("optimal_seconds")
             if k_s and r_s:
-                print(f"  decode estimate per shard: kernel {k_s * 1e3:.3f} ms vs reference "
-                      f"{r_s * 1e3:.3f} ms ({r_s / k_s:.1f}x)")
+                print(
+                    f"  decode estimate per shard: kernel {k_s * 1e3:.3f} ms vs reference "
+                    f"{r_s * 1e3:.3f} ms ({r_s / k_s:.1f}x)"
+                )
         step = decode_step(topo, a.small)
         results[topo]["decode_step"] = step
         for kind, r in step.items():
             if r["ok"]:
                 est = r["estimated_seconds"]
-                print(f"  whole decode step, {kind:9s} compiled OK in {r['compile_s']:.1f}s  temp "
-                      f"{r['memory']['temp'] / 2**20:.1f} MiB  args {r['memory']['argument'] / 2**30:.2f} GiB  "
-                      f"estimated {est * 1e3:.3f} ms" if est else "  estimated n/a")
+                print(
+                    f"  whole decode step, {kind:9s} compiled OK in {r['compile_s']:.1f}s  temp "
+                    f"{r['memory']['temp'] / 2**20:.1f} MiB  args {r['memory']['argument'] / 2**30:.2f} GiB  "
+                    f"estimated {est * 1e3:.3f} ms"
+                    if est
+                    else "  estimated n/a"
+                )
             else:
                 print(f"  whole decode step, {kind:9s} FAILED: {r['error']}")
     if a.json:
@@ -196,5 +219,9 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     res = main()
-    sys.exit(0 if all(r["ok"] for t in res.values() for name, r in t.items() if name != "decode_step")
-             and all(r["ok"] for t in res.values() for r in t["decode_step"].values()) else 1)
+    sys.exit(
+        0
+        if all(r["ok"] for t in res.values() for name, r in t.items() if name != "decode_step")
+        and all(r["ok"] for t in res.values() for r in t["decode_step"].values())
+        else 1
+    )

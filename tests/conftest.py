@@ -1,4 +1,5 @@
 """Test setup: 8 host CPU devices, set before JAX initialises, so meshes up to 2x4 / 1x2x4 run on CPU."""
+
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -13,8 +14,10 @@ import pathlib  # noqa: E402
 # One persistent XLA compilation cache for the session, shared by both xdist workers and the servers and
 # batch jobs the tests start: many tests build engines with identical steps, and each new engine would
 # otherwise compile them again. Tests of the cache itself pass their own --compile-cache directory.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      str(pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax-compile-cache"))
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    str(pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax-compile-cache"),
+)
 
 import pytest  # noqa: E402
 

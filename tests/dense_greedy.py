@@ -3,6 +3,7 @@
 Slow but obviously right: no KV cache, no batching. Used to check the model itself against
 published outputs before the engine is involved.
 """
+
 import numpy as np
 
 
@@ -14,8 +15,8 @@ def greedy_dense(model, prompt_ids, max_new_tokens: int, eos_ids=(), window: int
             raise ValueError(f"sequence of {len(ids)} tokens exceeds the window of {window}")
         tokens = np.zeros((1, window), np.int32)
         positions = np.full((1, window), -1, np.int32)
-        tokens[0, :len(ids)] = ids
-        positions[0, :len(ids)] = np.arange(len(ids))
+        tokens[0, : len(ids)] = ids
+        positions[0, : len(ids)] = np.arange(len(ids))
         nxt = int(np.argmax(model.logits(tokens, positions)[0, len(ids) - 1]))
         out.append(nxt)
         ids.append(nxt)

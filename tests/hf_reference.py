@@ -1,4 +1,5 @@
 """Helpers that build Hugging Face transformers reference models (torch, CPU) for parity tests."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,8 +11,9 @@ def save_random_hf_llama(config, path, seed: int = 0, dtype: str = "float32"):
     import transformers
 
     torch.manual_seed(seed)
-    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in config.to_hf_config().items()
-                                         if k not in ("architectures", "model_type")})
+    hf_cfg = transformers.LlamaConfig(
+        **{k: v for k, v in config.to_hf_config().items() if k not in ("architectures", "model_type")}
+    )
     model = transformers.LlamaForCausalLM(hf_cfg).to(getattr(torch, dtype)).eval()
     with torch.no_grad():  # HF inits norms to 1; randomise them so a wrong norm weight shows up
         for name, p in model.named_parameters():

@@ -1,5 +1,6 @@
 """AOT compile and memory planner (CPU host with the tpu extra): TPU executables, fit reports, manifest checks,
 and the planner's KV page count against a real engine."""
+
 import json
 import re
 import subprocess
@@ -15,8 +16,9 @@ STORIES = "tests/data/stories260K/stories260K.bin"
 
 
 def aot(args, timeout=300):
-    proc = subprocess.run([sys.executable, "scripts/aot_compile.py", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "scripts/aot_compile.py", *args], capture_output=True, text=True, timeout=timeout
+    )
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -31,14 +33,36 @@ def tpu_available():
 
 
 def test_tiny_compiles_for_v5e_2x4_and_manifest_records_it(tmp_path, tpu_available):
-    code, out, err = aot(["--model", "tiny", "--topology", "v5e:2x4", "--mesh", "2x4", "--max-slots", "8",
-                          "--max-context", "128", "--prefill-chunk", "16", "--out", str(tmp_path)])
+    code, out, err = aot(
+        [
+            "--model",
+            "tiny",
+            "--topology",
+            "v5e:2x4",
+            "--mesh",
+            "2x4",
+            "--max-slots",
+            "8",
+            "--max-context",
+            "128",
+            "--prefill-chunk",
+            "16",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0, err[-3000:]
     m = json.loads((tmp_path / "manifest.json").read_text())
     buckets = token_buckets(EngineConfig(max_slots=8, max_context=128, prefill_chunk=16).step_budget(2), smallest=8)
     assert m["buckets"] == list(buckets) == [8, 16]
-    assert m["target"] == {"name": "v5e:2x4", "platform": "tpu", "device_kind": "TPU v5 lite", "num_devices": 8,
-                           "device_ids": list(range(8)), "memory_bytes": 16 * 2**30}
+    assert m["target"] == {
+        "name": "v5e:2x4",
+        "platform": "tpu",
+        "device_kind": "TPU v5 lite",
+        "num_devices": 8,
+        "device_ids": list(range(8)),
+        "memory_bytes": 16 * 2**30,
+    }
     assert m["mesh"] == {"data": 2, "sequence": 1, "tensor": 4}
     assert m["model"]["name"] == "tiny" and m["engine"]["attention"] == "pallas"
     assert m["versions"] == aot_manifest.versions() and m["versions"]["libtpu"]
@@ -51,9 +75,23 @@ def test_tiny_compiles_for_v5e_2x4_and_manifest_records_it(tmp_path, tpu_availab
     assert list(tmp_path.glob("jit_step-*-cache")), "compiling should fill the persistent cache in --out"
 
     # this CPU machine is not a v5e-8: the artifacts are refused, by the aot CLI and by run --compile-cache
-    for cmd in ([sys.executable, "-m", "jaxinfer.aot", "--check", str(tmp_path)],
-                [sys.executable, "-m", "jaxinfer.run", "--model", STORIES, "--mesh", "1x1", "--compile-cache",
-                 str(tmp_path), "--prompt", "Hi", "--no-chat"]):
+    for cmd in (
+        [sys.executable, "-m", "jaxinfer.aot", "--check", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "jaxinfer.run",
+            "--model",
+            STORIES,
+            "--mesh",
+            "1x1",
+            "--compile-cache",
+            str(tmp_path),
+            "--prompt",
+            "Hi",
+            "--no-chat",
+        ],
+    ):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         assert "built for topology v5e:2x4" in proc.stderr and "TPU v5 lite (tpu) devices" in proc.stderr
@@ -62,9 +100,29 @@ def test_tiny_compiles_for_v5e_2x4_and_manifest_records_it(tmp_path, tpu_availab
 
 def test_llama3_8b_on_v5e_2x4_fits_with_weights_split_over_tensor(tmp_path, tpu_available):
     # 64 slots at 2k context; one bucket (each 8B compile takes ~40 s on this CPU), the CLI default is all
-    code, out, err = aot(["--model", "llama3-8b", "--topology", "v5e:2x4", "--mesh", "2x4", "--max-slots", "64",
-                          "--max-context", "2048", "--prefill-chunk", "32", "--buckets", "32", "--dtype", "bf16",
-                          "--out", str(tmp_path)], timeout=600)
+    code, out, err = aot(
+        [
+            "--model",
+            "llama3-8b",
+            "--topology",
+            "v5e:2x4",
+            "--mesh",
+            "2x4",
+            "--max-slots",
+            "64",
+            "--max-context",
+            "2048",
+            "--prefill-chunk",
+            "32",
+            "--buckets",
+            "32",
+            "--dtype",
+            "bf16",
+            "--out",
+            str(tmp_path),
+        ],
+        timeout=600,
+    )
     assert code == 0, err[-3000:]
     plan = json.loads((tmp_path / "manifest.json").read_text())["plan"]
     expected = get_preset("llama3-8b").param_count() * 2 / 4  # bf16, tensor=4, replicated over data
@@ -76,8 +134,20 @@ def test_llama3_8b_on_v5e_2x4_fits_with_weights_split_over_tensor(tmp_path, tpu_
 
 
 def test_llama3_70b_on_v5e_2x2_does_not_fit(tpu_available):
-    code, out, err = aot(["--model", "llama3-70b", "--topology", "v5e:2x2", "--max-slots", "8",
-                          "--max-context", "2048", "--dtype", "bfloat16"])
+    code, out, err = aot(
+        [
+            "--model",
+            "llama3-70b",
+            "--topology",
+            "v5e:2x2",
+            "--max-slots",
+            "8",
+            "--max-context",
+            "2048",
+            "--dtype",
+            "bfloat16",
+        ]
+    )
     assert code == 1 and "Traceback" not in err
     msg = next(line for line in err.splitlines() if "DOES NOT FIT" in line)
     over = float(re.search(r"over by ([\d.]+) GiB", msg).group(1))
@@ -93,16 +163,32 @@ def test_planner_kv_pages_equal_the_engines_on_cpu(capsys):
     from jaxinfer.checkpoint.load import load_model
     from jaxinfer.engine.engine import Engine
     from jaxinfer.kv_cache import device_memory
-    from jaxinfer.sharding import per_device_bytes
-    from jaxinfer.sharding import make_mesh
+    from jaxinfer.sharding import make_mesh, per_device_bytes
 
     model = load_model(STORIES, make_mesh("1x1", jax.devices()[:1]))
     memory = device_memory(jax.devices()[0])[0]
     fraction = (per_device_bytes(model.params) + 3 * 2**20) / memory  # ~150 pages of 20 KiB
     engine = Engine(model, None, EngineConfig(max_context=128, prefill_chunk=8, kv_memory_fraction=fraction))
     allocated = sum(a.nbytes for a in jax.tree.leaves(engine.cache)) // engine.cache_shape.bytes_per_page
-    assert main(["--model", STORIES, "--topology", "cpu", "--mesh", "1x1", "--max-context", "128",
-                 "--prefill-chunk", "8", "--kv-memory-fraction", repr(fraction)]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                STORIES,
+                "--topology",
+                "cpu",
+                "--mesh",
+                "1x1",
+                "--max-context",
+                "128",
+                "--prefill-chunk",
+                "8",
+                "--kv-memory-fraction",
+                repr(fraction),
+            ]
+        )
+        == 0
+    )
     planned = int(re.search(r"(\d+) KV pages per data shard", capsys.readouterr().out).group(1))
     assert allocated > 100 and planned == pytest.approx(allocated, rel=0.01)
 
@@ -111,11 +197,12 @@ def test_check_manifest_names_every_mismatch():
     import jax
 
     dev = jax.devices()[0]
-    good = {"versions": aot_manifest.versions(),
-            "target": {"name": "cpu", "platform": "cpu", "device_kind": dev.device_kind, "num_devices": 1}}
+    good = {
+        "versions": aot_manifest.versions(),
+        "target": {"name": "cpu", "platform": "cpu", "device_kind": dev.device_kind, "num_devices": 1},
+    }
     aot_manifest.check_manifest(good)
-    bad = {"versions": {**good["versions"], "jaxlib": "0.4.1"},
-           "target": {**good["target"], "num_devices": 4096}}
+    bad = {"versions": {**good["versions"], "jaxlib": "0.4.1"}, "target": {**good["target"], "num_devices": 4096}}
     with pytest.raises(aot_manifest.ManifestMismatch) as e:
         aot_manifest.check_manifest(bad)
     assert "jaxlib 0.4.1" in str(e.value) and "4096 devices" in str(e.value)

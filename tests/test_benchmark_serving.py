@@ -1,4 +1,5 @@
 """scripts/benchmark_serving.py against a real server at a tiny size: every field present and sane."""
+
 import math
 
 import pytest
@@ -21,10 +22,29 @@ def test_benchmark_serving_reports_every_field(server, tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "serving.json"
     png = tmp_path / "serving.png"
-    result = load_script("benchmark_serving").main([
-        "--target", server.target, "--num-requests", "6", "--prompt-len", "uniform:4:40",
-        "--output-len", "fixed:8", "--rates", "20", "inf", "--slo-ttft-ms", "60000", "--slo-tpot-ms", "60000",
-        "--json", str(out), "--plot", str(png)])
+    result = load_script("benchmark_serving").main(
+        [
+            "--target",
+            server.target,
+            "--num-requests",
+            "6",
+            "--prompt-len",
+            "uniform:4:40",
+            "--output-len",
+            "fixed:8",
+            "--rates",
+            "20",
+            "inf",
+            "--slo-ttft-ms",
+            "60000",
+            "--slo-tpot-ms",
+            "60000",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+        ]
+    )
     assert out.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [r["rate"] for r in result["results"]] == [20.0, "inf"]
     for r in result["results"]:

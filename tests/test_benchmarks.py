@@ -1,4 +1,5 @@
 """Benchmark scripts run end to end at a tiny size and report every field with sane values."""
+
 import importlib.util
 import json
 import math
@@ -16,8 +17,9 @@ def load_script(name):
 
 def test_benchmark_decode_tiny(tmp_path):
     out = tmp_path / "decode.json"
-    load_script("benchmark_decode").main(["--model", "tiny", "--layers", "2", "--batch", "1", "4",
-                                          "--context", "16", "--steps", "4", "--json", str(out)])
+    load_script("benchmark_decode").main(
+        ["--model", "tiny", "--layers", "2", "--batch", "1", "4", "--context", "16", "--steps", "4", "--json", str(out)]
+    )
     result = json.loads(out.read_text())
     assert result["measured_bandwidth"] > 1e8 and result["measured_matmul_flops"] > 1e8
     assert [(r["batch"], r["context"]) for r in result["results"]] == [(1, 16), (4, 16)]
@@ -35,8 +37,9 @@ def test_compare_hf_tiny(tmp_path):
 
     pytest.importorskip("transformers")
     out = tmp_path / "compare.json"
-    load_script("compare_hf").main(["--batch", "2", "--prompt-tokens", "4", "--new-tokens", "3", "--repeats", "1",
-                                    "--json", str(out)])
+    load_script("compare_hf").main(
+        ["--batch", "2", "--prompt-tokens", "4", "--new-tokens", "3", "--repeats", "1", "--json", str(out)]
+    )
     row = json.loads(out.read_text())["results"][0]
     assert row["identical_outputs"] and row["identical_requests"] == 2  # same greedy tokens as transformers
     for key in ("jaxinfer_tokens_per_s", "transformers_tokens_per_s", "ratio", "median_paired_ratio"):
@@ -52,8 +55,9 @@ def test_benchmark_attention_tiny(tmp_path):
     if not native.available():
         pytest.skip(native.unavailable_reason())
     out = tmp_path / "attention.json"
-    load_script("benchmark_attention").main(["--batch", "3", "--context", "5", "40", "--q-len", "2", "--layers", "2",
-                                             "--repeats", "2", "--json", str(out)])
+    load_script("benchmark_attention").main(
+        ["--batch", "3", "--context", "5", "40", "--q-len", "2", "--layers", "2", "--repeats", "2", "--json", str(out)]
+    )
     result = json.loads(out.read_text())
     assert [(r["batch"], r["context"]) for r in result["results"]] == [(3, 5), (3, 40)]
     for r in result["results"]:

@@ -1,4 +1,5 @@
 """Native (Orbax) checkpoints: convert once, restore onto any mesh with identical logits."""
+
 import subprocess
 import sys
 
@@ -11,8 +12,17 @@ from jaxinfer.config import ModelConfig
 from jaxinfer.sharding import make_mesh
 from tests.hf_reference import save_random_hf_llama
 
-CFG = ModelConfig(name="ck", vocab_size=390, hidden_size=96, intermediate_size=90, num_layers=2,
-                  num_heads=6, num_kv_heads=3, head_dim=16, max_position_embeddings=128)
+CFG = ModelConfig(
+    name="ck",
+    vocab_size=390,
+    hidden_size=96,
+    intermediate_size=90,
+    num_layers=2,
+    num_heads=6,
+    num_kv_heads=3,
+    head_dim=16,
+    max_position_embeddings=128,
+)
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +30,9 @@ def converted(tmp_path_factory):
     hf_dir = tmp_path_factory.mktemp("hf")
     save_random_hf_llama(CFG, hf_dir, seed=5)
     dst = tmp_path_factory.mktemp("native") / "ckpt"
-    proc = subprocess.run([sys.executable, "-m", "jaxinfer.convert", str(hf_dir), str(dst)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxinfer.convert", str(hf_dir), str(dst)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     return hf_dir, dst
 
@@ -42,7 +53,7 @@ def test_restore_on_other_meshes_gives_identical_logits(converted):
 
 def test_restore_is_sharded_on_the_mesh(converted):
     _, dst = converted
-    model = load_model(str(dst), make_mesh("2x4"), "float32")
+    model = load_model(str(dst), make_mesh("2x4"), "float32", layer_loop="scan")  # the checkpoint's stacked layout
     q = model.params["layers"]["attn"]["q"]  # [L, E, Hq, D], heads split over tensor=4
     assert q.shape[2] == 8 and q.sharding.spec[2] == "tensor"
     assert len({str(s.index) for s in q.addressable_shards}) == 4

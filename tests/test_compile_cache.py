@@ -1,23 +1,42 @@
 """Persistent compile cache: a second `run` with the same --compile-cache compiles nothing and warms up faster;
 an AOT compile for this machine fills the cache with exactly the engine's step executables."""
+
 import re
 import subprocess
 import sys
 
 import pytest
 
-ARGS = ["--model", "tests/data/stories260K/stories260K.bin", "--mesh", "1x1", "--max-context", "128",
-        "--prefill-chunk", "32", "--prompt", "Once upon a time", "--no-chat", "--max-tokens", "4"]
+ARGS = [
+    "--model",
+    "tests/data/stories260K/stories260K.bin",
+    "--mesh",
+    "1x1",
+    "--max-context",
+    "128",
+    "--prefill-chunk",
+    "32",
+    "--prompt",
+    "Once upon a time",
+    "--no-chat",
+    "--max-tokens",
+    "4",
+]
 BUCKETS = 6  # 1, 2, 4, 8, 16, 32 (the smallest bucket on CPU is 1)
 
 
 def run(cache_dir):
     """-> (XLA compilations, persistent cache hits, warm-up seconds, generated text) of one batch job."""
-    proc = subprocess.run([sys.executable, "-m", "jaxinfer.run", *ARGS, "--compile-cache", str(cache_dir)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxinfer.run", *ARGS, "--compile-cache", str(cache_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    compiles, hits = map(int, re.search(r"XLA compilations in this process (\d+) \(persistent cache hits (\d+)\)",
-                                        proc.stderr).groups())
+    compiles, hits = map(
+        int, re.search(r"XLA compilations in this process (\d+) \(persistent cache hits (\d+)\)", proc.stderr).groups()
+    )
     warmup = float(re.search(rf"warm-up compiled {BUCKETS} buckets in ([\d.]+)s", proc.stderr).group(1))
     return compiles, hits, warmup, proc.stdout
 
@@ -32,8 +51,12 @@ def cold(tmp_path_factory):
 def aot_dir(tmp_path_factory):
     """`python -m jaxinfer.aot --topology cpu --out DIR` with the batch job's engine flags."""
     out = tmp_path_factory.mktemp("aot")
-    proc = subprocess.run([sys.executable, "-m", "jaxinfer.aot", *ARGS[:8], "--topology", "cpu", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxinfer.aot", *ARGS[:8], "--topology", "cpu", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 

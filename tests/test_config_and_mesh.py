@@ -1,4 +1,5 @@
 """Config presets, mesh parsing, the sharding table and the errors users see for bad meshes."""
+
 import os
 import subprocess
 import sys
@@ -12,8 +13,9 @@ from jaxinfer.model.params import abstract_params, count_params
 from jaxinfer.sharding import LOGICAL_RULES, MeshError, logical_to_mesh_axes, make_mesh, parse_mesh
 
 
-@pytest.mark.parametrize("name,published", [("llama3-8b", 8.03e9), ("llama3-70b", 70.55e9),
-                                            ("llama3.2-1b", 1.24e9), ("llama2-7b", 6.74e9)])
+@pytest.mark.parametrize(
+    "name,published", [("llama3-8b", 8.03e9), ("llama3-70b", 70.55e9), ("llama3.2-1b", 1.24e9), ("llama2-7b", 6.74e9)]
+)
 def test_preset_param_counts_match_published(name, published):
     counted = count_params(get_preset(name))  # jax.eval_shape over the real module: no memory
     assert abs(counted - published) / published < 0.005, counted
@@ -21,8 +23,16 @@ def test_preset_param_counts_match_published(name, published):
 
 
 def test_required_presets_exist():
-    for name in ("tiny", "stories260k", "smollm2-135m", "llama2-7b", "llama3-8b", "llama3.1-8b",
-                 "llama3-70b", "llama3.2-1b"):
+    for name in (
+        "tiny",
+        "stories260k",
+        "smollm2-135m",
+        "llama2-7b",
+        "llama3-8b",
+        "llama3.1-8b",
+        "llama3-70b",
+        "llama3.2-1b",
+    ):
         assert name in PRESETS
     with pytest.raises(ConfigError, match="model preset 'llama9' is unknown"):
         get_preset("llama9")
@@ -40,19 +50,31 @@ def test_from_hf_config_reads_llama31(tmp_path):
     assert ModelConfig.from_hf_config({**cfg.to_hf_config(), "_name_or_path": cfg.name}) == cfg
 
 
-@pytest.mark.parametrize("text,shape", [("2x4", (2, 1, 4)), ("1x2x4", (1, 2, 4)), ("8", (1, 1, 8)),
-                                        ("data=2,tensor=4", (2, 1, 4)), ("sequence=2", (1, 2, 1)),
-                                        ("v5e-8", (2, 1, 4)), ("cpu-8", (2, 1, 4))])
+@pytest.mark.parametrize(
+    "text,shape",
+    [
+        ("2x4", (2, 1, 4)),
+        ("1x2x4", (1, 2, 4)),
+        ("8", (1, 1, 8)),
+        ("data=2,tensor=4", (2, 1, 4)),
+        ("sequence=2", (1, 2, 1)),
+        ("v5e-8", (2, 1, 4)),
+        ("cpu-8", (2, 1, 4)),
+    ],
+)
 def test_parse_mesh(text, shape):
     assert parse_mesh(text).shape == shape
 
 
-@pytest.mark.parametrize("text,message", [
-    ("2x", "expected DATAxTENSOR"),
-    ("data=2,model=4", "unknown axis 'model'"),
-    ("data=two", "axis data size 'two' is not a positive integer"),
-    ("0x4", "axis data size 0 must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("2x", "expected DATAxTENSOR"),
+        ("data=2,model=4", "unknown axis 'model'"),
+        ("data=two", "axis data size 'two' is not a positive integer"),
+        ("0x4", "axis data size 0 must be >= 1"),
+    ],
+)
 def test_bad_mesh_strings(text, message):
     with pytest.raises(MeshError, match=message):
         parse_mesh(text)
@@ -66,8 +88,10 @@ def test_mesh_needing_more_devices_than_exist_is_one_clear_line():
 
 def test_cpu_mesh_larger_than_device_count_sets_up_host_devices():
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    code = ("from jaxinfer.sharding import make_mesh; m = make_mesh('1x2x4'); "
-            "import jax; print(len(jax.devices()), dict(m.shape))")
+    code = (
+        "from jaxinfer.sharding import make_mesh; m = make_mesh('1x2x4'); "
+        "import jax; print(len(jax.devices()), dict(m.shape))"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "8 {'data': 1, 'sequence': 2, 'tensor': 4}"
@@ -90,12 +114,15 @@ def test_every_parameter_sharding_comes_from_the_table():
     assert set(LOGICAL_RULES.values()) <= {None, "data", "sequence", "tensor"}
 
 
-@pytest.mark.parametrize("heads,kv,tensor,expect_q,expect_kv", [
-    (9, 3, 4, 12, 4),    # SmolLM2 on tensor=4: one dummy KV group
-    (8, 4, 8, 8, 8),     # KV heads replicated twice, one query head per replica
-    (64, 8, 16, 64, 16),  # Llama-3-70B on tensor=16: KV replicated, 4 query heads each
-    (32, 8, 4, 32, 8),   # divisible: unchanged
-])
+@pytest.mark.parametrize(
+    "heads,kv,tensor,expect_q,expect_kv",
+    [
+        (9, 3, 4, 12, 4),  # SmolLM2 on tensor=4: one dummy KV group
+        (8, 4, 8, 8, 8),  # KV heads replicated twice, one query head per replica
+        (64, 8, 16, 64, 16),  # Llama-3-70B on tensor=16: KV replicated, 4 query heads each
+        (32, 8, 4, 32, 8),  # divisible: unchanged
+    ],
+)
 def test_head_padding_plan(heads, kv, tensor, expect_q, expect_kv):
     cfg = get_preset("tiny").replace(num_heads=heads, num_kv_heads=kv)
     lay = plan_layout(cfg, tensor, quiet=True)

@@ -1,4 +1,5 @@
 """The dense (no-cache) forward with the Pallas flash attention kernel equals the reference path."""
+
 import numpy as np
 import pytest
 

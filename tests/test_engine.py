@@ -1,19 +1,28 @@
 """The engine on real checkpoints: batching invariance, zero recompiles, preemption, continuous batching."""
+
 import random
 
 import numpy as np
 import pytest
 
 from jaxinfer.checkpoint.load import load_model
-from jaxinfer.engine.engine import Engine, EngineConfig
 from jaxinfer.config import ConfigError
+from jaxinfer.engine.engine import Engine, EngineConfig
 from jaxinfer.engine.requests import Request, SamplingParams
 from jaxinfer.sharding import make_mesh
 from jaxinfer.tokenizer import load_tokenizer
 from tests.dense_greedy import greedy_dense
 
-STORY_PROMPTS = ["Once upon a time", "The cat sat", "Lily and Ben went to the park. They saw a big dog and",
-                 "One day, a little boy named Tim", "The sun was hot", "Mom said", "A bird", "Sue had a red ball"]
+STORY_PROMPTS = [
+    "Once upon a time",
+    "The cat sat",
+    "Lily and Ben went to the park. They saw a big dog and",
+    "One day, a little boy named Tim",
+    "The sun was hot",
+    "Mom said",
+    "A bird",
+    "Sue had a red ball",
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +56,16 @@ def test_engine_greedy_equals_dense_forward(stories, mesh):
         assert res.token_ids == expected, req.id
 
 
-@pytest.mark.parametrize("params", [dict(max_tokens=30),
-                                    dict(max_tokens=30, temperature=0.8, top_p=0.9, seed=7)])
+@pytest.mark.parametrize("params", [dict(max_tokens=30), dict(max_tokens=30, temperature=0.8, top_p=0.9, seed=7)])
 def test_output_independent_of_batch(stories, params):
     models, tok = stories
     engine = make_engine(models["2x4"], tok, max_slots=16)
     target = story_request(tok, 99, "Once upon a time, in a small town,", **params)
     alone = engine.generate([target])[0]
-    others = [story_request(tok, i, random.Random(i).choice(STORY_PROMPTS), max_tokens=10 + 3 * i,
-                            temperature=0.7, seed=i) for i in range(15)]
+    others = [
+        story_request(tok, i, random.Random(i).choice(STORY_PROMPTS), max_tokens=10 + 3 * i, temperature=0.7, seed=i)
+        for i in range(15)
+    ]
     target2 = story_request(tok, 99, "Once upon a time, in a small town,", **params)
     busy = {r.id: r for r in engine.generate(others[:7] + [target2] + others[7:])}
     assert busy["r99"].token_ids == alone.token_ids
@@ -69,21 +79,31 @@ def test_fifty_random_requests_cause_zero_compilations(stories):
     reqs = []
     for i in range(50):
         prompt = [tok.bos_id] + [rng.randrange(3, 512) for _ in range(rng.randrange(1, 120))]
-        reqs.append(Request(f"q{i}", prompt, SamplingParams(max_tokens=rng.randrange(1, 40),
-                                                             temperature=rng.choice([0.0, 0.9]), seed=i,
-                                                             top_k=rng.choice([0, 20]))))
+        reqs.append(
+            Request(
+                f"q{i}",
+                prompt,
+                SamplingParams(
+                    max_tokens=rng.randrange(1, 40),
+                    temperature=rng.choice([0.0, 0.9]),
+                    seed=i,
+                    top_k=rng.choice([0, 20]),
+                ),
+            )
+        )
     results = engine.generate(reqs)
     assert [r.id for r in results] == [r.id for r in reqs]
     assert engine.compilations_after_warmup == 0
-    assert all(r.completion_tokens == q.params.max_tokens or r.finish_reason == "stop"
-               for r, q in zip(results, reqs))
+    assert all(r.completion_tokens == q.params.max_tokens or r.finish_reason == "stop" for r, q in zip(results, reqs))
 
 
 def test_preemption_is_invisible(stories):
     """With too few KV pages for all requests at once, outputs equal those with ample memory."""
     models, tok = stories
-    reqs = lambda: [story_request(tok, i, p, max_tokens=60, temperature=0.0 if i % 2 else 0.8, seed=i)  # noqa: E731
-                    for i, p in enumerate(STORY_PROMPTS)]
+    reqs = lambda: [
+        story_request(tok, i, p, max_tokens=60, temperature=0.0 if i % 2 else 0.8, seed=i)  # noqa: E731
+        for i, p in enumerate(STORY_PROMPTS)
+    ]
     ample = make_engine(models["2x4"], tok, max_slots=8)
     expected = [r.token_ids for r in ample.generate(reqs())]
     tight = make_engine(models["2x4"], tok, max_slots=8, kv_pages=16)  # 16 pages/shard, 4 slots x ~5 pages needed
@@ -112,7 +132,7 @@ def test_stop_strings_and_tokens(stories):
     assert "Lily" in free.text
     stopped = engine.generate([story_request(tok, 1, "Once upon a time", max_tokens=40, stop=("Lily",))])[0]
     assert stopped.finish_reason == "stop"
-    assert stopped.text == free.text[:free.text.index("Lily")]
+    assert stopped.text == free.text[: free.text.index("Lily")]
     first = free.token_ids[3]
     by_id = engine.generate([story_request(tok, 2, "Once upon a time", max_tokens=40, stop_token_ids=(first,))])[0]
     assert by_id.token_ids == free.token_ids[:4] and by_id.finish_reason == "stop"

@@ -1,5 +1,6 @@
 """The full model with `--attention pallas` (Pallas ragged paged attention, TPU interpret mode on CPU)
 generates the same greedy tokens as with `--attention xla`."""
+
 import pytest
 
 from jaxinfer.checkpoint.load import load_model

@@ -4,6 +4,7 @@ SmolLM2-135M-Instruct in float32 from the same GGUF file on both sides. Eight pr
 tokens run together through 4 slots, so slots are refilled as requests finish at different steps,
 and prompts longer than the 64-token prefill chunk are prefilled over several steps.
 """
+
 import pytest
 
 from jaxinfer.checkpoint.load import load_model
@@ -13,9 +14,11 @@ from jaxinfer.sharding import make_mesh
 from jaxinfer.tokenizer import load_tokenizer
 from tests.test_reference_models import smollm2_gguf
 
-PASSAGE = ("The history of astronomy is long and rich. Ancient peoples watched the sky to keep time, to "
-           "navigate and to tell stories. The Babylonians recorded the motions of planets on clay tablets, "
-           "and Greek thinkers such as Aristarchus and Ptolemy built models of the heavens. ") * 8
+PASSAGE = (
+    "The history of astronomy is long and rich. Ancient peoples watched the sky to keep time, to "
+    "navigate and to tell stories. The Babylonians recorded the motions of planets on clay tablets, "
+    "and Greek thinkers such as Aristarchus and Ptolemy built models of the heavens. "
+) * 8
 LENGTHS = [1, 5, 17, 40, 80, 130, 210, 300]
 NEW_TOKENS = [6, 14, 9, 12, 7, 10, 5, 8]
 
@@ -31,14 +34,21 @@ def setup():
     prompts = [ids[:n] for n in LENGTHS]
     import os
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                           dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
     expected = []
     with torch.no_grad():
         for prompt, n in zip(prompts, NEW_TOKENS):
-            out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
-                              pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-            expected.append(out[0, len(prompt):].tolist())
+            out = hf.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=n,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            )
+            expected.append(out[0, len(prompt) :].tolist())
     return path, tok, prompts, expected
 
 
@@ -52,8 +62,10 @@ def test_engine_greedy_equals_transformers_generate(setup, mesh, layer_loop):
     engine = Engine(model, tok, EngineConfig(max_slots=4, max_context=512, prefill_chunk=32, layer_loop=layer_loop))
     assert model.layer_loop == ("unrolled" if layer_loop == "auto" else "scan")
     engine.warmup()
-    reqs = [Request(f"p{i}", p, SamplingParams(max_tokens=n, ignore_eos=True))
-            for i, (p, n) in enumerate(zip(prompts, NEW_TOKENS))]
+    reqs = [
+        Request(f"p{i}", p, SamplingParams(max_tokens=n, ignore_eos=True))
+        for i, (p, n) in enumerate(zip(prompts, NEW_TOKENS))
+    ]
     results = engine.generate(reqs)
     assert engine.compilations_after_warmup == 0
     for req, res, exp in zip(reqs, results, expected):

@@ -5,11 +5,10 @@ K/V past the last position any query may see are NaN, so a kernel that reads and
 fully masked block (or a masked tail of a visible one) produces NaN and fails.
 """
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
@@ -35,8 +34,7 @@ def oracle(q, k, v, sm_scale, causal, q_offset):
 
 def test_reference_single_key_returns_its_value():
     v = np.array([[[[1.5, -2.0, 0.25]]]], np.float32)  # [1, 1, 1, 3]
-    out = flash_attention_reference(jnp.ones((1, 1, 2, 3)), jnp.ones((1, 1, 1, 3)), v,
-                                    sm_scale=0.3)
+    out = flash_attention_reference(jnp.ones((1, 1, 2, 3)), jnp.ones((1, 1, 1, 3)), v, sm_scale=0.3)
     np.testing.assert_array_equal(np.asarray(out)[0, 0], np.repeat(v[0, 0], 2, 0))
 
 
@@ -45,8 +43,7 @@ def test_reference_equal_keys_give_running_mean():
     v = rng.standard_normal((1, 6, 1, 4)).astype(np.float32)
     k = np.ones((1, 6, 1, 4), np.float32)
     q = rng.standard_normal((1, 6, 1, 4)).astype(np.float32)
-    out = np.asarray(flash_attention_reference(q, k, v,
-                                               sm_scale=1.0))
+    out = np.asarray(flash_attention_reference(q, k, v, sm_scale=1.0))
     expect = np.cumsum(v[0, :, 0], 0) / np.arange(1, 7)[:, None]  # causal prefix mean
     np.testing.assert_allclose(out[0, :, 0], expect, rtol=1e-6, atol=1e-6)
 
@@ -58,8 +55,7 @@ def test_reference_two_tokens_by_hand():
     out = np.asarray(flash_attention_reference(q, k, v, sm_scale=1.0))[0, :, 0]
     np.testing.assert_allclose(out, [[1.0, 0.0], [0.25, 0.75]], atol=1e-6)
     # offset 1: the first query is already at position 1 and sees both keys.
-    off = np.asarray(flash_attention_reference(q[:, :1], k, v, sm_scale=1.0,
-                                               q_offset=jnp.array([1])))[0, 0, 0]
+    off = np.asarray(flash_attention_reference(q[:, :1], k, v, sm_scale=1.0, q_offset=jnp.array([1])))[0, 0, 0]
     np.testing.assert_allclose(off, [0.25, 0.75], atol=1e-6)
 
 
@@ -70,8 +66,7 @@ def test_reference_vs_oracle(causal, offset):
     k, v = (rng.standard_normal((2, 14, 2, 8)).astype(np.float32) for _ in range(2))
     off = None if offset is None else jnp.array(offset, jnp.int32)
     ref = flash_attention_reference(q, k, v, sm_scale=0.4, causal=causal, q_offset=off)
-    np.testing.assert_allclose(np.asarray(ref), oracle(q, k, v, 0.4, causal, offset),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ref), oracle(q, k, v, 0.4, causal, offset), rtol=1e-5, atol=1e-5)
 
 
 # id, B, T, S, Hq, Hk, D, dtype, causal, offsets, block_q, block_kv
@@ -83,8 +78,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("B,T,S,Hq,Hk,D,dtype,causal,offsets,bq,bk",
-                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("B,T,S,Hq,Hk,D,dtype,causal,offsets,bq,bk", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_kernel_matches_reference(B, T, S, Hq, Hk, D, dtype, causal, offsets, bq, bk):
     rng = np.random.default_rng(2)
     q = rng.standard_normal((B, T, Hq, D)).astype(np.float32)
@@ -93,12 +87,13 @@ def test_kernel_matches_reference(B, T, S, Hq, Hk, D, dtype, causal, offsets, bq
     if causal:  # positions nobody can see are NaN: reading them must not matter
         for b in range(B):
             last = (0 if offsets is None else offsets[b]) + T - 1
-            k[b, last + 1:] = np.nan
-            v[b, last + 1:] = np.nan
+            k[b, last + 1 :] = np.nan
+            v[b, last + 1 :] = np.nan
     q, k, v = (jnp.asarray(x, dtype) for x in (q, k, v))
-    sm = D ** -0.5
-    out = flash_attention(q, k, v, sm_scale=sm, causal=causal, q_offset=off, block_q=bq,
-                          block_kv=bk, interpret=pltpu.InterpretParams())
+    sm = D**-0.5
+    out = flash_attention(
+        q, k, v, sm_scale=sm, causal=causal, q_offset=off, block_q=bq, block_kv=bk, interpret=pltpu.InterpretParams()
+    )
     assert out.shape == q.shape and out.dtype == q.dtype
     ref = flash_attention_reference(q, k, v, sm_scale=sm, causal=causal, q_offset=off)
     out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
@@ -108,18 +103,28 @@ def test_kernel_matches_reference(B, T, S, Hq, Hk, D, dtype, causal, offsets, bq
 
 def test_aot_compile_tpu_v5e_sharded():
     from jax.experimental import topologies
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
     try:
         topo = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2")
     except Exception as e:  # libtpu missing or unusable
         pytest.skip(f"no TPU topology: {e}")
     mesh = Mesh(np.array(topo.devices).reshape(2, 2), ("data", "tensor"))
     sp = P("data", None, "tensor", None)
-    f = jax.shard_map(lambda q, k, v, o: flash_attention(q, k, v, sm_scale=0.1, q_offset=o),
-                      mesh=mesh, in_specs=(sp, sp, sp, P("data")), out_specs=sp,
-                      check_vma=False)
-    shapes = [((2, 256, 8, 128), jnp.bfloat16, sp), ((2, 512, 4, 128), jnp.bfloat16, sp),
-              ((2, 512, 4, 128), jnp.bfloat16, sp), ((2,), jnp.int32, P("data"))]
+    f = jax.shard_map(
+        lambda q, k, v, o: flash_attention(q, k, v, sm_scale=0.1, q_offset=o),
+        mesh=mesh,
+        in_specs=(sp, sp, sp, P("data")),
+        out_specs=sp,
+        check_vma=False,
+    )
+    shapes = [
+        ((2, 256, 8, 128), jnp.bfloat16, sp),
+        ((2, 512, 4, 128), jnp.bfloat16, sp),
+        ((2, 512, 4, 128), jnp.bfloat16, sp),
+        ((2,), jnp.int32, P("data")),
+    ]
     args = [jax.ShapeDtypeStruct(s, d, sharding=NamedSharding(mesh, p)) for s, d, p in shapes]
     compiled = jax.jit(f).lower(*args).compile()
     assert "tpu_custom_call" in compiled.as_text()

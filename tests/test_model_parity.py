@@ -4,6 +4,7 @@ The weights go through the real import path: `save_pretrained` safetensors -> ja
 sharded params on a mesh. Each architecture variant below exercises a different code path
 (MHA, GQA, MQA, tied embeddings, explicit head_dim, Llama-3.1 rope scaling).
 """
+
 import numpy as np
 import pytest
 
@@ -12,23 +13,38 @@ from jaxinfer.config import ModelConfig, RopeScaling
 from jaxinfer.sharding import make_mesh
 from tests.hf_reference import hf_logits, relative_error, save_random_hf_llama
 
-BASE = dict(vocab_size=384, hidden_size=64, intermediate_size=96, num_layers=2, head_dim=16,
-            max_position_embeddings=256, rope_theta=10000.0)
+BASE = dict(
+    vocab_size=384,
+    hidden_size=64,
+    intermediate_size=96,
+    num_layers=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    rope_theta=10000.0,
+)
 
 VARIANTS = {
     "mha": ModelConfig(name="mha", num_heads=4, num_kv_heads=4, **BASE),
     "gqa": ModelConfig(name="gqa", num_heads=8, num_kv_heads=2, **BASE),
     "mqa": ModelConfig(name="mqa", num_heads=8, num_kv_heads=1, **BASE),
     "tied": ModelConfig(name="tied", num_heads=4, num_kv_heads=2, tie_embeddings=True, **BASE),
-    "head_dim": ModelConfig(name="head_dim", num_heads=4, num_kv_heads=2,
-                            **{**BASE, "head_dim": 32}),  # 4 * 32 != hidden 64
+    "head_dim": ModelConfig(
+        name="head_dim", num_heads=4, num_kv_heads=2, **{**BASE, "head_dim": 32}
+    ),  # 4 * 32 != hidden 64
     "llama31_rope": ModelConfig(
-        name="llama31_rope", num_heads=4, num_kv_heads=2,
+        name="llama31_rope",
+        num_heads=4,
+        num_kv_heads=2,
         rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=32),
-        **{**BASE, "rope_theta": 500000.0}),
+        **{**BASE, "rope_theta": 500000.0},
+    ),
     # odd head counts force zero-padding of heads, MLP units and vocabulary on tensor=4 / 8
-    "odd_heads": ModelConfig(name="odd_heads", num_heads=6, num_kv_heads=3,
-                             **{**BASE, "hidden_size": 96, "intermediate_size": 90, "vocab_size": 390}),
+    "odd_heads": ModelConfig(
+        name="odd_heads",
+        num_heads=6,
+        num_kv_heads=3,
+        **{**BASE, "hidden_size": 96, "intermediate_size": 90, "vocab_size": 390},
+    ),
 }
 
 MESHES = ["1x1", "1x8", "2x4"]

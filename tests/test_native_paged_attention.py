@@ -1,6 +1,7 @@
 """The native CPU paged-attention kernel (jaxinfer.native) against JAX's own ragged paged attention
 reference, on hostile caches (NaN wherever a stray read could land), and its edge cases. How the
 platform policy picks it, and what happens when it cannot be built, is tests/test_platform.py."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,8 +27,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("use_native,single_pass_tokens", [(True, 0), (False, 0), (False, 1024)],
-                         ids=["native", "xla-two-part", "xla-single-pass"])
+@pytest.mark.parametrize(
+    "use_native,single_pass_tokens",
+    [(True, 0), (False, 0), (False, 1024)],
+    ids=["native", "xla-two-part", "xla-single-pass"],
+)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_paged_paths_match_jax_reference(case, single_pass_tokens, use_native, monkeypatch):
     """The native kernel reads every step in one pass, whatever SINGLE_PASS_TOKENS says. The XLA path,

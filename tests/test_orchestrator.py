@@ -4,6 +4,7 @@ The real server is tested end to end in test_server*.py; these pin down the timi
 exactly: FCFS slot admission, queue bound, slow-reader cut-off, cancellation before the next step,
 deadlines, per-request internal errors, drain and shutdown.
 """
+
 import collections
 import threading
 import time
@@ -27,6 +28,8 @@ class MockEngine:
     def __init__(self, max_slots=2, step_seconds=0.002):
         self.config = types.SimpleNamespace(max_slots=max_slots)
         self.step_seconds = step_seconds
+        self.running_steps = threading.Event()  # cleared: step() waits (the engine thread is busy)
+        self.running_steps.set()
         self.waiting = collections.deque()
         self.running: dict[str, tuple[Request, list[int]]] = {}
         self.stats = collections.Counter()
@@ -36,9 +39,18 @@ class MockEngine:
         self.admitted: list[str] = []
 
     def status(self):
-        return EngineStatus(active_slots=len(self.running), waiting=len(self.waiting), prefilling=0, pages_used=4 * len(self.running),
-                            pages_total=self.pages_total, steps=self.stats["steps"], preemptions=0,
-                            compilations_after_warmup=0, steps_by_bucket={}, finished={})
+        return EngineStatus(
+            active_slots=len(self.running),
+            waiting=len(self.waiting),
+            prefilling=0,
+            pages_used=4 * len(self.running),
+            pages_total=self.pages_total,
+            steps=self.stats["steps"],
+            preemptions=0,
+            compilations_after_warmup=0,
+            steps_by_bucket={},
+            finished={},
+        )
 
     def submit(self, req):
         if req.prompt_ids[0] == -1:
@@ -52,6 +64,7 @@ class MockEngine:
         if self.fail_next_step:
             self.fail_next_step = False
             raise RuntimeError("device fell over")
+        self.running_steps.wait()
         time.sleep(self.step_seconds)
         while self.waiting and len(self.running) < self.config.max_slots:
             req = self.waiting.popleft()
@@ -81,14 +94,16 @@ class MockEngine:
 
     @staticmethod
     def _result(req, tokens, reason):
-        return Result(req.id, list(tokens), "".join(f"<{t}>" for t in tokens), reason, len(req.prompt_ids), None,
-                      0.001, 0.01)
+        return Result(
+            req.id, list(tokens), "".join(f"<{t}>" for t in tokens), reason, len(req.prompt_ids), None, 0.001, 0.01
+        )
 
 
 def make(max_slots=2, max_queue=4, stream_buffer=64, request_timeout=None, step_seconds=0.002):
     engine = MockEngine(max_slots, step_seconds)
-    orch = Orchestrator(engine, Metrics(), max_queue=max_queue, stream_buffer=stream_buffer,
-                        request_timeout=request_timeout)
+    orch = Orchestrator(
+        engine, Metrics(), max_queue=max_queue, stream_buffer=stream_buffer, request_timeout=request_timeout
+    )
     orch.start()
     return engine, orch
 
@@ -124,11 +139,13 @@ def test_streams_tokens_in_order_and_admits_first_come_first_served():
 def test_full_queue_is_refused_at_once_and_duplicate_ids_too():
     engine, orch = make(max_slots=2, max_queue=1, step_seconds=0.02)
     held = [orch.submit(request(f"r{i}", max_tokens=100)) for i in range(3)]  # 2 slots + 1 waiting
-    start = time.monotonic()
+    engine.running_steps.clear()  # the engine thread is stuck in a step: a refusal must not wait for it
+    steps = engine.stats["steps"]
     with pytest.raises(RequestFailed) as e:
         orch.submit(request("r3"))
     assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-queue" in str(e.value)
-    assert time.monotonic() - start < 0.05
+    assert engine.stats["steps"] == steps
+    engine.running_steps.set()
     with pytest.raises(RequestFailed) as e:
         orch.submit(request("r0"))
     assert e.value.code == grpc.StatusCode.ALREADY_EXISTS
@@ -166,8 +183,11 @@ def test_cancel_frees_the_slot_before_the_next_step():
         list(events)
     assert e.value.code == grpc.StatusCode.CANCELLED
     wait_until(lambda: orch.status["active_slots"] == 0)
-    hist = {s.labels.get("le"): s.value for s in orch.metrics.release_steps.collect()[0].samples
-            if s.name.endswith("_bucket")}
+    hist = {
+        s.labels.get("le"): s.value
+        for s in orch.metrics.release_steps.collect()[0].samples
+        if s.name.endswith("_bucket")
+    }
     assert hist["1.0"] == hist["+Inf"] == 1
     orch.close()
 
@@ -179,8 +199,8 @@ def test_deadline_ends_the_request_and_frees_its_slot():
     with pytest.raises(RequestFailed) as e:
         list(ticket)
     assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and "0.1s" in str(e.value)
-    assert 0.09 < time.monotonic() - start < 1.0
-    assert "slowpoke" in engine.cancelled_at
+    assert time.monotonic() - start > 0.09  # no upper bound in seconds: a loaded machine may be slow
+    assert engine.cancelled_at["slowpoke"] < 10_000, "ended by its deadline, long before its last token"
     assert collect(orch.submit(request("next", max_tokens=1))) == [(1, "<1>")]
     orch.close()
 

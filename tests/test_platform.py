@@ -1,5 +1,6 @@
 """The platform policy: what each platform runs, and the native kernel's fallback and refusal. These run
 on any machine, with or without a C++ compiler (availability is replaced where a test needs it)."""
+
 import os
 import subprocess
 import sys
@@ -50,14 +51,25 @@ def test_unknown_choices_are_config_errors():
         platforms.resolve("tpu", layer_loop="flat")
 
 
-@pytest.mark.parametrize("cxx,expected", [("no-such-compiler-xyz", "no C++ compiler: 'no-such-compiler-xyz' is not on PATH"),
-                                          ("false", "false failed (exit 1) building paged_context.cc")])
+@pytest.mark.parametrize(
+    "cxx,expected",
+    [
+        ("no-such-compiler-xyz", "no C++ compiler: 'no-such-compiler-xyz' is not on PATH"),
+        ("false", "false failed (exit 1) building paged_context.cc"),
+    ],
+)
 def test_build_failure_is_one_clear_line(tmp_path, cxx, expected):
     """A fresh process with a broken compiler: available() is False with the reason; nothing raises."""
     env = dict(os.environ, CXX=cxx, JAXINFER_CACHE=str(tmp_path))
     code = "from jaxinfer import native; print(native.available()); print(native.unavailable_reason())"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert out.returncode == 0, out.stderr
     available, reason = out.stdout.strip().splitlines()[-2:]
     assert available == "False" and reason.startswith(expected), reason

@@ -7,21 +7,20 @@ page) and the padding query rows are all NaN, so any stray read that reaches an 
 shows up as NaN. Padding query rows are excluded from comparisons.
 """
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.ragged_paged_attention import (
-    ragged_paged_attention, ragged_paged_attention_reference)
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention, ragged_paged_attention_reference
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}  # max abs error, outputs are O(1)
 
 
-def make_case(seed, q_lens, kv_lens, *, Hq, Hk, D, page_size, dtype=jnp.float32,
-              max_num_seqs=None, pages_per_seq=None, T=None):
+def make_case(
+    seed, q_lens, kv_lens, *, Hq, Hk, D, page_size, dtype=jnp.float32, max_num_seqs=None, pages_per_seq=None, T=None
+):
     """Random ragged batch; returns (args tuple, number of real query rows)."""
     rng = np.random.default_rng(seed)
     n = len(q_lens)
@@ -42,28 +41,33 @@ def make_case(seed, q_lens, kv_lens, *, Hq, Hk, D, page_size, dtype=jnp.float32,
             fill = min(page_size, L - p * page_size)
             kv[page, :fill] = rng.standard_normal((fill, 2 * Hk, D))
     cu = np.zeros(S + 1, np.int32)
-    cu[1:n + 1] = np.cumsum(q_lens)
-    cu[n + 1:] = cu[n]
+    cu[1 : n + 1] = np.cumsum(q_lens)
+    cu[n + 1 :] = cu[n]
     kvl = np.full(S, 10**6, np.int32)  # dead slots hold garbage
     kvl[:n] = kv_lens
     total = int(cu[n])
     T = T or total + 3
     q = np.full((T, Hq, D), np.nan, np.float32)  # padding rows are NaN
     q[:total] = rng.standard_normal((total, Hq, D))
-    args = (jnp.asarray(q, dtype), jnp.asarray(kv, dtype), jnp.asarray(kvl),
-            jnp.asarray(page_indices), jnp.asarray(cu), jnp.array([n], jnp.int32))
+    args = (
+        jnp.asarray(q, dtype),
+        jnp.asarray(kv, dtype),
+        jnp.asarray(kvl),
+        jnp.asarray(page_indices),
+        jnp.asarray(cu),
+        jnp.array([n], jnp.int32),
+    )
     return args, total
 
 
 def dense_oracle(args, n_tokens, *, sm_scale, sliding_window=None, soft_cap=None):
     """Independent numpy oracle: per sequence, gather pages, dense masked softmax."""
-    q, kv, kvl, pi, cu, ns = (np.asarray(a, np.float32) if i < 2 else np.asarray(a)
-                              for i, a in enumerate(args))
+    q, kv, kvl, pi, cu, ns = (np.asarray(a, np.float32) if i < 2 else np.asarray(a) for i, a in enumerate(args))
     Hq, Hk = q.shape[1], kv.shape[2] // 2
     out = np.zeros((n_tokens,) + q.shape[1:], np.float32)
     for i in range(int(ns[0])):
         L = int(kvl[i])
-        pages = kv[pi[i, :-(-L // kv.shape[1])]].reshape(-1, 2 * Hk, q.shape[2])[:L]
+        pages = kv[pi[i, : -(-L // kv.shape[1])]].reshape(-1, 2 * Hk, q.shape[2])[:L]
         k = np.repeat(pages[:, 0::2], Hq // Hk, axis=1)  # [L, Hq, D]
         v = np.repeat(pages[:, 1::2], Hq // Hk, axis=1)
         for t in range(int(cu[i]), int(cu[i + 1])):
@@ -87,9 +91,14 @@ def _single(q, k, v, kv_len_extra_pages=0):
     Tq = q.shape[0]
     kv = np.full((2 + kv_len_extra_pages, 8, 2, D), np.nan, np.float32)
     kv[1, :L, 0], kv[1, :L, 1] = k, v
-    args = (jnp.asarray(q[:, None]), jnp.asarray(kv), jnp.array([L, 0], jnp.int32),
-            jnp.array([[1, 0], [0, 0]], jnp.int32), jnp.array([0, Tq, Tq], jnp.int32),
-            jnp.array([1], jnp.int32))
+    args = (
+        jnp.asarray(q[:, None]),
+        jnp.asarray(kv),
+        jnp.array([L, 0], jnp.int32),
+        jnp.array([[1, 0], [0, 0]], jnp.int32),
+        jnp.array([0, Tq, Tq], jnp.int32),
+        jnp.array([1], jnp.int32),
+    )
     return args
 
 
@@ -122,8 +131,7 @@ def test_reference_two_tokens_by_hand():
     np.testing.assert_allclose(sw[1, 0], [0.0, 1.0], atol=1e-7)  # window 1: only itself
     # soft cap ln 3 turns a huge score into ~ln 3: back to [1/4, 3/4].
     k_big = np.array([[0.0, 0.0], [100.0, 0.0]], np.float32)
-    cap = np.asarray(ragged_paged_attention_reference(*_single(q, k_big, v),
-                                                      soft_cap=float(np.log(3.0))))
+    cap = np.asarray(ragged_paged_attention_reference(*_single(q, k_big, v), soft_cap=float(np.log(3.0))))
     np.testing.assert_allclose(cap[1, 0], [0.25, 0.75], atol=1e-6)
 
 
@@ -133,10 +141,9 @@ def test_reference_vs_oracles(kw):
     args, n = make_case(0, [1, 6, 1, 9], [9, 21, 1, 12], Hq=8, Hk=2, D=16, page_size=4)
     ref = np.asarray(ragged_paged_attention_reference(*args, sm_scale=0.3, **kw))[:n]
     assert np.isfinite(ref).all()
-    np.testing.assert_allclose(ref, dense_oracle(args, n, sm_scale=0.3, **kw),
-                               rtol=1e-5, atol=1e-5)
-    from jax.experimental.pallas.ops.tpu.ragged_paged_attention import (
-        ref_ragged_paged_attention)
+    np.testing.assert_allclose(ref, dense_oracle(args, n, sm_scale=0.3, **kw), rtol=1e-5, atol=1e-5)
+    from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ref_ragged_paged_attention
+
     jax_ref = np.asarray(ref_ragged_paged_attention(*args, sm_scale=0.3, **kw))
     np.testing.assert_allclose(ref, jax_ref[:n], rtol=1e-5, atol=1e-5)
 
@@ -152,25 +159,24 @@ KERNEL_CASES = [
     ("prefill", [20], [52], 4, 4, 128, 32, jnp.bfloat16, {}),
     ("mixed", [1, 11, 1, 6, 1], [30, 11, 65, 20, 2], 8, 2, 128, 16, jnp.bfloat16, {}),
     ("mixed", [5, 1, 12, 1], [37, 9, 12, 50], 16, 2, 64, 32, jnp.float32, {}),
-    ("mixed-window", [1, 14, 1], [45, 30, 8], 8, 2, 64, 16, jnp.bfloat16,
-     {"sliding_window": 12}),
-    ("mixed-softcap", [3, 1, 9], [35, 64, 9], 4, 4, 128, 32, jnp.float32,
-     {"soft_cap": 4.0}),
+    ("mixed-window", [1, 14, 1], [45, 30, 8], 8, 2, 64, 16, jnp.bfloat16, {"sliding_window": 12}),
+    ("mixed-softcap", [3, 1, 9], [35, 64, 9], 4, 4, 128, 32, jnp.float32, {"soft_cap": 4.0}),
 ]
 
 
 @pytest.mark.parametrize(
-    "q_lens,kv_lens,Hq,Hk,D,page,dtype,kw", [c[1:] for c in KERNEL_CASES],
-    ids=[f"{c[0]}-p{c[6]}-g{c[3] // c[4]}-d{c[5]}-{jnp.dtype(c[7]).name}"
-         for c in KERNEL_CASES])
+    "q_lens,kv_lens,Hq,Hk,D,page,dtype,kw",
+    [c[1:] for c in KERNEL_CASES],
+    ids=[f"{c[0]}-p{c[6]}-g{c[3] // c[4]}-d{c[5]}-{jnp.dtype(c[7]).name}" for c in KERNEL_CASES],
+)
 def test_kernel_matches_reference(q_lens, kv_lens, Hq, Hk, D, page, dtype, kw):
     args, n = make_case(7, q_lens, kv_lens, Hq=Hq, Hk=Hk, D=D, page_size=page, dtype=dtype)
-    sm = D ** -0.5
+    sm = D**-0.5
     G = Hq // Hk
     bq = max(8, 16 // G) if dtype == jnp.bfloat16 else 8  # small blocks: sequences span
-    out = ragged_paged_attention(*args, sm_scale=sm, num_queries_per_block=bq,
-                                 num_kv_pages_per_block=2, interpret=pltpu.InterpretParams(),
-                                 **kw)
+    out = ragged_paged_attention(
+        *args, sm_scale=sm, num_queries_per_block=bq, num_kv_pages_per_block=2, interpret=pltpu.InterpretParams(), **kw
+    )
     assert out.shape == args[0].shape and out.dtype == args[0].dtype
     out = np.asarray(out, np.float32)[:n]
     ref = np.asarray(ragged_paged_attention_reference(*args, sm_scale=sm, **kw), np.float32)
@@ -179,38 +185,50 @@ def test_kernel_matches_reference(q_lens, kv_lens, Hq, Hk, D, page, dtype, kw):
 
 
 def test_kernel_default_block_sizes():
-    args, n = make_case(3, [1, 7, 1], [33, 7, 90], Hq=8, Hk=2, D=128, page_size=16,
-                        dtype=jnp.bfloat16)
+    args, n = make_case(3, [1, 7, 1], [33, 7, 90], Hq=8, Hk=2, D=128, page_size=16, dtype=jnp.bfloat16)
     out = ragged_paged_attention(*args, sm_scale=0.1, interpret=True)
     ref = ragged_paged_attention_reference(*args, sm_scale=0.1)
-    np.testing.assert_allclose(np.asarray(out, np.float32)[:n],
-                               np.asarray(ref, np.float32)[:n], atol=TOL[jnp.bfloat16])
+    np.testing.assert_allclose(np.asarray(out, np.float32)[:n], np.asarray(ref, np.float32)[:n], atol=TOL[jnp.bfloat16])
 
 
 # --------------------------------------------------------------------- AOT TPU compile
 def _tpu_mesh():
     from jax.experimental import topologies
+
     try:
         topo = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2")
     except Exception as e:  # libtpu missing or unusable
         pytest.skip(f"no TPU topology: {e}")
     from jax.sharding import Mesh
+
     return Mesh(np.array(topo.devices).reshape(2, 2), ("data", "tensor"))
 
 
 def test_aot_compile_tpu_v5e_sharded():
     import functools
-    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
     mesh = _tpu_mesh()
     T, S, pps, Hq, Hk, D, page = 32, 8, 16, 8, 4, 128, 16
     specs = (P(None, "tensor", None), P(None, None, "tensor", None), P(), P(), P(), P())
-    f = jax.shard_map(functools.partial(ragged_paged_attention, sm_scale=0.1), mesh=mesh,
-                      in_specs=specs, out_specs=P(None, "tensor", None), check_vma=False)
-    shapes = [((T, Hq, D), jnp.bfloat16), ((S * pps + 1, page, 2 * Hk, D), jnp.bfloat16),
-              ((S,), jnp.int32), ((S, pps), jnp.int32), ((S + 1,), jnp.int32),
-              ((1,), jnp.int32)]
-    args = [jax.ShapeDtypeStruct(s, d, sharding=NamedSharding(mesh, sp))
-            for (s, d), sp in zip(shapes, specs)]
+    f = jax.shard_map(
+        functools.partial(ragged_paged_attention, sm_scale=0.1),
+        mesh=mesh,
+        in_specs=specs,
+        out_specs=P(None, "tensor", None),
+        check_vma=False,
+    )
+    shapes = [
+        ((T, Hq, D), jnp.bfloat16),
+        ((S * pps + 1, page, 2 * Hk, D), jnp.bfloat16),
+        ((S,), jnp.int32),
+        ((S, pps), jnp.int32),
+        ((S + 1,), jnp.int32),
+        ((1,), jnp.int32),
+    ]
+    args = [jax.ShapeDtypeStruct(s, d, sharding=NamedSharding(mesh, sp)) for (s, d), sp in zip(shapes, specs)]
     compiled = jax.jit(f).lower(*args).compile()
     assert "tpu_custom_call" in compiled.as_text()
     assert compiled.memory_analysis().temp_size_in_bytes < 2**20  # no cache relayout copy
@@ -221,6 +239,7 @@ def test_compile_script_small(tmp_path):
     import importlib.util
     import json
     import pathlib
+
     _tpu_mesh()  # skips without libtpu
     path = pathlib.Path(__file__).parents[1] / "scripts" / "kernels_tpu_compile.py"
     spec = importlib.util.spec_from_file_location("kernels_tpu_compile", path)

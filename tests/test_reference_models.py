@@ -1,5 +1,6 @@
 """Real checkpoints against outside references: stories260K's published greedy output, and
 SmolLM2-135M-Instruct (GGUF) against transformers' own GGUF loader and its known chat answer."""
+
 import importlib.util
 import os
 
@@ -13,8 +14,10 @@ from tests.dense_greedy import greedy_dense
 from tests.hf_reference import relative_error
 
 # llama2.c README, `./run stories260K/stories260K.bin -z stories260K/tok512.bin -t 0.0`
-STORIES_PUBLISHED = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the "
-                     "park. One day, she saw a big, red ball.")
+STORIES_PUBLISHED = (
+    "Once upon a time, there was a little girl named Lily. She loved to play outside in the "
+    "park. One day, she saw a big, red ball."
+)
 
 
 def smollm2_gguf():
@@ -41,7 +44,8 @@ def smollm2_hf():
 
     path = smollm2_gguf()
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
     return path, model
 
 
@@ -51,9 +55,11 @@ def test_smollm2_logits_match_transformers_gguf_loader(smollm2_hf):
     path, reference = smollm2_hf
     tok = load_tokenizer(path)
     model = load_model(path, make_mesh("2x4"), "float32")
-    prompts = ["The quick brown fox jumps over the lazy dog.",
-               "def fibonacci(n):\n    return",
-               tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])]
+    prompts = [
+        "The quick brown fox jumps over the lazy dog.",
+        "def fibonacci(n):\n    return",
+        tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}]),
+    ]
     for prompt in prompts:
         ids = np.asarray([tok.encode(prompt, add_bos=False)])
         ours = model.logits(ids)

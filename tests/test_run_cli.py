@@ -1,4 +1,5 @@
 """The batch job as users run it: a subprocess, real model, JSONL in and out, clear one-line errors."""
+
 import json
 import subprocess
 import sys
@@ -6,13 +7,22 @@ import time
 
 import pytest
 
-STORIES = ["--model", "tests/data/stories260K/stories260K.bin", "--max-context", "128", "--max-slots", "2",
-           "--prefill-chunk", "32"]
+STORIES = [
+    "--model",
+    "tests/data/stories260K/stories260K.bin",
+    "--max-context",
+    "128",
+    "--max-slots",
+    "2",
+    "--prefill-chunk",
+    "32",
+]
 
 
 def run(args, timeout=300):
-    proc = subprocess.run([sys.executable, "-m", "jaxinfer.run", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxinfer.run", *args], capture_output=True, text=True, timeout=timeout
+    )
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -20,17 +30,20 @@ def errors(stderr):
     return [line for line in stderr.splitlines() if "error:" in line]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--top-p", "1.5"], "top_p=1.5 must be in (0, 1]"),
-    (["--top-p", "0"], "top_p=0.0 must be in (0, 1]"),
-    (["--temperature", "-1"], "temperature=-1.0 must be a number >= 0"),
-    (["--mesh", "2x"], "--mesh '2x': expected DATAxTENSOR"),
-    (["--mesh", "data=2,model=4"], "unknown axis 'model'"),
-    (["--model", "/nonexistent/model.gguf"], "/nonexistent/model.gguf: no such file or directory"),
-    (["--mesh", "1x2x4"], "--mesh 1x2x4: sequence=2 is not supported by the serving engine yet"),
-    (["--input", "missing.jsonl"], "--input missing.jsonl: no such file"),
-    (["--tokenizer", "/nonexistent/tok.model"], "--tokenizer /nonexistent/tok.model: no such file or directory"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--top-p", "1.5"], "top_p=1.5 must be in (0, 1]"),
+        (["--top-p", "0"], "top_p=0.0 must be in (0, 1]"),
+        (["--temperature", "-1"], "temperature=-1.0 must be a number >= 0"),
+        (["--mesh", "2x"], "--mesh '2x': expected DATAxTENSOR"),
+        (["--mesh", "data=2,model=4"], "unknown axis 'model'"),
+        (["--model", "/nonexistent/model.gguf"], "/nonexistent/model.gguf: no such file or directory"),
+        (["--mesh", "1x2x4"], "--mesh 1x2x4: sequence=2 is not supported by the serving engine yet"),
+        (["--input", "missing.jsonl"], "--input missing.jsonl: no such file"),
+        (["--tokenizer", "/nonexistent/tok.model"], "--tokenizer /nonexistent/tok.model: no such file or directory"),
+    ],
+)
 def test_bad_flags_give_one_line_and_exit_2(args, message):
     start = time.monotonic()
     code, _, stderr = run(args)
@@ -60,7 +73,9 @@ def test_jsonl_bad_lines_are_reported_and_others_run(tmp_path):
     assert any("line 3: unknown sampling parameter 'temprature'" in e for e in errs)
     assert any("line 4: top_p=1.5 must be in (0, 1]" in e for e in errs)
     assert any("line 5: temperature=-0.1 must be a number >= 0" in e for e in errs)
-    assert any("line 6: prompt: the prompt is" in e and "above the limit of 127" in e and "--truncate" in e for e in errs)
+    assert any(
+        "line 6: prompt: the prompt is" in e and "above the limit of 127" in e and "--truncate" in e for e in errs
+    )
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in records] == ["good", "1", "2", "3", "4", "long", "sampled"]
     good = records[0]
@@ -74,8 +89,19 @@ def test_jsonl_bad_lines_are_reported_and_others_run(tmp_path):
 
 def test_truncate_keeps_the_end_of_long_prompts(tmp_path):
     out = tmp_path / "out.jsonl"
-    code, _, stderr = run([*STORIES, "--no-chat", "--truncate", "--max-tokens", "4",
-                           "--prompt", "Once upon a time " * 80, "--output", str(out)])
+    code, _, stderr = run(
+        [
+            *STORIES,
+            "--no-chat",
+            "--truncate",
+            "--max-tokens",
+            "4",
+            "--prompt",
+            "Once upon a time " * 80,
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0, stderr[-2000:]
     record = json.loads(out.read_text())
     # 127 prompt tokens fill --max-context 128 but for the one token that ends the request by length
@@ -86,8 +112,12 @@ def test_truncate_keeps_the_end_of_long_prompts(tmp_path):
 def test_a_request_without_seed_reports_one_that_reproduces_it(tmp_path):
     """Sampled requests without a seed draw one from the OS and report it; rerunning with it gives the same tokens."""
     src = tmp_path / "in.jsonl"
-    src.write_text("".join(json.dumps({"id": f"s{i}", "prompt": "Once upon a time", "temperature": 1.0,
-                                       "max_tokens": 24}) + "\n" for i in range(3)))
+    src.write_text(
+        "".join(
+            json.dumps({"id": f"s{i}", "prompt": "Once upon a time", "temperature": 1.0, "max_tokens": 24}) + "\n"
+            for i in range(3)
+        )
+    )
     first, again = tmp_path / "first.jsonl", tmp_path / "again.jsonl"
     code, _, stderr = run([*STORIES, "--no-chat", "--input", str(src), "--output", str(first)])
     assert code == 0, stderr[-2000:]
@@ -95,8 +125,15 @@ def test_a_request_without_seed_reports_one_that_reproduces_it(tmp_path):
     seeds = [r["seed"] for r in records]
     assert all(isinstance(s, int) and 0 <= s < 2**32 for s in seeds) and len(set(seeds)) == 3
     assert len({tuple(r["token_ids"]) for r in records}) > 1, "three draws, one text: the seeds were not used"
-    src.write_text("".join(json.dumps({"id": r["id"], "prompt": "Once upon a time", "temperature": 1.0,
-                                       "max_tokens": 24, "seed": r["seed"]}) + "\n" for r in records))
+    src.write_text(
+        "".join(
+            json.dumps(
+                {"id": r["id"], "prompt": "Once upon a time", "temperature": 1.0, "max_tokens": 24, "seed": r["seed"]}
+            )
+            + "\n"
+            for r in records
+        )
+    )
     code, _, stderr = run([*STORIES, "--no-chat", "--input", str(src), "--output", str(again)])
     assert code == 0, stderr[-2000:]
     rerun = [json.loads(line) for line in again.read_text().splitlines()]

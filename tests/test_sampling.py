@@ -1,4 +1,5 @@
 """Statistical checks of on-device sampling on a small vocabulary with fixed seeds."""
+
 import dataclasses
 
 import jax
@@ -16,10 +17,15 @@ DRAWS = 6000
 def draw(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=7):
     """DRAWS samples: one row per draw, positions 0..DRAWS-1 give independent streams."""
     n = DRAWS
-    p = SamplingArrays(temperature=jnp.full(n, temperature, jnp.float32), top_k=jnp.full(n, top_k, jnp.int32),
-                       top_p=jnp.full(n, top_p, jnp.float32), min_p=jnp.full(n, min_p, jnp.float32),
-                       seed=jnp.full(n, seed, jnp.uint32), position=jnp.arange(n, dtype=jnp.int32),
-                       logprobs=jnp.ones(n, bool))
+    p = SamplingArrays(
+        temperature=jnp.full(n, temperature, jnp.float32),
+        top_k=jnp.full(n, top_k, jnp.int32),
+        top_p=jnp.full(n, top_p, jnp.float32),
+        min_p=jnp.full(n, min_p, jnp.float32),
+        seed=jnp.full(n, seed, jnp.uint32),
+        position=jnp.arange(n, dtype=jnp.int32),
+        logprobs=jnp.ones(n, bool),
+    )
     tokens, logprobs = jax.jit(sample)(jnp.tile(LOGITS, (n, 1)), p)
     return np.asarray(tokens), np.asarray(logprobs)
 
@@ -68,9 +74,15 @@ def test_stream_depends_on_seed_and_position_only():
     c, _ = draw(seed=2)
     assert (a == b).all() and (a != c).any()
     # the same (seed, position) in a different row of a different batch gives the same token
-    p = SamplingArrays(temperature=jnp.ones(2), top_k=jnp.zeros(2, jnp.int32), top_p=jnp.ones(2),
-                       min_p=jnp.zeros(2), seed=jnp.array([1, 1], jnp.uint32), position=jnp.array([99, 5], jnp.int32),
-                       logprobs=jnp.zeros(2, bool))
+    p = SamplingArrays(
+        temperature=jnp.ones(2),
+        top_k=jnp.zeros(2, jnp.int32),
+        top_p=jnp.ones(2),
+        min_p=jnp.zeros(2),
+        seed=jnp.array([1, 1], jnp.uint32),
+        position=jnp.array([99, 5], jnp.int32),
+        logprobs=jnp.zeros(2, bool),
+    )
     tokens, _ = sample(jnp.tile(LOGITS, (2, 1)), p)
     assert int(tokens[0]) == a[99] and int(tokens[1]) == a[5]
 
@@ -80,19 +92,26 @@ def test_greedy_tokens_equals_argmax(vocab):
     """The blocked argmax picks what np.argmax picks: ties to the first index, -inf rows, ragged vocab."""
     rng = np.random.default_rng(vocab)
     logits = rng.standard_normal((6, vocab)).astype(np.float32)
-    logits[1, [vocab // 3, vocab - 1]] = 50.0       # tie across blocks: the first wins
-    logits[2] = -np.inf                              # nothing finite
-    logits[3, vocab - 1] = 40.0                      # the maximum in the last, partial block
-    logits[4, [vocab // 2, vocab - 2]] = 45.0        # tie within the last blocks
-    logits[5] = np.round(logits[5])                  # many ties
+    logits[1, [vocab // 3, vocab - 1]] = 50.0  # tie across blocks: the first wins
+    logits[2] = -np.inf  # nothing finite
+    logits[3, vocab - 1] = 40.0  # the maximum in the last, partial block
+    logits[4, [vocab // 2, vocab - 2]] = 45.0  # tie within the last blocks
+    logits[5] = np.round(logits[5])  # many ties
     got = np.asarray(jax.jit(greedy_tokens)(jnp.asarray(logits)))
     np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
 
 
 def test_logprobs_only_when_asked():
     n = 4
-    p = SamplingArrays(temperature=jnp.zeros(n), top_k=jnp.zeros(n, jnp.int32), top_p=jnp.ones(n), min_p=jnp.zeros(n),
-                       seed=jnp.zeros(n, jnp.uint32), position=jnp.zeros(n, jnp.int32), logprobs=jnp.zeros(n, bool))
+    p = SamplingArrays(
+        temperature=jnp.zeros(n),
+        top_k=jnp.zeros(n, jnp.int32),
+        top_p=jnp.ones(n),
+        min_p=jnp.zeros(n),
+        seed=jnp.zeros(n, jnp.uint32),
+        position=jnp.zeros(n, jnp.int32),
+        logprobs=jnp.zeros(n, bool),
+    )
     _, none = sample(jnp.tile(LOGITS, (n, 1)), p)
     assert (np.asarray(none) == 0).all()
     _, some = sample(jnp.tile(LOGITS, (n, 1)), dataclasses.replace(p, logprobs=jnp.array([False, True, False, False])))

@@ -3,6 +3,7 @@ the real stories260K model, one server for the whole module. Greedy outputs are 
 batch job (`python -m jaxinfer.run`) run with the same flags. Tests run in file order; the metrics
 test is last because it checks the counts the others left behind.
 """
+
 import concurrent.futures
 import json
 import math
@@ -22,10 +23,28 @@ from prometheus_client.parser import text_string_to_metric_families
 from jaxinfer.proto import jaxinfer_pb2 as pb
 from jaxinfer.proto import jaxinfer_pb2_grpc
 
-MODEL = ["--model", "tests/data/stories260K/stories260K.bin", "--mesh", "1x1", "--max-context", "512",
-         "--max-slots", "4", "--prefill-chunk", "32"]
-OPENINGS = ["Once upon a time, there was a", "One day, a little", "The sun was shining and", "Lily saw a big",
-            "Tom and his mom went to the", "There was a happy", "In the garden, a small", "The old tree had a"]
+MODEL = [
+    "--model",
+    "tests/data/stories260K/stories260K.bin",
+    "--mesh",
+    "1x1",
+    "--max-context",
+    "512",
+    "--max-slots",
+    "4",
+    "--prefill-chunk",
+    "32",
+]
+OPENINGS = [
+    "Once upon a time, there was a",
+    "One day, a little",
+    "The sun was shining and",
+    "Lily saw a big",
+    "Tom and his mom went to the",
+    "There was a happy",
+    "In the garden, a small",
+    "The old tree had a",
+]
 NAMES = ["dog", "girl named Sue", "bird", "red ball", "park", "cat", "boy named Ben", "fish"]
 PROMPTS = [f"{a} {b}" for a in OPENINGS for b in NAMES]  # 64 distinct prompts
 SAMPLED = {i: dict(temperature=0.9, top_p=0.95, seed=1000 + i) for i in range(0, 64, 8)}  # seeded sampling
@@ -38,8 +57,23 @@ class ServerProcess:
 
     def __init__(self, *flags):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jaxinfer.serve", *MODEL, "--host", "127.0.0.1", "--port", "0",
-             "--metrics-port", "0", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                sys.executable,
+                "-m",
+                "jaxinfer.serve",
+                *MODEL,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--metrics-port",
+                "0",
+                *flags,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.lines: list[str] = []
         threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
         try:
@@ -66,8 +100,11 @@ class ServerProcess:
     def metrics(self) -> dict:
         """{(name, frozenset(labels)): value} of every sample on the metrics endpoint."""
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
-        return {(s.name, frozenset(s.labels.items())): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
+        return {
+            (s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
 
     def stop(self):
         if self.proc.poll() is None:
@@ -90,13 +127,18 @@ def batch_job(tmp_path_factory):
     src, out = tmp / "in.jsonl", tmp / "out.jsonl"
     lines = [{"id": str(i), "prompt": p, "max_tokens": MAX_TOKENS, **SAMPLED.get(i, {})} for i, p in enumerate(PROMPTS)]
     src.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    proc = subprocess.Popen([sys.executable, "-m", "jaxinfer.run", *MODEL, "--no-chat", "--input", str(src),
-                             "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxinfer.run", *MODEL, "--no-chat", "--input", str(src), "--output", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
     def results():
         log, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, log
         return [json.loads(line) for line in out.read_text().splitlines()]
+
     return results
 
 
@@ -127,8 +169,11 @@ def stub(channel):
 
 
 def generate_request(i: int, with_id: bool) -> pb.GenerateRequest:
-    return pb.GenerateRequest(request_id=f"req-{i}" if with_id else "", text=PROMPTS[i],
-                              params=SP(max_tokens=MAX_TOKENS, **SAMPLED.get(i, {})))
+    return pb.GenerateRequest(
+        request_id=f"req-{i}" if with_id else "",
+        text=PROMPTS[i],
+        params=SP(max_tokens=MAX_TOKENS, **SAMPLED.get(i, {})),
+    )
 
 
 def test_64_concurrent_streams_complete_and_match_the_batch_job(stub, reference):
@@ -221,8 +266,9 @@ def test_cancel_mid_stream_frees_the_slot_within_one_step(server, stub):
 
 def test_deadline_exceeded_ends_the_request_and_frees_its_slot(stub):
     # 480 tokens are 480 engine steps: far more than 0.2 s on any CPU (a step costs the host ~1 ms)
-    call = stub.Generate(pb.GenerateRequest(text="Once upon a time", params=SP(max_tokens=480, ignore_eos=True)),
-                         timeout=0.2)
+    call = stub.Generate(
+        pb.GenerateRequest(text="Once upon a time", params=SP(max_tokens=480, ignore_eos=True)), timeout=0.2
+    )
     with pytest.raises(grpc.RpcError) as e:
         list(call)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -326,11 +372,18 @@ def test_client_that_stops_reading_is_cut_off_without_slowing_others(server, stu
     options = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
     with grpc.insecure_channel(server.target, options=options) as slow_channel:
         slow = jaxinfer_pb2_grpc.GenerationStub(slow_channel).Generate(
-            pb.GenerateRequest(text="Once upon a time", params=SP(max_tokens=300, ignore_eos=True)))
+            pb.GenerateRequest(text="Once upon a time", params=SP(max_tokens=300, ignore_eos=True))
+        )
         received = len(next(slow).token_ids)
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            others = list(pool.map(lambda i: stub.GenerateUnary(pb.GenerateRequest(
-                text=PROMPTS[i], params=SP(max_tokens=40, ignore_eos=True))), range(4)))
+            others = list(
+                pool.map(
+                    lambda i: stub.GenerateUnary(
+                        pb.GenerateRequest(text=PROMPTS[i], params=SP(max_tokens=40, ignore_eos=True))
+                    ),
+                    range(4),
+                )
+            )
         assert all(len(r.token_ids) == 40 for r in others)
         assert all((r.usage.total_time_s - r.usage.time_to_first_token_s) / 39 < 0.25 for r in others)
         wait_until(lambda: stub.GetModelInfo(pb.GetModelInfoRequest()).active_slots == 0, timeout=10)
@@ -351,8 +404,11 @@ def test_client_built_only_from_reflection_calls_generate(server, reference):
         response_type = message_factory.GetMessageClass(method.output_type)
         assert request_type.DESCRIPTOR.file.pool is pool  # not the generated classes
         request = json_format.ParseDict({"text": PROMPTS[5], "params": {"max_tokens": MAX_TOKENS}}, request_type())
-        call = ch.unary_stream("/jaxinfer.v1.Generation/Generate", request_serializer=request_type.SerializeToString,
-                               response_deserializer=response_type.FromString)
+        call = ch.unary_stream(
+            "/jaxinfer.v1.Generation/Generate",
+            request_serializer=request_type.SerializeToString,
+            response_deserializer=response_type.FromString,
+        )
         responses = list(call(request, timeout=60))
     assert [t for r in responses for t in r.token_ids] == reference[5]["token_ids"]
     assert json_format.MessageToDict(responses[-1])["finishReason"].startswith("FINISH_REASON_")
@@ -360,8 +416,12 @@ def test_client_built_only_from_reflection_calls_generate(server, reference):
 
 def test_command_line_client(server, reference):
     def client(*args):
-        return subprocess.run([sys.executable, "-m", "jaxinfer.client", "--target", server.target, *args],
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "jaxinfer.client", "--target", server.target, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     text = client("--max-tokens", str(MAX_TOKENS), PROMPTS[2])
     assert text.returncode == 0 and text.stdout == reference[2]["text"]

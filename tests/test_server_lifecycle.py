@@ -4,6 +4,7 @@ SIGTERM (NOT_SERVING, UNAVAILABLE for new requests, in-flight requests finish, e
 file order; the SIGTERM test ends the module's server; the request-timeout test and the last one start and stop
 servers of their own.
 """
+
 import concurrent.futures
 import signal
 import time
@@ -11,10 +12,10 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_server import SP, ServerProcess, wait_until
 
 from jaxinfer.proto import jaxinfer_pb2 as pb
 from jaxinfer.proto import jaxinfer_pb2_grpc
-from test_server import SP, ServerProcess, wait_until
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 LONG = pb.GenerateRequest(text="Hi", params=SP(max_tokens=500, ignore_eos=True))  # 500 engine steps
@@ -56,8 +57,13 @@ def test_health_turns_serving_after_warm_up_and_start_up_is_logged(server):
     assert set(server.statuses) == {NOT_SERVING, SERVING}
     assert server.early_errors[0][0] == grpc.StatusCode.UNAVAILABLE and "warming up" in server.early_errors[0][1]
     log = server.log()
-    for pattern in ("mesh {'data': 1, 'sequence': 1, 'tensor': 1}", "model stories260K", "KV cache: 128 pages/shard",
-                    "buckets (1, 2, 4, 8, 16, 32)", "warm-up compiled 6 buckets in"):
+    for pattern in (
+        "mesh {'data': 1, 'sequence': 1, 'tensor': 1}",
+        "model stories260K",
+        "KV cache: 128 pages/shard",
+        "buckets (1, 2, 4, 8, 16, 32)",
+        "warm-up compiled 6 buckets in",
+    ):
         assert pattern in log
     assert log.index("warm-up compiled") < log.index("SERVING stories260K")
 
@@ -88,8 +94,9 @@ def test_request_timeout_gives_deadline_exceeded_and_frees_the_slots():
             for e in timed_out:
                 assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "deadline of 0.5s" in e.details()
             assert 0.45 < time.monotonic() - start < 10
-            wait_until(lambda: (i := info(srv)).active_slots == 0 and i.queue_depth == 0 and i.kv_pages_used == 0,
-                       timeout=2)
+            wait_until(
+                lambda: (i := info(srv)).active_slots == 0 and i.queue_depth == 0 and i.kv_pages_used == 0, timeout=2
+            )
     finally:
         srv.stop()
 

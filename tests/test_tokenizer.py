@@ -172,10 +172,12 @@ def test_gguf_smollm_isolates_numerals(gguf_bpe, hf_gguf):
     ("Ġâ" for " ⅓"); so the reference here is transformers' vocabulary with SmolLM2's published pre-tokenizer."""
     tokenizers = pytest.importorskip("tokenizers")
     reference = tokenizers.Tokenizer.from_str(hf_gguf.backend_tokenizer.to_str())
-    reference.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
-        tokenizers.pre_tokenizers.Digits(individual_digits=True),
-        tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    reference.pre_tokenizer = tokenizers.pre_tokenizers.Sequence(
+        [
+            tokenizers.pre_tokenizers.Digits(individual_digits=True),
+            tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     for text in TEXTS + [NUMERALS]:
         assert gguf_bpe.encode(text) == reference.encode(text, add_special_tokens=False).ids, text
     assert gguf_bpe.decode(gguf_bpe.encode(NUMERALS)) == NUMERALS
@@ -242,8 +244,12 @@ def test_gguf_llama_vocabulary_matches_sentencepiece(gguf_spm, sp_reference):
 
 def test_sentencepiece_directory_chat_adds_one_bos(spm_model, sp_reference, tmp_path):
     shutil.copyfile(spm_model, tmp_path / "tokenizer.model")
-    config = {"add_bos_token": True, "bos_token": "<s>", "eos_token": "</s>",
-              "chat_template": "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"}
+    config = {
+        "add_bos_token": True,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "chat_template": "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}",
+    }
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     tok = load_tokenizer(tmp_path)
     messages = [{"role": "user", "content": "hi"}]
@@ -266,7 +272,7 @@ def _run_c_encode(path: Path, text: str) -> list[int]:
     vocab, scores, offset = [], [], 4
     while offset < len(data):
         score, length = struct.unpack_from("<fi", data, offset)
-        vocab.append(data[offset + 8:offset + 8 + length].decode())
+        vocab.append(data[offset + 8 : offset + 8 + length].decode())
         scores.append(score)
         offset += 8 + length
     lookup = {}
@@ -283,7 +289,7 @@ def _run_c_encode(path: Path, text: str) -> list[int]:
                 best_score, best_id, best_idx = scores[merged], merged, i
         if best_idx == -1:
             return tokens
-        tokens[best_idx:best_idx + 2] = [best_id]
+        tokens[best_idx : best_idx + 2] = [best_id]
 
 
 def test_llama2c_matches_run_c(llama2c):

@@ -8,6 +8,7 @@ Nothing is loaded or allocated: parameters and the KV cache are abstract sharded
 are the same as `run`/`serve`, so the buckets compiled are the ones the server will use. Exit status:
 0 fits, 1 does not fit (the message says by how much and what would), 2 bad flags or mismatched DIR.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,18 +22,31 @@ log = logging.getLogger("jaxinfer.aot")
 def build_parser() -> argparse.ArgumentParser:
     from jaxinfer.bootstrap import add_model_args
 
-    p = argparse.ArgumentParser(prog="jaxinfer.aot", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="jaxinfer.aot", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_model_args(p)
     for action in p._actions:
         if action.dest == "dtype":
             action.choices = None  # also bf16 / f32 (parse_dtype), as deployment notes often write them
-    p.add_argument("--topology", help="v5e:2x2, v5e:2x4, v5e:4x4, v5p:2x2x1, v6e:2x4, ... or cpu / gpu / tpu "
-                   "(this machine's devices); default: the --mesh preset's topology")
-    p.add_argument("--device-memory-gib", type=float, default=None,
-                   help="memory per device (default: the chip's HBM from mesh_configs, or the device's own)")
-    p.add_argument("--buckets", type=int, nargs="+", default=None,
-                   help="compile only these token buckets (default: every bucket the engine uses)")
+    p.add_argument(
+        "--topology",
+        help="v5e:2x2, v5e:2x4, v5e:4x4, v5p:2x2x1, v6e:2x4, ... or cpu / gpu / tpu "
+        "(this machine's devices); default: the --mesh preset's topology",
+    )
+    p.add_argument(
+        "--device-memory-gib",
+        type=float,
+        default=None,
+        help="memory per device (default: the chip's HBM from mesh_configs, or the device's own)",
+    )
+    p.add_argument(
+        "--buckets",
+        type=int,
+        nargs="+",
+        default=None,
+        help="compile only these token buckets (default: every bucket the engine uses)",
+    )
     p.add_argument("--out", help="write serialized executables, compile-cache entries and manifest.json here")
     p.add_argument("--check", metavar="DIR", help="only check DIR's manifest against this system")
     return p
@@ -93,10 +107,14 @@ def run(args) -> int:
     unknown = sorted(set(buckets) - set(specs.buckets))
     if unknown:
         raise ConfigError(f"--buckets {unknown}: the engine's buckets are {list(specs.buckets)}")
-    print(f"{config.name} ({source}, {dtype.name}, {config.param_count() / 1e9:.2f}B params) on {tgt.name} "
-          f"({len(tgt.devices)} x {tgt.device_kind}, {tgt.memory_bytes / plan.GiB:.1f} GiB each), mesh {spec}")
-    print(f"engine: {engine.max_slots} slots, context {engine.max_context}, page {engine.page_size}, "
-          f"{pages} KV pages per data shard, attention {policy.attention}, buckets {list(specs.buckets)}")
+    print(
+        f"{config.name} ({source}, {dtype.name}, {config.param_count() / 1e9:.2f}B params) on {tgt.name} "
+        f"({len(tgt.devices)} x {tgt.device_kind}, {tgt.memory_bytes / plan.GiB:.1f} GiB each), mesh {spec}"
+    )
+    print(
+        f"engine: {engine.max_slots} slots, context {engine.max_context}, page {engine.page_size}, "
+        f"{pages} KV pages per data shard, attention {policy.attention}, buckets {list(specs.buckets)}"
+    )
 
     results, oom = [], None
     if weights + kv <= tgt.memory_bytes:  # otherwise compiling (minutes) cannot change the answer
@@ -109,40 +127,81 @@ def run(args) -> int:
                 raise
             oom = str(e).splitlines()[0][:300]
         print(f"\nper executable (per device):\n{plan.bucket_table(results)}")
-    p = plan.build(tgt.memory_bytes, weights, kv, specs.cache_shape, pages, spec.tensor, spec.data,
-                   engine.max_context, results)
+    p = plan.build(
+        tgt.memory_bytes, weights, kv, specs.cache_shape, pages, spec.tensor, spec.data, engine.max_context, results
+    )
     print(f"\nmemory plan per device:\n{plan.plan_table(p)}")
-    print(f"largest KV cache that fits: {p.max_kv_pages} pages per data shard = {p.max_slots} concurrent "
-          f"requests of {engine.max_context} tokens")
+    print(
+        f"largest KV cache that fits: {p.max_kv_pages} pages per data shard = {p.max_slots} concurrent "
+        f"requests of {engine.max_context} tokens"
+    )
     if args.out and results:
-        path = manifest.write(args.out, {
-            "model": {"name": config.name, "source": source, "dtype": dtype.name, "params": config.param_count()},
-            "mesh": dict(zip(MESH_AXES, spec.shape)),
-            "engine": {**vars(engine), "kv_pages": pages, "attention": policy.attention,
-                       "layer_loop": policy.layer_loop},
-            "buckets": list(buckets),
-            "target": {"name": tgt.name, "platform": tgt.platform, "device_kind": tgt.device_kind,
-                       "num_devices": len(tgt.devices), "device_ids": [d.id for d in tgt.devices],
-                       "memory_bytes": tgt.memory_bytes},
-            "plan": {**vars(p), "total": p.total, "fits": p.fits},
-            "steps": [{"bucket": r.bucket, "compile_seconds": r.seconds, "memory": r.memory,
-                       "estimated_seconds": r.estimated_seconds} for r in results]}, results)
+        path = manifest.write(
+            args.out,
+            {
+                "model": {"name": config.name, "source": source, "dtype": dtype.name, "params": config.param_count()},
+                "mesh": dict(zip(MESH_AXES, spec.shape)),
+                "engine": {
+                    **vars(engine),
+                    "kv_pages": pages,
+                    "attention": policy.attention,
+                    "layer_loop": policy.layer_loop,
+                },
+                "buckets": list(buckets),
+                "target": {
+                    "name": tgt.name,
+                    "platform": tgt.platform,
+                    "device_kind": tgt.device_kind,
+                    "num_devices": len(tgt.devices),
+                    "device_ids": [d.id for d in tgt.devices],
+                    "memory_bytes": tgt.memory_bytes,
+                },
+                "plan": {**vars(p), "total": p.total, "fits": p.fits},
+                "steps": [
+                    {
+                        "bucket": r.bucket,
+                        "compile_seconds": r.seconds,
+                        "memory": r.memory,
+                        "estimated_seconds": r.estimated_seconds,
+                    }
+                    for r in results
+                ],
+            },
+            results,
+        )
         print(f"wrote {path}")
     if p.fits and oom is None:
         print(f"FITS: {plan.format_bytes(p.total)} of {plan.format_bytes(tgt.memory_bytes)} per device")
         return 0
     if oom is not None:  # the plan above lacks this bucket's temporaries, so its page count is no guide
-        print(f"DOES NOT FIT: XLA ran out of memory compiling bucket {buckets[len(results)]} ({oom}); lower "
-              f"--kv-pages (now {pages}), --max-slots or --max-context, or use more chips", file=sys.stderr)
+        print(
+            f"DOES NOT FIT: XLA ran out of memory compiling bucket {buckets[len(results)]} ({oom}); lower "
+            f"--kv-pages (now {pages}), --max-slots or --max-context, or use more chips",
+            file=sys.stderr,
+        )
         return 1
-    hint = plan.suggestion(p, config, dtype, target.generation(tgt.name), spec.data, engine.max_slots,
-                           engine.max_context, engine.page_size,
-                           [(s.topology, s.size, s.hbm_bytes_per_device) for s in target.presets().values()
-                            if s.topology and s.hbm_bytes_per_device])
+    hint = plan.suggestion(
+        p,
+        config,
+        dtype,
+        target.generation(tgt.name),
+        spec.data,
+        engine.max_slots,
+        engine.max_context,
+        engine.page_size,
+        [
+            (s.topology, s.size, s.hbm_bytes_per_device)
+            for s in target.presets().values()
+            if s.topology and s.hbm_bytes_per_device
+        ],
+    )
     over = p.total - tgt.memory_bytes
     what = "" if results else " before compiler temporaries"
-    print(f"DOES NOT FIT: needs {p.total / plan.GiB:.2f} GiB per device{what}, {tgt.name} has "
-          f"{tgt.memory_bytes / plan.GiB:.2f} GiB (over by {over / plan.GiB:.2f} GiB); {hint}", file=sys.stderr)
+    print(
+        f"DOES NOT FIT: needs {p.total / plan.GiB:.2f} GiB per device{what}, {tgt.name} has "
+        f"{tgt.memory_bytes / plan.GiB:.2f} GiB (over by {over / plan.GiB:.2f} GiB); {hint}",
+        file=sys.stderr,
+    )
     return 1
 
 

@@ -2,6 +2,7 @@
 
 The package is only located (never imported): its `__init__` pulls in the `llm` CLI plugin machinery.
 """
+
 from __future__ import annotations
 
 import importlib.util

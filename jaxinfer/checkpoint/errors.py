@@ -4,6 +4,7 @@ Every message is a single line that starts with the offending file (or directory
 names the tensor where one is involved, e.g.
 ``/ckpt/model.safetensors: truncated: header says 1234 bytes, file has 1000``.
 """
+
 from __future__ import annotations
 
 

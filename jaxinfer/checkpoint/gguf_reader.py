@@ -6,6 +6,7 @@ llama.cpp's converter permutes Q/K rows into interleaved-pair RoPE order; we und
 head (Q with num_heads, K with num_kv_heads). A llama3-style `rope_freqs.weight` tensor is
 mapped back to `RopeScaling` only when the standard parameters reproduce it exactly.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,7 +14,8 @@ import os
 import re
 
 import numpy as np
-from gguf import GGMLQuantizationType as T, GGUFReader
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFReader
 from gguf.quants import dequantize
 
 from jaxinfer.checkpoint.errors import CheckpointError
@@ -21,11 +23,22 @@ from jaxinfer.checkpoint.source import SourceBase, interleaved_to_half_split
 from jaxinfer.config import ConfigError, ModelConfig, RopeScaling
 
 SUPPORTED_TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1)
-_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-        "output.weight": "lm_head.weight"}
-_LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-          "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-          "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+_TOP = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -67,8 +80,9 @@ class GGUFSource(SourceBase):
         try:
             self._reader = _Reader(self.path, "r")
         except Exception as e:  # gguf raises ValueError/IndexError/etc. on short or garbled files
-            raise CheckpointError(f"{self.path}: truncated or corrupt GGUF file ({size} bytes): "
-                                  f"{type(e).__name__}: {e}") from None
+            raise CheckpointError(
+                f"{self.path}: truncated or corrupt GGUF file ({size} bytes): {type(e).__name__}: {e}"
+            ) from None
         end = max((t.data_offset + t.n_bytes for t in self._reader.tensors), default=0)
         if end > size:
             raise CheckpointError(f"{self.path}: truncated: header says {end} bytes, file has {size}")
@@ -96,8 +110,9 @@ class GGUFSource(SourceBase):
         head_dim = self._int("llama.attention.key_length", e // heads)
         rot = self._field("llama.rope.dimension_count")
         if rot is not None and rot != head_dim:
-            raise CheckpointError(f"{self.path}: partial rotary (rope.dimension_count={rot}, "
-                                  f"head_dim={head_dim}) is not supported")
+            raise CheckpointError(
+                f"{self.path}: partial rotary (rope.dimension_count={rot}, head_dim={head_dim}) is not supported"
+            )
         tokens = self._reader.fields.get("tokenizer.ggml.tokens")
         vocab = len(tokens.data) if tokens is not None else self._field("llama.vocab_size")
         if vocab is None and "token_embd.weight" in self._tensors:
@@ -107,16 +122,21 @@ class GGUFSource(SourceBase):
         try:
             return ModelConfig(
                 name=self._field("general.name") or os.path.splitext(os.path.basename(self.path))[0],
-                vocab_size=vocab, hidden_size=e,
+                vocab_size=vocab,
+                hidden_size=e,
                 intermediate_size=self._int("llama.feed_forward_length"),
-                num_layers=self._int("llama.block_count"), num_heads=heads,
-                num_kv_heads=self._int("llama.attention.head_count_kv", heads), head_dim=head_dim,
-                rope_theta=theta, rope_scaling=self._rope_scaling(theta, head_dim),
+                num_layers=self._int("llama.block_count"),
+                num_heads=heads,
+                num_kv_heads=self._int("llama.attention.head_count_kv", heads),
+                head_dim=head_dim,
+                rope_theta=theta,
+                rope_scaling=self._rope_scaling(theta, head_dim),
                 rms_norm_eps=_nice(self._field("llama.attention.layer_norm_rms_epsilon", 1e-5)),
                 tie_embeddings="output.weight" not in self._tensors,
                 max_position_embeddings=self._int("llama.context_length", 2048),
                 bos_token_id=self._field("tokenizer.ggml.bos_token_id"),
-                eos_token_ids=() if eos is None else (eos,))
+                eos_token_ids=() if eos is None else (eos,),
+            )
         except ConfigError as err:
             raise CheckpointError(f"{self.path}: {err}") from None
 
@@ -128,12 +148,16 @@ class GGUFSource(SourceBase):
         if t is None:
             return None
         factors = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(-1)
-        cand = RopeScaling(factor=float(factors.max()), low_freq_factor=1.0, high_freq_factor=4.0,
-                           original_max_position=8192)
-        if factors.shape != (head_dim // 2,) or not np.allclose(factors, llama3_rope_factors(cand, theta, head_dim),
-                                                               rtol=1e-4):
-            raise CheckpointError(f"{self.path}: tensor 'rope_freqs.weight' does not match llama3 rope scaling "
-                                  f"(factor={cand.factor}, low=1, high=4, original=8192); not supported")
+        cand = RopeScaling(
+            factor=float(factors.max()), low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192
+        )
+        if factors.shape != (head_dim // 2,) or not np.allclose(
+            factors, llama3_rope_factors(cand, theta, head_dim), rtol=1e-4
+        ):
+            raise CheckpointError(
+                f"{self.path}: tensor 'rope_freqs.weight' does not match llama3 rope scaling "
+                f"(factor={cand.factor}, low=1, high=4, original=8192); not supported"
+            )
         return cand
 
     def names(self) -> set[str]:
@@ -145,8 +169,10 @@ class GGUFSource(SourceBase):
             raise self._missing(name)
         t = self._tensors[g]
         if t.tensor_type not in SUPPORTED_TYPES:
-            raise CheckpointError(f"{self.path}: tensor {g!r} ({name}) has unsupported type {t.tensor_type.name}; "
-                                  f"supported: {', '.join(x.name for x in SUPPORTED_TYPES)}")
+            raise CheckpointError(
+                f"{self.path}: tensor {g!r} ({name}) has unsupported type {t.tensor_type.name}; "
+                f"supported: {', '.join(x.name for x in SUPPORTED_TYPES)}"
+            )
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         try:
             arr = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)

@@ -1,4 +1,5 @@
 """Maps canonical HF LlamaForCausalLM tensors onto jaxinfer's (unpadded) parameter tree."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -36,14 +37,17 @@ def logical_leaf_from_hf(source, path: tuple[str, ...]) -> np.ndarray:
         case ("layers", "mlp_norm", "scale"):
             return per_layer(lambda i: source.get(lname(i, "post_attention_layernorm.weight")))
         case ("layers", "attn", "q"):
-            return per_layer(lambda i: source.get(lname(i, "self_attn.q_proj.weight"))
-                             .reshape(hq, d, e).transpose(2, 0, 1))
+            return per_layer(
+                lambda i: source.get(lname(i, "self_attn.q_proj.weight")).reshape(hq, d, e).transpose(2, 0, 1)
+            )
         case ("layers", "attn", ("k" | "v") as kind):
-            return per_layer(lambda i: source.get(lname(i, f"self_attn.{kind}_proj.weight"))
-                             .reshape(hk, d, e).transpose(2, 0, 1))
+            return per_layer(
+                lambda i: source.get(lname(i, f"self_attn.{kind}_proj.weight")).reshape(hk, d, e).transpose(2, 0, 1)
+            )
         case ("layers", "attn", "o"):
-            return per_layer(lambda i: source.get(lname(i, "self_attn.o_proj.weight"))
-                             .reshape(e, hq, d).transpose(1, 2, 0))
+            return per_layer(
+                lambda i: source.get(lname(i, "self_attn.o_proj.weight")).reshape(e, hq, d).transpose(1, 2, 0)
+            )
         case ("layers", "mlp", ("gate" | "up") as kind):
             return per_layer(lambda i: source.get(lname(i, f"mlp.{kind}_proj.weight")).T)
         case ("layers", "mlp", "down"):

@@ -8,6 +8,7 @@ tables (seq_len*head_size/2 floats each) and, if not shared, wcls[V,E]. Matrices
 torch `[out, in]`. llama2.c rotates interleaved pairs, so Q/K rows are permuted to HF's
 rotate-half layout exactly as HF's convert_llama_weights_to_hf does.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,11 +31,20 @@ def sniff(head: bytes) -> bool:
         return True  # recognised; Llama2cSource explains that this version is unsupported
     if len(head) < _HEADER.size:
         return False
-    dim, hidden, layers, heads, kv, vocab, seq = _HEADER.unpack(head[:_HEADER.size])
+    dim, hidden, layers, heads, kv, vocab, seq = _HEADER.unpack(head[: _HEADER.size])
     limit = 1 << 20
-    return (0 < dim < limit and 0 < hidden < limit and 0 < layers < 4096 and 0 < heads <= dim
-            and 0 < kv <= heads and 0 < abs(vocab) < (1 << 24) and 0 < seq < (1 << 24)
-            and dim % heads == 0 and heads % kv == 0 and (dim // heads) % 2 == 0)
+    return (
+        0 < dim < limit
+        and 0 < hidden < limit
+        and 0 < layers < 4096
+        and 0 < heads <= dim
+        and 0 < kv <= heads
+        and 0 < abs(vocab) < (1 << 24)
+        and 0 < seq < (1 << 24)
+        and dim % heads == 0
+        and heads % kv == 0
+        and (dim // heads) % 2 == 0
+    )
 
 
 class Llama2cSource(SourceBase):
@@ -49,8 +59,9 @@ class Llama2cSource(SourceBase):
             head = fh.read(_HEADER.size)
         if len(head) >= 8 and struct.unpack("<I", head[:4])[0] == _V1_MAGIC:
             version = struct.unpack("<i", head[4:8])[0]
-            raise CheckpointError(f"{self.path}: llama2.c version-{version} export is not supported "
-                                  f"(only the legacy version-0 layout)")
+            raise CheckpointError(
+                f"{self.path}: llama2.c version-{version} export is not supported (only the legacy version-0 layout)"
+            )
         if not sniff(head):
             raise CheckpointError(f"{self.path}: not a llama2.c checkpoint (implausible header)")
         dim, hidden, layers, heads, kv_heads, vocab, seq = _HEADER.unpack(head)
@@ -60,16 +71,38 @@ class Llama2cSource(SourceBase):
         name = os.path.splitext(os.path.basename(self.path))[0]
         try:
             self.config = ModelConfig(
-                name=name, vocab_size=vocab, hidden_size=dim, intermediate_size=hidden, num_layers=layers,
-                num_heads=heads, num_kv_heads=kv_heads, head_dim=hs, rope_theta=10000.0, rms_norm_eps=1e-5,
-                tie_embeddings=shared, max_position_embeddings=seq, bos_token_id=1, eos_token_ids=(2,))
+                name=name,
+                vocab_size=vocab,
+                hidden_size=dim,
+                intermediate_size=hidden,
+                num_layers=layers,
+                num_heads=heads,
+                num_kv_heads=kv_heads,
+                head_dim=hs,
+                rope_theta=10000.0,
+                rms_norm_eps=1e-5,
+                tie_embeddings=shared,
+                max_position_embeddings=seq,
+                bos_token_id=1,
+                eos_token_ids=(2,),
+            )
         except ConfigError as e:
             raise CheckpointError(f"{self.path}: {e}") from None
         # (key, per-layer shape or None for a single tensor) in file order
-        layout = [("embed", (vocab, dim), False), ("rms_att", (dim,), True), ("wq", (dim, dim), True),
-                  ("wk", (kv, dim), True), ("wv", (kv, dim), True), ("wo", (dim, dim), True),
-                  ("rms_ffn", (dim,), True), ("w1", (hidden, dim), True), ("w2", (dim, hidden), True),
-                  ("w3", (hidden, dim), True), ("rms_final", (dim,), False), ("freq_cis", (seq * hs,), False)]
+        layout = [
+            ("embed", (vocab, dim), False),
+            ("rms_att", (dim,), True),
+            ("wq", (dim, dim), True),
+            ("wk", (kv, dim), True),
+            ("wv", (kv, dim), True),
+            ("wo", (dim, dim), True),
+            ("rms_ffn", (dim,), True),
+            ("w1", (hidden, dim), True),
+            ("w2", (dim, hidden), True),
+            ("w3", (hidden, dim), True),
+            ("rms_final", (dim,), False),
+            ("freq_cis", (seq * hs,), False),
+        ]
         if not shared:
             layout.append(("wcls", (vocab, dim), False))
         self._where: dict[str, tuple[int, tuple[int, ...]]] = {}
@@ -80,12 +113,22 @@ class Llama2cSource(SourceBase):
         if size < offset:
             raise CheckpointError(f"{self.path}: truncated: header says {offset} bytes, file has {size}")
         if size > offset:
-            raise CheckpointError(f"{self.path}: size mismatch: llama2.c header says {offset} bytes, "
-                                  f"file has {size} (not a legacy llama2.c export?)")
+            raise CheckpointError(
+                f"{self.path}: size mismatch: llama2.c header says {offset} bytes, "
+                f"file has {size} (not a legacy llama2.c export?)"
+            )
 
-    _LAYER = {"self_attn.q_proj": "wq", "self_attn.k_proj": "wk", "self_attn.v_proj": "wv",
-              "self_attn.o_proj": "wo", "mlp.gate_proj": "w1", "mlp.down_proj": "w2", "mlp.up_proj": "w3",
-              "input_layernorm": "rms_att", "post_attention_layernorm": "rms_ffn"}
+    _LAYER = {
+        "self_attn.q_proj": "wq",
+        "self_attn.k_proj": "wk",
+        "self_attn.v_proj": "wv",
+        "self_attn.o_proj": "wo",
+        "mlp.gate_proj": "w1",
+        "mlp.down_proj": "w2",
+        "mlp.up_proj": "w3",
+        "input_layernorm": "rms_att",
+        "post_attention_layernorm": "rms_ffn",
+    }
     _TOP = {"model.embed_tokens.weight": "embed", "model.norm.weight": "rms_final", "lm_head.weight": "wcls"}
 
     def names(self) -> set[str]:

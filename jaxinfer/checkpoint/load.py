@@ -4,6 +4,7 @@
 directory, a Hugging Face directory, a GGUF file, or a llama2.c `.bin`; nothing means the embedded
 default model (SmolLM2-135M-Instruct), converted once into a cache directory on first use.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,7 +30,6 @@ from jaxinfer.platform import layer_loop_for, mesh_platform
 log = logging.getLogger(__name__)
 
 
-
 def parse_dtype(name) -> jnp.dtype:
     aliases = {"bf16": "bfloat16", "f32": "float32", "fp32": "float32"}
     name = aliases.get(str(name), str(name))
@@ -52,17 +52,20 @@ def _load(spec: str | None, mesh, dtype, seed: int) -> ShardedModel:
         config = get_preset(spec)
         layout = plan_layout(config, mesh.shape["tensor"])
         log.warning("model %s: preset architecture with RANDOM weights (seed %d)", spec, seed)
-        return ShardedModel(config, layout, mesh, P.init_params(config, layout, mesh, dtype, seed), dtype,
-                            source=f"preset:{spec}")
+        return ShardedModel(
+            config, layout, mesh, P.init_params(config, layout, mesh, dtype, seed), dtype, source=f"preset:{spec}"
+        )
     path = pathlib.Path(spec)
     if not path.exists():
-        raise CheckpointError(f"{spec}: no such file or directory, and not a preset "
-                              f"(presets: {', '.join(sorted(PRESETS))})")
+        raise CheckpointError(
+            f"{spec}: no such file or directory, and not a preset (presets: {', '.join(sorted(PRESETS))})"
+        )
     if orbax_store.is_native_checkpoint(path):
         config, layout, params = orbax_store.restore(path, mesh, dtype)
         manifest = orbax_store.read_manifest(path)
-        return ShardedModel(config, layout, mesh, params, dtype, source=str(path),
-                            tokenizer_path=_resolve_tokenizer(path, manifest))
+        return ShardedModel(
+            config, layout, mesh, params, dtype, source=str(path), tokenizer_path=_resolve_tokenizer(path, manifest)
+        )
     with open_source(path) as source:
         config = source.config
         layout = plan_layout(config, mesh.shape["tensor"])
@@ -80,9 +83,16 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="float32") -> 
         for path, _ in P.flatten(P.abstract_params(config, logical, dtype)):
             P.set_path(tree, path, np.asarray(logical_leaf_from_hf(source, path), dtype=dtype))
     tokenizer = find_tokenizer(src)
-    orbax_store.save(dst, config, tree, dtype, extra={
-        "source": str(pathlib.Path(src).absolute()),
-        "tokenizer": str(pathlib.Path(tokenizer).absolute()) if tokenizer else None})
+    orbax_store.save(
+        dst,
+        config,
+        tree,
+        dtype,
+        extra={
+            "source": str(pathlib.Path(src).absolute()),
+            "tokenizer": str(pathlib.Path(tokenizer).absolute()) if tokenizer else None,
+        },
+    )
     return pathlib.Path(dst)
 
 

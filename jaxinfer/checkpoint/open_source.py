@@ -3,6 +3,7 @@
 Kept apart from `source.py` (the protocol and shared reader base) so the readers, which import
 that base, and this dispatcher, which imports the readers (lazily, per format), form no import cycle.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,13 +27,17 @@ def open_source(path: str | os.PathLike) -> TensorSource:
         p = os.path.dirname(p) or "."
     if os.path.isdir(p):
         from jaxinfer.checkpoint.safetensors_reader import SafetensorsSource, is_hf_dir
+
         if is_hf_dir(p):
             return SafetensorsSource(p)
-        raise CheckpointError(f"{p}: directory has no config.json with *.safetensors weights; "
-                              f"supported formats: {'; '.join(SUPPORTED_FORMATS)}")
+        raise CheckpointError(
+            f"{p}: directory has no config.json with *.safetensors weights; "
+            f"supported formats: {'; '.join(SUPPORTED_FORMATS)}"
+        )
     with open(p, "rb") as fh:
         head = fh.read(32)
     from jaxinfer.checkpoint import gguf_reader, llama2c_reader
+
     if head[:4] == b"GGUF":
         return gguf_reader.GGUFSource(p)
     if p.lower().endswith(".gguf"):

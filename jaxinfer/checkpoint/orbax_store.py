@@ -5,6 +5,7 @@ Storing the unpadded tree makes one checkpoint restorable onto any mesh: leaves 
 directly as sharded arrays, and when the target mesh needs padded heads/MLP/vocab
 (`jaxinfer.model.layout`) the padding runs on device, leaf by leaf, inside `jit`.
 """
+
 from __future__ import annotations
 
 import json
@@ -69,16 +70,17 @@ def restore(path: str | os.PathLike, mesh, dtype=None) -> tuple[ModelConfig, Mod
     try:
         restored = ocp.StandardCheckpointer().restore(path / "params", target)
     except Exception as e:  # orbax raises many types for missing/corrupt files
-        raise CheckpointError(f"{path / 'params'}: cannot restore checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise CheckpointError(
+            f"{path / 'params'}: cannot restore checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     if layout == logical:
         return config, layout, restored
     axes = dict(P.flatten(P.logical_axes(config, layout, dtype)))
     shardings = dict(P.flatten(P.param_shardings(mesh, config, layout, dtype)))
     padded = {}
     for leaf_path, array in P.flatten(restored):
-        pad = jax.jit(lambda a, ax=axes[leaf_path]: P.pad_to_layout(a, ax, layout),
-                      out_shardings=shardings[leaf_path])
+        pad = jax.jit(lambda a, ax=axes[leaf_path]: P.pad_to_layout(a, ax, layout), out_shardings=shardings[leaf_path])
         P.set_path(padded, leaf_path, pad(array))
         del array
     return config, layout, padded

@@ -5,6 +5,7 @@ so truncation is reported before any weights are read. Tensors are then read one
 (peak host memory ~one tensor): through `safetensors.safe_open(framework="numpy")`, except
 bf16, which numpy cannot name and which is read straight from the file as `ml_dtypes.bfloat16`.
 """
+
 from __future__ import annotations
 
 import glob
@@ -27,7 +28,8 @@ _DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": ml_d
 def is_hf_dir(path: str) -> bool:
     """True for a directory holding config.json and safetensors weights (or a shard index)."""
     return os.path.isfile(os.path.join(path, "config.json")) and (
-        os.path.isfile(os.path.join(path, INDEX_NAME)) or bool(glob.glob(os.path.join(path, "*.safetensors"))))
+        os.path.isfile(os.path.join(path, INDEX_NAME)) or bool(glob.glob(os.path.join(path, "*.safetensors")))
+    )
 
 
 def read_header(file: str) -> dict[str, dict]:
@@ -59,8 +61,10 @@ def read_header(file: str) -> dict[str, dict]:
             raise CheckpointError(f"{file}: corrupt data offsets {begin}..{stop} for tensor {name!r}")
         itemsize = np.dtype(_DTYPES[info["dtype"]]).itemsize if info["dtype"] in _DTYPES else None
         if itemsize is not None and stop - begin != count * itemsize:
-            raise CheckpointError(f"{file}: tensor {name!r} spans {stop - begin} bytes, its shape "
-                                  f"{info['shape']} and dtype {info['dtype']} need {count * itemsize}")
+            raise CheckpointError(
+                f"{file}: tensor {name!r} spans {stop - begin} bytes, its shape "
+                f"{info['shape']} and dtype {info['dtype']} need {count * itemsize}"
+            )
         end = max(end, stop)
     if 8 + n + end > size:
         raise CheckpointError(f"{file}: truncated: header says {8 + n + end} bytes, file has {size}")
@@ -81,8 +85,8 @@ class SafetensorsSource(SourceBase):
         if config.name == "hf-model":
             config = config.replace(name=os.path.basename(os.path.abspath(self.path)))
         self.config = config
-        self._where: dict[str, str] = {}   # tensor name -> file
-        self._info: dict[str, dict] = {}   # tensor name -> header entry
+        self._where: dict[str, str] = {}  # tensor name -> file
+        self._info: dict[str, dict] = {}  # tensor name -> header entry
         self._data_start: dict[str, int] = {}
         index = os.path.join(self.path, INDEX_NAME)
         if os.path.isfile(index):
@@ -113,8 +117,10 @@ class SafetensorsSource(SourceBase):
         if weight_map is not None:
             for name, base in weight_map.items():
                 if name not in self._where:
-                    raise CheckpointError(f"{os.path.join(self.path, base)}: tensor {name!r} is listed in "
-                                          f"{INDEX_NAME} but absent from the file")
+                    raise CheckpointError(
+                        f"{os.path.join(self.path, base)}: tensor {name!r} is listed in "
+                        f"{INDEX_NAME} but absent from the file"
+                    )
 
     def names(self) -> set[str]:
         return set(self._where)
@@ -122,12 +128,15 @@ class SafetensorsSource(SourceBase):
     def get(self, name: str) -> np.ndarray:
         file = self._where.get(name)
         if file is None:
-            raise self._missing(name, f"{self.path} ({', '.join(sorted({os.path.basename(f) for f in self._where.values()}))})")
+            raise self._missing(
+                name, f"{self.path} ({', '.join(sorted({os.path.basename(f) for f in self._where.values()}))})"
+            )
         info = self._info[name]
         dtype = _DTYPES.get(info["dtype"])
         if dtype is None:
-            raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']} "
-                                  f"(supported: {', '.join(_DTYPES)})")
+            raise CheckpointError(
+                f"{file}: tensor {name!r} has unsupported dtype {info['dtype']} (supported: {', '.join(_DTYPES)})"
+            )
         try:
             if dtype is ml_dtypes.bfloat16:
                 begin, _ = info["data_offsets"]

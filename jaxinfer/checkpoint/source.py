@@ -5,6 +5,7 @@ Every reader presents tensors under Hugging Face `LlamaForCausalLM` names and la
 numpy, one tensor at a time. The readers build on `SourceBase` here; `open_source(path)` in
 `jaxinfer.checkpoint.open_source` picks the reader from what the path is.
 """
+
 from __future__ import annotations
 
 import re
@@ -30,7 +31,7 @@ class TensorSource(Protocol):
 
     def close(self) -> None: ...
 
-    def __enter__(self) -> "TensorSource": ...
+    def __enter__(self) -> TensorSource: ...
 
     def __exit__(self, *exc) -> None: ...
 
@@ -57,8 +58,9 @@ class SourceBase:
     def _checked(self, name: str, arr: np.ndarray, where: str | None = None) -> np.ndarray:
         want = expected_shape(self.config, name)
         if want is not None and tuple(arr.shape) != want:
-            raise CheckpointError(f"{where or self.path}: tensor {name!r} has shape {tuple(arr.shape)}, "
-                                  f"config expects {want}")
+            raise CheckpointError(
+                f"{where or self.path}: tensor {name!r} has shape {tuple(arr.shape)}, config expects {want}"
+            )
         return np.ascontiguousarray(arr, dtype=np.float32)
 
     def _missing(self, name: str, where: str | None = None) -> CheckpointError:
@@ -90,9 +92,17 @@ def expected_shape(config: ModelConfig, name: str) -> tuple[int, ...] | None:
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
     if not m or int(m.group(1)) >= config.num_layers:
         return None
-    return {"self_attn.q_proj": (q, e), "self_attn.k_proj": (kv, e), "self_attn.v_proj": (kv, e),
-            "self_attn.o_proj": (e, q), "mlp.gate_proj": (f, e), "mlp.up_proj": (f, e),
-            "mlp.down_proj": (e, f), "input_layernorm": (e,), "post_attention_layernorm": (e,)}.get(m.group(2))
+    return {
+        "self_attn.q_proj": (q, e),
+        "self_attn.k_proj": (kv, e),
+        "self_attn.v_proj": (kv, e),
+        "self_attn.o_proj": (e, q),
+        "mlp.gate_proj": (f, e),
+        "mlp.up_proj": (f, e),
+        "mlp.down_proj": (e, f),
+        "input_layernorm": (e,),
+        "post_attention_layernorm": (e,),
+    }.get(m.group(2))
 
 
 def interleaved_to_half_split(w: np.ndarray, n_heads: int) -> np.ndarray:

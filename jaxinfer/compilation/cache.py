@@ -1,5 +1,6 @@
 """`--compile-cache DIR`: JAX's persistent compilation cache in DIR, refused when DIR holds AOT output
 built for other versions or chips."""
+
 from __future__ import annotations
 
 import os

@@ -10,6 +10,7 @@
 Anything that reads DIR first calls `check_manifest`, which refuses (with a message, never a crash)
 artifacts built by other versions or for other devices.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -77,25 +78,31 @@ def check_manifest(manifest: dict, system: dict | None = None, where: str = "AOT
     """Raises ManifestMismatch naming every difference between what `manifest` was built for and this system."""
     system = system or running_system()
     target = manifest["target"]
-    problems = [f"{pkg} {built} (this system has {versions()[pkg]})"
-                for pkg, built in manifest["versions"].items()
-                if versions().get(pkg) != built and (pkg != "libtpu" or target["platform"] == "tpu")]
+    problems = [
+        f"{pkg} {built} (this system has {versions()[pkg]})"
+        for pkg, built in manifest["versions"].items()
+        if versions().get(pkg) != built and (pkg != "libtpu" or target["platform"] == "tpu")
+    ]
     if (target["platform"], target["device_kind"]) != (system["platform"], system["device_kind"]):
-        problems.append(f"{target['device_kind']} ({target['platform']}) devices "
-                        f"(this system has {system['device_kind']} ({system['platform']}))")
+        problems.append(
+            f"{target['device_kind']} ({target['platform']}) devices "
+            f"(this system has {system['device_kind']} ({system['platform']}))"
+        )
     if target["num_devices"] > system["num_devices"]:
         problems.append(f"{target['num_devices']} devices (this system has {system['num_devices']})")
     if problems:
-        raise ManifestMismatch(f"{where} were built for topology {target['name']} with " + "; ".join(problems)
-                               + ": refusing to load them; recompile with python -m jaxinfer.aot on or for "
-                               "this system")
+        raise ManifestMismatch(
+            f"{where} were built for topology {target['name']} with "
+            + "; ".join(problems)
+            + ": refusing to load them; recompile with python -m jaxinfer.aot on or for "
+            "this system"
+        )
 
 
 def load_executables(root: str | pathlib.Path, system: dict | None = None) -> dict[int, object]:
     """Checks the manifest, then deserializes every step executable: {bucket: jax.stages.Compiled}."""
-    from jax.experimental import serialize_executable
-
     import jax
+    from jax.experimental import serialize_executable
 
     root = pathlib.Path(root)
     manifest = read(root)
@@ -104,13 +111,17 @@ def load_executables(root: str | pathlib.Path, system: dict | None = None) -> di
         from jaxinfer import native
 
         if not native.available():
-            raise ManifestMismatch(f"{root}: built with --attention native, which is unavailable here: "
-                                   f"{native.unavailable_reason()}")
+            raise ManifestMismatch(
+                f"{root}: built with --attention native, which is unavailable here: {native.unavailable_reason()}"
+            )
     by_id = {d.id: d for d in jax.devices()}
     devices = [by_id[i] for i in manifest["target"]["device_ids"]]  # the mesh's devices, in mesh order
-    return {int(b): serialize_executable.deserialize_and_load(*pickle.loads((root / f).read_bytes()),
-                                                              execution_devices=devices)
-            for b, f in manifest["executables"].items()}
+    return {
+        int(b): serialize_executable.deserialize_and_load(
+            *pickle.loads((root / f).read_bytes()), execution_devices=devices
+        )
+        for b, f in manifest["executables"].items()
+    }
 
 
 def check_cache_dir(path: str) -> None:

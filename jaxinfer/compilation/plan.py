@@ -4,6 +4,7 @@ Weights and KV bytes are exact shard sizes from the shardings; temporaries and t
 outputs and code come from XLA's `memory_analysis()` of the compiled steps (the largest over buckets,
 which is an upper bound on any one step's peak since all steps share the weights and the cache).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,14 +19,14 @@ GiB = 2**30
 
 @dataclasses.dataclass
 class MemoryPlan:
-    memory: int           # per device, the chip's HBM (or the host's share)
+    memory: int  # per device, the chip's HBM (or the host's share)
     weights: int
     kv: int
-    largest_temp: int | None   # None: nothing compiled (weights and KV alone do not fit)
-    step_io: int | None        # step inputs/outputs (beyond weights and cache) + generated code
-    kv_pages: int              # per data shard, as configured
-    max_kv_pages: int | None   # per data shard that fit next to weights and temporaries
-    max_slots: int | None      # concurrent requests of max_context that those pages hold (all shards)
+    largest_temp: int | None  # None: nothing compiled (weights and KV alone do not fit)
+    step_io: int | None  # step inputs/outputs (beyond weights and cache) + generated code
+    kv_pages: int  # per data shard, as configured
+    max_kv_pages: int | None  # per data shard that fit next to weights and temporaries
+    max_slots: int | None  # concurrent requests of max_context that those pages hold (all shards)
 
     @property
     def total(self) -> int:
@@ -51,13 +52,24 @@ def resolve_pages(engine, one_page: CacheShape, memory: int, weights: int, tenso
     return (engine.max_slots // data) * pages_needed(engine.max_context, engine.page_size)
 
 
-def build(memory: int, weights: int, kv: int, one_page: CacheShape, kv_pages: int, tensor: int, data: int,
-          max_context: int, results=()) -> MemoryPlan:
+def build(
+    memory: int,
+    weights: int,
+    kv: int,
+    one_page: CacheShape,
+    kv_pages: int,
+    tensor: int,
+    data: int,
+    max_context: int,
+    results=(),
+) -> MemoryPlan:
     temp = io = None
     if results:
         temp = max(r.memory["temp"] for r in results)
-        io = max(r.memory["argument"] - weights - kv + r.memory["output"] - r.memory["alias"]
-                 + r.memory["generated_code"] for r in results)
+        io = max(
+            r.memory["argument"] - weights - kv + r.memory["output"] - r.memory["alias"] + r.memory["generated_code"]
+            for r in results
+        )
     max_pages = pages_for_budget(memory - weights - (temp or 0) - (io or 0), one_page, tensor)
     max_slots = max_pages // pages_needed(max_context, one_page.page_size) * data
     return MemoryPlan(memory, weights, kv, temp, io, kv_pages, max_pages, max_slots)
@@ -70,13 +82,17 @@ def format_bytes(n: int | None) -> str:
 
 
 def bucket_table(results) -> str:
-    lines = ["| bucket | compile s | argument | output | temp | code | est. step time |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| bucket | compile s | argument | output | temp | code | est. step time |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         m = r.memory
         est = "-" if r.estimated_seconds is None else f"{r.estimated_seconds * 1e3:.3f} ms"
-        lines.append(f"| {r.bucket} | {r.seconds:.1f} | {format_bytes(m['argument'])} | {format_bytes(m['output'])} "
-                     f"| {format_bytes(m['temp'])} | {format_bytes(m['generated_code'])} | {est} |")
+        lines.append(
+            f"| {r.bucket} | {r.seconds:.1f} | {format_bytes(m['argument'])} | {format_bytes(m['output'])} "
+            f"| {format_bytes(m['temp'])} | {format_bytes(m['generated_code'])} | {est} |"
+        )
     return "\n".join(lines)
 
 
@@ -86,8 +102,17 @@ def plan_table(plan: MemoryPlan) -> str:
     return "\n".join(lines)
 
 
-def suggestion(plan: MemoryPlan, config, dtype, generation: str, data: int, slots: int, max_context: int,
-               page_size: int, chips: list[tuple[str, int, int]]) -> str:
+def suggestion(
+    plan: MemoryPlan,
+    config,
+    dtype,
+    generation: str,
+    data: int,
+    slots: int,
+    max_context: int,
+    page_size: int,
+    chips: list[tuple[str, int, int]],
+) -> str:
     """A budget or a mesh that fits: fewer pages/slots when the weights fit, else more or bigger chips.
 
     `chips`: (topology, chip count, HBM bytes per chip) of the known presets.
@@ -95,15 +120,22 @@ def suggestion(plan: MemoryPlan, config, dtype, generation: str, data: int, slot
     per_slot = pages_needed(max_context, page_size)
     if plan.max_kv_pages and plan.max_kv_pages >= per_slot:
         fit_slots = plan.max_kv_pages // per_slot * data
-        return (f"the weights fit: use --kv-pages {plan.max_kv_pages} (room for {fit_slots} requests of "
-                f"{max_context} tokens), --max-slots {fit_slots}, or a shorter --max-context")
+        return (
+            f"the weights fit: use --kv-pages {plan.max_kv_pages} (room for {fit_slots} requests of "
+            f"{max_context} tokens), --max-slots {fit_slots}, or a shorter --max-context"
+        )
     extra = (plan.largest_temp or 0) + (plan.step_io or 0)
-    fitting = [(topo, n, hbm, need) for topo, n, hbm in sorted(chips, key=lambda c: (c[1], c[2]))
-               if (need := per_device_need(config, dtype, n, slots, max_context, page_size) + extra) <= hbm]
+    fitting = [
+        (topo, n, hbm, need)
+        for topo, n, hbm in sorted(chips, key=lambda c: (c[1], c[2]))
+        if (need := per_device_need(config, dtype, n, slots, max_context, page_size) + extra) <= hbm
+    ]
     same = [f for f in fitting if f[0].split(":")[0] == generation]
     other = [f for f in fitting if f[0].split(":")[0] != generation]
-    options = [f"--topology {topo} --mesh 1x{n} (about {need / GiB:.1f} of {hbm / GiB:.0f} GiB per chip)"
-               for topo, n, hbm, need in same[:1] + other[:1]]
+    options = [
+        f"--topology {topo} --mesh 1x{n} (about {need / GiB:.1f} of {hbm / GiB:.0f} GiB per chip)"
+        for topo, n, hbm, need in same[:1] + other[:1]
+    ]
     if not options:
         return "no preset topology holds it; reduce --max-slots / --max-context or use a larger slice"
     return "try " + ", or ".join(options)
@@ -113,9 +145,9 @@ def per_device_need(config, dtype, tensor: int, slots: int, max_context: int, pa
     """Per-device bytes of weights + KV for `slots` requests of `max_context` on a 1 x `tensor` mesh."""
     import jax
 
-    from jaxinfer.sharding import per_device_bytes
     from jaxinfer.model.layout import plan_layout
     from jaxinfer.model.params import abstract_params
+    from jaxinfer.sharding import per_device_bytes
 
     layout = plan_layout(config, tensor, quiet=True)
     mesh = jax.sharding.AbstractMesh((1, 1, tensor), ("data", "sequence", "tensor"))

@@ -4,6 +4,7 @@ The step is `build_step_fn` itself, given a `ShardedModel` whose params are `Sha
 shardings; the step inputs come from the engine's own `HostBatchBuilder`, turned into sharded
 `ShapeDtypeStruct`s, so the compiled signatures are exactly the engine's.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,36 +30,45 @@ COST_SECONDS_KEYS = ("optimal_seconds", "estimated_seconds", "seconds")
 class StepSpecs:
     """Everything a step is compiled for, as abstract sharded shapes."""
 
-    model: ShardedModel           # params: ShapeDtypeStruct tree
-    cache: object                 # [layers, data * pages, page_size, 2 * kv_heads, head_dim] or one per layer
+    model: ShardedModel  # params: ShapeDtypeStruct tree
+    cache: object  # [layers, data * pages, page_size, 2 * kv_heads, head_dim] or one per layer
     cache_shape: CacheShape
     prev_tokens: jax.ShapeDtypeStruct  # i32 [D, S]
     buckets: tuple[int, ...]
     platform: Platform
     inputs: HostBatchBuilder
 
+
 @dataclasses.dataclass
 class BucketResult:
     bucket: int
-    seconds: float                # lower + compile wall time
-    memory: dict[str, int]        # per device: argument, output, alias, temp, generated_code
+    seconds: float  # lower + compile wall time
+    memory: dict[str, int]  # per device: argument, output, alias, temp, generated_code
     estimated_seconds: float | None  # the compiler's cost model
     compiled: object = dataclasses.field(repr=False)
 
 
-def step_specs(config, layout, mesh, dtype, engine: EngineConfig, pages_per_shard: int,
-               platform: Platform) -> StepSpecs:
+def step_specs(
+    config, layout, mesh, dtype, engine: EngineConfig, pages_per_shard: int, platform: Platform
+) -> StepSpecs:
     data = mesh.shape["data"]
     model = ShardedModel(config, layout, mesh, abstract_params(config, layout, dtype, mesh), dtype)
     model = model.with_layer_loop(platform.layer_loop)  # the params layout the engine will run
-    cache_shape = CacheShape(layers=config.num_layers, data_shards=data, pages_per_shard=pages_per_shard,
-                             page_size=engine.page_size, kv_heads=layout.kv_heads, head_dim=config.head_dim,
-                             dtype=str(np.dtype(dtype)))
+    cache_shape = CacheShape(
+        layers=config.num_layers,
+        data_shards=data,
+        pages_per_shard=pages_per_shard,
+        page_size=engine.page_size,
+        kv_heads=layout.kv_heads,
+        head_dim=config.head_dim,
+        dtype=str(np.dtype(dtype)),
+    )
     cache = abstract_cache(mesh, cache_shape, model.layer_loop)
     slots = engine.max_slots // data
     prev = jax.ShapeDtypeStruct((data, slots), np.int32, sharding=logical_sharding(mesh, ROW_AXES))
-    inputs = HostBatchBuilder(data, slots, pages_needed(engine.max_context, engine.page_size), pages_per_shard,
-                              engine.page_size)
+    inputs = HostBatchBuilder(
+        data, slots, pages_needed(engine.max_context, engine.page_size), pages_per_shard, engine.page_size
+    )
     buckets = token_buckets(engine.step_budget(data), platform.min_bucket)
     return StepSpecs(model, cache, cache_shape, prev, buckets, platform, inputs)
 
@@ -66,8 +76,10 @@ def step_specs(config, layout, mesh, dtype, engine: EngineConfig, pages_per_shar
 def step_inputs(specs: StepSpecs, bucket: int) -> StepInputs:
     """The engine's idle inputs for `bucket`, as ShapeDtypeStructs sharded on their leading (data) axis."""
     mesh = specs.model.mesh
-    spec = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=logical_sharding(
-        mesh, ("batch",) + (None,) * (a.ndim - 1))) for k, a in specs.inputs.empty(bucket).items()}
+    spec = {
+        k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=logical_sharding(mesh, ("batch",) + (None,) * (a.ndim - 1)))
+        for k, a in specs.inputs.empty(bucket).items()
+    }
     return StepInputs.from_flat(spec)
 
 
@@ -77,16 +89,17 @@ def compile_buckets(specs: StepSpecs, buckets=None):
     fn = build_step_fn(specs.model, specs.cache_shape, specs.platform)
     for bucket in buckets or specs.buckets:
         start = time.perf_counter()
-        compiled = fn.lower(specs.model.params, specs.cache, step_inputs(specs, bucket),
-                            specs.prev_tokens).compile()
+        compiled = fn.lower(specs.model.params, specs.cache, step_inputs(specs, bucket), specs.prev_tokens).compile()
         seconds = time.perf_counter() - start
         yield BucketResult(bucket, seconds, memory_figures(compiled), estimated_seconds(compiled), compiled)
 
 
 def memory_figures(compiled) -> dict[str, int]:
     mem = compiled.memory_analysis()
-    return {k: int(getattr(mem, f"{k}_size_in_bytes", 0) or 0)
-            for k in ("argument", "output", "alias", "temp", "generated_code")}
+    return {
+        k: int(getattr(mem, f"{k}_size_in_bytes", 0) or 0)
+        for k in ("argument", "output", "alias", "temp", "generated_code")
+    }
 
 
 def estimated_seconds(compiled) -> float | None:

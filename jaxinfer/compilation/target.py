@@ -5,6 +5,7 @@ libtpu provides on any host: XLA compiles for those chips without any being atta
 and `tpu` mean the devices of this machine. A chip's HBM comes from the `mesh_configs/` presets
 (`hbm_gib_per_device`), the one table of chip facts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,12 +18,12 @@ LOCAL = ("cpu", "gpu", "tpu")
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    name: str               # v5e:2x4, cpu, ...
-    platform: str           # tpu | cpu | gpu
-    device_kind: str        # e.g. "TPU v5 lite"
-    devices: tuple          # the mesh's devices, row-major
-    memory_bytes: int       # per device
-    compile_only: bool      # devices are a topology description, not attached chips
+    name: str  # v5e:2x4, cpu, ...
+    platform: str  # tpu | cpu | gpu
+    device_kind: str  # e.g. "TPU v5 lite"
+    devices: tuple  # the mesh's devices, row-major
+    memory_bytes: int  # per device
+    compile_only: bool  # devices are a topology description, not attached chips
 
 
 def generation(topology: str) -> str:
@@ -35,12 +36,17 @@ def presets() -> dict[str, MeshSpec]:
 
 def chip_hbm_bytes(topology: str) -> int:
     """HBM of one chip of this topology's generation, from the presets that name that generation."""
-    sizes = {p.hbm_bytes_per_device for p in presets().values()
-             if p.topology and generation(p.topology) == generation(topology) and p.hbm_bytes_per_device}
+    sizes = {
+        p.hbm_bytes_per_device
+        for p in presets().values()
+        if p.topology and generation(p.topology) == generation(topology) and p.hbm_bytes_per_device
+    }
     if len(sizes) != 1:
         known = sorted({generation(p.topology) for p in presets().values() if p.topology})
-        raise MeshError(f"--topology {topology}: no HBM size for chip {generation(topology)!r} in "
-                        f"{MESH_CONFIG_DIR} (known: {', '.join(known)}); pass --device-memory-gib")
+        raise MeshError(
+            f"--topology {topology}: no HBM size for chip {generation(topology)!r} in "
+            f"{MESH_CONFIG_DIR} (known: {', '.join(known)}); pass --device-memory-gib"
+        )
     return sizes.pop()
 
 
@@ -61,8 +67,9 @@ def resolve(topology: str | None, mesh: str | None, memory_gib: float | None) ->
     spec = parse_mesh(mesh) if mesh else None
     topology = topology or (spec.topology if spec else None)
     if not topology:
-        raise MeshError("--topology is required (e.g. v5e:2x4, v5p:2x2x1, v6e:2x4, cpu) unless --mesh is a "
-                        "TPU preset such as v5e-8")
+        raise MeshError(
+            "--topology is required (e.g. v5e:2x4, v5p:2x2x1, v6e:2x4, cpu) unless --mesh is a TPU preset such as v5e-8"
+        )
     if topology in LOCAL:
         return _local(topology, spec or parse_mesh("1x1"), memory_gib)
     spec = spec or default_mesh(topology)
@@ -71,12 +78,16 @@ def resolve(topology: str | None, mesh: str | None, memory_gib: float | None) ->
     try:
         devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
     except Exception as e:  # libtpu missing, or a name it does not know
-        raise MeshError(f"--topology {topology}: cannot describe it ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]}); it needs the tpu extra (pip install -e .[tpu]) "
-                        f"and a name like v5e:2x4, v5p:2x2x1, v6e:2x4") from None
+        raise MeshError(
+            f"--topology {topology}: cannot describe it ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}); it needs the tpu extra (pip install -e .[tpu]) "
+            f"and a name like v5e:2x4, v5p:2x2x1, v6e:2x4"
+        ) from None
     if spec.size != len(devices):
-        raise MeshError(f"--mesh {spec.name or spec} has {spec.size} devices but topology {topology} has "
-                        f"{len(devices)} chips; use a mesh whose sizes multiply to {len(devices)}")
+        raise MeshError(
+            f"--mesh {spec.name or spec} has {spec.size} devices but topology {topology} has "
+            f"{len(devices)} chips; use a mesh whose sizes multiply to {len(devices)}"
+        )
     memory = int(memory_gib * 2**30) if memory_gib else chip_hbm_bytes(topology)
     return Target(topology, "tpu", devices[0].device_kind, tuple(devices), memory, True), spec
 
@@ -98,4 +109,3 @@ def _local(platform: str, spec: MeshSpec, memory_gib: float | None) -> tuple[Tar
     devices = tuple(make_mesh(spec, available).devices.flat)
     memory = int(memory_gib * 2**30) if memory_gib else device_memory(devices[0])[0]
     return Target(platform, platform, devices[0].device_kind, devices, memory, False), spec
-

@@ -5,6 +5,7 @@ the persistent compilation cache supplied it; a cache hit also records `cache_hi
 thread). Real compilations are the difference, so a server started from a warm `--compile-cache`
 counts zero.
 """
+
 from __future__ import annotations
 
 import threading

@@ -2,6 +2,7 @@
 
 Pure host code: no JAX. A bad value is a `ConfigError` naming the flag, the value and the limit.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,15 +15,15 @@ LAYER_LOOPS = ("auto", "scan", "unrolled")
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    max_slots: int = 8            # decode slots in total (split evenly over data shards)
+    max_slots: int = 8  # decode slots in total (split evenly over data shards)
     page_size: int = 16
-    max_context: int = 1024       # prompt + generated tokens per request
-    prefill_chunk: int = 256      # most prompt tokens one request prefills per step
+    max_context: int = 1024  # prompt + generated tokens per request
+    prefill_chunk: int = 256  # most prompt tokens one request prefills per step
     max_step_tokens: int | None = None  # tokens per data shard per step; None: max(prefill_chunk, slots per shard)
-    kv_pages: int | None = None   # pages per data shard; None: from kv_memory_fraction or enough for all slots
+    kv_pages: int | None = None  # pages per data shard; None: from kv_memory_fraction or enough for all slots
     kv_memory_fraction: float | None = None
-    attention: str = "auto"       # auto | pallas | xla | native; resolved by `jaxinfer.platform`
-    layer_loop: str = "auto"      # auto | scan | unrolled; resolved by `jaxinfer.platform`
+    attention: str = "auto"  # auto | pallas | xla | native; resolved by `jaxinfer.platform`
+    layer_loop: str = "auto"  # auto | scan | unrolled; resolved by `jaxinfer.platform`
     strict_no_recompile: bool = False
     min_bucket: int | None = None  # smallest token bucket; None: the platform's
 
@@ -39,8 +40,11 @@ class EngineConfig:
         if self.prefill_chunk < 1:
             raise bad("prefill_chunk", "must be >= 1")
         if self.max_step_tokens is not None and self.max_step_tokens < self.max_slots // data_shards:
-            raise bad("max_step_tokens", f"must be >= the slots per data shard ({self.max_slots // data_shards}), "
-                      "so every decoding slot fits in one step")
+            raise bad(
+                "max_step_tokens",
+                f"must be >= the slots per data shard ({self.max_slots // data_shards}), "
+                "so every decoding slot fits in one step",
+            )
         if self.kv_pages is not None and self.kv_pages < 1:
             raise bad("kv_pages", "must be >= 1")
         if self.kv_memory_fraction is not None and not 0 < self.kv_memory_fraction < 1:
@@ -67,12 +71,14 @@ def refuse_sequence_axis(sequence: int, mesh_flag: str = "") -> None:
     parallelism exists, a `sequence` axis would only repeat every step, so it is refused."""
     if sequence > 1:
         flag = f"--mesh {mesh_flag}" if mesh_flag else "--mesh"
-        raise ConfigError(f"{flag}: sequence={sequence} is not supported by the serving engine yet (it would "
-                          "compute every step and store the KV cache once per sequence shard); use DATAxTENSOR, "
-                          "e.g. 2x4")
+        raise ConfigError(
+            f"{flag}: sequence={sequence} is not supported by the serving engine yet (it would "
+            "compute every step and store the KV cache once per sequence shard); use DATAxTENSOR, "
+            "e.g. 2x4"
+        )
 
 
 def token_buckets(budget: int, smallest: int) -> tuple[int, ...]:
     """Token counts per data shard that steps are padded to (one compiled step each): powers of two
     from `smallest` (the platform's smallest bucket) up to the step's token `budget`, plus the budget."""
-    return tuple(sorted({min(max(smallest, 2 ** i), budget) for i in range(budget.bit_length() + 1)} | {budget}))
+    return tuple(sorted({min(max(smallest, 2**i), budget) for i in range(budget.bit_length() + 1)} | {budget}))

@@ -8,6 +8,7 @@
 Tokens sampled at step n feed step n+1 on device, so `step()` dispatches step n+1 before it reads
 step n's tokens back: the host blocks once per step, while the device works.
 """
+
 from __future__ import annotations
 
 import collections
@@ -15,7 +16,7 @@ import dataclasses
 import logging
 import secrets
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import jax
 import numpy as np
@@ -24,8 +25,8 @@ from jaxinfer import platform as platforms
 from jaxinfer.config import ConfigError
 from jaxinfer.engine import compile_counter
 from jaxinfer.engine.config import EngineConfig, refuse_sequence_axis, token_buckets
-from jaxinfer.engine.pages import pages_needed
 from jaxinfer.engine.output import OutputStream
+from jaxinfer.engine.pages import pages_needed
 from jaxinfer.engine.requests import Event, Request, Result
 from jaxinfer.engine.scheduler import Scheduler, SchedulerLimits, Sequence, StepPlan
 from jaxinfer.engine.step import build_step_fn
@@ -43,7 +44,7 @@ class EngineStatus:
 
     active_slots: int
     waiting: int
-    prefilling: int           # requests whose prompt is not yet all in the cache (waiting ones included)
+    prefilling: int  # requests whose prompt is not yet all in the cache (waiting ones included)
     pages_used: int
     pages_total: int
     steps: int
@@ -54,31 +55,51 @@ class EngineStatus:
 
 
 class Engine:
-    def __init__(self, model: ShardedModel, tokenizer, config: EngineConfig = EngineConfig(),
-                 platform: platforms.Platform | None = None):
+    def __init__(
+        self,
+        model: ShardedModel,
+        tokenizer,
+        config: EngineConfig = EngineConfig(),
+        platform: platforms.Platform | None = None,
+    ):
         mesh = model.mesh
         refuse_sequence_axis(mesh.shape["sequence"])
         self.data = mesh.shape["data"]
         config.validate(self.data, model.config.max_position_embeddings)
         self.platform = platform or platforms.for_mesh(mesh, config.attention, config.layer_loop, config.min_bucket)
         if model.layer_loop != self.platform.layer_loop:
-            raise ConfigError(f"--layer-loop {self.platform.layer_loop}: the model was loaded with layer loop "
-                              f"{model.layer_loop}; load it with layer_loop={self.platform.layer_loop!r}")
+            raise ConfigError(
+                f"--layer-loop {self.platform.layer_loop}: the model was loaded with layer loop "
+                f"{model.layer_loop}; load it with layer_loop={self.platform.layer_loop!r}"
+            )
         self.model, self.tokenizer, self.config = model, tokenizer, config
         slots = config.max_slots // self.data
         pages_per_slot = pages_needed(config.max_context, config.page_size)
         one_page = CacheShape(
-            layers=model.config.num_layers, data_shards=self.data, pages_per_shard=1,
-            page_size=config.page_size, kv_heads=model.layout.kv_heads, head_dim=model.config.head_dim,
-            dtype=str(np.dtype(model.dtype)))
+            layers=model.config.num_layers,
+            data_shards=self.data,
+            pages_per_shard=1,
+            page_size=config.page_size,
+            kv_heads=model.layout.kv_heads,
+            head_dim=model.config.head_dim,
+            dtype=str(np.dtype(model.dtype)),
+        )
         self.cache_shape = dataclasses.replace(one_page, pages_per_shard=self._resolve_pages(one_page, pages_per_slot))
         self.buckets = token_buckets(config.step_budget(self.data), self.platform.min_bucket)
-        self.scheduler = Scheduler(SchedulerLimits(
-            data_shards=self.data, slots_per_shard=slots, pages_per_shard=self.cache_shape.pages_per_shard,
-            page_size=config.page_size, max_context=config.max_context, prefill_chunk=config.prefill_chunk,
-            buckets=self.buckets))
-        self.inputs = HostBatchBuilder(self.data, slots, pages_per_slot, self.cache_shape.pages_per_shard,
-                                       config.page_size)
+        self.scheduler = Scheduler(
+            SchedulerLimits(
+                data_shards=self.data,
+                slots_per_shard=slots,
+                pages_per_shard=self.cache_shape.pages_per_shard,
+                page_size=config.page_size,
+                max_context=config.max_context,
+                prefill_chunk=config.prefill_chunk,
+                buckets=self.buckets,
+            )
+        )
+        self.inputs = HostBatchBuilder(
+            self.data, slots, pages_per_slot, self.cache_shape.pages_per_shard, config.page_size
+        )
         self.cache = allocate_cache(mesh, self.cache_shape, model.layer_loop)
         self._by_ndim = {n: logical_sharding(mesh, ("batch",) + (None,) * (n - 1)) for n in (1, 2, 3)}
         self._step_fn = build_step_fn(model, self.cache_shape, self.platform)
@@ -89,16 +110,25 @@ class Engine:
         self._steps_by_bucket: collections.Counter = collections.Counter()
         self._finished: collections.Counter = collections.Counter()
         self._compiles_at_warmup: int | None = None
-        log.info("KV cache: %d pages/shard x %d shards of %d tokens = %.1f MiB; %d slots; buckets %s; attention %s",
-                 self.cache_shape.pages_per_shard, self.data, config.page_size,
-                 self.cache_shape.total_bytes / 2**20, config.max_slots, self.buckets, self.platform.attention)
+        log.info(
+            "KV cache: %d pages/shard x %d shards of %d tokens = %.1f MiB; %d slots; buckets %s; attention %s",
+            self.cache_shape.pages_per_shard,
+            self.data,
+            config.page_size,
+            self.cache_shape.total_bytes / 2**20,
+            config.max_slots,
+            self.buckets,
+            self.platform.attention,
+        )
 
     def _resolve_pages(self, one_page: CacheShape, pages_per_slot: int) -> int:
         c, m = self.config, self.model
         if c.kv_pages is not None:
             if c.kv_pages < pages_per_slot:
-                raise ConfigError(f"--kv-pages {c.kv_pages} is below the {pages_per_slot} pages one "
-                                  f"request of --max-context {c.max_context} needs")
+                raise ConfigError(
+                    f"--kv-pages {c.kv_pages} is below the {pages_per_slot} pages one "
+                    f"request of --max-context {c.max_context} needs"
+                )
             return c.kv_pages
         if c.kv_memory_fraction is None:
             return (c.max_slots // self.data) * pages_per_slot
@@ -110,8 +140,10 @@ class Engine:
             in_use = per_device_bytes(m.params)
         pages = pages_for_memory_fraction(limit, c.kv_memory_fraction, in_use, one_page, m.mesh.shape["tensor"])
         if pages < pages_per_slot:
-            raise ConfigError(f"--kv-memory-fraction {c.kv_memory_fraction} leaves room for {pages} pages, "
-                              f"below the {pages_per_slot} one request needs")
+            raise ConfigError(
+                f"--kv-memory-fraction {c.kv_memory_fraction} leaves room for {pages} pages, "
+                f"below the {pages_per_slot} one request needs"
+            )
         return pages
 
     # ---- facade ------------------------------------------------------------------------------
@@ -123,8 +155,9 @@ class Engine:
         """Compiles the step for every bucket (running it on idle inputs); returns seconds taken."""
         start = time.perf_counter()
         for bucket in self.buckets:
-            tokens, _, self.cache = self._step_fn(self.model.params, self.cache,
-                                                  self._to_device(self.inputs.empty(bucket)), self._prev)
+            tokens, _, self.cache = self._step_fn(
+                self.model.params, self.cache, self._to_device(self.inputs.empty(bucket)), self._prev
+            )
             tokens.block_until_ready()
         self._compiles_at_warmup = compile_counter.count()
         return time.perf_counter() - start
@@ -158,7 +191,8 @@ class Engine:
         self._pending = dispatched
         if self.config.strict_no_recompile and self.compilations_after_warmup:
             raise compile_counter.RecompileError(
-                f"{self.compilations_after_warmup} XLA compilation(s) after warm-up (--strict-no-recompile)")
+                f"{self.compilations_after_warmup} XLA compilation(s) after warm-up (--strict-no-recompile)"
+            )
         return events
 
     def generate(self, requests: Iterable[Request], on_event=None) -> list[Result]:
@@ -179,11 +213,17 @@ class Engine:
     def status(self) -> EngineStatus:
         s = self.scheduler
         return EngineStatus(
-            active_slots=len(s.running()), waiting=len(s.waiting),
+            active_slots=len(s.running()),
+            waiting=len(s.waiting),
             prefilling=sum(q.num_computed < len(q.request.prompt_ids) for q in list(s.waiting) + s.running()),
-            pages_used=s.pages_used, pages_total=s.pages_total,
-            steps=self._steps, preemptions=s.preemptions, compilations_after_warmup=self.compilations_after_warmup,
-            steps_by_bucket=dict(self._steps_by_bucket), finished=dict(self._finished))
+            pages_used=s.pages_used,
+            pages_total=s.pages_total,
+            steps=self._steps,
+            preemptions=s.preemptions,
+            compilations_after_warmup=self.compilations_after_warmup,
+            steps_by_bucket=dict(self._steps_by_bucket),
+            finished=dict(self._finished),
+        )
 
     # ---- internals ---------------------------------------------------------------------------
     def _dispatch(self):

@@ -4,6 +4,7 @@ Host code. Each request gets an `OutputStream` when it is submitted; the engine 
 read back from the device and gets an `Event` (new tokens and text) plus, when the request ends, the
 finish reason. Text that might be the start of a stop string is held back until it cannot be.
 """
+
 from __future__ import annotations
 
 import time
@@ -41,8 +42,10 @@ class OutputStream:
         else:
             text = self.text.push(self.detok.add(token) if self.detok else "")
             reason = "stop" if self.text.stopped else None
-        if reason is None and (len(self.token_ids) >= self.request.params.max_tokens
-                               or len(self.request.prompt_ids) + len(self.token_ids) >= self.max_context):
+        if reason is None and (
+            len(self.token_ids) >= self.request.params.max_tokens
+            or len(self.request.prompt_ids) + len(self.token_ids) >= self.max_context
+        ):
             reason = "length"
         if reason is not None and not self.text.stopped:
             text += self.text.push(self.detok.flush() if self.detok else "") + self.text.finish()
@@ -51,7 +54,14 @@ class OutputStream:
     def result(self, reason: str, seed: int, preemptions: int) -> Result:
         req = self.request
         return Result(
-            id=req.id, token_ids=list(self.token_ids), text=self.text.text, finish_reason=reason,
-            prompt_tokens=len(req.prompt_ids), logprobs=list(self.logprobs) if req.params.logprobs else None,
+            id=req.id,
+            token_ids=list(self.token_ids),
+            text=self.text.text,
+            finish_reason=reason,
+            prompt_tokens=len(req.prompt_ids),
+            logprobs=list(self.logprobs) if req.params.logprobs else None,
             ttft_s=(self.first_token_time - req.arrival_time) if self.first_token_time else None,
-            total_s=time.monotonic() - req.arrival_time, preemptions=preemptions, seed=seed)
+            total_s=time.monotonic() - req.arrival_time,
+            preemptions=preemptions,
+            seed=seed,
+        )

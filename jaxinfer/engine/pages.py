@@ -4,6 +4,7 @@ A page is free (count 0, on the free list) or referenced by one or more sequence
 (`share`) is what prefix caching and parallel samples of one prompt build on; today every page
 has one owner. Page ids are local to the shard (0 .. num_pages-1).
 """
+
 from __future__ import annotations
 
 

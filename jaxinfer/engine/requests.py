@@ -1,10 +1,12 @@
 """Requests, their sampling parameters (validated at the edge), and finished results."""
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 
 class RequestError(ValueError):
@@ -25,7 +27,7 @@ class SamplingParams:
     logprobs: bool = False
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any], where: str = "") -> "SamplingParams":
+    def from_dict(cls, raw: Mapping[str, Any], where: str = "") -> SamplingParams:
         """Builds params from user JSON, refusing unknown keys; values are checked by `validate`."""
         known = {f.name: f for f in dataclasses.fields(cls)}
         values = {}
@@ -61,15 +63,17 @@ class SamplingParams:
             raise bad("top_p", "must be in (0, 1]")
         if not number("min_p") or not 0 <= self.min_p < 1:
             raise bad("min_p", "must be in [0, 1)")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
-                                      or not 0 <= self.seed < 2**32):
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32
+        ):
             raise bad("seed", "must be an integer in [0, 2**32)")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", "must be non-empty strings")
         for t in self.stop_token_ids:
             if not isinstance(t, int) or isinstance(t, bool) or t < 0 or (vocab_size and t >= vocab_size):
-                raise RequestError(f"{where}stop_token_ids contains {t!r}: must be token ids in "
-                                   f"[0, {vocab_size or 'vocab'})")
+                raise RequestError(
+                    f"{where}stop_token_ids contains {t!r}: must be token ids in [0, {vocab_size or 'vocab'})"
+                )
         for flag in ("ignore_eos", "logprobs"):
             if not isinstance(getattr(self, flag), bool):
                 raise bad(flag, "must be true or false")

@@ -10,6 +10,7 @@ Each data shard has `slots_per_shard` slots and its own `PagePool`. `schedule()`
 The plan says which tokens of which sequence run and which sequences sample; the engine turns it
 into device arrays (`step_inputs`) and reports sampled tokens back through `accept`.
 """
+
 from __future__ import annotations
 
 import collections
@@ -29,8 +30,8 @@ class Sequence:
         self.request = request
         self.seed = seed
         self.generated: list[int] = []
-        self.inflight = 0          # tokens sampled on device, not yet read back (0 or 1)
-        self.num_computed = 0      # tokens whose K/V are in the cache (or being written by a dispatched step)
+        self.inflight = 0  # tokens sampled on device, not yet read back (at most 2: steps n and n+1)
+        self.num_computed = 0  # tokens whose K/V are in the cache (or being written by a dispatched step)
         self.pages: list[int] = []
         self.shard = self.slot = -1
         self.preemptions = 0
@@ -48,8 +49,8 @@ class Sequence:
     def known_tokens(self, start: int, stop: int) -> list[int]:
         """Token ids at positions [start, stop) that the host has (prompt, then generated)."""
         n = len(self.request.prompt_ids)
-        head = list(self.request.prompt_ids[start:min(stop, n)])
-        return head + self.generated[max(start - n, 0):max(stop - n, 0)] if stop > n else head
+        head = list(self.request.prompt_ids[start : min(stop, n)])
+        return head + self.generated[max(start - n, 0) : max(stop - n, 0)] if stop > n else head
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +67,7 @@ class Chunk:
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
     shards: tuple[tuple[Chunk, ...], ...]  # per data shard, in scheduling order
-    bucket: int                            # tokens per shard the step is padded to
+    bucket: int  # tokens per shard the step is padded to
 
     @property
     def chunks(self) -> list[Chunk]:

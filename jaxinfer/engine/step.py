@@ -5,11 +5,12 @@ Sequence i of a data shard is its slot i (idle slots have zero query tokens). At
 its own pages and slots, each tensor shard its own KV heads, so the cache write and the attention
 read never leave the device.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,7 @@ from jaxinfer.sharding import logical_sharding, logical_spec
 AttentionImpl = Callable[..., jax.Array]  # ragged_paged_attention(queries, kv_pages, kv_lens, ...)
 
 ACTIVATION_AXES = ("batch", None, "act_heads", None)  # q, k, v, out: [D, T, heads, head_dim]
-ROW_AXES = ("batch", None)                            # per-shard step inputs [D, ...]
+ROW_AXES = ("batch", None)  # per-shard step inputs [D, ...]
 
 
 @jax.tree_util.register_dataclass
@@ -50,15 +51,37 @@ class PagedAttention:
             kv = jnp.stack([k[0], v[0]], axis=2).reshape(t, 2 * hk, dh).astype(cache.dtype)  # K,V interleaved
             at = (layer,) if stacked else ()
             cache = cache.at[at + (write_page[0], write_offset[0])].set(kv, mode="drop")
-            out = self.impl(q[0], cache[layer] if stacked else cache, kv_lens[0], page_indices[0], cu_q_lens[0],
-                            num_seqs[0], sm_scale=sm_scale)
+            out = self.impl(
+                q[0],
+                cache[layer] if stacked else cache,
+                kv_lens[0],
+                page_indices[0],
+                cu_q_lens[0],
+                num_seqs[0],
+                sm_scale=sm_scale,
+            )
             return out[None], cache
 
-        fn = jax.shard_map(local, mesh=self.mesh,
-                           in_specs=(logical_spec(()), act, act, act, cache_spec, row, row, row, row3, row, row),
-                           out_specs=(act, cache_spec), check_vma=False)
-        return fn(layer if stacked else jnp.int32(0), q, k, v, cache, x.write_page, x.write_offset, x.kv_lens,
-                  x.page_indices, x.cu_q_lens, x.num_seqs)
+        fn = jax.shard_map(
+            local,
+            mesh=self.mesh,
+            in_specs=(logical_spec(()), act, act, act, cache_spec, row, row, row, row3, row, row),
+            out_specs=(act, cache_spec),
+            check_vma=False,
+        )
+        return fn(
+            layer if stacked else jnp.int32(0),
+            q,
+            k,
+            v,
+            cache,
+            x.write_page,
+            x.write_offset,
+            x.kv_lens,
+            x.page_indices,
+            x.cu_q_lens,
+            x.num_seqs,
+        )
 
 
 def build_step_fn(model: ShardedModel, cache_shape: CacheShape, platform: Platform):
@@ -71,22 +94,23 @@ def build_step_fn(model: ShardedModel, cache_shape: CacheShape, platform: Platfo
     impl = attention_impl(platform.attention, platform.interpret)
 
     def step(params, cache, inputs: StepInputs, prev_tokens):
-        tokens = jnp.where(inputs.use_prev, jnp.take_along_axis(prev_tokens, inputs.prev_slot, axis=1),
-                           inputs.tokens)
+        tokens = jnp.where(inputs.use_prev, jnp.take_along_axis(prev_tokens, inputs.prev_slot, axis=1), inputs.tokens)
         ctx = PagedAttention(inputs, mesh, impl)
-        logits, cache = module.apply({"params": params}, tokens, inputs.positions, ctx, cache,
-                                     logit_indices=inputs.sample_index)  # logits [D, S, V]
+        logits, cache = module.apply(
+            {"params": params}, tokens, inputs.positions, ctx, cache, logit_indices=inputs.sample_index
+        )  # logits [D, S, V]
         d, s, v = logits.shape
         flat = jax.tree.map(lambda a: a.reshape(d * s), inputs.sampling)
         next_tokens, logprobs = sample(logits.reshape(d * s, v), flat)
         return next_tokens.reshape(d, s), logprobs.reshape(d, s), cache
 
     row = logical_sharding(mesh, ROW_AXES)
-    return jax.jit(step, donate_argnums=(1,),
-                   out_shardings=(row, row, cache_sharding(mesh, cache_shape, model.layer_loop)))
+    return jax.jit(
+        step, donate_argnums=(1,), out_shardings=(row, row, cache_sharding(mesh, cache_shape, model.layer_loop))
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def attention_impl(kind: str, interpret: bool) -> AttentionImpl:
     """'xla' -> the XLA path; 'native' -> one pass of the native CPU kernel (through the XLA path's entry
     point); 'pallas' -> the Pallas ragged paged-attention kernel (in TPU interpret mode when `interpret`)."""

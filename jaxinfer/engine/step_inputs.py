@@ -6,6 +6,7 @@ Per data shard, a step carries up to `bucket` tokens laid out slot by slot. Toke
 slots come from the previous step's samples on device (`use_prev`), so the host can dispatch step
 n+1 before it has read step n's tokens back.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,25 +23,27 @@ from jaxinfer.sampling import SamplingArrays
 class StepInputs:
     """Arrays of one step. D = data shards, T = token bucket, S = slots per shard, W = pages per slot."""
 
-    tokens: jax.Array        # i32 [D, T] prompt tokens (ignored where use_prev)
-    use_prev: jax.Array      # bool [D, T] take the token the previous step sampled for prev_slot
-    prev_slot: jax.Array     # i32 [D, T]
-    positions: jax.Array     # i32 [D, T] absolute positions; -1 for padding
-    write_page: jax.Array    # i32 [D, T] shard-local page receiving this token's K/V; out of range = drop
+    tokens: jax.Array  # i32 [D, T] prompt tokens (ignored where use_prev)
+    use_prev: jax.Array  # bool [D, T] take the token the previous step sampled for prev_slot
+    prev_slot: jax.Array  # i32 [D, T]
+    positions: jax.Array  # i32 [D, T] absolute positions; -1 for padding
+    write_page: jax.Array  # i32 [D, T] shard-local page receiving this token's K/V; out of range = drop
     write_offset: jax.Array  # i32 [D, T]
-    kv_lens: jax.Array       # i32 [D, S] tokens in cache per slot after this step's writes
+    kv_lens: jax.Array  # i32 [D, S] tokens in cache per slot after this step's writes
     page_indices: jax.Array  # i32 [D, S, W] shard-local page tables
-    cu_q_lens: jax.Array     # i32 [D, S + 1]
-    num_seqs: jax.Array      # i32 [D, 1]
+    cu_q_lens: jax.Array  # i32 [D, S + 1]
+    num_seqs: jax.Array  # i32 [D, 1]
     sample_index: jax.Array  # i32 [D, S] token whose logits are sampled for each slot
     sampling: SamplingArrays  # each field [D, S]
 
     @classmethod
-    def from_flat(cls, arrays: dict) -> "StepInputs":
+    def from_flat(cls, arrays: dict) -> StepInputs:
         """From one flat dict holding every field, the sampling ones included (as `HostBatchBuilder` builds)."""
         sampling_keys = [f.name for f in dataclasses.fields(SamplingArrays)]
-        return cls(**{k: v for k, v in arrays.items() if k not in sampling_keys},
-                   sampling=SamplingArrays(**{k: arrays[k] for k in sampling_keys}))
+        return cls(
+            **{k: v for k, v in arrays.items() if k not in sampling_keys},
+            sampling=SamplingArrays(**{k: arrays[k] for k in sampling_keys}),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,16 +60,25 @@ class HostBatchBuilder:
         """An idle step: no tokens, every write dropped (what warm-up runs and AOT compiles)."""
         d, s, w = self.data_shards, self.slots_per_shard, self.pages_per_slot
         return dict(
-            tokens=np.zeros((d, bucket), np.int32), use_prev=np.zeros((d, bucket), bool),
-            prev_slot=np.zeros((d, bucket), np.int32), positions=np.full((d, bucket), -1, np.int32),
+            tokens=np.zeros((d, bucket), np.int32),
+            use_prev=np.zeros((d, bucket), bool),
+            prev_slot=np.zeros((d, bucket), np.int32),
+            positions=np.full((d, bucket), -1, np.int32),
             write_page=np.full((d, bucket), self.pages_per_shard, np.int32),
-            write_offset=np.zeros((d, bucket), np.int32), kv_lens=np.zeros((d, s), np.int32),
-            page_indices=np.zeros((d, s, w), np.int32), cu_q_lens=np.zeros((d, s + 1), np.int32),
-            num_seqs=np.full((d, 1), s, np.int32), sample_index=np.zeros((d, s), np.int32),
-            temperature=np.zeros((d, s), np.float32), top_k=np.zeros((d, s), np.int32),
-            top_p=np.ones((d, s), np.float32), min_p=np.zeros((d, s), np.float32),
-            seed=np.zeros((d, s), np.uint32), position=np.zeros((d, s), np.int32),
-            logprobs=np.zeros((d, s), bool))
+            write_offset=np.zeros((d, bucket), np.int32),
+            kv_lens=np.zeros((d, s), np.int32),
+            page_indices=np.zeros((d, s, w), np.int32),
+            cu_q_lens=np.zeros((d, s + 1), np.int32),
+            num_seqs=np.full((d, 1), s, np.int32),
+            sample_index=np.zeros((d, s), np.int32),
+            temperature=np.zeros((d, s), np.float32),
+            top_k=np.zeros((d, s), np.int32),
+            top_p=np.ones((d, s), np.float32),
+            min_p=np.zeros((d, s), np.float32),
+            seed=np.zeros((d, s), np.uint32),
+            position=np.zeros((d, s), np.int32),
+            logprobs=np.zeros((d, s), bool),
+        )
 
     def build(self, plan: StepPlan) -> dict[str, np.ndarray]:
         """The arrays of `plan`, with a few numpy ops per shard (a Python loop over slots and tokens costs
@@ -92,9 +104,9 @@ class HostBatchBuilder:
         entry = np.repeat(np.arange(len(chunks)), counts)
         pos = starts[entry] + np.arange(n, dtype=np.int32) - first[entry]
         for c, f in zip(chunks, first.tolist()):
-            host["page_indices"][d, c.seq.slot, :len(c.seq.pages)] = c.seq.pages
+            host["page_indices"][d, c.seq.slot, : len(c.seq.pages)] = c.seq.pages
             have = c.seq.known_tokens(c.start, c.start + c.count)  # the rest come from the previous step's samples
-            host["tokens"][d, f:f + len(have)] = have
+            host["tokens"][d, f : f + len(have)] = have
         host["use_prev"][d, :n] = pos >= known[entry]
         host["prev_slot"][d, :n] = slots[entry]
         host["positions"][d, :n] = pos

@@ -1,4 +1,5 @@
 """Incremental output text with stop strings: text that might be the start of a stop string is held back."""
+
 from __future__ import annotations
 
 
@@ -7,8 +8,8 @@ class StopTextTracker:
 
     def __init__(self, stops: tuple[str, ...]):
         self.stops = stops
-        self.text = ""      # everything accepted so far (stop string excluded)
-        self.emitted = 0    # chars of self.text already returned
+        self.text = ""  # everything accepted so far (stop string excluded)
+        self.emitted = 0  # chars of self.text already returned
         self.stopped = False
 
     def push(self, piece: str) -> str:
@@ -16,8 +17,10 @@ class StopTextTracker:
             return ""
         self.text += piece
         if self.stops:
-            cut = min((i for i in (self.text.find(s, max(0, self.emitted - len(s))) for s in self.stops) if i >= 0),
-                      default=-1)
+            cut = min(
+                (i for i in (self.text.find(s, max(0, self.emitted - len(s))) for s in self.stops) if i >= 0),
+                default=-1,
+            )
             if cut >= 0:
                 self.text = self.text[:cut]
                 self.stopped = True
@@ -31,6 +34,6 @@ class StopTextTracker:
 
     def _release(self, upto: int) -> str:
         upto = max(upto, self.emitted)
-        out = self.text[self.emitted:upto]
+        out = self.text[self.emitted : upto]
         self.emitted = upto
         return out

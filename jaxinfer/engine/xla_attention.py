@@ -14,18 +14,20 @@ which costs less than the tiles' extra ops and merge when there are few tokens.
 With `native=True` (CPU) neither part runs: the native kernel reads every token's context, its own
 tokens included, in one pass straight from the pages.
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-KEYS_PER_ITERATION = 64    # cached keys gathered per loop iteration (part 2); measured best on CPU
-QUERY_BLOCK = 32           # query and key tokens per tile of part 1 (measured best on CPU for mixed chunk sizes)
-SINGLE_PASS_TOKENS = 64    # steps of at most this many tokens (decode) skip part 1: see the module docstring
+KEYS_PER_ITERATION = 64  # cached keys gathered per loop iteration (part 2); measured best on CPU
+QUERY_BLOCK = 32  # query and key tokens per tile of part 1 (measured best on CPU for mixed chunk sizes)
+SINGLE_PASS_TOKENS = 64  # steps of at most this many tokens (decode) skip part 1: see the module docstring
 
 
-def xla_ragged_paged_attention(queries, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale,
-                               native: bool = False):
+def xla_ragged_paged_attention(
+    queries, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale, native: bool = False
+):
     """queries [T, Hq, D]; kv_pages [P, page, 2Hk, D] (K, V interleaved on the head axis, this step's
     K/V already written); kv_lens [S] (cached tokens per sequence after this step); page_indices [S, W];
     cu_q_lens [S + 1]; num_seqs [1]. Returns [T, Hq, D]; rows past cu_q_lens[num_seqs] are zero.
@@ -99,15 +101,21 @@ def _this_step(q, k, v, seq, pos, first):
     qb = padded(q).reshape(n, b, hk, g, dh)
     seqb, posb = padded(seq, -1).reshape(n, b), padded(pos, -1).reshape(n, b)
     # keys of block j - o for query block j: a slice of keys preceded by n blocks of padding
-    ahead = lambda a, fill: jnp.pad(a, [(n * b, pad)] + [(0, 0)] * (a.ndim - 1),  # noqa: E731
-                                    constant_values=fill).reshape((2 * n, b) + a.shape[1:])
+    ahead = (
+        lambda a, fill: jnp.pad(
+            a,
+            [(n * b, pad)] + [(0, 0)] * (a.ndim - 1),  # noqa: E731
+            constant_values=fill,
+        ).reshape((2 * n, b) + a.shape[1:])
+    )
     kp, vp, seqp, posp = ahead(k, 0), ahead(v, 0), ahead(seq, -1), ahead(pos, -1)
 
     def trip(o, carry):
         key = lambda a: jax.lax.dynamic_slice_in_dim(a, n - o, n, axis=0)  # noqa: E731
         kseq, kpos = key(seqp), key(posp)
-        visible = ((kseq[:, None, :] == seqb[:, :, None]) & (kpos[:, None, :] <= posb[:, :, None])
-                   & (kpos[:, None, :] >= 0))  # [n, b, c]
+        visible = (
+            (kseq[:, None, :] == seqb[:, :, None]) & (kpos[:, None, :] <= posb[:, :, None]) & (kpos[:, None, :] >= 0)
+        )  # [n, b, c]
         scores = jnp.einsum("nbhgd,nchd->nbhgc", qb, key(kp))
         return _merge(carry, _softmax_part(scores, visible[:, :, None, None, :], key(vp), "nbhgc,nchd->nbhgd"))
 

@@ -5,6 +5,7 @@ causal pass over the tokens it was given (`DenseCausal`: parity tests, scoring) 
 read by the engine (`jaxinfer.engine` defines that context). Contexts are pytrees, so their arrays
 flow through `jit` and `scan` while their kind stays static.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,6 +66,11 @@ def flash_attention_sharded(mesh, q, k, v, sm_scale: float, interpret: bool):
     from pallas_kernels.flash_attention import flash_attention
 
     spec = logical_spec(("batch", None, "act_heads", None))
-    fn = jax.shard_map(lambda q, k, v: flash_attention(q, k, v, sm_scale=sm_scale, causal=True, interpret=interpret),
-                       mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+    fn = jax.shard_map(
+        lambda q, k, v: flash_attention(q, k, v, sm_scale=sm_scale, causal=True, interpret=interpret),
+        mesh=mesh,
+        in_specs=(spec, spec, spec),
+        out_specs=spec,
+        check_vma=False,
+    )
     return fn(q, k, v)

@@ -8,6 +8,7 @@ activations [features, B*T], every projection `W[out, in] @ x`. XLA:CPU's dots f
 tokens are 15-40% faster that way than `x @ W[in, out]`; longer steps stay token-major
 (`x @ W[out, in].T`). The platform policy (`jaxinfer.platform`) decides when this layout is used.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,15 @@ from jaxinfer.model.projections import declare
 FEATURE_MAJOR_TOKENS = 64  # steps of at most this many tokens per row run feature-major
 # projection weight -> the permutation from its declared [in..., out...] order to the stored
 # [out..., in...] order
-OUT_MAJOR = {"q": (1, 2, 0), "k": (1, 2, 0), "v": (1, 2, 0), "o": (2, 0, 1), "gate": (1, 0), "up": (1, 0),
-             "down": (1, 0)}
+OUT_MAJOR = {
+    "q": (1, 2, 0),
+    "k": (1, 2, 0),
+    "v": (1, 2, 0),
+    "o": (2, 0, 1),
+    "gate": (1, 0),
+    "up": (1, 0),
+    "down": (1, 0),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +45,7 @@ class OutputMajor:
     def norm_axis(self) -> int:
         return 0 if self.feature_major else -1
 
-    def for_tokens(self, tokens_per_row: int) -> "OutputMajor":
+    def for_tokens(self, tokens_per_row: int) -> OutputMajor:
         return OutputMajor(feature_major=tokens_per_row <= FEATURE_MAJOR_TOKENS)
 
     def weight(self, module, name: str, shape, axes, dtype):
@@ -45,13 +53,13 @@ class OutputMajor:
         return declare(module, name, tuple(shape[i] for i in perm), tuple(axes[i] for i in perm), dtype)
 
     def apply(self, x, w, inputs: int):
-        n_out = math.prod(w.shape[:w.ndim - inputs])
+        n_out = math.prod(w.shape[: w.ndim - inputs])
         w2 = w.reshape(n_out, -1)
         if self.feature_major:
             return w2 @ x  # [out, N]
         b, t = x.shape[:2]
         y = jnp.einsum("bti,oi->bto", x.reshape(b, t, -1), w2)
-        return y.reshape((b, t) + w.shape[:w.ndim - inputs])
+        return y.reshape((b, t) + w.shape[: w.ndim - inputs])
 
     def enter(self, x):
         return to_feature_major(x) if self.feature_major else x
@@ -82,11 +90,12 @@ def to_token_major(x, b: int, features=()):
     return x.transpose((k, k + 1) + tuple(range(k)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _layer_splitter(num_layers: int, sharding, perm: tuple[int, ...]):
     """One jitted split per (depth, sharding, permutation), so weight kinds of equal shape share one compilation."""
-    return jax.jit(lambda a: tuple(a[i].transpose(perm) for i in range(num_layers)),
-                   out_shardings=(sharding,) * num_layers)
+    return jax.jit(
+        lambda a: tuple(a[i].transpose(perm) for i in range(num_layers)), out_shardings=(sharding,) * num_layers
+    )
 
 
 def unroll(params: dict, num_layers: int) -> dict:

@@ -3,6 +3,7 @@
 `ShardedModel.logits` runs a causal pass over whole token rows with no KV cache: the function
 parity tests and scoring use. The engine drives the same `Llama` module with a paged-cache context.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,7 +44,7 @@ class ShardedModel:
         proj = cpu_layout.OutputMajor() if self.layer_loop == "unrolled" else TokenMajor()
         return Llama(self.config, self.layout, self.dtype, self.layer_loop, proj)
 
-    def with_layer_loop(self, kind: str) -> "ShardedModel":
+    def with_layer_loop(self, kind: str) -> ShardedModel:
         """This model with `kind` ("scan" or "unrolled") layer params; itself when it has them already.
 
         scan -> unrolled splits the stacked params on device one weight kind at a time and consumes
@@ -53,10 +54,11 @@ class ShardedModel:
         if kind == self.layer_loop:
             return self
         if (self.layer_loop, kind) != ("scan", "unrolled"):
-            raise ValueError(f"this model's params are already {self.layer_loop} (only scan -> unrolled converts); "
-                             f"load the model again for a {kind} layer loop")
-        return dataclasses.replace(self, params=cpu_layout.unroll(self.params, self.config.num_layers),
-                                   layer_loop=kind)
+            raise ValueError(
+                f"this model's params are already {self.layer_loop} (only scan -> unrolled converts); "
+                f"load the model again for a {kind} layer loop"
+            )
+        return dataclasses.replace(self, params=cpu_layout.unroll(self.params, self.config.num_layers), layer_loop=kind)
 
     def logits(self, tokens, positions=None, attention: str = "xla") -> np.ndarray:
         """tokens int [B, T] (rows right-padded with any id where positions is -1) -> float32 [B, T, vocab].
@@ -81,7 +83,7 @@ class ShardedModel:
         return np.asarray(out)[:b, :t]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dense_forward(module: Llama, mesh, kernel: bool, interpret: bool):
     @jax.jit
     def forward(params, tokens, positions):

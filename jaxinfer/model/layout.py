@@ -9,6 +9,7 @@ every output unchanged:
     replica serving a share of the group's query heads; otherwise dummy (zero) KV groups are added;
   - zero MLP units give silu(0) * 0 = 0; padded vocabulary logits are cut off before sampling.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,7 +29,7 @@ class ModelLayout:
     kv_heads: int
     mlp: int
     vocab: int
-    q_source: tuple[int | None, ...]   # physical q head -> logical q head
+    q_source: tuple[int | None, ...]  # physical q head -> logical q head
     kv_source: tuple[int | None, ...]  # physical kv head -> logical kv head
 
     @property
@@ -37,8 +38,7 @@ class ModelLayout:
 
     @property
     def padded(self) -> bool:
-        return (any(s != i for i, s in enumerate(self.q_source)) or
-                any(s != i for i, s in enumerate(self.kv_source)))
+        return any(s != i for i, s in enumerate(self.q_source)) or any(s != i for i, s in enumerate(self.kv_source))
 
 
 def plan_layout(config: ModelConfig, tensor: int = 1, quiet: bool = False) -> ModelLayout:
@@ -53,15 +53,22 @@ def plan_layout(config: ModelConfig, tensor: int = 1, quiet: bool = False) -> Mo
         kv_source = tuple(k for k in range(K) for _ in range(replicas))
         q_source = tuple(
             (k * G + r * per_replica + j) if r * per_replica + j < G else None
-            for k in range(K) for r in range(replicas) for j in range(per_replica))
+            for k in range(K)
+            for r in range(replicas)
+            for j in range(per_replica)
+        )
     else:
         kv_pad = ceil_to(K, tensor)
         kv_source = tuple(k if k < K else None for k in range(kv_pad))
         q_source = tuple(k * G + g if k < K else None for k in range(kv_pad) for g in range(G))
     layout = ModelLayout(
-        q_heads=len(q_source), kv_heads=len(kv_source),
-        mlp=ceil_to(config.intermediate_size, tensor), vocab=ceil_to(config.vocab_size, tensor),
-        q_source=q_source, kv_source=kv_source)
+        q_heads=len(q_source),
+        kv_heads=len(kv_source),
+        mlp=ceil_to(config.intermediate_size, tensor),
+        vocab=ceil_to(config.vocab_size, tensor),
+        q_source=q_source,
+        kv_source=kv_source,
+    )
     changes = []
     if layout.q_heads != H or layout.kv_heads != K:
         changes.append(f"heads q {H}->{layout.q_heads}, kv {K}->{layout.kv_heads}")
@@ -70,6 +77,10 @@ def plan_layout(config: ModelConfig, tensor: int = 1, quiet: bool = False) -> Mo
     if layout.vocab != config.vocab_size:
         changes.append(f"vocab {config.vocab_size}->{layout.vocab}")
     if changes and not quiet:
-        log.info("tensor=%d does not divide %s: zero-padding %s at load time (outputs unchanged)",
-                 tensor, config.name, "; ".join(changes))
+        log.info(
+            "tensor=%d does not divide %s: zero-padding %s at load time (outputs unchanged)",
+            tensor,
+            config.name,
+            "; ".join(changes),
+        )
     return layout

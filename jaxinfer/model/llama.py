@@ -10,6 +10,7 @@ How projection weights are stored and activations laid out is the `projections` 
 Every parameter is declared once, here, with its logical axes; shardings come from
 `jaxinfer.sharding.LOGICAL_RULES`. Shapes use the physical (padded) sizes of a `ModelLayout`.
 """
+
 from __future__ import annotations
 
 import math
@@ -92,7 +93,8 @@ class DecoderLayer(nn.Module):
         eps, axis = self.config.rms_norm_eps, self.proj.norm_axis
         h = RMSNorm(eps, self.dtype, axis, name="attn_norm")(x)
         h, cache = Attention(self.config, self.layout, self.dtype, self.proj, name="attn")(
-            h, positions, ctx, cache, layer)
+            h, positions, ctx, cache, layer
+        )
         x = x + h
         h = RMSNorm(eps, self.dtype, axis, name="mlp_norm")(x)
         x = x + MLP(self.config, self.layout, self.dtype, self.proj, name="mlp")(h)
@@ -123,16 +125,22 @@ class Llama(nn.Module):
         x = proj.enter(x)
         if self.layer_loop == "scan":
             layers = nn.scan(
-                DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(0, nn.broadcast, nn.broadcast), length=c.num_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"})
+                DecoderLayer,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast),
+                length=c.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
             (x, cache), _ = layers(c, lay, self.dtype, proj, name="layers")(
-                (x, cache), jnp.arange(c.num_layers, dtype=jnp.int32), positions, ctx)
+                (x, cache), jnp.arange(c.num_layers, dtype=jnp.int32), positions, ctx
+            )
         else:
             caches = []
             for i in range(c.num_layers):
                 (x, layer_cache), _ = DecoderLayer(c, lay, self.dtype, proj, name=f"layers_{i}")(
-                    (x, None if cache is None else cache[i]), None, positions, ctx)
+                    (x, None if cache is None else cache[i]), None, positions, ctx
+                )
                 caches.append(layer_cache)
             cache = None if cache is None else tuple(caches)
         x = proj.leave(x, rows)
@@ -144,4 +152,4 @@ class Llama(nn.Module):
         else:
             head = declare(self, "lm_head", (c.hidden_size, lay.vocab), ("embed", "vocab"), self.dtype)
         logits = jnp.einsum("bte,ev->btv", x, head, preferred_element_type=jnp.float32)
-        return logits[..., :c.vocab_size], cache
+        return logits[..., : c.vocab_size], cache

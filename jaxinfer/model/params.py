@@ -1,9 +1,11 @@
 """Parameter trees derived from the one declaration in `llama.py`: abstract shapes, logical axes,
 shardings, random initialisation and load-time padding to a `ModelLayout`."""
+
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -95,8 +97,9 @@ def place(array: np.ndarray, sharding, dtype) -> jax.Array:
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
-def build_params(config: ModelConfig, layout: ModelLayout, mesh, dtype,
-                 logical_leaf: Callable[[tuple[str, ...]], np.ndarray]) -> Params:
+def build_params(
+    config: ModelConfig, layout: ModelLayout, mesh, dtype, logical_leaf: Callable[[tuple[str, ...]], np.ndarray]
+) -> Params:
     """Assembles sharded params one leaf at a time: `logical_leaf(path)` returns the unpadded host array.
 
     Only one leaf (all layers of one weight kind) is on the host at a time, so peak host memory stays

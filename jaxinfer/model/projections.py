@@ -6,6 +6,7 @@ token-major one attention and RoPE take. `TokenMajor` is the checkpoint layout (
 [in..., out...], activations [B, T, features...]); `jaxinfer.model.cpu_layout.OutputMajor` is the
 layout XLA:CPU runs fastest.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,7 +28,7 @@ class TokenMajor:
 
     norm_axis: int = -1  # the feature axis of activations
 
-    def for_tokens(self, tokens_per_row: int) -> "TokenMajor":
+    def for_tokens(self, tokens_per_row: int) -> TokenMajor:
         """The layout a step of this many tokens per row runs in."""
         return self
 

@@ -1,4 +1,5 @@
 """Rotary position embedding (HF "rotate_half" layout), with Llama-3.1 frequency scaling."""
+
 from __future__ import annotations
 
 import math

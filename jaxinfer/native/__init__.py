@@ -7,11 +7,12 @@ the XLA path.
 
 The shared library is built with the host's C++ compiler (`$CXX`, else `g++`) against the FFI
 headers jaxlib ships (`jax.ffi.include_dir()`), tuned for this CPU (`-march=native`), and cached in
-`native/` of jaxinfer's cache directory (`$JAXINFER_CACHE`, default `~/.cache/jaxinfer`) under a name hashed from the source, the
-jaxlib version, the flags and this CPU, so a change to any of them rebuilds and concurrent
+`native/` of jaxinfer's cache directory (`$JAXINFER_CACHE`, default `~/.cache/jaxinfer`) under a name
+hashed from the source, the jaxlib version, the flags and this CPU, so a change to any of them rebuilds and concurrent
 processes never see a half-written file. `available()` says whether it could be built; the engine's
 `--attention auto` falls back to the XLA path (with one log line saying why) when it cannot.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -35,8 +36,10 @@ log = logging.getLogger(__name__)
 SOURCE = pathlib.Path(__file__).with_name("paged_context.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC")
 TARGETS = {jnp.dtype(jnp.float32): "jaxinfer_paged_context_f32", jnp.dtype(jnp.bfloat16): "jaxinfer_paged_context_bf16"}
-SYMBOLS = {"jaxinfer_paged_context_f32": "JaxinferPagedContextF32",
-           "jaxinfer_paged_context_bf16": "JaxinferPagedContextBF16"}
+SYMBOLS = {
+    "jaxinfer_paged_context_f32": "JaxinferPagedContextF32",
+    "jaxinfer_paged_context_bf16": "JaxinferPagedContextBF16",
+}
 
 
 class NativeUnavailable(RuntimeError):
@@ -60,8 +63,9 @@ def _cpu_signature() -> str:
 def _build(compiler: str) -> pathlib.Path:
     import jaxlib
 
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), jaxlib.__version__, compiler, " ".join(FLAGS),
-                                    _cpu_signature()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        "\n".join([SOURCE.read_text(), jaxlib.__version__, compiler, " ".join(FLAGS), _cpu_signature()]).encode()
+    ).hexdigest()[:16]
     out = cache_dir() / f"libjaxinfer_cpu_{key}.so"
     if out.exists():
         return out
@@ -70,7 +74,9 @@ def _build(compiler: str) -> pathlib.Path:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
     except OSError as e:
-        raise NativeUnavailable(f"cannot write the kernel cache {out.parent} ({e.strerror}); set JAXINFER_CACHE") from None
+        raise NativeUnavailable(
+            f"cannot write the kernel cache {out.parent} ({e.strerror}); set JAXINFER_CACHE"
+        ) from None
     cmd = [compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -128,7 +134,11 @@ def paged_context(q, kv_pages, page_table, seq, limit):
     if target is None:
         raise ValueError(f"native paged attention: cache dtype {kv_pages.dtype} is not float32 or bfloat16")
     t, hk, g, d = q.shape
-    out = (jax.ShapeDtypeStruct((t, hk, g), jnp.float32), jax.ShapeDtypeStruct((t, hk, g), jnp.float32),
-           jax.ShapeDtypeStruct((t, hk, g, d), jnp.float32))
-    return jax.ffi.ffi_call(target, out)(q.astype(jnp.float32), kv_pages, page_table.astype(jnp.int32),
-                                         seq.astype(jnp.int32), limit.astype(jnp.int32))
+    out = (
+        jax.ShapeDtypeStruct((t, hk, g), jnp.float32),
+        jax.ShapeDtypeStruct((t, hk, g), jnp.float32),
+        jax.ShapeDtypeStruct((t, hk, g, d), jnp.float32),
+    )
+    return jax.ffi.ffi_call(target, out)(
+        q.astype(jnp.float32), kv_pages, page_table.astype(jnp.int32), seq.astype(jnp.int32), limit.astype(jnp.int32)
+    )

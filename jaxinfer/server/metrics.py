@@ -3,6 +3,7 @@
 The engine thread updates the engine-side series once per step from plain numbers (it never hands
 the non-thread-safe engine to the HTTP thread); gRPC handlers count requests by method and status.
 """
+
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -15,33 +16,60 @@ _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64
 class Metrics:
     def __init__(self):
         self.registry = r = CollectorRegistry()
-        self.ttft = Histogram("jaxinfer_time_to_first_token_seconds", "Arrival to first generated token",
-                              buckets=_LATENCY_BUCKETS, registry=r)
-        self.tpot = Histogram("jaxinfer_time_per_output_token_seconds", "Per request: (total - TTFT) / (tokens - 1)",
-                              buckets=_TOKEN_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "jaxinfer_time_to_first_token_seconds",
+            "Arrival to first generated token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "jaxinfer_time_per_output_token_seconds",
+            "Per request: (total - TTFT) / (tokens - 1)",
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge("jaxinfer_queue_depth", "Requests admitted and waiting for a slot", registry=r)
         self.active_slots = Gauge("jaxinfer_active_slots", "Slots holding a request", registry=r)
         self.slots = Gauge("jaxinfer_slots", "Slots in total (--max-slots)", registry=r)
         self.kv_pages_used = Gauge("jaxinfer_kv_pages_used", "KV cache pages in use, all data shards", registry=r)
         self.kv_pages_free = Gauge("jaxinfer_kv_pages_free", "KV cache pages free, all data shards", registry=r)
         self.preemptions = Counter("jaxinfer_preemptions", "Requests evicted for KV pages and recomputed", registry=r)
-        self.compilations = Counter("jaxinfer_compilations_since_warmup",
-                                    "XLA compilations after warm-up (should stay 0)", registry=r)
+        self.compilations = Counter(
+            "jaxinfer_compilations_since_warmup", "XLA compilations after warm-up (should stay 0)", registry=r
+        )
         self.steps = Counter("jaxinfer_engine_steps", "Engine steps dispatched", registry=r)
         self.generated_tokens = Counter("jaxinfer_generated_tokens", "Tokens generated", registry=r)
         self.release_steps = Histogram(
-            "jaxinfer_cancel_release_steps", "Engine steps between the server learning of a client cancellation and "
-            "the request's slot being freed", buckets=(0, 1, 2, 4, 8, 16), registry=r)
-        self.finished = Counter("jaxinfer_requests_finished", "Requests that left the engine, by finish reason",
-                                ["finish_reason"], registry=r)
-        self.rpcs = Counter("jaxinfer_rpc_requests", "RPCs answered, by method and gRPC status code",
-                            ["method", "code"], registry=r)
+            "jaxinfer_cancel_release_steps",
+            "Engine steps between the server learning of a client cancellation and the request's slot being freed",
+            buckets=(0, 1, 2, 4, 8, 16),
+            registry=r,
+        )
+        self.finished = Counter(
+            "jaxinfer_requests_finished",
+            "Requests that left the engine, by finish reason",
+            ["finish_reason"],
+            registry=r,
+        )
+        self.rpcs = Counter(
+            "jaxinfer_rpc_requests", "RPCs answered, by method and gRPC status code", ["method", "code"], registry=r
+        )
         for reason in FINISH_REASONS:
             self.finished.labels(reason)
         self._totals = {"steps": 0, "preemptions": 0, "compilations": 0}
 
-    def engine_state(self, *, active_slots: int, max_slots: int, queue_depth: int, pages_used: int,
-                     pages_total: int, steps: int, preemptions: int, compilations: int) -> None:
+    def engine_state(
+        self,
+        *,
+        active_slots: int,
+        max_slots: int,
+        queue_depth: int,
+        pages_used: int,
+        pages_total: int,
+        steps: int,
+        preemptions: int,
+        compilations: int,
+    ) -> None:
         """Called by the engine thread after every step with the engine's cumulative figures."""
         self.active_slots.set(active_slots)
         self.slots.set(max_slots)

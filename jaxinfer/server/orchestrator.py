@@ -25,6 +25,7 @@ command queue and the per-request `Ticket` buffers, so a slow or vanished client
 request, never the step rate of the others. Detokenization stays inside the engine (`Event.text`):
 it is incremental and cheap next to a step, and stop strings are matched on the text.
 """
+
 from __future__ import annotations
 
 import collections
@@ -52,12 +53,11 @@ class RequestFailed(Exception):
 class Ticket:
     """One request's events on their way to its caller: a bounded buffer, then the end (result or error)."""
 
-    def __init__(self, request_id: str, capacity: int, deadline: float | None, timeout: float | None,
-                 on_cutoff=None):
+    def __init__(self, request_id: str, capacity: int, deadline: float | None, timeout: float | None, on_cutoff=None):
         self.request_id = request_id
-        self.deadline = deadline      # time.monotonic() by which it must finish, or None
+        self.deadline = deadline  # time.monotonic() by which it must finish, or None
         self.timeout = timeout
-        self.on_cutoff = on_cutoff    # called (engine thread, must not block) when the reader is cut off
+        self.on_cutoff = on_cutoff  # called (engine thread, must not block) when the reader is cut off
         self._capacity = capacity
         self._events: collections.deque[Event] = collections.deque()
         self._error: RequestFailed | None = None
@@ -102,8 +102,9 @@ class Ticket:
 class Orchestrator:
     """Owns the engine thread; `submit` and `cancel` are safe to call from any thread."""
 
-    def __init__(self, engine, metrics: Metrics, *, max_queue: int, stream_buffer: int = 64,
-                 request_timeout: float | None = None):
+    def __init__(
+        self, engine, metrics: Metrics, *, max_queue: int, stream_buffer: int = 64, request_timeout: float | None = None
+    ):
         self.engine, self.metrics = engine, metrics
         self.max_queue, self.stream_buffer, self.request_timeout = max_queue, stream_buffer, request_timeout
         self.capacity = engine.config.max_slots + max_queue  # requests in flight: running + waiting
@@ -136,7 +137,8 @@ class Orchestrator:
                 raise RequestFailed(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"server at capacity: {self.engine.config.max_slots} slots busy and {self.max_queue} requests "
-                    f"waiting (--max-queue); retry later")
+                    f"waiting (--max-queue); retry later",
+                )
             ticket = self._tickets[request.id] = Ticket(request.id, self.stream_buffer, deadline, timeout, on_cutoff)
         self._commands.put(("submit", request, ticket))
         return ticket
@@ -208,17 +210,21 @@ class Orchestrator:
         except Exception as e:
             log.exception("engine step failed; failing the requests in flight")
             for ticket in self._in_flight():
-                self._end(ticket, grpc.StatusCode.INTERNAL,
-                          f"internal error in an engine step: {type(e).__name__}: {e}")
+                self._end(
+                    ticket, grpc.StatusCode.INTERNAL, f"internal error in an engine step: {type(e).__name__}: {e}"
+                )
             return
         for event in events:
             ticket = self._tickets.get(event.request_id)
             if ticket is None:
                 continue  # ended already (cut off, cancelled or timed out) while its last step ran
             if not ticket.push(event):
-                self._end(ticket, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"the client did not read its stream: {self.stream_buffer} responses were buffered, so the "
-                          f"request was cut off")
+                self._end(
+                    ticket,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the client did not read its stream: {self.stream_buffer} responses were buffered, so the "
+                    f"request was cut off",
+                )
                 if ticket.on_cutoff is not None:
                     ticket.on_cutoff()
             elif event.result is not None:
@@ -228,8 +234,11 @@ class Orchestrator:
     def _expire(self, now: float) -> None:
         for ticket in self._in_flight():
             if ticket.deadline is not None and ticket.deadline <= now:
-                self._end(ticket, grpc.StatusCode.DEADLINE_EXCEEDED,
-                          f"the request did not finish within its deadline of {ticket.timeout:g}s")
+                self._end(
+                    ticket,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"the request did not finish within its deadline of {ticket.timeout:g}s",
+                )
 
     def _in_flight(self) -> list[Ticket]:
         with self._lock:
@@ -257,10 +266,22 @@ class Orchestrator:
     def _status(self, peak: int) -> dict:
         """The engine's state as plain numbers, published for other threads (GetModelInfo) and metrics."""
         e = self.engine.status()
-        status = dict(active_slots=e.active_slots, peak_active_slots=max(peak, e.active_slots), queue_depth=e.waiting,
-                      kv_pages_used=e.pages_used, kv_pages_total=e.pages_total, engine_steps=e.steps)
+        status = dict(
+            active_slots=e.active_slots,
+            peak_active_slots=max(peak, e.active_slots),
+            queue_depth=e.waiting,
+            kv_pages_used=e.pages_used,
+            kv_pages_total=e.pages_total,
+            engine_steps=e.steps,
+        )
         self.metrics.engine_state(
-            active_slots=e.active_slots, max_slots=self.engine.config.max_slots, queue_depth=e.waiting,
-            pages_used=e.pages_used, pages_total=e.pages_total, steps=e.steps, preemptions=e.preemptions,
-            compilations=e.compilations_after_warmup)
+            active_slots=e.active_slots,
+            max_slots=self.engine.config.max_slots,
+            queue_depth=e.waiting,
+            pages_used=e.pages_used,
+            pages_total=e.pages_total,
+            steps=e.steps,
+            preemptions=e.preemptions,
+            compilations=e.compilations_after_warmup,
+        )
         return status

@@ -5,6 +5,7 @@ Requests are checked at the edge, before they take a place in the queue: the raw
 `wire_problem` (unknown fields, invalid UTF-8), then the prompt and sampling parameters by the
 request builder, once. Every rejection is INVALID_ARGUMENT with a message naming the field.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,8 +29,12 @@ from jaxinfer.tokenizer import TokenizerError
 log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
-_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
-           "cancelled": pb.FINISH_REASON_CANCELLED, "error": pb.FINISH_REASON_ERROR}
+_FINISH = {
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "cancelled": pb.FINISH_REASON_CANCELLED,
+    "error": pb.FINISH_REASON_ERROR,
+}
 _OPTIONAL_PARAMS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed")
 CUTOFF_GRACE_S = 5.0  # after a slow reader is cut off, how long its RPC waits for it before being cancelled
 _NO_DEADLINE = 1e7  # context.time_remaining() of a call without a deadline is far beyond this
@@ -51,6 +56,7 @@ def _parser(message_type):
             return message_type.FromString(data)
         except DecodeError as e:
             return _BadRequest(f"request does not parse as {message_type.DESCRIPTOR.full_name}: {e}")
+
     return parse
 
 
@@ -70,17 +76,23 @@ class GenerationService:
     def handler(self) -> grpc.GenericRpcHandler:
         def unary(name, fn, request_type, response_type):
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(name, fn), _parser(request_type), response_type.SerializeToString)
+                self._unary(name, fn), _parser(request_type), response_type.SerializeToString
+            )
 
-        return grpc.method_handlers_generic_handler(SERVICE, {
-            "Generate": grpc.unary_stream_rpc_method_handler(
-                self._streaming("Generate", self._generate), _parser(pb.GenerateRequest),
-                pb.GenerateResponse.SerializeToString),
-            "GenerateUnary": unary("GenerateUnary", self._generate_unary, pb.GenerateRequest, pb.GenerateResponse),
-            "Tokenize": unary("Tokenize", self._tokenize, pb.TokenizeRequest, pb.TokenizeResponse),
-            "Detokenize": unary("Detokenize", self._detokenize, pb.DetokenizeRequest, pb.DetokenizeResponse),
-            "GetModelInfo": unary("GetModelInfo", self._model_info, pb.GetModelInfoRequest, pb.ModelInfo),
-        })
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Generate": grpc.unary_stream_rpc_method_handler(
+                    self._streaming("Generate", self._generate),
+                    _parser(pb.GenerateRequest),
+                    pb.GenerateResponse.SerializeToString,
+                ),
+                "GenerateUnary": unary("GenerateUnary", self._generate_unary, pb.GenerateRequest, pb.GenerateResponse),
+                "Tokenize": unary("Tokenize", self._tokenize, pb.TokenizeRequest, pb.TokenizeResponse),
+                "Detokenize": unary("Detokenize", self._detokenize, pb.DetokenizeRequest, pb.DetokenizeResponse),
+                "GetModelInfo": unary("GetModelInfo", self._model_info, pb.GetModelInfoRequest, pb.ModelInfo),
+            },
+        )
 
     # ---- status codes: every RPC ends in exactly one, counted by method ---------------------------
     def _checked(self, request):
@@ -113,6 +125,7 @@ class GenerationService:
                 context.abort(code, message)
             self._count(method, grpc.StatusCode.OK)
             return response
+
         return handle
 
     def _streaming(self, method, fn):
@@ -127,14 +140,16 @@ class GenerationService:
                 self._count(method, code)
                 context.abort(code, message)
             self._count(method, grpc.StatusCode.OK)
+
         return handle
 
     # ---- the RPCs -------------------------------------------------------------------------------
     def _generate(self, msg: pb.GenerateRequest, context):
         ticket = self._submit(msg, context)
         for event in ticket:
-            response = pb.GenerateResponse(request_id=ticket.request_id, token_ids=event.token_ids, text=event.text,
-                                           logprobs=event.logprobs or ())
+            response = pb.GenerateResponse(
+                request_id=ticket.request_id, token_ids=event.token_ids, text=event.text, logprobs=event.logprobs or ()
+            )
             if event.result is not None:
                 _finish(response, event.result)
             yield response
@@ -142,8 +157,9 @@ class GenerationService:
     def _generate_unary(self, msg: pb.GenerateRequest, context) -> pb.GenerateResponse:
         ticket = self._submit(msg, context)
         result = [event.result for event in ticket][-1]
-        response = pb.GenerateResponse(request_id=ticket.request_id, token_ids=result.token_ids, text=result.text,
-                                       logprobs=result.logprobs or ())
+        response = pb.GenerateResponse(
+            request_id=ticket.request_id, token_ids=result.token_ids, text=result.text, logprobs=result.logprobs or ()
+        )
         _finish(response, result)
         return response
 
@@ -168,8 +184,9 @@ class GenerationService:
         """Builds the request (validated once, by the request builder) and queues it; ties its life to the RPC's."""
         request = self._build(msg, msg.request_id or uuid.uuid4().hex, self._params(msg.params))
         remaining = context.time_remaining()
-        ticket = self.orchestrator.submit(request, remaining if remaining < _NO_DEADLINE else None,
-                                          on_cutoff=lambda: _cancel_later(context))
+        ticket = self.orchestrator.submit(
+            request, remaining if remaining < _NO_DEADLINE else None, on_cutoff=lambda: _cancel_later(context)
+        )
         if not context.add_callback(lambda: self.orchestrator.cancel(ticket)):
             self.orchestrator.cancel(ticket)  # the RPC ended before the callback could be added
         return ticket
@@ -179,8 +196,13 @@ class GenerationService:
 
     def _params(self, p: pb.SamplingParams) -> dict:
         values = {name: getattr(p, name) for name in _OPTIONAL_PARAMS if p.HasField(name)}
-        return dict(values, stop=tuple(p.stop), stop_token_ids=tuple(p.stop_token_ids), ignore_eos=p.ignore_eos,
-                    logprobs=p.logprobs)
+        return dict(
+            values,
+            stop=tuple(p.stop),
+            stop_token_ids=tuple(p.stop_token_ids),
+            ignore_eos=p.ignore_eos,
+            logprobs=p.logprobs,
+        )
 
 
 def _prompt_fields(msg) -> dict:
@@ -204,37 +226,64 @@ def _cancel_later(context) -> None:
 
 def _finish(response: pb.GenerateResponse, result) -> None:
     response.finish_reason = _FINISH[result.finish_reason]
-    response.usage.CopyFrom(pb.Usage(
-        prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-        time_to_first_token_s=result.ttft_s or 0.0, total_time_s=result.total_s, preemptions=result.preemptions,
-        seed=result.seed or 0))
+    response.usage.CopyFrom(
+        pb.Usage(
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            time_to_first_token_s=result.ttft_s or 0.0,
+            total_time_s=result.total_s,
+            preemptions=result.preemptions,
+            seed=result.seed or 0,
+        )
+    )
 
 
 def _model_info(engine, orchestrator) -> pb.ModelInfo:
     model, c, ec = engine.model, engine.model.config, engine.config
     return pb.ModelInfo(
-        model_name=c.name, source=str(model.source),
+        model_name=c.name,
+        source=str(model.source),
         config=pb.ModelConfig(
-            vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-            num_layers=c.num_layers, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-            rope_theta=c.rope_theta, max_position_embeddings=c.max_position_embeddings,
-            tie_embeddings=c.tie_embeddings, eos_token_ids=engine.tokenizer.eos_ids, dtype=str(np.dtype(model.dtype))),
-        mesh=dict(model.mesh.shape), platform=engine.platform.name,
-        max_context=ec.max_context, max_prompt_tokens=engine.max_prompt_tokens, max_slots=ec.max_slots,
-        page_size=ec.page_size, kv_pages_total=engine.pages_total, bucket_sizes=engine.buckets,
-        has_chat_template=engine.tokenizer.has_chat_template, max_queue=orchestrator.max_queue)
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_layers=c.num_layers,
+            num_heads=c.num_heads,
+            num_kv_heads=c.num_kv_heads,
+            head_dim=c.head_dim,
+            rope_theta=c.rope_theta,
+            max_position_embeddings=c.max_position_embeddings,
+            tie_embeddings=c.tie_embeddings,
+            eos_token_ids=engine.tokenizer.eos_ids,
+            dtype=str(np.dtype(model.dtype)),
+        ),
+        mesh=dict(model.mesh.shape),
+        platform=engine.platform.name,
+        max_context=ec.max_context,
+        max_prompt_tokens=engine.max_prompt_tokens,
+        max_slots=ec.max_slots,
+        page_size=ec.page_size,
+        kv_pages_total=engine.status().pages_total,
+        bucket_sizes=engine.buckets,
+        has_chat_template=engine.tokenizer.has_chat_template,
+        max_queue=orchestrator.max_queue,
+    )
 
 
-def build_server(service: GenerationService, max_workers: int,
-                 address: str) -> tuple[grpc.Server, int, health.HealthServicer]:
+def build_server(
+    service: GenerationService, max_workers: int, address: str
+) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A gRPC server listening on `address` (-> its port) with the Generation service, health (NOT_SERVING
     until told otherwise) and reflection; not started.
 
     `max_workers` handler threads, one per RPC in progress; beyond that gRPC itself answers RESOURCE_EXHAUSTED.
     A port in use is an error (gRPC would otherwise share it with the other process through SO_REUSEPORT).
     """
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers, thread_name_prefix="grpc"),
-                         maximum_concurrent_rpcs=max_workers, options=[("grpc.so_reuseport", 0)])
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers, thread_name_prefix="grpc"),
+        maximum_concurrent_rpcs=max_workers,
+        options=[("grpc.so_reuseport", 0)],
+    )
     try:
         port = server.add_insecure_port(address)
     except RuntimeError:

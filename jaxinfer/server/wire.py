@@ -4,6 +4,7 @@ Protobuf refuses a `string` field holding invalid UTF-8 with a DecodeError that 
 gRPC would answer INTERNAL), and it silently keeps fields it does not know. `wire_problem` walks the
 wire format against the message descriptor and names the first such field, e.g. `messages[1].content`.
 """
+
 from __future__ import annotations
 
 import collections
@@ -55,7 +56,7 @@ def _walk(descriptor: Descriptor, data: bytes, path: str) -> str | None:
             pos += 8 if wire_type == 1 else 4
         elif wire_type == 2:
             size, pos = _varint(data, pos)
-            chunk, pos = data[pos:pos + size], pos + size
+            chunk, pos = data[pos : pos + size], pos + size
             if field.type == FieldDescriptor.TYPE_STRING:
                 try:
                     chunk.decode("utf-8")

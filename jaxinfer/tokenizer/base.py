@@ -20,10 +20,22 @@ __all__ = ["StreamingDetokenizer", "Tokenizer", "TokenizerError"]
 
 
 # Texts of special tokens that end a turn or a document; llama.cpp treats the same set as end-of-generation.
-_END_OF_GENERATION = frozenset({
-    "</s>", "<|endoftext|>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>",
-    "<end_of_turn>", "<EOT>", "<|return|>", "<|call|>", "<｜end▁of▁sentence｜>",
-})
+_END_OF_GENERATION = frozenset(
+    {
+        "</s>",
+        "<|endoftext|>",
+        "<|end_of_text|>",
+        "<|eot_id|>",
+        "<|eom_id|>",
+        "<|im_end|>",
+        "<|end|>",
+        "<end_of_turn>",
+        "<EOT>",
+        "<|return|>",
+        "<|call|>",
+        "<｜end▁of▁sentence｜>",
+    }
+)
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _SPACE = "\u2581"  # SentencePiece's visible space, "▁"
@@ -196,7 +208,6 @@ class Tokenizer:
             return _jinja_environment().from_string(self.chat_template)
         except jinja2.TemplateError as exc:
             raise TokenizerError(f"chat template of {self.source} does not compile: {exc}") from None
-
 
 
 class StreamingDetokenizer:

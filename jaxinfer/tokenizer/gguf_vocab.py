@@ -13,24 +13,36 @@ import tokenizers
 from tokenizers import AddedToken, Regex, models, pre_tokenizers
 
 from jaxinfer.tokenizer.base import (
-    _CONTROL, _NORMAL, _UNKNOWN, _USER_DEFINED, Tokenizer, TokenizerError, _byte_level_bytes,
+    _CONTROL,
+    _NORMAL,
+    _UNKNOWN,
+    _USER_DEFINED,
+    Tokenizer,
+    TokenizerError,
+    _byte_level_bytes,
 )
 from jaxinfer.tokenizer.spm import _scored_bpe_tokenizer
-
 
 # Pre-tokenizer regexes per `tokenizer.ggml.pre`, copied from llama.cpp's llm_tokenizer_bpe; each is applied
 # in turn, keeping matches and the text between them as separate pieces.
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {  # flavour -> (regexes, ignore_merges)
     **dict.fromkeys(["default", "gpt2", "mpt", "olmo", "jais"], ((_GPT2_SPLIT,), False)),
-    **dict.fromkeys(["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"],
-                    ((r"\p{N}", _GPT2_SPLIT), False)),
-    **dict.fromkeys(["llama3", "llama-bpe", "llama-v3", "dbrx", "smaug-bpe", "falcon3", "pixtral"],
-                    ((_LLAMA3_SPLIT,), True)),
+    **dict.fromkeys(
+        ["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"],
+        ((r"\p{N}", _GPT2_SPLIT), False),
+    ),
+    **dict.fromkeys(
+        ["llama3", "llama-bpe", "llama-v3", "dbrx", "smaug-bpe", "falcon3", "pixtral"], ((_LLAMA3_SPLIT,), True)
+    ),
     **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "stablelm2"], ((_QWEN2_SPLIT,), False)),
 }
 
@@ -64,26 +76,40 @@ def _load_gguf(path: Path) -> Tokenizer:
         if len(scores) != len(tokens):
             raise TokenizerError(f"{path}: tokenizer.ggml.scores has {len(scores)} entries for {len(tokens)} tokens")
         return _scored_bpe_tokenizer(
-            str(path), tokens, scores, types, add_space_prefix=field("tokenizer.ggml.add_space_prefix", True),
-            bos_id=bos_id, eos_ids=eos_ids, pad_id=pad_id,
-            uses_bos=field("tokenizer.ggml.add_bos_token", True), chat_template=template,
+            str(path),
+            tokens,
+            scores,
+            types,
+            add_space_prefix=field("tokenizer.ggml.add_space_prefix", True),
+            bos_id=bos_id,
+            eos_ids=eos_ids,
+            pad_id=pad_id,
+            uses_bos=field("tokenizer.ggml.add_bos_token", True),
+            chat_template=template,
         )
     if model == "gpt2":
-        encoder = _byte_level_bpe(path, tokens, field("tokenizer.ggml.merges", required=True), types,
-                                  field("tokenizer.ggml.pre", "default"))
+        encoder = _byte_level_bpe(
+            path, tokens, field("tokenizer.ggml.merges", required=True), types, field("tokenizer.ggml.pre", "default")
+        )
         literal = {i for i, t in enumerate(types) if t in (_CONTROL, _USER_DEFINED)}
         return Tokenizer(
-            source=str(path), pieces=tokens,
+            source=str(path),
+            pieces=tokens,
             token_bytes=[p.encode() if i in literal else _byte_level_bytes(p) for i, p in enumerate(tokens)],
-            encode_text=encoder, special_ids=[i for i, t in enumerate(types) if t in (_CONTROL, _UNKNOWN)],
-            bos_id=bos_id, eos_ids=eos_ids, pad_id=pad_id,
-            uses_bos=field("tokenizer.ggml.add_bos_token", False), chat_template=template,
+            encode_text=encoder,
+            special_ids=[i for i, t in enumerate(types) if t in (_CONTROL, _UNKNOWN)],
+            bos_id=bos_id,
+            eos_ids=eos_ids,
+            pad_id=pad_id,
+            uses_bos=field("tokenizer.ggml.add_bos_token", False),
+            chat_template=template,
         )
     raise TokenizerError(f"{path}: unsupported GGUF tokenizer model {model!r} (supported: 'gpt2', 'llama')")
 
 
-def _byte_level_bpe(path: Path, tokens: list[str], merges: list[str], types: list[int],
-                    flavour: str) -> Callable[[str], list[int]]:
+def _byte_level_bpe(
+    path: Path, tokens: list[str], merges: list[str], types: list[int], flavour: str
+) -> Callable[[str], list[int]]:
     """Rebuild a GGUF byte-level BPE vocabulary as a `tokenizers` encoder with llama.cpp's pre-tokenizer."""
     if flavour not in _PRE_TOKENIZERS:
         raise TokenizerError(

@@ -10,7 +10,14 @@ from pathlib import Path
 import tokenizers
 
 from jaxinfer.tokenizer.base import (
-    _BYTE_PIECE, _SPACE, Tokenizer, TokenizerError, _byte_level_bytes, _config_token, _extra_eos_ids, _read_json,
+    _BYTE_PIECE,
+    _SPACE,
+    Tokenizer,
+    TokenizerError,
+    _byte_level_bytes,
+    _config_token,
+    _extra_eos_ids,
+    _read_json,
     _sentencepiece_bytes,
 )
 from jaxinfer.tokenizer.chat import _config_template
@@ -36,14 +43,18 @@ def _load_tokenizer_json(path: Path, config: dict) -> Tokenizer:
     uses_bos = config.get("add_bos_token", template_bos is not None)
     eos_text, pad_text = _config_token(config, "eos_token"), _config_token(config, "pad_token")
     return Tokenizer(
-        source=str(path), pieces=pieces, token_bytes=token_bytes,
+        source=str(path),
+        pieces=pieces,
+        token_bytes=token_bytes,
         encode_text=lambda text: backend.encode(text, add_special_tokens=False).ids,
-        special_ids=[i for i, token in added.items() if token.special], byte_ids=byte_ids,
+        special_ids=[i for i, token in added.items() if token.special],
+        byte_ids=byte_ids,
         strip_leading_space=strip_leading_space,
         bos_id=backend.token_to_id(bos_text) if bos_text else None,
         eos_ids=[backend.token_to_id(eos_text) if eos_text else None] + _extra_eos_ids(config),
         pad_id=backend.token_to_id(pad_text) if pad_text else None,
-        uses_bos=bool(uses_bos), chat_template=_config_template(config),
+        uses_bos=bool(uses_bos),
+        chat_template=_config_template(config),
     )
 
 

@@ -6,7 +6,17 @@ import math
 import struct
 from pathlib import Path
 
-from jaxinfer.tokenizer.base import _BYTE, _BYTE_PIECE, _CONTROL, _NORMAL, _SPACE, _UNKNOWN, Tokenizer, TokenizerError, _read_bytes
+from jaxinfer.tokenizer.base import (
+    _BYTE,
+    _BYTE_PIECE,
+    _CONTROL,
+    _NORMAL,
+    _SPACE,
+    _UNKNOWN,
+    Tokenizer,
+    TokenizerError,
+    _read_bytes,
+)
 from jaxinfer.tokenizer.spm import _scored_bpe_tokenizer
 
 
@@ -31,7 +41,7 @@ def _load_llama2c(path: Path) -> Tokenizer:
         if not (0 <= length <= max_length and offset + length <= len(data) and math.isfinite(score)):
             raise TokenizerError(f"{path}: not a llama2.c tokenizer (bad record for token {len(pieces)})")
         try:
-            pieces.append(data[offset:offset + length].decode("utf-8").replace(" ", _SPACE))
+            pieces.append(data[offset : offset + length].decode("utf-8").replace(" ", _SPACE))
         except UnicodeDecodeError:
             raise TokenizerError(f"{path}: not a llama2.c tokenizer (token {len(pieces)} is not UTF-8)") from None
         scores.append(score)
@@ -40,5 +50,15 @@ def _load_llama2c(path: Path) -> Tokenizer:
         raise TokenizerError(f"{path}: not a llama2.c tokenizer (only {len(pieces)} tokens)")
     pieces[:3] = ["<unk>", "<s>", "</s>"]
     types = [_UNKNOWN, _CONTROL, _CONTROL] + [_BYTE if _BYTE_PIECE.fullmatch(p) else _NORMAL for p in pieces[3:]]
-    return _scored_bpe_tokenizer(str(path), pieces, scores, types, add_space_prefix=True, bos_id=1, eos_ids=[2],
-                                 pad_id=None, uses_bos=True, chat_template=None)
+    return _scored_bpe_tokenizer(
+        str(path),
+        pieces,
+        scores,
+        types,
+        add_space_prefix=True,
+        bos_id=1,
+        eos_ids=[2],
+        pad_id=None,
+        uses_bos=True,
+        chat_template=None,
+    )

@@ -12,8 +12,18 @@ from pathlib import Path
 import sentencepiece
 
 from jaxinfer.tokenizer.base import (
-    _BYTE, _BYTE_PIECE, _CONTROL, _NORMAL, _SPACE, _UNKNOWN, _USER_DEFINED, Tokenizer, TokenizerError,
-    _config_token, _extra_eos_ids, _sentencepiece_bytes,
+    _BYTE,
+    _BYTE_PIECE,
+    _CONTROL,
+    _NORMAL,
+    _SPACE,
+    _UNKNOWN,
+    _USER_DEFINED,
+    Tokenizer,
+    TokenizerError,
+    _config_token,
+    _extra_eos_ids,
+    _sentencepiece_bytes,
 )
 from jaxinfer.tokenizer.chat import _config_template
 
@@ -49,8 +59,14 @@ class _ScoredBpe:
     O(n log n) rather than run.c's O(n^2) rescans; the merges chosen are the same.
     """
 
-    def __init__(self, mergeable: dict[str, int], scores: Sequence[float], byte_ids: dict[int, int],
-                 unk_id: int | None, add_space_prefix: bool):
+    def __init__(
+        self,
+        mergeable: dict[str, int],
+        scores: Sequence[float],
+        byte_ids: dict[int, int],
+        unk_id: int | None,
+        add_space_prefix: bool,
+    ):
         self._ids = mergeable
         self._scores = scores
         self._byte_ids = byte_ids
@@ -104,12 +120,25 @@ class _ScoredBpe:
         return ids
 
 
-def _scored_bpe_tokenizer(source: str, pieces: list[str], scores: list[float], types: list[int], *,
-                          add_space_prefix: bool, bos_id: int | None, eos_ids: Iterable[int], pad_id: int | None,
-                          uses_bos: bool, chat_template: str | None) -> Tokenizer:
+def _scored_bpe_tokenizer(
+    source: str,
+    pieces: list[str],
+    scores: list[float],
+    types: list[int],
+    *,
+    add_space_prefix: bool,
+    bos_id: int | None,
+    eos_ids: Iterable[int],
+    pad_id: int | None,
+    uses_bos: bool,
+    chat_template: str | None,
+) -> Tokenizer:
     """A Tokenizer over a `▁`-spelled SentencePiece vocabulary with scores (GGUF "llama", llama2.c .bin)."""
-    byte_ids = {int(m[1], 16): i for i, p in enumerate(pieces)
-                if types[i] in (_BYTE, _NORMAL) and (m := _BYTE_PIECE.fullmatch(p))}
+    byte_ids = {
+        int(m[1], 16): i
+        for i, p in enumerate(pieces)
+        if types[i] in (_BYTE, _NORMAL) and (m := _BYTE_PIECE.fullmatch(p))
+    }
     byte_token_ids = set(byte_ids.values())
     mergeable: dict[str, int] = {}
     for i, piece in enumerate(pieces):
@@ -120,10 +149,18 @@ def _scored_bpe_tokenizer(source: str, pieces: list[str], scores: list[float], t
     specials = {pieces[i]: i for i, t in enumerate(types) if t in (_CONTROL, _USER_DEFINED)}
     encoder = _ScoredBpe(mergeable, scores, byte_ids, unk_id, add_space_prefix)
     return Tokenizer(
-        source=source, pieces=pieces, token_bytes=[_sentencepiece_bytes(p) for p in pieces],
-        encode_text=_SpecialSplitter(specials, encoder), special_ids=special_ids, byte_ids=byte_token_ids,
-        strip_leading_space=add_space_prefix, bos_id=bos_id, eos_ids=eos_ids, pad_id=pad_id,
-        uses_bos=uses_bos, chat_template=chat_template,
+        source=source,
+        pieces=pieces,
+        token_bytes=[_sentencepiece_bytes(p) for p in pieces],
+        encode_text=_SpecialSplitter(specials, encoder),
+        special_ids=special_ids,
+        byte_ids=byte_token_ids,
+        strip_leading_space=add_space_prefix,
+        bos_id=bos_id,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+        uses_bos=uses_bos,
+        chat_template=chat_template,
     )
 
 
@@ -146,12 +183,16 @@ def _load_sentencepiece(path: Path, config: dict) -> Tokenizer:
         return token_id if token_id >= 0 else None
 
     return Tokenizer(
-        source=str(path), pieces=pieces,
+        source=str(path),
+        pieces=pieces,
         token_bytes=[p.encode() if i in special_ids else _sentencepiece_bytes(p) for i, p in enumerate(pieces)],
-        encode_text=_SpecialSplitter(controls, sp.encode), special_ids=special_ids, byte_ids=byte_ids,
+        encode_text=_SpecialSplitter(controls, sp.encode),
+        special_ids=special_ids,
+        byte_ids=byte_ids,
         strip_leading_space=has_dummy_prefix,
         bos_id=lookup("bos_token", sp.bos_id()),
         eos_ids=[lookup("eos_token", sp.eos_id())] + _extra_eos_ids(config),
         pad_id=lookup("pad_token", sp.pad_id()),
-        uses_bos=bool(config.get("add_bos_token", True)), chat_template=_config_template(config),
+        uses_bos=bool(config.get("add_bos_token", True)),
+        chat_template=_config_template(config),
     )

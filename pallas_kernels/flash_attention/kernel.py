@@ -41,13 +41,24 @@ def _round_up(x, m):
     return (x + m - 1) // m * m
 
 
-def _kernel(off_ref,  # SMEM i32[B] (prefetched q_offset)
-            q_ref,  # [R, D]  R = block_q * G rows
-            k_ref, v_ref,  # [block_kv, D]
-            o_ref,  # [R, D]
-            m_ref, l_ref,  # [R, 128] f32
-            acc_ref,  # [R, D] f32
-            *, G, bq, bk, q_len, kv_len, causal, sm_scale):
+def _kernel(
+    off_ref,  # SMEM i32[B] (prefetched q_offset)
+    q_ref,  # [R, D]  R = block_q * G rows
+    k_ref,
+    v_ref,  # [block_kv, D]
+    o_ref,  # [R, D]
+    m_ref,
+    l_ref,  # [R, 128] f32
+    acc_ref,  # [R, D] f32
+    *,
+    G,
+    bq,
+    bk,
+    q_len,
+    kv_len,
+    causal,
+    sm_scale,
+):
     b, qi, ki = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     R = q_ref.shape[0]
     off = off_ref[b]
@@ -67,8 +78,10 @@ def _kernel(off_ref,  # SMEM i32[B] (prefetched q_offset)
         if causal:
             pos = off + qi * bq + lax.broadcasted_iota(jnp.int32, (R, bk), 0) // G
             ok &= col <= pos
-        s = lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32) * sm_scale  # [R, bk]
+        s = (
+            lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            * sm_scale
+        )  # [R, bk]
         s = jnp.where(ok, s, _MASK)
         m_prev = m_ref[...]
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -82,8 +95,7 @@ def _kernel(off_ref,  # SMEM i32[B] (prefetched q_offset)
         if causal:
             vok &= vcol <= q_hi
         v = jnp.where(vok, v, jnp.zeros_like(v))
-        acc_ref[...] = acc_ref[...] * alpha[:, :1] + jnp.dot(
-            p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        acc_ref[...] = acc_ref[...] * alpha[:, :1] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
 
     @pl.when(ki == pl.num_programs(3) - 1)
     def _():
@@ -91,11 +103,19 @@ def _kernel(off_ref,  # SMEM i32[B] (prefetched q_offset)
         o_ref[...] = jnp.where(l > 0, acc_ref[...] / l, 0.0).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "sm_scale", "causal", "block_q", "block_kv", "interpret"))
-def flash_attention(q, k, v, *, sm_scale: float, causal: bool = True, q_offset=None,
-                    block_q: int | None = None, block_kv: int | None = None,
-                    interpret=False):
+@functools.partial(jax.jit, static_argnames=("sm_scale", "causal", "block_q", "block_kv", "interpret"))
+def flash_attention(
+    q,
+    k,
+    v,
+    *,
+    sm_scale: float,
+    causal: bool = True,
+    q_offset=None,
+    block_q: int | None = None,
+    block_kv: int | None = None,
+    interpret=False,
+):
     """q [B, T, Hq, D], k/v [B, S, Hk, D], q_offset None or i32[B] -> [B, T, Hq, D].
 
     Defaults: block_kv = 512 kv tokens, block_q = 512 // G tokens (about 512 query rows
@@ -137,22 +157,25 @@ def flash_attention(q, k, v, *, sm_scale: float, causal: bool = True, q_offset=N
     frac = 0.5 if causal else 1.0  # causal does about half the work
     itm = q.dtype.itemsize
     cost = pl.CostEstimate(
-        flops=int(4 * B * Hq * T * S * D * frac), transcendentals=int(B * Hq * T * S * frac),
-        bytes_accessed=(2 * qh.size + (kh.size + vh.size) * max(1, int(n_q * frac))) * itm)
+        flops=int(4 * B * Hq * T * S * D * frac),
+        transcendentals=int(B * Hq * T * S * frac),
+        bytes_accessed=(2 * qh.size + (kh.size + vh.size) * max(1, int(n_q * frac))) * itm,
+    )
     out = pl.pallas_call(
-        functools.partial(_kernel, G=G, bq=bq, bk=bk, q_len=T, kv_len=S, causal=causal,
-                          sm_scale=sm_scale),
+        functools.partial(_kernel, G=G, bq=bq, bk=bk, q_len=T, kv_len=S, causal=causal, sm_scale=sm_scale),
         out_shape=jax.ShapeDtypeStruct(qh.shape, q.dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
             grid=(B, Hk, n_q, n_kv),
             in_specs=[qspec, kvspec, kvspec],
             out_specs=qspec,
-            scratch_shapes=[pltpu.VMEM((R, _LANES), jnp.float32),
-                            pltpu.VMEM((R, _LANES), jnp.float32),
-                            pltpu.VMEM((R, D), jnp.float32)]),
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+            scratch_shapes=[
+                pltpu.VMEM((R, _LANES), jnp.float32),
+                pltpu.VMEM((R, _LANES), jnp.float32),
+                pltpu.VMEM((R, D), jnp.float32),
+            ],
+        ),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret,
         cost_estimate=cost,
         name="flash_attention",

@@ -12,14 +12,14 @@ import jax
 import jax.numpy as jnp
 
 
-def flash_attention_reference(q, k, v, *, sm_scale: float, causal: bool = True,
-                              q_offset=None):
+def flash_attention_reference(q, k, v, *, sm_scale: float, causal: bool = True, q_offset=None):
     B, T, Hq, D = q.shape
     S, Hk = k.shape[1], k.shape[2]
     G = Hq // Hk
     qf = q.astype(jnp.float32).reshape(B, T, Hk, G, D)
-    s = jnp.einsum("btkgd,bskd->bkgts", qf, k.astype(jnp.float32),
-                   precision=jax.lax.Precision.HIGHEST) * sm_scale  # [B, Hk, G, T, S]
+    s = (
+        jnp.einsum("btkgd,bskd->bkgts", qf, k.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST) * sm_scale
+    )  # [B, Hk, G, T, S]
     if causal:
         off = jnp.zeros((B,), jnp.int32) if q_offset is None else q_offset
         qpos = off[:, None] + jnp.arange(T)[None, :]  # [B, T]
@@ -30,6 +30,5 @@ def flash_attention_reference(q, k, v, *, sm_scale: float, causal: bool = True,
         seen = jnp.arange(S)[None, :] <= qpos[:, -1:]  # [B, S]
         v = jnp.where(seen[:, :, None, None], v, 0)
     p = jax.nn.softmax(s, axis=-1)
-    o = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(jnp.float32),
-                   precision=jax.lax.Precision.HIGHEST)
+    o = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     return o.reshape(B, T, Hq, D).astype(q.dtype)

@@ -74,8 +74,19 @@ def _sublane_tile(dtype) -> int:
     return 8 * (4 // jnp.dtype(dtype).itemsize)
 
 
-def _choose_blocks(T, Hq, Hk, D, page_size, pages_per_seq, max_num_seqs, q_dtype,
-                   kv_dtype, num_kv_pages_per_block, num_queries_per_block):
+def _choose_blocks(
+    T,
+    Hq,
+    Hk,
+    D,
+    page_size,
+    pages_per_seq,
+    max_num_seqs,
+    q_dtype,
+    kv_dtype,
+    num_kv_pages_per_block,
+    num_queries_per_block,
+):
     """Returns (kv_pages_per_block, queries_per_block)."""
     G = Hq // Hk
     nb = num_kv_pages_per_block
@@ -96,16 +107,30 @@ def _choose_blocks(T, Hq, Hk, D, page_size, pages_per_seq, max_num_seqs, q_dtype
     return nb, bq
 
 
-def _kernel(kv_lens_ref, pages_ref, cu_ref, seq_lo_ref, seq_hi_ref,  # SMEM (prefetched)
-            q_ref,  # [Hk, R, D]  (R = Bq*G query rows of this block)
-            kv_hbm,  # [P, page_size*2*Hk, D] in HBM (row = token*2Hk + combined head)
-            o_ref,  # [Hk, R, D]
-            kv_buf,  # VMEM [2, nb*page_size*2*Hk, D]: two slots of nb pages
-            sem,  # DMA semaphores [2]
-            m_ref, l_ref,  # VMEM [Hk, R, 128] f32
-            acc_ref,  # VMEM [Hk, R, D] f32
-            *scratch,  # 16-bit KV only: VMEM u32 [nb*page_size*Hk, D] (K/V pairs)
-            G, bq, nb, page_size, pages_per_seq, sm_scale, sliding_window, soft_cap):
+def _kernel(
+    kv_lens_ref,
+    pages_ref,
+    cu_ref,
+    seq_lo_ref,
+    seq_hi_ref,  # SMEM (prefetched)
+    q_ref,  # [Hk, R, D]  (R = Bq*G query rows of this block)
+    kv_hbm,  # [P, page_size*2*Hk, D] in HBM (row = token*2Hk + combined head)
+    o_ref,  # [Hk, R, D]
+    kv_buf,  # VMEM [2, nb*page_size*2*Hk, D]: two slots of nb pages
+    sem,  # DMA semaphores [2]
+    m_ref,
+    l_ref,  # VMEM [Hk, R, 128] f32
+    acc_ref,  # VMEM [Hk, R, D] f32
+    *scratch,  # 16-bit KV only: VMEM u32 [nb*page_size*Hk, D] (K/V pairs)
+    G,
+    bq,
+    nb,
+    page_size,
+    pages_per_seq,
+    sm_scale,
+    sliding_window,
+    soft_cap,
+):
     Hk, R, D = q_ref.shape
     C = 2 * Hk
     bk = nb * page_size
@@ -127,13 +152,13 @@ def _kernel(kv_lens_ref, pages_ref, cu_ref, seq_lo_ref, seq_hi_ref,  # SMEM (pre
         lo = 0 if sliding_window is None else jnp.maximum(t_lo + delta - sliding_window + 1, 0)
         b_hi = jnp.where(t_hi > t_lo, pos_hi // bk + 1, 0)
         b_lo = jnp.minimum(lo // bk, b_hi)
-        return dict(q_start=q_start, q_end=q_end, delta=delta, pos_hi=pos_hi, lo=lo,
-                    b_lo=b_lo, b_hi=b_hi)
+        return dict(q_start=q_start, q_end=q_end, delta=delta, pos_hi=pos_hi, lo=lo, b_lo=b_lo, b_hi=b_hi)
 
     def first_busy(s):  # first sequence >= s with work in this block, or >= s_hi
         def cond(s):
             i = info(safe(s))
             return jnp.logical_and(s < s_hi, i["b_lo"] >= i["b_hi"])
+
         return lax.while_loop(cond, lambda s: s + 1, s)
 
     def copies(s, b, slot):
@@ -160,8 +185,7 @@ def _kernel(kv_lens_ref, pages_ref, cu_ref, seq_lo_ref, seq_hi_ref,  # SMEM (pre
     def load_kv(slot, h):
         """K and V of kv head h from the slot: two [bk, D] arrays in the KV dtype."""
         if not scratch:  # 32-bit: sublane-strided loads pick rows 2h (K) / 2h+1 (V)
-            return (kv_buf[slot, pl.ds(2 * h, bk, stride=C), :],
-                    kv_buf[slot, pl.ds(2 * h + 1, bk, stride=C), :])
+            return (kv_buf[slot, pl.ds(2 * h, bk, stride=C), :], kv_buf[slot, pl.ds(2 * h + 1, bk, stride=C), :])
         # 16-bit: rows 2h and 2h+1 share one 32-bit sublane word (K low half, V high
         # half), so a strided 32-bit load of the packed view fetches both at once.
         w = scratch[0][pl.ds(h, bk, stride=Hk), :]  # [bk, D] u32
@@ -184,8 +208,9 @@ def _kernel(kv_lens_ref, pages_ref, cu_ref, seq_lo_ref, seq_hi_ref,  # SMEM (pre
         for h in range(Hk):
             k, v = load_kv(slot, h)
             v = jnp.where(vok, v, jnp.zeros_like(v))
-            sc = lax.dot_general(q_ref[h], k, (((1,), (1,)), ((), ())),
-                                 preferred_element_type=jnp.float32) * sm_scale  # [R, bk]
+            sc = (
+                lax.dot_general(q_ref[h], k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * sm_scale
+            )  # [R, bk]
             if soft_cap is not None:
                 sc = soft_cap * jnp.tanh(sc / soft_cap)
             sc = jnp.where(ok, sc, _MASK)
@@ -228,9 +253,18 @@ def _kernel(kv_lens_ref, pages_ref, cu_ref, seq_lo_ref, seq_hi_ref,  # SMEM (pre
     o_ref[...] = jnp.where(l > 0, acc_ref[...] / l, 0.0).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "sm_scale", "sliding_window", "soft_cap", "num_kv_pages_per_block",
-    "num_queries_per_block", "vmem_limit_bytes", "interpret"))
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "sm_scale",
+        "sliding_window",
+        "soft_cap",
+        "num_kv_pages_per_block",
+        "num_queries_per_block",
+        "vmem_limit_bytes",
+        "interpret",
+    ),
+)
 def ragged_paged_attention(
     queries,  # [T, Hq, D]
     kv_pages,  # [P, page_size, 2*Hk, D]
@@ -266,8 +300,19 @@ def ragged_paged_attention(
         raise NotImplementedError(f"KV dtype {kv_pages.dtype} (16/32-bit only)")
     Hk = C // 2
     G = Hq // Hk
-    nb, bq = _choose_blocks(T, Hq, Hk, D, page_size, pages_per_seq, S, queries.dtype,
-                            kv_pages.dtype, num_kv_pages_per_block, num_queries_per_block)
+    nb, bq = _choose_blocks(
+        T,
+        Hq,
+        Hk,
+        D,
+        page_size,
+        pages_per_seq,
+        S,
+        queries.dtype,
+        kv_pages.dtype,
+        num_kv_pages_per_block,
+        num_queries_per_block,
+    )
     n_qb = _cdiv(T, bq)
     Tp = n_qb * bq
     R = bq * G
@@ -285,8 +330,16 @@ def ragged_paged_attention(
     seq_hi = jnp.sum(live & (cu_q_lens[:-1] < row0 + bq), axis=1).astype(jnp.int32)
 
     kernel = functools.partial(
-        _kernel, G=G, bq=bq, nb=nb, page_size=page_size, pages_per_seq=pages_per_seq,
-        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+        _kernel,
+        G=G,
+        bq=bq,
+        nb=nb,
+        page_size=page_size,
+        pages_per_seq=pages_per_seq,
+        sm_scale=sm_scale,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+    )
     qspec = pl.BlockSpec((Hk, R, D), lambda r, *_: (0, r, 0))
     scratch = [
         pltpu.VMEM((2, nb * page_size * C, D), kv_pages.dtype),
@@ -301,12 +354,13 @@ def ragged_paged_attention(
         interpret = pltpu.InterpretParams()
     # Static cost hint for XLA (a custom call is otherwise opaque to cost analysis): an
     # upper bound assuming every sequence uses its whole page table (min(T, S) sequences).
-    L = pages_per_seq * page_size if sliding_window is None else min(
-        pages_per_seq * page_size, sliding_window + T)
+    L = pages_per_seq * page_size if sliding_window is None else min(pages_per_seq * page_size, sliding_window + T)
     kv_bytes = min(kv_pages.size, min(T, S) * pages_per_seq * page_size * C * D)
     cost = pl.CostEstimate(
-        flops=4 * T * Hq * D * L, transcendentals=T * Hq * L,
-        bytes_accessed=kv_bytes * kv_pages.dtype.itemsize + 2 * q.size * q.dtype.itemsize)
+        flops=4 * T * Hq * D * L,
+        transcendentals=T * Hq * L,
+        bytes_accessed=kv_bytes * kv_pages.dtype.itemsize + 2 * q.size * q.dtype.itemsize,
+    )
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(q.shape, queries.dtype),
@@ -315,9 +369,9 @@ def ragged_paged_attention(
             grid=(n_qb,),
             in_specs=[qspec, pl.BlockSpec(memory_space=pl.ANY)],
             out_specs=qspec,
-            scratch_shapes=scratch),
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel",), vmem_limit_bytes=vmem_limit_bytes),
+            scratch_shapes=scratch,
+        ),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",), vmem_limit_bytes=vmem_limit_bytes),
         interpret=interpret,
         cost_estimate=cost,
         name="ragged_paged_attention",
