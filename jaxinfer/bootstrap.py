@@ -1,9 +1,9 @@
 """Start-up, the one way: flags -> mesh -> platform -> model -> tokenizer -> Engine.
 
-The batch job, the server, the AOT tool and the scripts all declare the shared flags with
-`add_model_args` and start an engine with `build_engine`. Paths given on the command line are
-checked (`check_paths`) before anything is loaded, and a mesh the engine cannot serve is refused
-before the model is read.
+The batch job, the server and the AOT tool declare the shared flags with `add_model_args`; the batch
+job and the server start their engine with `build_engine`, the AOT tool builds the same
+`EngineConfig` with `engine_config`. Each front end checks the paths it was given (`check_paths`)
+before anything is loaded, and a mesh the engine cannot serve is refused before the model is read.
 """
 
 from __future__ import annotations
@@ -124,11 +124,10 @@ def resolve_mesh(flag: str | None):
     return spec
 
 
-def build_engine(args, warmup: bool = True):
-    """Mesh, platform, model, tokenizer and an engine (warmed up unless told not to) from parsed flags."""
+def build_engine(args):
+    """Mesh, platform, model, tokenizer and a warmed-up engine from parsed flags (paths already checked)."""
     from jaxinfer.engine import compile_counter
 
-    check_paths(args)
     spec = resolve_mesh(args.mesh)
     compile_counter.install()  # from the first compile on, so the summary's total is complete
     if args.compile_cache:
@@ -154,7 +153,6 @@ def build_engine(args, warmup: bool = True):
         raise TokenizerError(f"--tokenizer is required: no tokenizer found inside or beside {model.source}")
     tokenizer = load_tokenizer(tok_path)
     engine = Engine(model, tokenizer, engine_config(args, model.config.max_position_embeddings), policy)
-    if warmup:
-        seconds = engine.warmup()
-        log.info("warm-up compiled %d buckets in %.2fs", len(engine.buckets), seconds)
+    seconds = engine.warmup()
+    log.info("warm-up compiled %d buckets in %.2fs", len(engine.buckets), seconds)
     return engine

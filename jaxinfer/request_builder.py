@@ -6,36 +6,28 @@ the limit; `where` prefixes it with the place (a JSONL line, a prompt number, `p
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.requests import Request, RequestError, SamplingParams
 from jaxinfer.tokenizer import TokenizerError
 
 
-@dataclasses.dataclass(frozen=True)
-class RequestLimits:
-    max_context: int  # prompt + generated tokens
-    vocab_size: int
-
-    @property
-    def max_prompt_tokens(self) -> int:
-        return self.max_context - 1  # one position is kept for the first output token
-
-
 class RequestBuilder:
-    def __init__(self, tokenizer, limits: RequestLimits):
-        self.tokenizer, self.limits = tokenizer, limits
+    """Builds requests for an engine with `config`'s limits over a vocabulary of `vocab_size` tokens."""
+
+    def __init__(self, tokenizer, config: EngineConfig, vocab_size: int):
+        self.tokenizer, self.config, self.vocab_size = tokenizer, config, vocab_size
 
     @classmethod
     def for_engine(cls, engine) -> RequestBuilder:
-        return cls(engine.tokenizer, RequestLimits(engine.config.max_context, engine.model.config.vocab_size))
+        return cls(engine.tokenizer, engine.config, engine.model.config.vocab_size)
 
     def params(self, raw: SamplingParams | Mapping[str, Any], where: str = "") -> SamplingParams:
         """Sampling parameters from a dict (unknown keys refused) or as given, checked against the limits."""
         params = raw if isinstance(raw, SamplingParams) else SamplingParams.from_dict(raw, where=where)
-        params.validate(max_tokens_limit=self.limits.max_context, vocab_size=self.limits.vocab_size, where=where)
+        params.validate(max_tokens_limit=self.config.max_context, vocab_size=self.vocab_size, where=where)
         return params
 
     def build(
@@ -61,17 +53,17 @@ class RequestBuilder:
         source, ids = self.encode(
             text=text, messages=messages, token_ids=token_ids, chat=chat, where=where, text_field=text_field
         )
-        limit = self.limits.max_prompt_tokens
+        limit = self.config.max_prompt_tokens
         if not ids:
             raise RequestError(f"{where}{source}: the prompt is empty")
         if len(ids) > limit:
             if not truncate:
                 raise RequestError(
                     f"{where}{source}: the prompt is {len(ids)} tokens, above the limit of {limit} "
-                    f"(max context {self.limits.max_context} minus 1 for the first output token)" + truncate_hint
+                    f"(max context {self.config.max_context} minus 1 for the first output token)" + truncate_hint
                 )
             ids = ids[-limit:]
-        vocab = self.limits.vocab_size
+        vocab = self.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise RequestError(f"{where}token_ids contains {bad}, outside the vocabulary [0, {vocab})")

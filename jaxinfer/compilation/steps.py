@@ -16,7 +16,7 @@ import numpy as np
 from jaxinfer.engine.config import EngineConfig, token_buckets
 from jaxinfer.engine.pages import pages_needed
 from jaxinfer.engine.step import ROW_AXES, build_step_fn
-from jaxinfer.engine.step_inputs import HostBatchBuilder, StepInputs
+from jaxinfer.engine.step_inputs import HostBatchBuilder, StepInputs, input_shardings
 from jaxinfer.kv_cache import CacheShape, abstract_cache
 from jaxinfer.model.forward import ShardedModel
 from jaxinfer.model.params import abstract_params
@@ -75,11 +75,9 @@ def step_specs(
 
 def step_inputs(specs: StepSpecs, bucket: int) -> StepInputs:
     """The engine's idle inputs for `bucket`, as ShapeDtypeStructs sharded on their leading (data) axis."""
-    mesh = specs.model.mesh
-    spec = {
-        k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=logical_sharding(mesh, ("batch",) + (None,) * (a.ndim - 1)))
-        for k, a in specs.inputs.empty(bucket).items()
-    }
+    host = specs.inputs.empty(bucket)
+    shardings = input_shardings(specs.model.mesh, host)
+    spec = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings[k]) for k, a in host.items()}
     return StepInputs.from_flat(spec)
 
 

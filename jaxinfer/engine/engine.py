@@ -29,8 +29,8 @@ from jaxinfer.engine.output import OutputStream
 from jaxinfer.engine.pages import pages_needed
 from jaxinfer.engine.requests import Event, Request, Result
 from jaxinfer.engine.scheduler import Scheduler, SchedulerLimits, Sequence, StepPlan
-from jaxinfer.engine.step import build_step_fn
-from jaxinfer.engine.step_inputs import HostBatchBuilder, StepInputs
+from jaxinfer.engine.step import ROW_AXES, build_step_fn
+from jaxinfer.engine.step_inputs import HostBatchBuilder, StepInputs, input_shardings
 from jaxinfer.kv_cache import CacheShape, allocate_cache, device_memory, pages_for_memory_fraction
 from jaxinfer.model.forward import ShardedModel
 from jaxinfer.sharding import logical_sharding, per_device_bytes
@@ -101,9 +101,9 @@ class Engine:
             self.data, slots, pages_per_slot, self.cache_shape.pages_per_shard, config.page_size
         )
         self.cache = allocate_cache(mesh, self.cache_shape, model.layer_loop)
-        self._by_ndim = {n: logical_sharding(mesh, ("batch",) + (None,) * (n - 1)) for n in (1, 2, 3)}
+        self._input_shardings = input_shardings(mesh, self.inputs.empty(1))  # the same for every bucket
         self._step_fn = build_step_fn(model, self.cache_shape, self.platform)
-        self._prev = jax.device_put(np.zeros((self.data, slots), np.int32), self._by_ndim[2])
+        self._prev = jax.device_put(np.zeros((self.data, slots), np.int32), logical_sharding(mesh, ROW_AXES))
         self._streams: dict[str, OutputStream] = {}
         self._pending = None  # (device tokens, device logprobs, [sampled Sequence]) of the dispatched step
         self._steps = 0
@@ -147,10 +147,6 @@ class Engine:
         return pages
 
     # ---- facade ------------------------------------------------------------------------------
-    @property
-    def max_prompt_tokens(self) -> int:
-        return self.config.max_prompt_tokens
-
     def warmup(self) -> float:
         """Compiles the step for every bucket (running it on idle inputs); returns seconds taken."""
         start = time.perf_counter()
@@ -173,8 +169,9 @@ class Engine:
         OS, reported in its result, so a sampled output can always be reproduced."""
         seed = request.params.seed if request.params.seed is not None else secrets.randbits(32)
         eos = tuple(self.model.config.eos_token_ids if self.tokenizer is None else self.tokenizer.eos_ids)
-        self._streams[request.id] = OutputStream(request, self.tokenizer, eos, self.config.max_context)
-        self.scheduler.add(Sequence(request, seed))
+        seq = Sequence(request, seed)
+        self._streams[request.id] = OutputStream(seq, self.tokenizer, eos, self.config.max_context)
+        self.scheduler.add(seq)
 
     def cancel(self, request_id: str) -> Result | None:
         """Ends a request now; its slot and pages are free for the next step. None if not in flight."""
@@ -240,7 +237,7 @@ class Engine:
     def _to_device(self, host: dict) -> StepInputs:
         # one batched transfer per step: per-array device_put calls cost the host (and on CPU the
         # device's) time every step
-        return StepInputs.from_flat(jax.device_put(host, {k: self._by_ndim[a.ndim] for k, a in host.items()}))
+        return StepInputs.from_flat(jax.device_put(host, self._input_shardings))
 
     def _collect(self, tokens_dev, logprobs_dev, sampled: list[Sequence]) -> list[Event]:
         tokens, logprobs = np.asarray(tokens_dev), np.asarray(logprobs_dev)
@@ -259,4 +256,4 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str) -> Result:
         self.scheduler.finish(seq, reason)
         self._finished[reason] += 1
-        return self._streams.pop(seq.id).result(reason, seq.seed, seq.preemptions)
+        return self._streams.pop(seq.id).result(reason)

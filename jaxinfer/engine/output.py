@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import time
 
-from jaxinfer.engine.requests import Event, Request, Result
+from jaxinfer.engine.requests import Event, Result
+from jaxinfer.engine.scheduler import Sequence
 from jaxinfer.engine.stops import StopTextTracker
 
 
 class OutputStream:
-    """One request's output so far."""
+    """One request's output so far: its tokens are the sequence's (`Sequence.generated`), read back and
+    accepted by the scheduler before `add` sees each one."""
 
-    def __init__(self, request: Request, tokenizer, eos_ids: tuple[int, ...], max_context: int):
-        self.request = request
+    def __init__(self, seq: Sequence, tokenizer, eos_ids: tuple[int, ...], max_context: int):
+        request = seq.request
+        self.seq, self.request = seq, request
         self.max_context = max_context
-        self.token_ids: list[int] = []
         self.logprobs: list[float] = []
         self.first_token_time: float | None = None
         self.detok = None
@@ -34,7 +36,6 @@ class OutputStream:
     def add(self, token: int, logprob: float) -> tuple[Event, str | None]:
         """-> (the event for this token, the finish reason if the request ends with it)."""
         self.first_token_time = self.first_token_time or time.monotonic()
-        self.token_ids.append(token)
         self.logprobs.append(logprob)
         text, reason = "", None
         if token in self.stop_ids:
@@ -43,25 +44,25 @@ class OutputStream:
             text = self.text.push(self.detok.add(token) if self.detok else "")
             reason = "stop" if self.text.stopped else None
         if reason is None and (
-            len(self.token_ids) >= self.request.params.max_tokens
-            or len(self.request.prompt_ids) + len(self.token_ids) >= self.max_context
+            len(self.seq.generated) >= self.request.params.max_tokens
+            or len(self.request.prompt_ids) + len(self.seq.generated) >= self.max_context
         ):
             reason = "length"
         if reason is not None and not self.text.stopped:
             text += self.text.push(self.detok.flush() if self.detok else "") + self.text.finish()
         return Event(self.request.id, [token], text, [logprob] if self.request.params.logprobs else None), reason
 
-    def result(self, reason: str, seed: int, preemptions: int) -> Result:
-        req = self.request
+    def result(self, reason: str) -> Result:
+        req, seq = self.request, self.seq
         return Result(
             id=req.id,
-            token_ids=list(self.token_ids),
+            token_ids=list(seq.generated),
             text=self.text.text,
             finish_reason=reason,
             prompt_tokens=len(req.prompt_ids),
             logprobs=list(self.logprobs) if req.params.logprobs else None,
             ttft_s=(self.first_token_time - req.arrival_time) if self.first_token_time else None,
             total_s=time.monotonic() - req.arrival_time,
-            preemptions=preemptions,
-            seed=seed,
+            preemptions=seq.preemptions,
+            seed=seq.seed,
         )

@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxinfer.engine.scheduler import StepPlan
 from jaxinfer.sampling import SamplingArrays
+from jaxinfer.sharding import logical_sharding
 
 
 @jax.tree_util.register_dataclass
@@ -44,6 +45,11 @@ class StepInputs:
             **{k: v for k, v in arrays.items() if k not in sampling_keys},
             sampling=SamplingArrays(**{k: arrays[k] for k in sampling_keys}),
         )
+
+
+def input_shardings(mesh, host: dict) -> dict:
+    """Each step input split over the data shards on its leading axis (keyed like `host`)."""
+    return {k: logical_sharding(mesh, ("batch",) + (None,) * (a.ndim - 1)) for k, a in host.items()}
 
 
 @dataclasses.dataclass(frozen=True)

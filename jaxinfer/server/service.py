@@ -260,7 +260,7 @@ def _model_info(engine, orchestrator) -> pb.ModelInfo:
         mesh=dict(model.mesh.shape),
         platform=engine.platform.name,
         max_context=ec.max_context,
-        max_prompt_tokens=engine.max_prompt_tokens,
+        max_prompt_tokens=ec.max_prompt_tokens,
         max_slots=ec.max_slots,
         page_size=ec.page_size,
         kv_pages_total=engine.status().pages_total,
