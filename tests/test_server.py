@@ -329,6 +329,18 @@ def raw(channel):
     return {m: channel.unary_unary(f"/jaxinfer.v1.Generation/{m}") for m in ("GenerateUnary", "Tokenize", "Detokenize")}
 
 
+def test_sampled_request_without_seed_reports_one_that_reproduces_it(stub):
+    params = dict(max_tokens=20, temperature=1.0, ignore_eos=True)
+    first = [stub.GenerateUnary(pb.GenerateRequest(text="Once upon a time", params=SP(**params))) for _ in range(3)]
+    seeds = [r.usage.seed for r in first]
+    assert len(set(seeds)) == 3 and len({tuple(r.token_ids) for r in first}) > 1
+    again = [
+        stub.GenerateUnary(pb.GenerateRequest(text="Once upon a time", params=SP(**params, seed=s))) for s in seeds
+    ]
+    assert [list(r.token_ids) for r in again] == [list(r.token_ids) for r in first]
+    assert [r.usage.seed for r in again] == seeds
+
+
 @pytest.mark.parametrize("data,message", INVALID, ids=[m for _, m in INVALID])
 def test_invalid_arguments_name_the_field(raw, channel, data, message):
     with pytest.raises(grpc.RpcError) as e:
@@ -425,7 +437,7 @@ def test_command_line_client(server, reference):
 
     text = client("--max-tokens", str(MAX_TOKENS), PROMPTS[2])
     assert text.returncode == 0 and text.stdout == reference[2]["text"]
-    assert re.search(r"\[(stop|length): \d+ prompt \+ \d+ completion tokens", text.stderr)
+    assert re.search(r"\[(stop|length): \d+ prompt \+ \d+ completion tokens, .*, seed \d+\]", text.stderr)
     streamed = client("--json", "--max-tokens", "5", "--logprobs", PROMPTS[2])
     lines = [json.loads(line) for line in streamed.stdout.splitlines()]
     assert [t for line in lines for t in line["token_ids"]] == reference[2]["token_ids"][:5]
