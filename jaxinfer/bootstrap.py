@@ -65,6 +65,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="auto: unrolled on CPU (faster there), scan elsewhere (compile time independent of depth)",
     )
     e.add_argument("--strict-no-recompile", action="store_true")
+    e.add_argument(
+        "--prefix-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV pages of prompt prefixes computed before (default: on)",
+    )
     e.add_argument("--compile-cache", default=None, help="directory for JAX's persistent compilation cache")
     p.add_argument("--verbose", action="store_true")
 
@@ -86,6 +92,7 @@ def engine_config(args, model_limit: int):
         attention=args.attention,
         layer_loop=args.layer_loop,
         strict_no_recompile=args.strict_no_recompile,
+        prefix_cache=args.prefix_cache,
     )
 
 

@@ -91,7 +91,8 @@ def main(argv=None) -> int:
                         u = response.usage
                         reason = pb.FinishReason.Name(response.finish_reason).removeprefix("FINISH_REASON_").lower()
                         print(
-                            f"\n[{reason}: {u.prompt_tokens} prompt + {u.completion_tokens} completion tokens, "
+                            f"\n[{reason}: {u.prompt_tokens} prompt ({u.cached_tokens} cached) + "
+                            f"{u.completion_tokens} completion tokens, "
                             f"TTFT {u.time_to_first_token_s * 1e3:.0f} ms, total {u.total_time_s:.2f} s, "
                             f"seed {u.seed}]",
                             file=sys.stderr,

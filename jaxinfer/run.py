@@ -119,6 +119,16 @@ def percentile(values, q):
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+def prefix_summary(status) -> str:
+    if not status.prefix_lookup_tokens:
+        return f"prefix cache: no lookups; prompt tokens computed {status.prompt_tokens_computed}"
+    return (
+        f"prefix cache: hit rate {100 * status.prefix_hit_rate:.1f}% ({status.prefix_hit_tokens} of "
+        f"{status.prefix_lookup_tokens} prompt tokens)  prompt tokens computed {status.prompt_tokens_computed}"
+        f"  cached pages {status.pages_cached}  evictions {status.prefix_evictions}"
+    )
+
+
 def summarize(results, elapsed: float, engine) -> str:
     from jaxinfer.engine import compile_counter
 
@@ -138,6 +148,7 @@ def summarize(results, elapsed: float, engine) -> str:
         f"TPOT ms p50 {percentile(tpot, 50):.1f} p99 {percentile(tpot, 99):.1f}",
         f"output tokens/s {gen / elapsed:.1f}  steps {status.steps}  preemptions {status.preemptions}"
         f"  compilations after warm-up {status.compilations_after_warmup}",
+        prefix_summary(status),
         f"XLA compilations in this process {compile_counter.count()}"
         f" (persistent cache hits {compile_counter.cache_hits()})",
     ]
@@ -198,7 +209,11 @@ def result_record(rid, req, result, err) -> dict:
         "text": result.text,
         "token_ids": result.token_ids,
         "finish_reason": result.finish_reason,
-        "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
+        "usage": {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "cached_tokens": result.cached_tokens,
+        },
         "seed": result.seed,
         "timings": {"ttft_s": result.ttft_s, "total_s": result.total_s},
         **({"logprobs": result.logprobs} if result.logprobs is not None else {}),

@@ -50,7 +50,10 @@ def main() -> None:
             model,
             None,
             EngineConfig(
-                max_slots=max(batch, mesh.shape["data"]), max_context=context, prefill_chunk=max(64, args.prompt_tokens)
+                max_slots=max(batch, mesh.shape["data"]),
+                max_context=context,
+                prefill_chunk=max(64, args.prompt_tokens),
+                prefix_cache=False,  # repeated runs of the same prompts must compute them every time
             ),
         )
         engine.warmup()

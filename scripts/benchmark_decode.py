@@ -76,7 +76,12 @@ def main(argv=None) -> dict:
             engine = Engine(
                 model,
                 None,
-                EngineConfig(max_slots=slots, max_context=context + args.steps + 8, prefill_chunk=min(context, 512)),
+                EngineConfig(
+                    max_slots=slots,
+                    max_context=context + args.steps + 8,
+                    prefill_chunk=min(context, 512),
+                    prefix_cache=False,  # a decode benchmark: each request prefills its own context
+                ),
             )
             engine.warmup()
             for i in range(batch):

@@ -76,6 +76,7 @@ def main(argv=None) -> dict:
                 prefill_chunk=args.prompt_tokens,
                 max_step_tokens=max(batch, batch * args.prompt_tokens),
                 attention=args.attention,
+                prefix_cache=False,  # transformers recomputes every prompt in every repetition; so do we
             ),
         )
         engine.warmup()

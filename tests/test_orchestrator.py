@@ -50,6 +50,11 @@ class MockEngine:
             compilations_after_warmup=0,
             steps_by_bucket={},
             finished={},
+            pages_cached=0,
+            prefix_lookup_tokens=0,
+            prefix_hit_tokens=0,
+            prompt_tokens_computed=0,
+            prefix_evictions=0,
         )
 
     def submit(self, req):

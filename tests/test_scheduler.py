@@ -10,6 +10,7 @@ either right after the step (`lag=0`) or one step late like the engine (`lag=1`)
 
 from __future__ import annotations
 
+import collections
 import os
 import pathlib
 import subprocess
@@ -33,7 +34,14 @@ def buckets_for(budget: int, smallest: int = 1) -> tuple[int, ...]:
 
 
 def make_scheduler(
-    data_shards=1, slots=4, pages=64, page_size=4, max_context=128, prefill_chunk=8, buckets=(1, 2, 4, 8)
+    data_shards=1,
+    slots=4,
+    pages=64,
+    page_size=4,
+    max_context=128,
+    prefill_chunk=8,
+    buckets=(1, 2, 4, 8),
+    prefix_cache=False,
 ) -> Scheduler:
     return Scheduler(
         SchedulerLimits(
@@ -44,7 +52,9 @@ def make_scheduler(
             max_context=max_context,
             prefill_chunk=prefill_chunk,
             buckets=tuple(buckets),
-        )
+            prefix_cache=prefix_cache,
+        ),
+        cache_salt=b"model",
     )
 
 
@@ -106,20 +116,30 @@ def check_invariants(sched: Scheduler, finished: tuple = ()) -> None:
                 seq.num_computed,
             )
             assert 0 <= seq.num_computed <= seq.total <= lim.max_context
-        held = [p for s in running for p in s.pages]
+        for seq in running:
+            assert len(set(seq.pages)) == len(seq.pages), f"{seq.id} holds a page twice: {seq.pages}"
+        held = collections.Counter(p for s in running for p in s.pages)  # a shared page is held by several
         total_held += len(held)
-        assert len(held) == len(set(held)), f"shard {d}: a page is held twice: {sorted(held)}"
         assert all(0 <= p < pool.num_pages for p in held)
         refs = [pool.refcount(p) for p in range(pool.num_pages)]
-        assert sum(refs) == len(held), f"shard {d}: refcounts {sum(refs)} != pages held {len(held)}"
-        assert all(pool.refcount(p) == 1 for p in held)
-        free = pool._free  # the free list itself: no page may be both on it and held
-        assert len(set(free)) == len(free) == pool.free
+        assert refs == [held.get(p, 0) for p in range(pool.num_pages)], f"shard {d}: refcounts != live references"
+        free, cached = pool._free, list(pool._lru)  # no page may be both free (or cached) and held
+        assert len(set(free)) == len(free) == pool.free and len(cached) == pool.cached
         assert set(free).isdisjoint(held), f"shard {d}: pages both free and held: {set(free) & set(held)}"
-        assert set(free) == {p for p, r in enumerate(refs) if r == 0}
-        assert pool.free + pool.used == pool.num_pages
+        assert set(cached).isdisjoint(held) and set(cached).isdisjoint(free)
+        assert set(free) | set(cached) == {p for p, r in enumerate(refs) if r == 0}
+        assert pool.free + pool.used + pool.cached == pool.num_pages
         assert pool.used == len(held)
-    assert sum(len(s.pages) for s in sched.running()) == total_held == sched.pages_used
+        # the prefix index: one key per page and one page per key; cached pages indexed, free ones never
+        assert {page: key for key, page in pool._page_of.items()} == pool._key_of
+        assert all(pool.key_of(p) is not None for p in cached) and all(pool.key_of(p) is None for p in free)
+        if not lim.prefix_cache:
+            assert not pool._key_of and pool.cached == 0
+        for seq in running:  # an indexed page a sequence holds sits where its content key says
+            for i, page in enumerate(seq.pages):
+                if pool.key_of(page) is not None:
+                    assert i < len(seq.page_keys) and seq.page_keys[i] == pool.key_of(page), (seq.id, i, page)
+    assert total_held == sched.pages_used
     for seq in sched.waiting:
         assert id(seq) not in seen, f"{seq.id} is both waiting and running"
         seen.add(id(seq))
@@ -243,7 +263,7 @@ class FakeEngine:
                 # every earlier position is in the cache, in this sequence's pages
                 for pos in range(c.start):
                     entry = self.kv[d][seq.pages[pos // page]][pos % page]
-                    assert entry == (seq.id, pos, token_at(seq, pos)), f"{seq.id} lost position {pos}: {entry}"
+                    assert entry == (pos, token_at(seq, pos)), f"{seq.id} lost position {pos}: {entry}"
                 # the chunk's tokens: known on the host, the rest from the previous step's sample
                 have = seq.known_tokens(c.start, stop)
                 assert have == [token_at(seq, p) for p in range(c.start, c.start + len(have))]
@@ -252,7 +272,9 @@ class FakeEngine:
                 tokens = have + ([self.prev[(d, seq.slot)]] if missing else [])
                 for pos, token in zip(range(c.start, stop), tokens):
                     assert token == token_at(seq, pos), f"{seq.id} runs a wrong token at {pos}"
-                    self.kv[d][seq.pages[pos // page]][pos % page] = (seq.id, pos, token)
+                    target = seq.pages[pos // page]
+                    assert sched.pools[d].refcount(target) == 1, f"{seq.id} writes page {target}, shared"
+                    self.kv[d][target][pos % page] = (pos, token)
                 if c.samples:
                     token = token_at(seq, stop)
                     if not self.lag:
@@ -665,6 +687,7 @@ def workloads(draw):
         max_context=max_context,
         prefill_chunk=prefill_chunk,
         buckets=buckets_for(budget, draw(st.sampled_from([1, 8]))),
+        prefix_cache=draw(st.booleans()),
     )
     requests = [
         (at, make_seq(f"r{i}", prompt, max_tokens, arrival=float(at)))
@@ -700,7 +723,13 @@ def test_random_workloads_keep_pages_and_slots_consistent(workload):
         assert step < 5000, "the scheduler does not make progress"
         eng.step()
     check_invariants(sched, tuple(seqs))
-    assert sched.pages_used == 0 and sched.pools and all(p.free == p.num_pages for p in sched.pools)
+    # nothing leaks: every page is free or (prefix cache) cached
+    assert sched.pages_used == 0 and sched.pools and all(p.free + p.cached == p.num_pages for p in sched.pools)
+    stats = sched.prefix.stats
+    assert stats.hit_tokens == sum(s.cached_tokens for s in seqs)
+    assert all(s.cached_tokens <= len(s.request.prompt_ids) - 1 for s in seqs)  # the last prompt token always ran
+    if not limits.prefix_cache:
+        assert stats.hit_tokens == stats.lookup_tokens == 0
     assert all(s is None for shard in sched.slots for s in shard) and not sched.waiting
     assert sched.preemptions == sum(s.preemptions for s in seqs)
     for seq in seqs:

@@ -341,6 +341,21 @@ def test_sampled_request_without_seed_reports_one_that_reproduces_it(stub):
     assert [r.usage.seed for r in again] == seeds
 
 
+def test_a_second_turn_reports_the_prompt_tokens_it_found_in_the_prefix_cache(stub, reference):
+    text = "Once upon a time, there was a little girl named Lily. She loved to play outside in the sunshine."
+    first = stub.GenerateUnary(pb.GenerateRequest(text=text, params=SP(max_tokens=24, ignore_eos=True)))
+    prompt = list(stub.Tokenize(pb.TokenizeRequest(text=text)).token_ids)
+    assert first.usage.prompt_tokens == len(prompt) and len(first.token_ids) == 24
+    turn2 = prompt + list(first.token_ids) + prompt[1:6]
+    second = stub.GenerateUnary(pb.GenerateRequest(token_ids=turn2, params=SP(max_tokens=4)))
+    # whole pages (16 tokens) of what turn 1 computed (its prompt and 23 of its 24 tokens), short of
+    # the page that holds turn 2's last prompt token
+    page = 16
+    assert second.usage.cached_tokens == page * min((len(prompt) + 23) // page, (len(turn2) - 1) // page) > 0
+    assert second.usage.prompt_tokens == len(turn2)
+    assert all(0 <= r["usage"]["cached_tokens"] < r["usage"]["prompt_tokens"] for r in reference)  # batch JSONL
+
+
 @pytest.mark.parametrize("data,message", INVALID, ids=[m for _, m in INVALID])
 def test_invalid_arguments_name_the_field(raw, channel, data, message):
     with pytest.raises(grpc.RpcError) as e:
@@ -437,7 +452,9 @@ def test_command_line_client(server, reference):
 
     text = client("--max-tokens", str(MAX_TOKENS), PROMPTS[2])
     assert text.returncode == 0 and text.stdout == reference[2]["text"]
-    assert re.search(r"\[(stop|length): \d+ prompt \+ \d+ completion tokens, .*, seed \d+\]", text.stderr)
+    assert re.search(
+        r"\[(stop|length): \d+ prompt \(\d+ cached\) \+ \d+ completion tokens, .*, seed \d+\]", text.stderr
+    )
     streamed = client("--json", "--max-tokens", "5", "--logprobs", PROMPTS[2])
     lines = [json.loads(line) for line in streamed.stdout.splitlines()]
     assert [t for line in lines for t in line["token_ids"]] == reference[2]["token_ids"][:5]
@@ -459,7 +476,13 @@ def test_metrics_endpoint_after_the_run(server, stub):
     tpot = value("jaxinfer_time_per_output_token_seconds_sum") / value("jaxinfer_time_per_output_token_seconds_count")
     assert 1e-4 < tpot < 0.5
     assert value("jaxinfer_queue_depth") == 0 and value("jaxinfer_active_slots") == 0 and value("jaxinfer_slots") == 4
-    assert value("jaxinfer_kv_pages_used") == 0 and value("jaxinfer_kv_pages_free") == 128
+    # every page back: free, or kept by the prefix cache for later requests
+    resident = value("jaxinfer_prefix_cache_resident_pages")
+    assert value("jaxinfer_kv_pages_used") == 0 and value("jaxinfer_kv_pages_free") + resident == 128 and resident > 0
+    hits, lookups = value("jaxinfer_prefix_cache_hit_tokens_total"), value("jaxinfer_prefix_cache_lookup_tokens_total")
+    assert 0 <= hits <= lookups and lookups > 64 * 6
+    assert value("jaxinfer_prefix_cache_hit_rate") == pytest.approx(hits / lookups)
+    assert value("jaxinfer_prefix_cache_evictions_total") >= 0
     assert value("jaxinfer_preemptions_total") == 0
     assert value("jaxinfer_compilations_since_warmup_total") == 0
     assert value("jaxinfer_engine_steps_total") > 300

@@ -25,6 +25,7 @@ class EngineConfig:
     attention: str = "auto"  # auto | pallas | xla | native; resolved by `jaxinfer.platform`
     layer_loop: str = "auto"  # auto | scan | unrolled; resolved by `jaxinfer.platform`
     strict_no_recompile: bool = False
+    prefix_cache: bool = True  # reuse the KV pages of prompt prefixes computed before (engine.prefix_cache)
     min_bucket: int | None = None  # smallest token bucket; None: the platform's
 
     def validate(self, data_shards: int, model_limit: int) -> None:

@@ -27,6 +27,7 @@ from jaxinfer.engine import compile_counter
 from jaxinfer.engine.config import EngineConfig, refuse_sequence_axis, token_buckets
 from jaxinfer.engine.output import OutputStream
 from jaxinfer.engine.pages import pages_needed
+from jaxinfer.engine.prefix_cache import model_salt
 from jaxinfer.engine.requests import Event, Request, Result
 from jaxinfer.engine.scheduler import Scheduler, SchedulerLimits, Sequence, StepPlan
 from jaxinfer.engine.step import ROW_AXES, build_step_fn
@@ -45,13 +46,22 @@ class EngineStatus:
     active_slots: int
     waiting: int
     prefilling: int  # requests whose prompt is not yet all in the cache (waiting ones included)
-    pages_used: int
+    pages_used: int  # referenced by requests in flight
+    pages_cached: int  # kept by the prefix cache for later requests, evictable
     pages_total: int
     steps: int
     preemptions: int
     compilations_after_warmup: int
     steps_by_bucket: dict[int, int]
     finished: dict[str, int]  # finish reason -> requests
+    prefix_lookup_tokens: int  # prompt tokens of admitted requests
+    prefix_hit_tokens: int  # of those, served from the prefix cache
+    prompt_tokens_computed: int  # prompt tokens that ran through the model (recomputes included)
+    prefix_evictions: int  # cached pages evicted for new allocations
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_lookup_tokens if self.prefix_lookup_tokens else 0.0
 
 
 class Engine:
@@ -95,7 +105,9 @@ class Engine:
                 max_context=config.max_context,
                 prefill_chunk=config.prefill_chunk,
                 buckets=self.buckets,
-            )
+                prefix_cache=config.prefix_cache,
+            ),
+            cache_salt=model_salt(model.config, str(np.dtype(model.dtype))),
         )
         self.inputs = HostBatchBuilder(
             self.data, slots, pages_per_slot, self.cache_shape.pages_per_shard, config.page_size
@@ -111,7 +123,8 @@ class Engine:
         self._finished: collections.Counter = collections.Counter()
         self._compiles_at_warmup: int | None = None
         log.info(
-            "KV cache: %d pages/shard x %d shards of %d tokens = %.1f MiB; %d slots; buckets %s; attention %s",
+            "KV cache: %d pages/shard x %d shards of %d tokens = %.1f MiB; %d slots; buckets %s; attention %s; "
+            "prefix cache %s",
             self.cache_shape.pages_per_shard,
             self.data,
             config.page_size,
@@ -119,6 +132,7 @@ class Engine:
             config.max_slots,
             self.buckets,
             self.platform.attention,
+            "on" if config.prefix_cache else "off",
         )
 
     def _resolve_pages(self, one_page: CacheShape, pages_per_slot: int) -> int:
@@ -214,12 +228,17 @@ class Engine:
             waiting=len(s.waiting),
             prefilling=sum(q.num_computed < len(q.request.prompt_ids) for q in list(s.waiting) + s.running()),
             pages_used=s.pages_used,
+            pages_cached=s.pages_cached,
             pages_total=s.pages_total,
             steps=self._steps,
             preemptions=s.preemptions,
             compilations_after_warmup=self.compilations_after_warmup,
             steps_by_bucket=dict(self._steps_by_bucket),
             finished=dict(self._finished),
+            prefix_lookup_tokens=s.prefix.stats.lookup_tokens,
+            prefix_hit_tokens=s.prefix.stats.hit_tokens,
+            prompt_tokens_computed=s.prefix.stats.prompt_tokens_computed,
+            prefix_evictions=s.prefix.evictions,
         )
 
     # ---- internals ---------------------------------------------------------------------------

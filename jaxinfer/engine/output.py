@@ -65,4 +65,5 @@ class OutputStream:
             total_s=time.monotonic() - req.arrival_time,
             preemptions=seq.preemptions,
             seed=seq.seed,
+            cached_tokens=seq.cached_tokens,
         )

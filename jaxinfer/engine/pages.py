@@ -1,19 +1,40 @@
-"""The KV pages of one data shard: a free list plus a reference count per page. Pure host code.
+"""The KV pages of one data shard: reference counts, a free list, and the prefix cache's index. Pure host code.
 
-A page is free (count 0, on the free list) or referenced by one or more sequences. Sharing a page
-(`share`) is what prefix caching and parallel samples of one prompt build on; today every page
-has one owner. Page ids are local to the shard (0 .. num_pages-1).
+Every page is in exactly one of three states:
+  free    count 0, on the free list, holding nothing anyone will read;
+  in use  count >= 1: referenced by that many sequences (shared pages are prefix-cache hits);
+  cached  count 0, not on the free list: a full page whose content key is in the index, kept
+          resident for later requests and evicted least-recently-used only when an allocation
+          finds the free list short.
+A full page's key is a hash chain over the token ids of its page and every page before it, seeded
+with the model's identity (`chain_keys`), so equal keys mean equal K/V. Page ids are local to the
+shard (0 .. num_pages-1).
 """
 
 from __future__ import annotations
+
+import array
+import collections
+import hashlib
 
 
 def pages_needed(tokens: int, page_size: int) -> int:
     return -(-tokens // page_size)
 
 
+def chain_keys(parent: bytes, tokens: list[int], page_size: int) -> list[bytes]:
+    """The content keys of the full pages of `tokens`, continuing the chain after the key `parent`
+    (the model's salt for a sequence's first page). 16-byte BLAKE2b: collisions are not a concern."""
+    keys = []
+    for start in range(0, len(tokens) - page_size + 1, page_size):
+        data = array.array("i", tokens[start : start + page_size]).tobytes()
+        parent = hashlib.blake2b(parent + data, digest_size=16).digest()
+        keys.append(parent)
+    return keys
+
+
 class OutOfPages(Exception):
-    """Raised by `PagePool.allocate` when the shard has too few free pages."""
+    """Raised by `PagePool.allocate` when the shard has too few free and cached pages."""
 
 
 class PagePool:
@@ -21,39 +42,87 @@ class PagePool:
         self.num_pages = num_pages
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
         self._refs = [0] * num_pages
+        self._key_of: dict[int, bytes] = {}  # page -> content key, for every indexed page (in use or cached)
+        self._page_of: dict[bytes, int] = {}  # content key -> page
+        self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached pages, oldest first
+        self.evictions = 0
 
     @property
     def free(self) -> int:
         return len(self._free)
 
     @property
+    def cached(self) -> int:
+        """Pages no sequence uses that the prefix cache keeps resident."""
+        return len(self._lru)
+
+    @property
     def used(self) -> int:
-        return self.num_pages - len(self._free)
+        return self.num_pages - len(self._free) - len(self._lru)
 
     def refcount(self, page: int) -> int:
         return self._refs[page]
 
+    def key_of(self, page: int) -> bytes | None:
+        return self._key_of.get(page)
+
     def allocate(self, count: int) -> list[int]:
-        """`count` free pages, each with one reference; OutOfPages (taking nothing) when too few are free."""
-        if count > len(self._free):
-            raise OutOfPages(f"need {count} pages, {len(self._free)} free")
+        """`count` pages, each with one reference: free ones first, then cached ones evicted least
+        recently used first; OutOfPages (taking nothing) when too few are free or cached."""
+        if count > len(self._free) + len(self._lru):
+            raise OutOfPages(f"need {count} pages, {len(self._free)} free and {len(self._lru)} cached")
+        while len(self._free) < count:
+            page, _ = self._lru.popitem(last=False)
+            del self._page_of[self._key_of.pop(page)]
+            self._free.append(page)
+            self.evictions += 1
         pages = [self._free.pop() for _ in range(count)]
         for p in pages:
             self._refs[p] = 1
         return pages
 
     def share(self, pages: list[int]) -> None:
-        """One more reference to each of `pages` (all in use)."""
+        """One more reference to each of `pages`, which are in use or cached (a cached page is in use again)."""
         for p in pages:
-            if self._refs[p] < 1:
-                raise AssertionError(f"page {p} is free; only pages in use can be shared")
+            if self._refs[p] == 0:
+                if p not in self._lru:
+                    raise AssertionError(f"page {p} is free; only pages in use or cached can be shared")
+                del self._lru[p]
             self._refs[p] += 1
 
     def release(self, pages: list[int]) -> None:
-        """Drops one reference to each of `pages`; a page whose count reaches zero is free again."""
+        """Drops one reference to each of `pages`. A page whose count reaches zero is cached when it is
+        indexed, else free. Pages are released last first, so a sequence's tail is evicted before its head."""
         for p in reversed(pages):
             if self._refs[p] < 1:
                 raise AssertionError(f"page {p} released more often than referenced")
             self._refs[p] -= 1
             if self._refs[p] == 0:
-                self._free.append(p)
+                if p in self._key_of:
+                    self._lru[p] = None
+                else:
+                    self._free.append(p)
+
+    def register(self, page: int, key: bytes) -> bool:
+        """Indexes `page` (in use, full, its K/V written or being written by a dispatched step) under its
+        content key. False when another page already holds that key: this one stays private."""
+        if self._refs[page] < 1:
+            raise AssertionError(f"page {page} is not in use; only a sequence's own pages can be indexed")
+        held = self._page_of.get(key)
+        if held is not None:
+            return held == page
+        if page in self._key_of:
+            raise AssertionError(f"page {page} is already indexed under another key")
+        self._page_of[key] = page
+        self._key_of[page] = key
+        return True
+
+    def lookup(self, keys: list[bytes]) -> list[int]:
+        """The pages of the longest prefix of `keys` that the index holds (no references taken)."""
+        pages = []
+        for key in keys:
+            page = self._page_of.get(key)
+            if page is None:
+                break
+            pages.append(page)
+        return pages

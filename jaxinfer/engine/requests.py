@@ -99,6 +99,7 @@ class Result:
     total_s: float
     preemptions: int = 0
     seed: int | None = None  # the seed the request ran with (drawn from the OS when it gave none)
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache instead of computed
 
     @property
     def completion_tokens(self) -> int:

@@ -1,11 +1,13 @@
-"""The scheduler: slots, KV pages, admission, chunked prefill and preemption. Pure host code (no JAX).
+"""The scheduler: slots, KV pages, admission, chunked prefill, preemption and prefix caching. Pure host code (no JAX).
 
 Each data shard has `slots_per_shard` slots and its own `PagePool`. `schedule()` plans one step:
-  1. admit waiting requests (first come, first served) into free slots, least-loaded shard first;
+  1. admit waiting requests (first come, first served) into free slots: the shard holding the
+     request's longest cached prefix, else the least-loaded one (`PrefixCache.route`);
   2. per shard, one token for every decoding slot, then prompt chunks of prefilling slots (at most
-     `prefill_chunk` tokens each) until the step's token budget is spent, allocating pages as
-     needed; when a shard runs out of pages its youngest running request is preempted (its pages
-     released, re-queued at the front, recomputed later from its prompt and tokens so far);
+     `prefill_chunk` tokens each, each starting after the cached pages it can adopt) until the
+     step's token budget is spent, allocating pages as needed; when a shard runs out of free and
+     cached pages its youngest running request is preempted (its pages released, full ones kept in
+     the prefix cache, re-queued at the front, recomputed later from its prompt and tokens so far);
   3. the smallest bucket that holds the busiest shard's tokens.
 The plan says which tokens of which sequence run and which sequences sample; the engine turns it
 into device arrays (`step_inputs`) and reports sampled tokens back through `accept`.
@@ -18,6 +20,7 @@ import dataclasses
 import logging
 
 from jaxinfer.engine.pages import OutOfPages, PagePool, pages_needed
+from jaxinfer.engine.prefix_cache import PrefixCache
 from jaxinfer.engine.requests import Request
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,11 @@ class Sequence:
         self.inflight = 0  # tokens sampled on device, not yet read back (at most 2: steps n and n+1)
         self.num_computed = 0  # tokens whose K/V are in the cache (or being written by a dispatched step)
         self.pages: list[int] = []
+        self.page_keys: list[bytes] = []  # content keys of its full pages so far (prefix cache)
+        self.registered = 0  # leading pages offered to the prefix cache's index
+        self.cached_tokens = 0  # prompt tokens served from the prefix cache rather than computed
+        self.prompt_reached = 0  # prompt positions computed or adopted so far (high-water mark)
+        self.looked_up = False  # counted in the prefix cache's lookups
         self.shard = self.slot = -1
         self.preemptions = 0
         self.finished: str | None = None
@@ -83,12 +91,19 @@ class SchedulerLimits:
     max_context: int
     prefill_chunk: int
     buckets: tuple[int, ...]
+    prefix_cache: bool = False
+
+    @property
+    def route_imbalance(self) -> int:
+        """How many more running requests than the least-loaded shard a prefix hit may route to."""
+        return max(1, self.slots_per_shard // 2)
 
 
 class Scheduler:
-    def __init__(self, limits: SchedulerLimits):
+    def __init__(self, limits: SchedulerLimits, cache_salt: bytes = b""):
         self.limits = limits
         self.pools = [PagePool(limits.pages_per_shard) for _ in range(limits.data_shards)]
+        self.prefix = PrefixCache(self.pools, limits.page_size, cache_salt, limits.prefix_cache)
         self.slots: list[list[Sequence | None]] = [[None] * limits.slots_per_shard for _ in range(limits.data_shards)]
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.preemptions = 0
@@ -111,6 +126,10 @@ class Scheduler:
         return sum(p.used for p in self.pools)
 
     @property
+    def pages_cached(self) -> int:
+        return sum(p.cached for p in self.pools)
+
+    @property
     def pages_total(self) -> int:
         return sum(p.num_pages for p in self.pools)
 
@@ -126,12 +145,14 @@ class Scheduler:
         if seq.shard >= 0 and self.slots[seq.shard][seq.slot] is seq:
             self.slots[seq.shard][seq.slot] = None
             self.pools[seq.shard].release(seq.pages)
-            seq.pages = []
+            seq.pages, seq.registered = [], 0
 
     def accept(self, seq: Sequence, tokens: list[int]) -> None:
         """Tokens sampled for `seq` by a step, now read back on the host."""
         seq.inflight -= len(tokens)
         seq.generated.extend(tokens)
+        if not seq.finished:
+            self.prefix.register(seq)  # a page filled by decoding is indexed once its last token is known
 
     def schedule(self) -> StepPlan | None:
         """Plans the next step and marks its tokens computed and its samples in flight; None if idle."""
@@ -145,25 +166,26 @@ class Scheduler:
         for chunk in plan.chunks:
             chunk.seq.num_computed = chunk.start + chunk.count
             chunk.seq.inflight += chunk.samples
+            self.prefix.computed(chunk.seq, chunk.start, chunk.count)
         return plan
 
     # ---- internals ---------------------------------------------------------------------------
     def _admit(self) -> None:
         while self.waiting:
-            free = [(sum(s is None for s in shard), -d) for d, shard in enumerate(self.slots)]
-            count, neg_d = max(free)
-            if count == 0 or self.waiting[0].inflight:  # a preempted request's last token is still in flight
+            load = [sum(s is not None for s in shard) for shard in self.slots]
+            open_shards = [d for d in range(len(self.slots)) if load[d] < self.limits.slots_per_shard]
+            if not open_shards or self.waiting[0].inflight:  # a preempted request's last token is still in flight
                 return
             seq = self.waiting.popleft()
-            seq.shard = -neg_d
+            seq.shard = self.prefix.route(seq, open_shards, load, self.limits.route_imbalance)
             seq.slot = self.slots[seq.shard].index(None)
             self.slots[seq.shard][seq.slot] = seq
 
     def _preempt_youngest(self, shard: int) -> Sequence:
         running = [s for s in self.slots[shard] if s is not None]
         victim = max(running, key=lambda s: (s.request.arrival_time, s.id))
-        self.pools[shard].release(victim.pages)
-        victim.pages, victim.num_computed = [], 0
+        self.pools[shard].release(victim.pages)  # its full, indexed pages stay in the prefix cache
+        victim.pages, victim.num_computed, victim.registered = [], 0, 0
         self.slots[shard][victim.slot] = None
         victim.preemptions += 1
         self.preemptions += 1
@@ -179,6 +201,9 @@ class Scheduler:
         """Decodes first, then prefill chunks, oldest request first within each."""
         pool, page = self.pools[shard], self.limits.page_size
         running = sorted((s for s in self.slots[shard] if s is not None), key=lambda s: (s.request.arrival_time, s.id))
+        for seq in running:
+            if seq.total - seq.num_computed > 1:
+                self.prefix.adopt(seq)  # before sorting decodes from prefills: it may leave one token to run
         decodes = [s for s in running if s.total - s.num_computed == 1]
         prefills = [s for s in running if s.total - s.num_computed > 1]
         plan: list[Chunk] = []

@@ -10,6 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# engine figures that arrive as running totals and feed counters (attribute name = keyword)
+_CUMULATIVE = ("steps", "preemptions", "compilations", "prefix_hit_tokens", "prefix_lookup_tokens", "prefix_evictions")
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 
 
@@ -34,6 +36,23 @@ class Metrics:
         self.kv_pages_used = Gauge("jaxinfer_kv_pages_used", "KV cache pages in use, all data shards", registry=r)
         self.kv_pages_free = Gauge("jaxinfer_kv_pages_free", "KV cache pages free, all data shards", registry=r)
         self.preemptions = Counter("jaxinfer_preemptions", "Requests evicted for KV pages and recomputed", registry=r)
+        self.kv_pages_cached = Gauge(
+            "jaxinfer_prefix_cache_resident_pages",
+            "KV pages the prefix cache keeps for later requests (no request uses them; evictable)",
+            registry=r,
+        )
+        self.prefix_hit_tokens = Counter(
+            "jaxinfer_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache", registry=r
+        )
+        self.prefix_lookup_tokens = Counter(
+            "jaxinfer_prefix_cache_lookup_tokens", "Prompt tokens of requests looked up in the prefix cache", registry=r
+        )
+        self.prefix_hit_rate = Gauge(
+            "jaxinfer_prefix_cache_hit_rate", "Prefix cache hit tokens / lookup tokens since start", registry=r
+        )
+        self.prefix_evictions = Counter(
+            "jaxinfer_prefix_cache_evictions", "Cached KV pages evicted for new allocations", registry=r
+        )
         self.compilations = Counter(
             "jaxinfer_compilations_since_warmup", "XLA compilations after warm-up (should stay 0)", registry=r
         )
@@ -56,7 +75,7 @@ class Metrics:
         )
         for reason in FINISH_REASONS:
             self.finished.labels(reason)
-        self._totals = {"steps": 0, "preemptions": 0, "compilations": 0}
+        self._totals = dict.fromkeys(_CUMULATIVE, 0)
 
     def engine_state(
         self,
@@ -65,20 +84,23 @@ class Metrics:
         max_slots: int,
         queue_depth: int,
         pages_used: int,
+        pages_cached: int,
         pages_total: int,
-        steps: int,
-        preemptions: int,
-        compilations: int,
+        **totals: int,
     ) -> None:
-        """Called by the engine thread after every step with the engine's cumulative figures."""
+        """Called by the engine thread after every step with the engine's state and its running totals
+        (one keyword per name in `_CUMULATIVE`)."""
         self.active_slots.set(active_slots)
         self.slots.set(max_slots)
         self.queue_depth.set(queue_depth)
         self.kv_pages_used.set(pages_used)
-        self.kv_pages_free.set(pages_total - pages_used)
-        for name, total in (("steps", steps), ("preemptions", preemptions), ("compilations", compilations)):
-            getattr(self, name).inc(total - self._totals[name])
-            self._totals[name] = total
+        self.kv_pages_cached.set(pages_cached)
+        self.kv_pages_free.set(pages_total - pages_used - pages_cached)
+        for name in _CUMULATIVE:
+            getattr(self, name).inc(totals[name] - self._totals[name])
+            self._totals[name] = totals[name]
+        lookups = self._totals["prefix_lookup_tokens"]
+        self.prefix_hit_rate.set(self._totals["prefix_hit_tokens"] / lookups if lookups else 0.0)
 
     def finished_request(self, result) -> None:
         self.finished.labels(result.finish_reason).inc()

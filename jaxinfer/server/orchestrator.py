@@ -279,9 +279,13 @@ class Orchestrator:
             max_slots=self.engine.config.max_slots,
             queue_depth=e.waiting,
             pages_used=e.pages_used,
+            pages_cached=e.pages_cached,
             pages_total=e.pages_total,
             steps=e.steps,
             preemptions=e.preemptions,
             compilations=e.compilations_after_warmup,
+            prefix_hit_tokens=e.prefix_hit_tokens,
+            prefix_lookup_tokens=e.prefix_lookup_tokens,
+            prefix_evictions=e.prefix_evictions,
         )
         return status

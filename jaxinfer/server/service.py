@@ -234,6 +234,7 @@ def _finish(response: pb.GenerateResponse, result) -> None:
             total_time_s=result.total_s,
             preemptions=result.preemptions,
             seed=result.seed or 0,
+            cached_tokens=result.cached_tokens,
         )
     )
 
