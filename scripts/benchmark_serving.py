@@ -5,7 +5,14 @@
         --slo-tpot-ms 50 --json out.json --plot out.png
 
 Requests carry token ids (random ids of the requested lengths) or, with `--dataset prompts.jsonl`,
-the `prompt` text of each line. `--rates` are Poisson arrival rates in requests/s (`inf` sends
+the `prompt` text of each line. Prefix-cache workloads:
+  --shared-prefix N --prefix-groups G   every prompt starts with one of G random prefixes of N tokens;
+  --turns T                             each of the requests is a conversation of T turns, sent one
+                                        after another: turn k+1 is turn k's prompt and answer plus
+                                        --prompt-len new tokens (with --chat, a message list whose
+                                        assistant turns are the answers' text, and the chat template);
+each run then also reports the prompt tokens served from the prefix cache (`usage.cached_tokens`),
+overall and per turn. `--rates` are Poisson arrival rates in requests/s (`inf` sends
 everything at once); each rate is one run. Per run: TTFT, time per output token (TPOT, after the
 first) and inter-token latency (ITL, between streamed chunks, per token), p50/p90/p99 in ms;
 request throughput; input and output tokens/s; goodput (requests/s meeting both SLOs).
@@ -58,37 +65,71 @@ def percentiles(values) -> dict:
 def one_request(stub, pb, request, record):
     """Streams one Generate call, recording the arrival time of every chunk."""
     start = time.perf_counter()
-    chunks, tokens, usage = [], 0, None
+    chunks, tokens, usage, ids, text = [], 0, None, [], []
     try:
         for response in stub.Generate(request, timeout=600):
             n = len(response.token_ids)
             if n:
                 chunks.append((time.perf_counter(), n))
                 tokens += n
+                ids += response.token_ids
+            text.append(response.text)
             if response.HasField("usage"):
                 usage = response.usage
         record.update(
-            ok=True, start=start, chunks=chunks, tokens=tokens, prompt_tokens=usage.prompt_tokens if usage else 0
+            ok=True,
+            start=start,
+            chunks=chunks,
+            tokens=tokens,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            cached_tokens=usage.cached_tokens if usage else 0,
+            output_ids=ids,
+            output_text="".join(text),
         )
     except Exception as e:  # a failed request is counted, not fatal
         record.update(ok=False, error=str(e).splitlines()[0])
 
 
-def run_rate(stub, pb, requests, rate: float, seed: int, slo_ttft_ms, slo_tpot_ms) -> dict:
+def run_conversation(stub, pb, conv: dict, records: list[dict]) -> None:
+    """Sends the turns of `conv` one after another, each with the history so far; a failed turn ends it."""
+    ids, messages = list(conv.get("prefix", [])), [pb.ChatMessage(**m) for m in conv.get("system", [])]
+    for k, (new, max_tokens) in enumerate(conv["turns"]):
+        params = pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        if conv.get("chat"):
+            messages.append(pb.ChatMessage(role="user", content=new))
+            request = pb.GenerateRequest(messages=messages, params=params)
+        elif isinstance(new, str):
+            request = pb.GenerateRequest(text=new, params=params)
+        else:
+            ids += new
+            request = pb.GenerateRequest(token_ids=ids, params=params)
+        record = dict(turn=k)
+        records.append(record)
+        one_request(stub, pb, request, record)
+        if not record["ok"]:
+            return
+        ids += record["output_ids"]
+        messages.append(pb.ChatMessage(role="assistant", content=record["output_text"]))
+
+
+def run_rate(stub, pb, conversations, rate: float, seed: int, slo_ttft_ms, slo_tpot_ms) -> dict:
     rng = random.Random(seed)
-    records = [dict() for _ in requests]
+    per_conv = [[] for _ in conversations]
     threads = []
     begin = time.perf_counter()
-    for req, rec in zip(requests, records):
-        t = threading.Thread(target=one_request, args=(stub, pb, req, rec), daemon=True)
+    for conv, recs in zip(conversations, per_conv):
+        t = threading.Thread(target=run_conversation, args=(stub, pb, conv, recs), daemon=True)
         t.start()
         threads.append(t)
         if math.isfinite(rate):
             time.sleep(rng.expovariate(rate))
     for t in threads:
         t.join()
+    records = [r for recs in per_conv for r in recs]
+    requests = sum(len(c["turns"]) for c in conversations)
     duration = time.perf_counter() - begin
     done = [r for r in records if r.get("ok") and r["chunks"]]
+    turns = [r["turn"] for r in done]
     ttft = [(r["chunks"][0][0] - r["start"]) * 1e3 for r in done]
     tpot = [(r["chunks"][-1][0] - r["chunks"][0][0]) * 1e3 / (r["tokens"] - 1) for r in done if r["tokens"] > 1]
     itl = [(b[0] - a[0]) * 1e3 / b[1] for r in done for a, b in zip(r["chunks"], r["chunks"][1:])]
@@ -99,9 +140,9 @@ def run_rate(stub, pb, requests, rate: float, seed: int, slo_ttft_ms, slo_tpot_m
         good += (slo_ttft_ms is None or first <= slo_ttft_ms) and (slo_tpot_ms is None or per <= slo_tpot_ms)
     return {
         "rate": rate if math.isfinite(rate) else "inf",
-        "requests": len(requests),
+        "requests": requests,
         "completed": len(done),
-        "failed": len(requests) - len(done),
+        "failed": requests - len(done),
         "duration_s": duration,
         "request_throughput": len(done) / duration,
         "input_tokens_per_s": sum(r["prompt_tokens"] for r in done) / duration,
@@ -112,24 +153,52 @@ def run_rate(stub, pb, requests, rate: float, seed: int, slo_ttft_ms, slo_tpot_m
         "slo": {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms},
         "goodput": good / duration,
         "errors": sorted({r["error"] for r in records if not r.get("ok")})[:5],
+        "cached_tokens": sum(r["cached_tokens"] for r in done),
+        "prefix_hit_rate": hit_rate(done),
+        "hit_rate_by_turn": [hit_rate([r for r in done if r["turn"] == k]) for k in range(max(turns, default=0) + 1)],
     }
 
 
-def build_requests(pb, args, vocab: int):
+def hit_rate(records) -> float | None:
+    prompt = sum(r["prompt_tokens"] for r in records)
+    return sum(r["cached_tokens"] for r in records) / prompt if prompt else None
+
+
+def build_conversations(args, vocab: int) -> list[dict]:
+    """One conversation per --num-requests: its turns (new token ids, text, or a user message) and output lengths."""
     rng = random.Random(args.seed)
-    out_len = length_sampler(args.output_len)
+    out_len, in_len = length_sampler(args.output_len), length_sampler(args.prompt_len)
+    texts = None
     if args.dataset:
         with open(args.dataset, encoding="utf-8") as f:
             texts = [json.loads(line)["prompt"] for line in f if line.strip()]
-        prompts = [dict(text=texts[i % len(texts)]) for i in range(args.num_requests)]
-    else:
-        in_len = length_sampler(args.prompt_len)
-        prompts = [
-            dict(token_ids=[rng.randrange(10, vocab) for _ in range(in_len(rng))]) for _ in range(args.num_requests)
-        ]
-    return [
-        pb.GenerateRequest(params=pb.SamplingParams(max_tokens=out_len(rng), ignore_eos=True), **p) for p in prompts
-    ]
+    prefixes = [[rng.randrange(10, vocab) for _ in range(args.shared_prefix)] for _ in range(args.prefix_groups)]
+    convs = []
+    for i in range(args.num_requests):
+        conv: dict = {"turns": []}
+        if args.chat:
+            conv["chat"] = True
+            if args.system:
+                conv["system"] = [dict(role="system", content=args.system)]
+        elif args.shared_prefix:
+            conv["prefix"] = list(prefixes[i % args.prefix_groups])
+        for k in range(args.turns):
+            if args.chat:
+                new = " ".join(rng.choice(WORDS) for _ in range(in_len(rng)))
+            elif texts is not None:
+                new = texts[(i * args.turns + k) % len(texts)]
+            else:
+                new = [rng.randrange(10, vocab) for _ in range(in_len(rng))]
+            conv["turns"].append((new, out_len(rng)))
+        convs.append(conv)
+    return convs
+
+
+WORDS = "the a river library book morning quiet garden window friend question answer light small".split()
+
+
+def fmt_rate(rate) -> str:
+    return "-" if rate is None else f"{100 * rate:.1f}%"
 
 
 def plot(results, path: str) -> None:
@@ -163,9 +232,21 @@ def main(argv=None) -> dict:
     p.add_argument("--slo-ttft-ms", type=float, default=None)
     p.add_argument("--slo-tpot-ms", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shared-prefix", type=int, default=0, help="tokens of random prefix shared within a group")
+    p.add_argument("--prefix-groups", type=int, default=1)
+    p.add_argument("--turns", type=int, default=1, help="turns per conversation (each request is one)")
+    p.add_argument("--chat", action="store_true", help="conversations as chat messages (--prompt-len in words)")
+    p.add_argument("--system", default="", help="with --chat: a system message every conversation starts with")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
     args = p.parse_args(argv)
+    for name in ("num_requests", "prefix_groups", "turns"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
+    if args.shared_prefix < 0:
+        p.error(f"--shared-prefix {args.shared_prefix} must be >= 0")
+    if args.dataset and (args.chat or args.shared_prefix):
+        p.error("--dataset cannot be combined with --chat or --shared-prefix")
     import grpc
 
     from jaxinfer.proto import jaxinfer_pb2 as pb
@@ -176,14 +257,15 @@ def main(argv=None) -> dict:
         info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
         results = []
         for rate in args.rates:
-            requests = build_requests(pb, args, info.config.vocab_size)
-            results.append(run_rate(stub, pb, requests, rate, args.seed, args.slo_ttft_ms, args.slo_tpot_ms))
+            convs = build_conversations(args, info.config.vocab_size)
+            results.append(run_rate(stub, pb, convs, rate, args.seed, args.slo_ttft_ms, args.slo_tpot_ms))
             r = results[-1]
             print(
                 f"rate {r['rate']}: {r['completed']}/{r['requests']} ok  {r['request_throughput']:.2f} req/s  "
                 f"out {r['output_tokens_per_s']:.1f} tok/s  TTFT p50/p99 {r['ttft_ms']['p50']:.1f}/"
                 f"{r['ttft_ms']['p99']:.1f} ms  TPOT p50/p99 {r['tpot_ms']['p50']:.1f}/{r['tpot_ms']['p99']:.1f} ms  "
-                f"goodput {r['goodput']:.2f} req/s",
+                f"goodput {r['goodput']:.2f} req/s  prefix hit rate {fmt_rate(r['prefix_hit_rate'])}"
+                + (f" (by turn {' '.join(fmt_rate(h) for h in r['hit_rate_by_turn'])})" if args.turns > 1 else ""),
                 flush=True,
             )
     out = {"target": args.target, "model": info.model_name, "platform": info.platform, "results": results}

@@ -55,6 +55,7 @@ def test_tiny_compiles_for_v5e_2x4_and_manifest_records_it(tmp_path, tpu_availab
     m = json.loads((tmp_path / "manifest.json").read_text())
     buckets = token_buckets(EngineConfig(max_slots=8, max_context=128, prefill_chunk=16).step_budget(2), smallest=8)
     assert m["buckets"] == list(buckets) == [8, 16]
+    assert m["engine"]["prefix_cache"] is True  # on by default: the same step and buckets (host-side only)
     assert m["target"] == {
         "name": "v5e:2x4",
         "platform": "tpu",

@@ -57,3 +57,30 @@ def test_benchmark_serving_reports_every_field(server, tmp_path):
             q = r[key]
             assert all(math.isfinite(q[k]) and q[k] >= 0 for k in ("p50", "p90", "p99", "mean")), key
             assert q["p50"] <= q["p90"] <= q["p99"], key
+
+
+def test_benchmark_serving_conversations_report_prefix_cache_hits_per_turn(server):
+    result = load_script("benchmark_serving").main(
+        [
+            "--target",
+            server.target,
+            "--num-requests",
+            "3",
+            "--prompt-len",
+            "fixed:20",
+            "--output-len",
+            "fixed:8",
+            "--shared-prefix",
+            "40",
+            "--turns",
+            "3",
+            "--rates",
+            "inf",
+        ]
+    )
+    (r,) = result["results"]
+    assert r["requests"] == r["completed"] == 9 and r["failed"] == 0
+    # turn k+1 resends turn k's prompt and answer: whole pages of it come from the cache
+    by_turn = r["hit_rate_by_turn"]
+    assert len(by_turn) == 3 and by_turn[1] > 0.5 and by_turn[2] > 0.5
+    assert r["cached_tokens"] > 0 and 0 < r["prefix_hit_rate"] < 1

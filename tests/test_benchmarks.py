@@ -65,3 +65,25 @@ def test_benchmark_attention_tiny(tmp_path):
             assert math.isfinite(r[key]) and r[key] > 0, key
         assert r["max_abs_difference"] < 1e-4  # the two paths compute the same attention
     assert result["results"][1]["kv_bytes_per_layer"] == 8 * result["results"][0]["kv_bytes_per_layer"]
+
+
+def test_benchmark_prefix_cache_tiny(tmp_path):
+    """Two real batch jobs (stories260K) on one shared prompt: the cached one computes far fewer prompt tokens."""
+    data = ROOT / "tests" / "data" / "stories260K"
+    example = tmp_path / "shared.jsonl"
+    result = load_script("benchmark_prefix_cache").main(
+        ["--tokenizer", str(data / "tok512.bin"), "--system-tokens", "96", "--questions", "4", "--max-tokens", "4"]
+        + ["--repeats", "1", "--keep-jsonl", str(example), "--json", str(tmp_path / "r.json")]
+        + ["--", "--model", str(data / "stories260K.bin"), "--mesh", "1x1"]
+    )
+    lines = [json.loads(line) for line in example.read_text().splitlines()]
+    system = lines[0]["prompt"].split("\nQuestion")[0]
+    assert len(lines) == 4 and len(system) > 100 and all(line["prompt"].startswith(system + "\n") for line in lines)
+    on, off = result["median"]["on"], result["median"]["off"]
+    assert on["prompt_tokens"] == off["prompt_tokens"] == off["computed_tokens"]
+    assert off["hit_rate"] == off["cached_tokens"] == 0
+    # three of the four requests adopt the shared system prompt's whole pages
+    assert on["cached_tokens"] >= 3 * 80 and on["computed_tokens"] == on["prompt_tokens"] - on["cached_tokens"]
+    assert abs(on["hit_rate"] - on["cached_tokens"] / on["prompt_tokens"]) < 1e-3
+    saved = json.loads((tmp_path / "r.json").read_text())["computed_reduction"]
+    assert saved == result["computed_reduction"] == 1 - on["computed_tokens"] / off["computed_tokens"]

@@ -155,3 +155,27 @@ def test_a_request_goes_to_the_shard_holding_its_prefix_within_the_imbalance_gua
     sched.add(other)
     sched.schedule()
     assert other.shard == 1 - home
+
+
+def test_a_request_waits_a_step_for_the_page_another_computes_rather_than_computing_it_too():
+    sched = make(page_size=4, prefill_chunk=32, budget=64)  # room for both prompts in one step
+    a, b = seq("a", PROMPT[:20], arrival=0.0), seq("b", PROMPT[:20], arrival=1.0)
+    eng = run(sched, a, b)
+    first = eng.plans[0].chunks
+    assert [(c.seq.id, c.start, c.count) for c in first] == [("a", 0, 20)]  # b waits for a's pages
+    assert b.cached_tokens == 16 and sched.prefix.stats.prompt_tokens_computed == 20 + 4
+    other = seq("c", PROMPT[30:50], arrival=2.0)  # nothing in common: never waits
+    d = seq("d", PROMPT[30:50] + [5], arrival=3.0)
+    eng = run(sched, other, d)
+    assert d.cached_tokens == 20 and other.cached_tokens == 0
+
+
+def test_a_request_waits_for_a_slot_on_its_full_home_shard_only_while_the_others_are_nearly_full():
+    sched = make(data_shards=2, slots=4)
+    run(sched, seq("seed", PROMPT[:20]))  # shard 0 holds the prefix
+    route = sched.prefix.route
+    assert route(seq("x", PROMPT[:24]), [4, 2], 4, 2) is None  # home full, shard 1 within the guard: wait
+    assert route(seq("x", PROMPT[:24]), [4, 1], 4, 2) == 1  # shard 1 too idle to wait: recompute there
+    assert route(seq("x", PROMPT[:24]), [3, 2], 4, 2) == 0
+    assert route(seq("x", [9] * 24), [4, 3], 4, 2) == 1  # nothing cached anywhere: never waits
+    assert route(seq("x", PROMPT[:24]), [4, 4], 4, 2) is None  # no free slot at all

@@ -8,8 +8,9 @@ The scheduler calls this at three points:
   after       `register` indexes the sequence's newly full pages once their K/V is written by a
               dispatched step and their tokens are known on the host (prompt pages when planned,
               pages filled by decoding when their last token is read back).
-Adoption is retried before every chunk, not only at admission, so requests that arrive together with
-the same prompt take turns: each adopts what the others already computed and computes only the rest.
+Adoption is retried before every chunk, not only at admission, and a request whose next page another
+request computes in the same step waits a step for it (`waits_for`), so requests that arrive together
+with the same prompt take turns: each adopts what the others computed and computes only the rest.
 The pages and their reference counts live in each shard's `PagePool`.
 """
 
@@ -64,18 +65,27 @@ class PrefixCache:
             return 0
         return len(self.pools[shard].lookup(self.keys(seq, self._reusable_pages(seq))))
 
-    def route(self, seq, shards: list[int], load: list[int], imbalance: int) -> int:
-        """The shard for a new request among `shards` (those with a free slot): the one with its longest
-        cached prefix, unless that shard runs more than `imbalance` requests above the least-loaded;
-        ties and misses go to the least-loaded (lowest index first)."""
+    def route(self, seq, load: list[int], slots: int, imbalance: int) -> int | None:
+        """The data shard for a new request, given each shard's running requests (`load`) and `slots` per
+        shard; None to keep it waiting. It goes to the shard holding its longest cached prefix unless
+        that shard would run more than `imbalance` requests above the least-loaded open shard; ties and
+        misses go to the least-loaded (lowest index first). When the best shard is full, the request
+        waits for a slot there only while every shard is within `imbalance` of full anyway."""
         if self.enabled and not seq.looked_up:
             seq.looked_up = True
             self.stats.lookup_tokens += len(seq.request.prompt_ids)
-        least = min(shards, key=lambda d: (load[d], d))
-        hits = {d: self.cached_pages(seq, d) for d in shards}
+        shards = range(len(load))
+        open_shards = [d for d in shards if load[d] < slots]
+        if not open_shards:
+            return None
+        least = min(open_shards, key=lambda d: (load[d], d))
+        hits = [self.cached_pages(seq, d) for d in shards]
         best = max(shards, key=lambda d: (hits[d], -load[d], -d))
-        if hits[best] > 0 and load[best] <= load[least] + imbalance:
-            return best
+        best_open = max(open_shards, key=lambda d: (hits[d], -load[d], -d))
+        if best not in open_shards and hits[best] > hits[best_open] and load[best] <= load[least] + imbalance:
+            return None
+        if hits[best_open] > 0 and load[best_open] <= load[least] + imbalance:
+            return best_open
         return least
 
     def adopt(self, seq) -> None:
@@ -97,6 +107,21 @@ class PrefixCache:
         seq.cached_tokens += fresh
         self.stats.hit_tokens += fresh
         seq.prompt_reached = max(seq.prompt_reached, min(seq.num_computed, prompt))
+
+    def computing(self, seq, start: int, count: int, pending: set[bytes]) -> None:
+        """A prompt chunk of `seq` was planned for this step: the keys of the pages it fills go into `pending`."""
+        known = len(seq.request.prompt_ids) + len(seq.generated)
+        if self.enabled and start + count <= known:
+            pending.update(self.keys(seq, (start + count) // self.page_size)[start // self.page_size :])
+
+    def waits_for(self, seq, pending: set[bytes]) -> bool:
+        """True when `seq`'s next page is being computed by another request in this step: it adopts it
+        next step rather than computing the same tokens twice."""
+        page = self.page_size
+        if not self.enabled or not pending or seq.num_computed % page:
+            return False
+        keys = self.keys(seq, self._reusable_pages(seq))
+        return seq.num_computed // page < len(keys) and keys[seq.num_computed // page] in pending
 
     def computed(self, seq, start: int, count: int) -> None:
         """A chunk of `seq` from `start` was planned: counts its prompt tokens and indexes full pages."""

@@ -171,13 +171,13 @@ class Scheduler:
 
     # ---- internals ---------------------------------------------------------------------------
     def _admit(self) -> None:
-        while self.waiting:
+        while self.waiting and not self.waiting[0].inflight:  # a preempted request's last token may be in flight
             load = [sum(s is not None for s in shard) for shard in self.slots]
-            open_shards = [d for d in range(len(self.slots)) if load[d] < self.limits.slots_per_shard]
-            if not open_shards or self.waiting[0].inflight:  # a preempted request's last token is still in flight
+            shard = self.prefix.route(self.waiting[0], load, self.limits.slots_per_shard, self.limits.route_imbalance)
+            if shard is None:
                 return
             seq = self.waiting.popleft()
-            seq.shard = self.prefix.route(seq, open_shards, load, self.limits.route_imbalance)
+            seq.shard = shard
             seq.slot = self.slots[seq.shard].index(None)
             self.slots[seq.shard][seq.slot] = seq
 
@@ -207,11 +207,14 @@ class Scheduler:
         decodes = [s for s in running if s.total - s.num_computed == 1]
         prefills = [s for s in running if s.total - s.num_computed > 1]
         plan: list[Chunk] = []
+        pending: set[bytes] = set()  # content keys of the pages this step's prompt chunks fill
         for seq in decodes + prefills:
             if self.slots[shard][seq.slot] is not seq or budget == 0:
                 continue
             if seq.total - seq.num_computed == 1 and self._done_by_length(seq):
                 continue  # finished by length; collected when its last token is read back
+            if seq.total - seq.num_computed > 1 and self.prefix.waits_for(seq, pending):
+                continue
             count = min(seq.total - seq.num_computed, budget, self.limits.prefill_chunk)
             while True:
                 need = pages_needed(seq.num_computed + count, page) - len(seq.pages)
@@ -228,5 +231,6 @@ class Scheduler:
                 continue
             samples = int(seq.num_computed + count == seq.total)
             plan.append(Chunk(seq, seq.num_computed, count, samples))
+            self.prefix.computing(seq, seq.num_computed, count, pending)
             budget -= count
         return plan
