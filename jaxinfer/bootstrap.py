@@ -71,7 +71,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         default=True,
         help="reuse the KV pages of prompt prefixes computed before (default: on)",
     )
-    e.add_argument("--compile-cache", default=None, help="directory for JAX's persistent compilation cache")
+    e.add_argument(
+        "--compile-cache",
+        default=None,
+        help="directory for the compiled steps (a restart loads them untraced) and JAX's persistent compilation cache",
+    )
     p.add_argument("--verbose", action="store_true")
 
 
@@ -131,8 +135,10 @@ def resolve_mesh(flag: str | None):
     return spec
 
 
-def build_engine(args):
-    """Mesh, platform, model, tokenizer and a warmed-up engine from parsed flags (paths already checked)."""
+def build_engine(args, serve_early: bool = False):
+    """Mesh, platform, model, tokenizer and an engine with its step executables ready (loaded from
+    `--compile-cache` or compiled; with `serve_early`, the larger buckets keep compiling in the
+    background, `jaxinfer.compilation.startup`) from parsed flags (paths already checked)."""
     from jaxinfer.engine import compile_counter
 
     spec = resolve_mesh(args.mesh)
@@ -159,7 +165,11 @@ def build_engine(args):
     if not tok_path:
         raise TokenizerError(f"--tokenizer is required: no tokenizer found inside or beside {model.source}")
     tokenizer = load_tokenizer(tok_path)
+    load_s = time.perf_counter() - start
     engine = Engine(model, tokenizer, engine_config(args, model.config.max_position_embeddings), policy)
-    seconds = engine.warmup()
-    log.info("warm-up compiled %d buckets in %.2fs", len(engine.buckets), seconds)
+    engine.startup.load_s = load_s
+    from jaxinfer.compilation.startup import prepare
+
+    engine.compiling = prepare(engine, args.compile_cache, serve_early=serve_early)
+    log.info("%s", engine.startup.line())
     return engine

@@ -149,6 +149,7 @@ def summarize(results, elapsed: float, engine) -> str:
         f"output tokens/s {gen / elapsed:.1f}  steps {status.steps}  preemptions {status.preemptions}"
         f"  compilations after warm-up {status.compilations_after_warmup}",
         prefix_summary(status),
+        engine.startup.line(),
         f"XLA compilations in this process {compile_counter.count()}"
         f" (persistent cache hits {compile_counter.cache_hits()})",
     ]

@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         server.start()
         log.info("gRPC listening on %s:%d (health NOT_SERVING until warm-up is done)", args.host, port)
 
-        engine = build_engine(args)  # logs the mesh, model, KV pages, buckets and warm-up time
+        engine = build_engine(args, serve_early=True)  # larger buckets may still compile in the background
         orchestrator = Orchestrator(
             engine,
             metrics,
@@ -118,10 +118,11 @@ def main(argv=None) -> int:
             for name in ("", SERVICE):
                 health.set(name, health_pb2.HealthCheckResponse.SERVING)
             log.info(
-                "SERVING %s: %d slots, queue %d, buckets %s",
+                "SERVING %s: %d slots, queue %d, buckets %s ready of %s",
                 engine.model.config.name,
                 engine.config.max_slots,
                 args.max_queue,
+                engine.ready_buckets,
                 engine.buckets,
             )
         while not stopping.wait(1.0):
@@ -133,6 +134,9 @@ def main(argv=None) -> int:
         orchestrator.close()
         server.stop(grace=5).wait()
         log.info("stopped")
+        if engine.compiling is not None and engine.compiling.is_alive():
+            logging.shutdown()  # a thread inside XLA compilation cannot be unwound: leave without waiting
+            os._exit(0)
         return 0
 
 

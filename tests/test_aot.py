@@ -73,7 +73,16 @@ def test_tiny_compiles_for_v5e_2x4_and_manifest_records_it(tmp_path, tpu_availab
         assert step["memory"]["argument"] > 0 and step["estimated_seconds"] > 0
         assert re.search(rf"^\| {b} \| [\d.]+ \|", out, re.M), out  # one table row per executable
     assert m["plan"]["fits"] and "FITS" in out
-    assert list(tmp_path.glob("jit_step-*-cache")), "compiling should fill the persistent cache in --out"
+    # the executables are in StepStore form, where `--compile-cache DIR` on a v5e-8 loads them untraced
+    (signature,) = tmp_path.glob("jaxinfer-steps/*/signature.json")
+    sig = json.loads(signature.read_text())
+    assert len(sig["devices"]) == 8 and all(d.startswith("tpu:TPU v5 lite:") for d in sig["devices"])
+    assert sig["platform"]["attention"] == "pallas" and sig["inputs"]["slots_per_shard"] == 4
+    assert sorted(f.name for f in signature.parent.glob("bucket_*.xla")) == ["bucket_16.xla", "bucket_8.xla"]
+    # the same v5e chips but only four of them (v5e:2x2): refused, naming the device count
+    v5e_2x2 = {"platform": "tpu", "device_kind": "TPU v5 lite", "num_devices": 4}
+    with pytest.raises(aot_manifest.ManifestMismatch, match=r"8 devices \(this system has 4\)"):
+        aot_manifest.check_manifest(m, v5e_2x2)
 
     # this CPU machine is not a v5e-8: the artifacts are refused, by the aot CLI and by run --compile-cache
     for cmd in (

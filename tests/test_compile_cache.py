@@ -1,7 +1,9 @@
-"""Persistent compile cache: a second `run` with the same --compile-cache compiles nothing and warms up faster;
-an AOT compile for this machine fills the cache with exactly the engine's step executables."""
+"""Start-up from `--compile-cache DIR`: a second `run` loads every step executable (no tracing, no
+compiling), a changed flag or a corrupted file is named in one line and rebuilt, and an AOT compile for
+this machine writes the engine's steps where `run --compile-cache` loads them."""
 
 import re
+import shutil
 import subprocess
 import sys
 
@@ -23,22 +25,32 @@ ARGS = [
     "4",
 ]
 BUCKETS = 6  # 1, 2, 4, 8, 16, 32 (the smallest bucket on CPU is 1)
+STARTUP = re.compile(
+    r"start-up ([\d.]+)s: model load [\d.]+s; (\d+) executables loaded in [\d.]+s; (\d+) traced in [\d.]+s; "
+    r"(\d+) compiled in [\d.]+s"
+)
 
 
-def run(cache_dir):
-    """-> (XLA compilations, persistent cache hits, warm-up seconds, generated text) of one batch job."""
+def run(cache_dir, *extra):
+    """One batch job -> dict: XLA compilations in the process, start-up figures, text, stderr."""
     proc = subprocess.run(
-        [sys.executable, "-m", "jaxinfer.run", *ARGS, "--compile-cache", str(cache_dir)],
+        [sys.executable, "-m", "jaxinfer.run", *ARGS, *extra, "--compile-cache", str(cache_dir)],
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    compiles, hits = map(
-        int, re.search(r"XLA compilations in this process (\d+) \(persistent cache hits (\d+)\)", proc.stderr).groups()
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    compiles = int(re.search(r"XLA compilations in this process (\d+)", proc.stderr).group(1))
+    ready, loaded, traced, compiled = STARTUP.search(proc.stderr).groups()
+    return dict(
+        compiles=compiles,
+        ready=float(ready),
+        loaded=int(loaded),
+        traced=int(traced),
+        compiled=int(compiled),
+        text=proc.stdout,
+        log=proc.stderr,
     )
-    warmup = float(re.search(rf"warm-up compiled {BUCKETS} buckets in ([\d.]+)s", proc.stderr).group(1))
-    return compiles, hits, warmup, proc.stdout
 
 
 @pytest.fixture(scope="module")
@@ -61,21 +73,54 @@ def aot_dir(tmp_path_factory):
     return out
 
 
-def test_second_run_compiles_nothing_and_warms_up_faster(cold):
-    cache, (compiles, hits, warmup, text) = cold
-    assert compiles >= BUCKETS and hits == 0
-    compiles2, hits2, warmup2, text2 = run(cache)
-    assert compiles2 == 0 and hits2 == compiles
-    assert warmup2 < warmup / 2, (warmup, warmup2)
-    assert text2 == text
+def step_files(root):
+    return sorted(p.name for p in root.glob("jaxinfer-steps/*/bucket_*.xla"))
 
 
-def test_aot_for_this_machine_fills_the_cache_with_the_engines_steps(cold, aot_dir):
-    _, (cold_compiles, *_) = cold
-    assert len(list(aot_dir.glob("jit_step-*-cache"))) == BUCKETS
-    compiles, hits, *_ = run(aot_dir)
-    assert compiles <= cold_compiles - BUCKETS and hits >= BUCKETS
-    assert len(list(aot_dir.glob("jit_step-*-cache"))) == BUCKETS  # no step with another signature compiled
+def test_second_start_loads_every_step_and_traces_and_compiles_nothing(cold):
+    cache, first = cold
+    assert (first["loaded"], first["traced"], first["compiled"]) == (0, BUCKETS, BUCKETS)
+    assert "step cache miss: no executables stored" in first["log"]
+    assert len(step_files(cache)) == BUCKETS
+    second = run(cache)
+    assert (second["loaded"], second["traced"], second["compiled"]) == (BUCKETS, 0, 0)
+    assert second["compiles"] == 0  # nothing at all: the rest (cache allocation, ...) hit JAX's own cache
+    assert second["text"] == first["text"]
+    assert second["ready"] < first["ready"]
+
+
+def test_a_changed_flag_misses_with_one_line_naming_it(cold):
+    cache, _ = cold
+    out = run(cache, "--max-slots", "4")
+    misses = [line for line in out["log"].splitlines() if "step cache miss" in line]
+    assert len(misses) == 1 and "--max-slots inputs.slots_per_shard: 8 -> 4" in misses[0], misses
+    assert (out["loaded"], out["traced"]) == (0, BUCKETS)
+
+
+def test_a_corrupted_step_file_is_refused_in_one_line_and_rebuilt(cold, tmp_path):
+    cache, first = cold
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    victim = next(copy.glob("jaxinfer-steps/*/bucket_8.xla"))
+    victim.write_bytes(victim.read_bytes()[:1000])  # truncated, as by a full disk
+    out = run(copy)
+    refused = [line for line in out["log"].splitlines() if "refused" in line]
+    assert len(refused) == 1 and str(victim) in refused[0] and "rebuilding" in refused[0], refused
+    assert (out["loaded"], out["traced"], out["compiled"]) == (BUCKETS - 1, 1, 1)
+    assert out["text"] == first["text"]
+    assert run(copy)["loaded"] == BUCKETS  # rebuilt in place
+    signature = next(copy.glob("jaxinfer-steps/*/signature.json"))
+    signature.write_text("{not json")
+    out = run(copy)
+    assert sum("unreadable signature" in line for line in out["log"].splitlines()) == 1
+    assert (out["loaded"], out["traced"]) == (0, BUCKETS)
+
+
+def test_aot_for_this_machine_writes_the_engines_steps_and_run_loads_them(cold, aot_dir):
+    assert step_files(aot_dir) == sorted(f"bucket_{b}.xla" for b in (1, 2, 4, 8, 16, 32))
+    out = run(aot_dir)
+    assert (out["loaded"], out["traced"], out["compiled"]) == (BUCKETS, 0, 0)
+    assert out["text"] == cold[1]["text"]
 
 
 def test_serialized_cpu_executables_load_and_match_the_engine(aot_dir):

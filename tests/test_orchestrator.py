@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from jaxinfer.engine.engine import EngineStatus
+from jaxinfer.engine.executables import StartupReport
 from jaxinfer.engine.requests import Event, Request, Result, SamplingParams
 from jaxinfer.server.metrics import Metrics
 from jaxinfer.server.orchestrator import Orchestrator, RequestFailed
@@ -27,6 +28,8 @@ class MockEngine:
 
     def __init__(self, max_slots=2, step_seconds=0.002):
         self.config = types.SimpleNamespace(max_slots=max_slots)
+        self.startup = StartupReport(load_s=0.5, traced=3, compiled=3)
+        self.unproven_buckets = ()
         self.step_seconds = step_seconds
         self.running_steps = threading.Event()  # cleared: step() waits (the engine thread is busy)
         self.running_steps.set()
@@ -55,6 +58,7 @@ class MockEngine:
             prefix_hit_tokens=0,
             prompt_tokens_computed=0,
             prefix_evictions=0,
+            buckets_ready=(1, 2, 4),
         )
 
     def submit(self, req):

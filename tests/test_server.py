@@ -483,6 +483,14 @@ def test_metrics_endpoint_after_the_run(server, stub):
     assert 0 <= hits <= lookups and lookups > 64 * 6
     assert value("jaxinfer_prefix_cache_hit_rate") == pytest.approx(hits / lookups)
     assert value("jaxinfer_prefix_cache_evictions_total") >= 0
+    assert value("jaxinfer_startup_seconds", phase="ready") > value("jaxinfer_startup_seconds", phase="model_load") > 0
+    assert (
+        value("jaxinfer_startup_executables", origin="compiled")
+        + value("jaxinfer_startup_executables", origin="loaded")
+        == value("jaxinfer_startup_executables", origin="traced")
+        + value("jaxinfer_startup_executables", origin="loaded")
+        >= 3
+    )  # at least the small buckets before SERVING
     assert value("jaxinfer_preemptions_total") == 0
     assert value("jaxinfer_compilations_since_warmup_total") == 0
     assert value("jaxinfer_engine_steps_total") > 300

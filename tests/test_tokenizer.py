@@ -398,3 +398,22 @@ def test_bad_requests(llama2c, gguf_bpe):
         gguf_bpe.apply_chat_template([{"role": 1, "content": "hi"}])
     with pytest.raises(TokenizerError, match="token id 512 is outside the vocabulary"):
         llama2c.decode([1, 512])
+
+
+def test_gguf_metadata_reader_equals_the_gguf_package(smollm_gguf, gguf_spm, tmp_path):
+    """The direct metadata reader (a fraction of a second) returns what `gguf.GGUFReader` (seconds) does."""
+    import gguf
+
+    from jaxinfer.tokenizer.gguf_metadata import read_gguf_metadata
+
+    for path in (smollm_gguf, gguf_spm.source):
+        ours = read_gguf_metadata(path)
+        fields = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if not k.startswith("GGUF.")}
+        assert ours.keys() == fields.keys()
+        for key, value in fields.items():
+            assert ours[key] == pytest.approx(value) if isinstance(value, float) else ours[key] == value, key
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(smollm_gguf.read_bytes()[:100_000])  # inside the vocabulary array
+    with pytest.raises(TokenizerError, match="corrupt or truncated GGUF file") as e:
+        load_tokenizer(cut)
+    assert "\n" not in str(e.value)

@@ -79,6 +79,8 @@ def run(args) -> int:
     from jaxinfer.checkpoint.load import parse_dtype
     from jaxinfer.compilation import manifest, plan, target
     from jaxinfer.compilation import steps as aot_compile
+    from jaxinfer.compilation.cache import persistent_cache_bypassed
+    from jaxinfer.compilation.step_store import StepStore
     from jaxinfer.config import ConfigError
     from jaxinfer.engine.config import refuse_sequence_axis
     from jaxinfer.model.layout import plan_layout
@@ -119,9 +121,10 @@ def run(args) -> int:
     results, oom = [], None
     if weights + kv <= tgt.memory_bytes:  # otherwise compiling (minutes) cannot change the answer
         try:
-            for r in aot_compile.compile_buckets(specs, buckets):
-                log.info("bucket %d compiled in %.1fs", r.bucket, r.seconds)
-                results.append(r)
+            with persistent_cache_bypassed():  # what StepStore serializes must be a real compile
+                for r in aot_compile.compile_buckets(specs, buckets):
+                    log.info("bucket %d compiled in %.1fs", r.bucket, r.seconds)
+                    results.append(r)
         except Exception as e:  # XLA refuses programs that exceed the chip's memory
             if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
                 raise
@@ -136,6 +139,7 @@ def run(args) -> int:
         f"requests of {engine.max_context} tokens"
     )
     if args.out and results:
+        files = StepStore(args.out).save(specs, {r.bucket: r.compiled for r in results})
         path = manifest.write(
             args.out,
             {
@@ -167,7 +171,7 @@ def run(args) -> int:
                     for r in results
                 ],
             },
-            results,
+            files,
         )
         print(f"wrote {path}")
     if p.fits and oom is None:

@@ -2,11 +2,11 @@
 
 `--out DIR` holds:
   manifest.json         model, mesh, engine flags, buckets, memory plan, target topology, versions;
-  executables/step_bucket_N.xla   each compiled step, `jax.experimental.serialize_executable` output
-                        (the compiled device binary; loadable only with the same jax/jaxlib/libtpu on
-                        the same kind and number of devices);
-  *-cache               JAX persistent compilation cache entries written while compiling, so
-                        `run`/`serve --compile-cache DIR` on the target start without compiling.
+  jaxinfer-steps/<key>/  the compiled steps in `StepStore` form (`jax.experimental.serialize_executable`
+                        output, the device binaries), which `--compile-cache DIR` on the target loads
+                        without tracing (only with the same jaxinfer, jax/jaxlib/libtpu and devices);
+  *-cache               JAX persistent compilation cache entries of the other small programs compiled
+                        meanwhile (the steps bypass it: see `compilation.cache.persistent_cache_bypassed`).
 Anything that reads DIR first calls `check_manifest`, which refuses (with a message, never a crash)
 artifacts built by other versions or for other devices.
 """
@@ -36,22 +36,13 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def executable_path(root: pathlib.Path, bucket: int) -> pathlib.Path:
-    return root / "executables" / f"step_bucket_{bucket}.xla"
-
-
-def write(out: str, manifest: dict, results) -> pathlib.Path:
-    """Writes the serialized executables of `results` and `manifest` (plus the file names) under `out`."""
-    from jax.experimental import serialize_executable
-
+def write(out: str, manifest: dict, files: dict[int, pathlib.Path]) -> pathlib.Path:
+    """Writes `manifest` under `out`, listing the executables in `files` (bucket -> path under `out`,
+    written by `StepStore.save`, so `--compile-cache out` on the target loads them)."""
     root = pathlib.Path(out)
-    (root / "executables").mkdir(parents=True, exist_ok=True)
-    files = {}
-    for r in results:
-        path = executable_path(root, r.bucket)
-        path.write_bytes(pickle.dumps(serialize_executable.serialize(r.compiled)))
-        files[str(r.bucket)] = str(path.relative_to(root))
-    manifest = {"format": FORMAT, **manifest, "versions": versions(), "executables": files}
+    root.mkdir(parents=True, exist_ok=True)
+    executables = {str(b): str(pathlib.Path(f).relative_to(root)) for b, f in sorted(files.items())}
+    manifest = {"format": FORMAT, **manifest, "versions": versions(), "executables": executables}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return root / MANIFEST
 

@@ -16,7 +16,7 @@ import numpy as np
 from jaxinfer.engine.config import EngineConfig, token_buckets
 from jaxinfer.engine.pages import pages_needed
 from jaxinfer.engine.step import ROW_AXES, build_step_fn
-from jaxinfer.engine.step_inputs import HostBatchBuilder, StepInputs, input_shardings
+from jaxinfer.engine.step_inputs import HostBatchBuilder, StepInputs, abstract_inputs
 from jaxinfer.kv_cache import CacheShape, abstract_cache
 from jaxinfer.model.forward import ShardedModel
 from jaxinfer.model.params import abstract_params
@@ -75,10 +75,7 @@ def step_specs(
 
 def step_inputs(specs: StepSpecs, bucket: int) -> StepInputs:
     """The engine's idle inputs for `bucket`, as ShapeDtypeStructs sharded on their leading (data) axis."""
-    host = specs.inputs.empty(bucket)
-    shardings = input_shardings(specs.model.mesh, host)
-    spec = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings[k]) for k, a in host.items()}
-    return StepInputs.from_flat(spec)
+    return abstract_inputs(specs.inputs, specs.model.mesh, bucket)
 
 
 def compile_buckets(specs: StepSpecs, buckets=None):

@@ -15,6 +15,7 @@ import collections
 import dataclasses
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Iterable
 
@@ -25,13 +26,14 @@ from jaxinfer import platform as platforms
 from jaxinfer.config import ConfigError
 from jaxinfer.engine import compile_counter
 from jaxinfer.engine.config import EngineConfig, refuse_sequence_axis, token_buckets
+from jaxinfer.engine.executables import StartupReport, compile_pipelined
 from jaxinfer.engine.output import OutputStream
 from jaxinfer.engine.pages import pages_needed
 from jaxinfer.engine.prefix_cache import model_salt
 from jaxinfer.engine.requests import Event, Request, Result
 from jaxinfer.engine.scheduler import Scheduler, SchedulerLimits, Sequence, StepPlan
 from jaxinfer.engine.step import ROW_AXES, build_step_fn
-from jaxinfer.engine.step_inputs import HostBatchBuilder, StepInputs, input_shardings
+from jaxinfer.engine.step_inputs import HostBatchBuilder, StepInputs, abstract_inputs, input_shardings
 from jaxinfer.kv_cache import CacheShape, allocate_cache, device_memory, pages_for_memory_fraction
 from jaxinfer.model.forward import ShardedModel
 from jaxinfer.sharding import logical_sharding, per_device_bytes
@@ -54,6 +56,7 @@ class EngineStatus:
     compilations_after_warmup: int
     steps_by_bucket: dict[int, int]
     finished: dict[str, int]  # finish reason -> requests
+    buckets_ready: tuple[int, ...]  # buckets steps can use now (all of them once start-up is complete)
     prefix_lookup_tokens: int  # prompt tokens of admitted requests
     prefix_hit_tokens: int  # of those, served from the prefix cache
     prompt_tokens_computed: int  # prompt tokens that ran through the model (recomputes included)
@@ -115,7 +118,17 @@ class Engine:
         self.cache = allocate_cache(mesh, self.cache_shape, model.layer_loop)
         self._input_shardings = input_shardings(mesh, self.inputs.empty(1))  # the same for every bucket
         self._step_fn = build_step_fn(model, self.cache_shape, self.platform)
+        self._executables: dict[int, object] = {}  # bucket -> compiled step, as the engine thread sees them
+        self._arrived: dict[int, object] = {}  # installed by any thread, taken up at the next step
+        self._unproven: set[int] = set()  # installed buckets that have not run yet
+        self._install_lock = threading.Lock()
+        self.startup = StartupReport()
+        self.compiling: threading.Thread | None = None  # larger buckets still compiling (set by the bootstrap)
         self._prev = jax.device_put(np.zeros((self.data, slots), np.int32), logical_sharding(mesh, ROW_AXES))
+        self._abstract_args = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+            (model.params, self.cache, self._prev),
+        )
         self._streams: dict[str, OutputStream] = {}
         self._pending = None  # (device tokens, device logprobs, [sampled Sequence]) of the dispatched step
         self._steps = 0
@@ -160,16 +173,77 @@ class Engine:
             )
         return pages
 
-    # ---- facade ------------------------------------------------------------------------------
-    def warmup(self) -> float:
-        """Compiles the step for every bucket (running it on idle inputs); returns seconds taken."""
+    # ---- compiled steps ----------------------------------------------------------------------
+    def lower(self, bucket: int):
+        """Traces and lowers the step of `bucket` from abstract arguments (safe on any thread)."""
+        params, cache, prev = self._abstract_args
+        return self._step_fn.lower(params, cache, abstract_inputs(self.inputs, self.model.mesh, bucket), prev)
+
+    def compile(self, buckets, report: StartupReport | None = None) -> dict:
+        """{bucket: executable} for `buckets`: lowered one by one, then compiled concurrently."""
+        report = report if report is not None else self.startup
+        hits = compile_counter.cache_hits()
+        compiled, trace_s, compile_s = compile_pipelined(self.lower, buckets)
+        report.traced += len(compiled)
+        report.trace_s += trace_s
+        report.compiled += len(compiled)
+        report.compile_s += compile_s
+        report.cache_hits += compile_counter.cache_hits() - hits
+        return compiled
+
+    def install(self, executables: dict, proven: bool = False) -> None:
+        """Makes compiled or loaded executables available to the next step (callable from any thread).
+        Unless `proven` (loaded from disk), each is run once on idle inputs when the engine is idle
+        (`warm_one`), so its first-run work (on CPU, oneDNN's kernel generation) does not land on a request."""
+        with self._install_lock:
+            self._arrived.update(executables)
+            if not proven:
+                self._unproven.update(executables)
+
+    @property
+    def unproven_buckets(self) -> tuple[int, ...]:
+        with self._install_lock:
+            return tuple(sorted(self._unproven))
+
+    def warm_one(self) -> bool:
+        """Runs the smallest installed bucket that has never run, if the engine is idle; True if it ran one."""
+        if self.has_work() or not self.unproven_buckets:
+            return False
+        self.run_idle(self.unproven_buckets[:1])
+        return True
+
+    @property
+    def ready_buckets(self) -> tuple[int, ...]:
+        with self._install_lock:
+            return tuple(sorted(set(self._executables) | set(self._arrived)))
+
+    def run_idle(self, buckets) -> None:
+        """Runs each of `buckets` once on idle inputs (a first run of a freshly compiled executable)."""
+        self._take_installed()
         start = time.perf_counter()
-        for bucket in self.buckets:
-            tokens, _, self.cache = self._step_fn(
+        for bucket in buckets:
+            with self._install_lock:
+                self._unproven.discard(bucket)
+            step = self._executables[bucket]
+            tokens, _, self.cache = step(
                 self.model.params, self.cache, self._to_device(self.inputs.empty(bucket)), self._prev
             )
             tokens.block_until_ready()
+        self.startup.run_s += time.perf_counter() - start
+
+    def mark_warm(self) -> None:
+        """From now on every compilation counts as a recompile (and fails with --strict-no-recompile)."""
         self._compiles_at_warmup = compile_counter.count()
+
+    # ---- facade ------------------------------------------------------------------------------
+    def warmup(self) -> float:
+        """Compiles every bucket not yet installed (concurrently), runs each new one once on idle inputs,
+        and marks the engine warm; returns seconds taken."""
+        start = time.perf_counter()
+        missing = [b for b in self.buckets if b not in self.ready_buckets]
+        self.install(self.compile(missing))
+        self.run_idle(self.unproven_buckets)
+        self.mark_warm()
         return time.perf_counter() - start
 
     @property
@@ -235,6 +309,7 @@ class Engine:
             compilations_after_warmup=self.compilations_after_warmup,
             steps_by_bucket=dict(self._steps_by_bucket),
             finished=dict(self._finished),
+            buckets_ready=self.ready_buckets,
             prefix_lookup_tokens=s.prefix.stats.lookup_tokens,
             prefix_hit_tokens=s.prefix.stats.hit_tokens,
             prompt_tokens_computed=s.prefix.stats.prompt_tokens_computed,
@@ -242,12 +317,26 @@ class Engine:
         )
 
     # ---- internals ---------------------------------------------------------------------------
+    def _take_installed(self) -> None:
+        with self._install_lock:
+            arrived, self._arrived = self._arrived, {}
+        if arrived:
+            self._executables.update(arrived)
+            self.scheduler.use_buckets(tuple(sorted(self._executables)))
+
     def _dispatch(self):
+        if not self._executables and not self._arrived:
+            self.warmup()  # nothing compiled yet: compile everything now, before the first step
+        self._take_installed()
         plan: StepPlan | None = self.scheduler.schedule()
         if plan is None:
             return None
         inputs = self._to_device(self.inputs.build(plan))
-        tokens, logprobs, self.cache = self._step_fn(self.model.params, self.cache, inputs, self._prev)
+        step = self._executables[plan.bucket]
+        if plan.bucket in self._unproven:  # its first run is this real step
+            with self._install_lock:
+                self._unproven.discard(plan.bucket)
+        tokens, logprobs, self.cache = step(self.model.params, self.cache, inputs, self._prev)
         self._prev = tokens
         self._steps += 1
         self._steps_by_bucket[plan.bucket] += 1

@@ -107,6 +107,7 @@ class Scheduler:
         self.slots: list[list[Sequence | None]] = [[None] * limits.slots_per_shard for _ in range(limits.data_shards)]
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.preemptions = 0
+        self.buckets = limits.buckets  # the buckets steps may use now (fewer while larger ones still compile)
 
     # ---- queries ---------------------------------------------------------------------------
     def running(self) -> list[Sequence]:
@@ -134,6 +135,13 @@ class Scheduler:
         return sum(p.num_pages for p in self.pools)
 
     # ---- changes -----------------------------------------------------------------------------
+    def use_buckets(self, buckets: tuple[int, ...]) -> None:
+        """Plans steps within `buckets` (a non-empty subset of the limits' buckets) from now on: a prompt is
+        split into smaller chunks, and decodes beyond the largest bucket wait, until more are ready."""
+        if not buckets or not set(buckets) <= set(self.limits.buckets):
+            raise ValueError(f"buckets {buckets} must be a non-empty subset of {self.limits.buckets}")
+        self.buckets = tuple(sorted(buckets))
+
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
@@ -157,12 +165,12 @@ class Scheduler:
     def schedule(self) -> StepPlan | None:
         """Plans the next step and marks its tokens computed and its samples in flight; None if idle."""
         self._admit()
-        budget = self.limits.buckets[-1]
+        budget = self.buckets[-1]
         shards = tuple(tuple(self._schedule_shard(d, budget)) for d in range(self.limits.data_shards))
         if not any(shards):
             return None
         used = max(sum(c.count for c in chunks) for chunks in shards)
-        plan = StepPlan(shards, next(b for b in self.limits.buckets if b >= used))
+        plan = StepPlan(shards, next(b for b in self.buckets if b >= used))
         for chunk in plan.chunks:
             chunk.seq.num_computed = chunk.start + chunk.count
             chunk.seq.inflight += chunk.samples

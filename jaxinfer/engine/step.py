@@ -84,6 +84,15 @@ class PagedAttention:
         )
 
 
+_traces = 0  # times a step function was traced in this process
+
+
+def step_traces() -> int:
+    """How often any engine step has been traced (lowered) in this process: zero on a start that loads
+    every executable from disk."""
+    return _traces
+
+
 def build_step_fn(model: ShardedModel, cache_shape: CacheShape, platform: Platform):
     """Returns jit(step)(params, cache, inputs, prev_tokens) -> (tokens [D,S], logprobs [D,S], cache).
 
@@ -94,6 +103,8 @@ def build_step_fn(model: ShardedModel, cache_shape: CacheShape, platform: Platfo
     impl = attention_impl(platform.attention, platform.interpret)
 
     def step(params, cache, inputs: StepInputs, prev_tokens):
+        global _traces
+        _traces += 1  # runs only while tracing
         tokens = jnp.where(inputs.use_prev, jnp.take_along_axis(prev_tokens, inputs.prev_slot, axis=1), inputs.tokens)
         ctx = PagedAttention(inputs, mesh, impl)
         logits, cache = module.apply(

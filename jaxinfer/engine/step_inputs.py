@@ -52,6 +52,15 @@ def input_shardings(mesh, host: dict) -> dict:
     return {k: logical_sharding(mesh, ("batch",) + (None,) * (a.ndim - 1)) for k, a in host.items()}
 
 
+def abstract_inputs(builder: HostBatchBuilder, mesh, bucket: int) -> StepInputs:
+    """The idle inputs of `bucket` as sharded ShapeDtypeStructs: what a step is lowered and compiled for."""
+    host = builder.empty(bucket)
+    shardings = input_shardings(mesh, host)
+    return StepInputs.from_flat(
+        {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings[k]) for k, a in host.items()}
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class HostBatchBuilder:
     """Builds one step's host (numpy) arrays; shapes depend only on these sizes and the bucket."""

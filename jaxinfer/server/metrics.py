@@ -73,6 +73,19 @@ class Metrics:
         self.rpcs = Counter(
             "jaxinfer_rpc_requests", "RPCs answered, by method and gRPC status code", ["method", "code"], registry=r
         )
+        self.startup_seconds = Gauge(
+            "jaxinfer_startup_seconds",
+            "Start-up time by phase (background: larger buckets compiled while serving; ready: until SERVING)",
+            ["phase"],
+            registry=r,
+        )
+        self.startup_executables = Gauge(
+            "jaxinfer_startup_executables",
+            "Step executables at start-up by origin (loaded from --compile-cache, traced, compiled, "
+            "answered by the persistent compilation cache)",
+            ["origin"],
+            registry=r,
+        )
         for reason in FINISH_REASONS:
             self.finished.labels(reason)
         self._totals = dict.fromkeys(_CUMULATIVE, 0)
@@ -109,3 +122,24 @@ class Metrics:
             self.ttft.observe(result.ttft_s)
             if result.completion_tokens > 1:
                 self.tpot.observe((result.total_s - result.ttft_s) / (result.completion_tokens - 1))
+
+    def startup(self, report) -> None:
+        """The engine's `StartupReport` (it changes only while larger buckets compile in the background)."""
+        phases = {
+            "model_load": report.load_s,
+            "executables_load": report.load_executables_s,
+            "trace": report.trace_s,
+            "compile": report.compile_s,
+            "warmup_run": report.run_s,
+            "background": report.background_s or 0.0,
+            "ready": report.ready_s,
+        }
+        for phase, seconds in phases.items():
+            self.startup_seconds.labels(phase).set(seconds)
+        for origin, count in (
+            ("loaded", report.loaded),
+            ("traced", report.traced),
+            ("compiled", report.compiled),
+            ("persistent_cache_hit", report.cache_hits),
+        ):
+            self.startup_executables.labels(origin).set(count)

@@ -175,7 +175,12 @@ class Orchestrator:
 
     def _next_commands(self) -> list:
         """Every queued command; waits for the first one only when the engine has nothing to do."""
-        commands = [] if self.engine.has_work() else [self._commands.get()]
+        commands = []
+        while not commands and not self.engine.has_work():
+            try:  # idle: first runs of buckets compiled in the background, between polls for commands
+                commands.append(self._commands.get(timeout=None if not self.engine.unproven_buckets else 0))
+            except queue.Empty:
+                self.engine.warm_one()
         while True:
             try:
                 commands.append(self._commands.get_nowait())
@@ -288,4 +293,5 @@ class Orchestrator:
             prefix_lookup_tokens=e.prefix_lookup_tokens,
             prefix_evictions=e.prefix_evictions,
         )
+        self.metrics.startup(self.engine.startup)
         return status

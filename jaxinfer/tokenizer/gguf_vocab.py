@@ -1,4 +1,4 @@
-"""The vocabulary in a `.gguf` file's metadata, read with `gguf.GGUFReader`: byte-level BPE (`tokenizer.ggml.model`
+"""The vocabulary in a `.gguf` file's metadata (`gguf_metadata`): byte-level BPE (`tokenizer.ggml.model`
 "gpt2", rebuilt with `tokenizers` using the pre-tokenizer regexes llama.cpp uses for `tokenizer.ggml.pre`) or
 SentencePiece-style ("llama", score-ordered merges).
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import gguf
 import tokenizers
 from tokenizers import AddedToken, Regex, models, pre_tokenizers
 
@@ -21,6 +20,7 @@ from jaxinfer.tokenizer.base import (
     TokenizerError,
     _byte_level_bytes,
 )
+from jaxinfer.tokenizer.gguf_metadata import GGUFMetadataError, read_gguf_metadata
 from jaxinfer.tokenizer.spm import _scored_bpe_tokenizer
 
 # Pre-tokenizer regexes per `tokenizer.ggml.pre`, copied from llama.cpp's llm_tokenizer_bpe; each is applied
@@ -50,17 +50,17 @@ _PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {  # flavour -> (rege
 def _load_gguf(path: Path) -> Tokenizer:
     """The vocabulary embedded in a GGUF file's metadata (llama.cpp's `tokenizer.*` keys)."""
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:  # gguf raises ValueError, IndexError, struct and numpy errors alike
-        raise TokenizerError(f"{path}: corrupt or truncated GGUF file ({type(exc).__name__}: {exc})") from None
+        metadata = read_gguf_metadata(path)
+    except GGUFMetadataError as exc:
+        raise TokenizerError(f"{path}: corrupt or truncated GGUF file ({exc})") from None
 
     def field(key: str, default=None, required: bool = False):
-        value = reader.get_field(key)
+        value = metadata.get(key)
         if value is None:
             if required:
                 raise TokenizerError(f"{path}: GGUF metadata has no {key!r}")
             return default
-        return value.contents()
+        return value
 
     model = field("tokenizer.ggml.model", required=True)
     tokens = field("tokenizer.ggml.tokens", required=True)

@@ -1,0 +1,59 @@
+"""Start-up in-process: serving from the small buckets while the larger ones compile, and never
+compiling on the serving path (`jaxinfer.compilation.startup`, `Engine.compile/install`)."""
+
+import pytest
+
+from jaxinfer.checkpoint.load import load_model
+from jaxinfer.compilation.startup import early_buckets, prepare
+from jaxinfer.engine import compile_counter
+from jaxinfer.engine.engine import Engine, EngineConfig
+from jaxinfer.engine.requests import Request, SamplingParams
+from jaxinfer.sharding import make_mesh
+
+CONFIG = dict(max_slots=4, max_context=128, prefill_chunk=32, strict_no_recompile=True)
+
+
+@pytest.fixture(scope="module")
+def model(data_dir):
+    return load_model(str(data_dir / "stories260K" / "stories260K.bin"), make_mesh("1x1"))
+
+
+def requests():
+    prompt = [1] + [30 + (7 * i) % 200 for i in range(40)]
+    return [
+        Request("greedy", prompt, SamplingParams(max_tokens=12)),
+        Request("sampled", prompt[:25], SamplingParams(max_tokens=12, temperature=0.8, seed=5)),
+    ]
+
+
+def test_steps_stay_within_the_ready_buckets_and_nothing_compiles_while_serving(model):
+    full = Engine(model, None, EngineConfig(**CONFIG))
+    full.warmup()
+    expected = [r.token_ids for r in full.generate(requests())]
+    early = Engine(model, None, EngineConfig(**CONFIG))
+    small = early_buckets(early)
+    assert small == [1, 2, 4] and early.buckets == (1, 2, 4, 8, 16, 32)
+    early.install(early.compile(small))
+    compiles = compile_counter.count()
+    got = [r.token_ids for r in early.generate(requests())]
+    assert compile_counter.count() == compiles  # a 41-token prompt ran as chunks of at most 4 tokens
+    assert got == expected
+    assert set(early.status().steps_by_bucket) <= set(small) and early.status().buckets_ready == tuple(small)
+
+
+def test_prepare_serving_early_compiles_the_larger_buckets_in_the_background(model):
+    engine = Engine(model, None, EngineConfig(**CONFIG))
+    thread = prepare(engine, None, serve_early=True)
+    assert thread is not None and set(engine.ready_buckets) >= {1, 2, 4}
+    assert engine.compilations_after_warmup == 0  # not armed until every bucket is in
+    first = engine.generate(requests()[:1])[0]  # serves meanwhile
+    thread.join(timeout=300)
+    assert engine.ready_buckets == engine.buckets and engine.startup.background_s > 0
+    assert set(engine.unproven_buckets) >= {8, 16} and 1 not in engine.unproven_buckets  # 1 ran: decodes
+    while engine.warm_one():  # what the server's engine thread does when idle
+        pass
+    assert engine.unproven_buckets == ()
+    assert engine.startup.compiled == len(engine.buckets) and engine.startup.loaded == 0
+    assert engine.generate(requests()[:1])[0].token_ids == first.token_ids
+    assert engine.compilations_after_warmup == 0
+    assert set(engine.status().steps_by_bucket) - {1, 2, 4}  # the larger buckets were used once ready
