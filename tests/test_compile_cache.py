@@ -147,3 +147,21 @@ def test_serialized_cpu_executables_load_and_match_the_engine(aot_dir):
     want, want_lp, _ = own_step(model.params, engine.cache, inputs, prev)
     np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want))
     np.testing.assert_array_equal(np.asarray(logprobs), np.asarray(want_lp))
+
+
+def test_a_warm_server_loads_the_decode_buckets_before_serving_and_the_rest_after(cold):
+    """The server on the batch job's cache: SERVING after loading the buckets decodes need (no tracing),
+    then the larger ones load in the background; nothing is traced or compiled at all."""
+    from tests.test_server import ServerProcess
+
+    cache, _ = cold
+    flags = ("--mesh", "1x1", "--max-context", "128", "--prefill-chunk", "32", "--max-slots", "8")
+    srv = ServerProcess(*flags, "--compile-cache", str(cache))  # the batch job's engine flags
+    try:
+        srv.wait_for(r"SERVING stories260K: 8 slots, queue \d+, buckets \(1, 2, 4, 8\) ready", timeout=60)
+        done = srv.wait_for(r"all buckets ready \(1, 2, 4, 8, 16, 32\): (.*)", timeout=60)
+    finally:
+        srv.stop()
+    first = STARTUP.search(srv.log())
+    assert first.groups()[1:] == ("4", "0", "0")  # loaded, traced, compiled before SERVING
+    assert STARTUP.search(done.group(1)).groups()[1:] == ("6", "0", "0")

@@ -7,8 +7,8 @@
      its kernels, up to seconds for the largest buckets) happens when the engine is idle
      (`Engine.warm_one`, the server's engine thread) or at its first use, never for unused buckets;
   3. with `serve_early`, only the buckets small batches need (up to the slots per data shard) are
-     compiled before this returns; the rest compile on a background thread and join the engine as
-     they finish. Until then the scheduler plans steps within the ready buckets (long prompts take
+     loaded or compiled before this returns; the rest load or compile on a background thread and
+     join the engine as they finish. Until then the scheduler plans steps within the ready buckets (long prompts take
      more, smaller chunks), so nothing compiles on the serving path.
 The engine is marked warm (`--strict-no-recompile` armed) once every bucket is in.
 """
@@ -35,19 +35,12 @@ def early_buckets(engine) -> list[int]:
 
 def prepare(engine, cache_dir: str | None = None, serve_early: bool = False) -> threading.Thread | None:
     """Makes the engine's executables ready (see the module docstring); returns the background thread
-    still compiling larger buckets, if any."""
+    still loading or compiling larger buckets, if any."""
     report = engine.startup
     store = StepStore(cache_dir) if cache_dir else None
-    if store is not None:
-        loaded, report.load_executables_s = timed(store.load, engine, engine.buckets)
-        report.loaded = len(loaded)
-        engine.install(loaded, proven=True)  # loading proved them: no warm-up run
-    missing = [b for b in engine.buckets if b not in engine.ready_buckets]
-    first = [b for b in missing if b in early_buckets(engine)] if serve_early else missing
-    if serve_early and not engine.ready_buckets and not first:
-        first = missing[:1]
-    _compile(engine, store, first)
-    rest = [b for b in missing if b not in first]
+    first = early_buckets(engine) if serve_early else list(engine.buckets)
+    _load_or_compile(engine, store, first, quiet=False)
+    rest = [b for b in engine.buckets if b not in first]
     if not rest:
         engine.mark_warm()
         return None
@@ -55,7 +48,7 @@ def prepare(engine, cache_dir: str | None = None, serve_early: bool = False) -> 
     def background():
         start = time.perf_counter()
         try:
-            _compile(engine, store, rest)
+            _load_or_compile(engine, store, rest, quiet=True)
         except Exception:  # the engine keeps serving with the buckets it has
             log.exception("compiling buckets %s in the background failed; serving with %s", rest, engine.ready_buckets)
             return
@@ -63,10 +56,22 @@ def prepare(engine, cache_dir: str | None = None, serve_early: bool = False) -> 
         engine.mark_warm()
         log.info("all buckets ready %s: %s", engine.ready_buckets, report.line())
 
-    thread = threading.Thread(target=background, name="compile-larger-buckets", daemon=True)
+    thread = threading.Thread(target=background, name="larger-buckets", daemon=True)
     thread.start()
-    log.info("serving with buckets %s while %s compile in the background", engine.ready_buckets, rest)
+    log.info("serving with buckets %s while %s load or compile in the background", engine.ready_buckets, rest)
     return thread
+
+
+def _load_or_compile(engine, store, buckets, quiet: bool) -> None:
+    """Loads what the store has of `buckets` (a miss is logged unless `quiet`: it was, for the first
+    ones), then compiles the others."""
+    report = engine.startup
+    if store is not None:
+        loaded, seconds = timed(store.load, engine, buckets, quiet)
+        report.loaded += len(loaded)
+        report.load_executables_s += seconds
+        engine.install(loaded, proven=True)  # loading proved them: no warm-up run
+    _compile(engine, store, [b for b in buckets if b not in engine.ready_buckets])
 
 
 def _compile(engine, store, buckets) -> None:

@@ -118,8 +118,8 @@ class StepStore:
         self.root = pathlib.Path(root) / SUBDIR
 
     def load(self, engine, buckets, quiet: bool = False) -> dict:
-        """{bucket: executable} for those of `buckets` on disk for exactly this engine; logs misses
-        (unless `quiet`: a prefetch, which the real load repeats when it comes back short)."""
+        """{bucket: executable} for those of `buckets` on disk for exactly this engine; logs a miss
+        unless `quiet` (the second load of one start-up, whose first already said it)."""
         sig = signature(engine)
         folder = self.root / key_of(sig)
         stored = self._read_signature(folder, quiet)
@@ -147,8 +147,7 @@ class StepStore:
                 payload, in_tree, out_tree = pickle.loads(path.read_bytes())
                 return deserialize_and_load(payload, in_tree, out_tree, execution_devices=devices)
             except Exception as e:  # a truncated or foreign file: say so, compile it again
-                if not quiet:
-                    log.warning("step cache %s refused: %s; rebuilding it", path, str(e).splitlines()[0][:200])
+                log.warning("step cache %s refused: %s; rebuilding it", path, str(e).splitlines()[0][:200])
                 return None
 
         # deserializing releases the GIL for most of its time: two at once take about half as long

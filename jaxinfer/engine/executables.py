@@ -42,7 +42,7 @@ class StartupReport:
             f"{self.run_s:.2f}s"
         )
         if self.background_s is not None:
-            text += f"; larger buckets compiled in the background in {self.background_s:.2f}s"
+            text += f"; larger buckets loaded or compiled in the background in {self.background_s:.2f}s"
         return text
 
 
