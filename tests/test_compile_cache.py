@@ -82,7 +82,11 @@ def test_second_start_loads_every_step_and_traces_and_compiles_nothing(cold):
     assert (first["loaded"], first["traced"], first["compiled"]) == (0, BUCKETS, BUCKETS)
     assert "step cache miss: no executables stored" in first["log"]
     assert len(step_files(cache)) == BUCKETS
+    assert (
+        len(list(cache.glob("jaxinfer-params/*/meta.json"))) == 1 and "loaded from --compile-cache" not in first["log"]
+    )
     second = run(cache)
+    assert "loaded from --compile-cache" in second["log"]  # the parameters as the engine runs them, memory-mapped
     assert (second["loaded"], second["traced"], second["compiled"]) == (BUCKETS, 0, 0)
     assert second["compiles"] == 0  # nothing at all: the rest (cache allocation, ...) hit JAX's own cache
     assert second["text"] == first["text"]
@@ -109,6 +113,12 @@ def test_a_corrupted_step_file_is_refused_in_one_line_and_rebuilt(cold, tmp_path
     assert (out["loaded"], out["traced"], out["compiled"]) == (BUCKETS - 1, 1, 1)
     assert out["text"] == first["text"]
     assert run(copy)["loaded"] == BUCKETS  # rebuilt in place
+    meta = next(copy.glob("jaxinfer-params/*/meta.json"))
+    meta.write_text("{")
+    out = run(copy)
+    assert sum("params cache" in line and "refused" in line for line in out["log"].splitlines()) == 1
+    assert out["text"] == first["text"] and "loaded from --compile-cache" not in out["log"]
+    assert "loaded from --compile-cache" in run(copy)["log"]  # rebuilt
     signature = next(copy.glob("jaxinfer-steps/*/signature.json"))
     signature.write_text("{not json")
     out = run(copy)

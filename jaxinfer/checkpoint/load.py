@@ -38,6 +38,11 @@ def parse_dtype(name) -> jnp.dtype:
     return jnp.dtype(name)
 
 
+def resolve_source(spec: str | None) -> str:
+    """`spec` with the default model resolved to its converted checkpoint (converting it on first use)."""
+    return str(ensure_default_model()) if spec in (None, "", DEFAULT_MODEL) else spec
+
+
 def load_model(spec: str | None, mesh, dtype="float32", seed: int = 0, layer_loop: str = "auto") -> ShardedModel:
     """Loads `spec` (see module docstring) onto `mesh` as sharded `dtype` parameters, in the layer loop
     `layer_loop` (auto: the platform's, see `jaxinfer.platform`)."""
@@ -46,8 +51,7 @@ def load_model(spec: str | None, mesh, dtype="float32", seed: int = 0, layer_loo
 
 
 def _load(spec: str | None, mesh, dtype, seed: int) -> ShardedModel:
-    if spec in (None, "", DEFAULT_MODEL):
-        spec = str(ensure_default_model())
+    spec = resolve_source(spec)
     if spec in PRESETS:
         config = get_preset(spec)
         layout = plan_layout(config, mesh.shape["tensor"])

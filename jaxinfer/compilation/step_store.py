@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -25,24 +24,13 @@ import pickle
 import tempfile
 
 from jaxinfer.compilation.manifest import versions
+from jaxinfer.paths import source_hash
 
 log = logging.getLogger(__name__)
 
 SUBDIR = "jaxinfer-steps"
 _DEVICE_COUNT = "--xla_force_host_platform_device_count"  # already in "devices"; CPU hosts that AOT-compile set it
 SIGNATURE = "signature.json"
-
-
-@functools.cache
-def source_hash() -> str:
-    """A hash of jaxinfer's and its kernels' source files: any code change makes new executables."""
-    root = pathlib.Path(__file__).resolve().parents[2]
-    h = hashlib.sha256()
-    for folder in ("jaxinfer", "pallas_kernels"):
-        for path in sorted((root / folder).rglob("*")):
-            if path.suffix in (".py", ".cc", ".h") and "proto" not in path.parts:
-                h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def signature(engine) -> dict:
