@@ -87,3 +87,17 @@ def test_benchmark_prefix_cache_tiny(tmp_path):
     assert abs(on["hit_rate"] - on["cached_tokens"] / on["prompt_tokens"]) < 1e-3
     saved = json.loads((tmp_path / "r.json").read_text())["computed_reduction"]
     assert saved == result["computed_reduction"] == 1 - on["computed_tokens"] / off["computed_tokens"]
+
+
+def test_benchmark_startup_tiny(tmp_path):
+    """A cold and a warm batch job (stories260K): the warm one loads every step and traces nothing."""
+    model = str(ROOT / "tests" / "data" / "stories260K" / "stories260K.bin")
+    result = load_script("benchmark_startup").main(
+        ["--repeats", "1", "--no-serve", "--json", str(tmp_path / "s.json"), "--"]
+        + ["--model", model, "--mesh", "1x1", "--no-chat", "--max-context", "128"]
+    )
+    cold, warm = result["median"]["cold"], result["median"]["warm"]
+    assert cold["traced"] == cold["compiled"] > 0 and cold["loaded"] == 0
+    assert warm["loaded"] == cold["compiled"] and warm["traced"] == warm["compiled"] == 0
+    assert warm["ready_s"] < cold["ready_s"] and warm["wall_s"] > warm["ready_s"] > 0
+    assert json.loads((tmp_path / "s.json").read_text())["median"] == result["median"]

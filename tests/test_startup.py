@@ -57,3 +57,18 @@ def test_prepare_serving_early_compiles_the_larger_buckets_in_the_background(mod
     assert engine.generate(requests()[:1])[0].token_ids == first.token_ids
     assert engine.compilations_after_warmup == 0
     assert set(engine.status().steps_by_bucket) - {1, 2, 4}  # the larger buckets were used once ready
+
+
+def test_a_second_engine_on_the_same_store_traces_and_compiles_nothing(model, tmp_path):
+    from jaxinfer.engine.step import step_traces
+
+    first = Engine(model, None, EngineConfig(**CONFIG))
+    prepare(first, str(tmp_path))
+    expected = [r.token_ids for r in first.generate(requests())]
+    second = Engine(model, None, EngineConfig(**CONFIG))
+    traces, compiles = step_traces(), compile_counter.count()
+    prepare(second, str(tmp_path))
+    assert step_traces() == traces and compile_counter.count() == compiles  # counted, not reported
+    assert second.startup.loaded == len(second.buckets) and second.startup.traced == 0
+    assert [r.token_ids for r in second.generate(requests())] == expected
+    assert compile_counter.count() == compiles
