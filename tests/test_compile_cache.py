@@ -2,6 +2,7 @@
 compiling), a changed flag or a corrupted file is named in one line and rebuilt, and an AOT compile for
 this machine writes the engine's steps where `run --compile-cache` loads them."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -105,7 +106,12 @@ def test_a_corrupted_step_file_is_refused_in_one_line_and_rebuilt(cold, tmp_path
     cache, first = cold
     copy = tmp_path / "cache"
     shutil.copytree(cache, copy)
-    victim = next(copy.glob("jaxinfer-steps/*/bucket_8.xla"))
+    (signature,) = [  # the batch job's own steps (another test stored a --max-slots 4 set beside them)
+        p
+        for p in copy.glob("jaxinfer-steps/*/signature.json")
+        if json.loads(p.read_text())["inputs"]["slots_per_shard"] == 8
+    ]
+    victim = signature.parent / "bucket_8.xla"
     victim.write_bytes(victim.read_bytes()[:1000])  # truncated, as by a full disk
     out = run(copy)
     refused = [line for line in out["log"].splitlines() if "refused" in line]
@@ -119,7 +125,6 @@ def test_a_corrupted_step_file_is_refused_in_one_line_and_rebuilt(cold, tmp_path
     assert sum("params cache" in line and "refused" in line for line in out["log"].splitlines()) == 1
     assert out["text"] == first["text"] and "loaded from --compile-cache" not in out["log"]
     assert "loaded from --compile-cache" in run(copy)["log"]  # rebuilt
-    signature = next(copy.glob("jaxinfer-steps/*/signature.json"))
     signature.write_text("{not json")
     out = run(copy)
     assert sum("unreadable signature" in line for line in out["log"].splitlines()) == 1
