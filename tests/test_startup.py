@@ -1,6 +1,8 @@
 """Start-up in-process: serving from the small buckets while the larger ones compile, and never
 compiling on the serving path (`jaxinfer.compilation.startup`, `Engine.compile/install`)."""
 
+import jax
+import numpy as np
 import pytest
 
 from jaxinfer.checkpoint.load import load_model
@@ -72,3 +74,22 @@ def test_a_second_engine_on_the_same_store_traces_and_compiles_nothing(model, tm
     assert second.startup.loaded == len(second.buckets) and second.startup.traced == 0
     assert [r.token_ids for r in second.generate(requests())] == expected
     assert compile_counter.count() == compiles
+
+
+def test_parameters_are_cached_only_in_the_cpu_layout_and_only_for_real_checkpoints(model, data_dir, tmp_path):
+    from jaxinfer.checkpoint import params_cache
+
+    source = str(data_dir / "stories260K" / "stories260K.bin")
+    ident = params_cache.identity(source, model.mesh, "float32", "unrolled")
+    assert ident["files"][0][0] == "stories260K.bin" and ident["layer_loop"] == "unrolled"
+    assert params_cache.identity(source, model.mesh, "float32", "scan") is None  # TPU/GPU: Orbax places shards
+    assert params_cache.identity("tiny", model.mesh, "float32", "unrolled") is None  # random weights
+    params_cache.save(tmp_path, ident, model)
+    again = params_cache.load(tmp_path, ident, model.mesh)
+    for (path, a), (path2, b) in zip(
+        sorted(jax.tree_util.tree_leaves_with_path(model.params), key=str),
+        sorted(jax.tree_util.tree_leaves_with_path(again.params), key=str),
+    ):
+        assert path == path2 and a.sharding == b.sharding
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert (again.config, again.layout, again.layer_loop) == (model.config, model.layout, model.layer_loop)

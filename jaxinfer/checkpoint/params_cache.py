@@ -7,7 +7,7 @@ read is bounded by disk (or page-cache) bandwidth, with no Orbax restore, head p
 conversion. The key covers the source's files (path, size, modification time), the mesh, the devices,
 the dtype, the layer loop and jaxinfer's own source, so any of them changing means a miss and a
 rebuild. It costs one more copy of the weights on disk per mesh layout, only for those who pass
-`--compile-cache`.
+`--compile-cache`, and only in the CPU (unrolled) layout: see `identity`.
 """
 
 from __future__ import annotations
@@ -34,8 +34,12 @@ SUBDIR = "jaxinfer-params"
 
 
 def identity(source: str, mesh, dtype, layer_loop: str) -> dict | None:
-    """What the loaded parameters depend on; None for sources not worth caching (random presets)."""
-    if source in PRESETS:
+    """What the loaded parameters depend on; None when they are not cached: random presets, and the
+    scan layout (TPU/GPU), where the Orbax restore already places the shards on the devices with only
+    head padding after it, and where a second copy of a 70B model, gathered on one host to be
+    written, would be neither affordable nor possible across hosts. The CPU layout's conversion is
+    what costs seconds, and CPU-served models are small."""
+    if source in PRESETS or layer_loop != "unrolled":
         return None
     path = pathlib.Path(source).absolute()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
