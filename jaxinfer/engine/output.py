@@ -44,8 +44,7 @@ class OutputStream:
             text = self.text.push(self.detok.add(token) if self.detok else "")
             reason = "stop" if self.text.stopped else None
         if reason is None and (
-            len(self.seq.generated) >= self.request.params.max_tokens
-            or len(self.request.prompt_ids) + len(self.seq.generated) >= self.max_context
+            len(self.seq.generated) >= self.request.params.max_tokens or self.seq.known >= self.max_context
         ):
             reason = "length"
         if reason is not None and not self.text.stopped:

@@ -56,8 +56,7 @@ class PrefixCache:
 
     def _reusable_pages(self, seq) -> int:
         """Full pages before the page holding the last known token (that token must run)."""
-        known = len(seq.request.prompt_ids) + len(seq.generated)
-        return (known - 1) // self.page_size
+        return (seq.known - 1) // self.page_size
 
     def cached_pages(self, seq, shard: int) -> int:
         """How many of `seq`'s leading pages shard `shard` holds (no references taken)."""
@@ -102,16 +101,13 @@ class PrefixCache:
         pool.share(hit)
         seq.pages += hit
         seq.num_computed = len(seq.pages) * page
-        prompt = len(seq.request.prompt_ids)
-        fresh = max(min(seq.num_computed, prompt) - seq.prompt_reached, 0)
+        fresh = _reach(seq, seq.num_computed)
         seq.cached_tokens += fresh
         self.stats.hit_tokens += fresh
-        seq.prompt_reached = max(seq.prompt_reached, min(seq.num_computed, prompt))
 
     def computing(self, seq, start: int, count: int, pending: set[bytes]) -> None:
         """A prompt chunk of `seq` was planned for this step: the keys of the pages it fills go into `pending`."""
-        known = len(seq.request.prompt_ids) + len(seq.generated)
-        if self.enabled and start + count <= known:
+        if self.enabled and start + count <= seq.known:
             pending.update(self.keys(seq, (start + count) // self.page_size)[start // self.page_size :])
 
     def waits_for(self, seq, pending: set[bytes]) -> bool:
@@ -125,17 +121,15 @@ class PrefixCache:
 
     def computed(self, seq, start: int, count: int) -> None:
         """A chunk of `seq` from `start` was planned: counts its prompt tokens and indexes full pages."""
-        prompt = len(seq.request.prompt_ids)
-        self.stats.prompt_tokens_computed += max(min(start + count, prompt) - start, 0)
-        seq.prompt_reached = max(seq.prompt_reached, min(start + count, prompt))
+        self.stats.prompt_tokens_computed += max(min(start + count, len(seq.request.prompt_ids)) - start, 0)
+        _reach(seq, start + count)
         self.register(seq)
 
     def register(self, seq) -> None:
         """Indexes `seq`'s full pages whose K/V is computed and whose tokens the host knows."""
         if not self.enabled or not seq.pages:
             return
-        known = len(seq.request.prompt_ids) + len(seq.generated)
-        full = min(seq.num_computed, known) // self.page_size
+        full = min(seq.num_computed, seq.known) // self.page_size
         if full <= seq.registered:
             return
         keys = self.keys(seq, full)
@@ -143,3 +137,12 @@ class PrefixCache:
         for i in range(seq.registered, full):
             pool.register(seq.pages[i], keys[i])
         seq.registered = full
+
+
+def _reach(seq, position: int) -> int:
+    """Moves `seq`'s prompt high-water mark to `position` (computed or adopted up to there); returns how
+    many prompt positions that adds, which are the ones not counted before."""
+    reached = min(position, len(seq.request.prompt_ids))
+    fresh = max(reached - seq.prompt_reached, 0)
+    seq.prompt_reached = max(seq.prompt_reached, reached)
+    return fresh

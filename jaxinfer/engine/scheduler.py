@@ -50,9 +50,14 @@ class Sequence:
         return self.request.id
 
     @property
+    def known(self) -> int:
+        """Tokens the host has: prompt and generated (read back)."""
+        return len(self.request.prompt_ids) + len(self.generated)
+
+    @property
     def total(self) -> int:
         """Tokens the sequence has: prompt, generated, and the one in flight."""
-        return len(self.request.prompt_ids) + len(self.generated) + self.inflight
+        return self.known + self.inflight
 
     def known_tokens(self, start: int, stop: int) -> list[int]:
         """Token ids at positions [start, stop) that the host has (prompt, then generated)."""

@@ -110,7 +110,7 @@ class HostBatchBuilder:
         slots = np.array([seq.slot for seq in seqs], np.int32)
         starts = np.array([c.start for c in chunks], np.int32)
         counts = np.array([c.count for c in chunks], np.int32)
-        known = np.array([len(seq.request.prompt_ids) + len(seq.generated) for seq in seqs], np.int32)
+        known = np.array([seq.known for seq in seqs], np.int32)
         first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)  # each chunk's first token
         n = int(counts.sum())
         by_slot = np.zeros(self.slots_per_shard, np.int32)
