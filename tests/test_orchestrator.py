@@ -28,8 +28,9 @@ class MockEngine:
 
     def __init__(self, max_slots=2, step_seconds=0.002):
         self.config = types.SimpleNamespace(max_slots=max_slots)
-        self.startup = StartupReport(load_s=0.5, traced=3, compiled=3)
+        self.startup = StartupReport(load_s=0.5, compiled=3)
         self.unproven_buckets = ()
+        self.compiling = None  # no buckets loading or compiling in the background
         self.step_seconds = step_seconds
         self.running_steps = threading.Event()  # cleared: step() waits (the engine thread is busy)
         self.running_steps.set()

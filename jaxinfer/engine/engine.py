@@ -179,12 +179,12 @@ class Engine:
         params, cache, prev = self._abstract_args
         return self._step_fn.lower(params, cache, abstract_inputs(self.inputs, self.model.mesh, bucket), prev)
 
-    def compile(self, buckets, report: StartupReport | None = None) -> dict:
-        """{bucket: executable} for `buckets`: lowered one by one, then compiled concurrently."""
-        report = report if report is not None else self.startup
+    def compile(self, buckets) -> dict:
+        """{bucket: executable} for `buckets`: each traced and handed to a thread pool that compiles it
+        while the next is traced; the time and counts go into `self.startup`."""
+        report = self.startup
         hits = compile_counter.cache_hits()
         compiled, trace_s, compile_s = compile_pipelined(self.lower, buckets)
-        report.traced += len(compiled)
         report.trace_s += trace_s
         report.compiled += len(compiled)
         report.compile_s += compile_s
@@ -222,8 +222,7 @@ class Engine:
         self._take_installed()
         start = time.perf_counter()
         for bucket in buckets:
-            with self._install_lock:
-                self._unproven.discard(bucket)
+            self._ran(bucket)
             step = self._executables[bucket]
             tokens, _, self.cache = step(
                 self.model.params, self.cache, self._to_device(self.inputs.empty(bucket)), self._prev
@@ -317,6 +316,12 @@ class Engine:
         )
 
     # ---- internals ---------------------------------------------------------------------------
+    def _ran(self, bucket: int) -> None:
+        """`bucket` has run once now (its first-run work is done)."""
+        if bucket in self._unproven:  # unlocked read: once proven, a bucket never becomes unproven again
+            with self._install_lock:
+                self._unproven.discard(bucket)
+
     def _take_installed(self) -> None:
         with self._install_lock:
             arrived, self._arrived = self._arrived, {}
@@ -333,9 +338,7 @@ class Engine:
             return None
         inputs = self._to_device(self.inputs.build(plan))
         step = self._executables[plan.bucket]
-        if plan.bucket in self._unproven:  # its first run is this real step
-            with self._install_lock:
-                self._unproven.discard(plan.bucket)
+        self._ran(plan.bucket)  # if it never ran, this real step is its first run
         tokens, logprobs, self.cache = step(self.model.params, self.cache, inputs, self._prev)
         self._prev = tokens
         self._steps += 1

@@ -4,8 +4,8 @@ Each bucket's step is traced and lowered on the calling thread (Python, under th
 a thread pool to compile while the next one is traced: XLA releases the GIL while it compiles, so the
 buckets compile side by side and beside the tracing. The engine calls the compiled executables
 directly; a call whose shapes do not match fails instead of compiling, so nothing ever compiles on
-the serving path. `StartupReport` collects
-where start-up time went, for the batch job's summary, the server's log and Prometheus.
+the serving path. `StartupReport` collects where start-up time went, for the batch job's summary,
+the server's log and Prometheus.
 """
 
 from __future__ import annotations
@@ -21,13 +21,17 @@ class StartupReport:
     load_s: float = 0.0  # reading the model (set by whoever loads it)
     loaded: int = 0  # buckets whose executables were read back from disk (no tracing, no compiling)
     load_executables_s: float = 0.0
-    traced: int = 0  # buckets traced and lowered
-    trace_s: float = 0.0
+    trace_s: float = 0.0  # tracing and lowering the compiled buckets
     compiled: int = 0  # buckets compiled (XLA, or its persistent compilation cache)
     compile_s: float = 0.0  # wall time of the compiles beyond the tracing they overlap
     cache_hits: int = 0  # compilations JAX's persistent compilation cache answered
     run_s: float = 0.0  # first runs of freshly compiled buckets on idle inputs
     background_s: float | None = None  # compiling the larger buckets after serving started
+
+    @property
+    def traced(self) -> int:
+        """Buckets traced: every compiled one was, and no loaded one is."""
+        return self.compiled
 
     @property
     def ready_s(self) -> float:

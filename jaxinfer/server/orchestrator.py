@@ -109,6 +109,7 @@ class Orchestrator:
         self.max_queue, self.stream_buffer, self.request_timeout = max_queue, stream_buffer, request_timeout
         self.capacity = engine.config.max_slots + max_queue  # requests in flight: running + waiting
         self._tickets: dict[str, Ticket] = {}
+        self._startup_settled = False  # its StartupReport no longer changes: stop republishing it
         self._lock = threading.Condition()  # guards _tickets and _accepting; notified when _tickets empties
         self._accepting = True
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -293,5 +294,8 @@ class Orchestrator:
             prefix_lookup_tokens=e.prefix_lookup_tokens,
             prefix_evictions=e.prefix_evictions,
         )
-        self.metrics.startup(self.engine.startup)
+        if not self._startup_settled:  # larger buckets may still arrive and make their first runs
+            self.metrics.startup(self.engine.startup)
+            compiling = self.engine.compiling
+            self._startup_settled = not (compiling and compiling.is_alive()) and not self.engine.unproven_buckets
         return status
