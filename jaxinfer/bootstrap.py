@@ -159,17 +159,16 @@ def build_engine(args, serve_early: bool = False):
     log.info("%s", describe(mesh))
     policy = platforms.for_mesh(mesh, args.attention, args.layer_loop)
     start = time.perf_counter()
-    model, ident, how = None, None, "loaded"
+    model = ident = None
     if args.compile_cache:  # the parameters as the engine runs them, from an earlier start
         from jaxinfer.checkpoint import params_cache
         from jaxinfer.checkpoint.load import parse_dtype, resolve_source
 
         ident = params_cache.identity(resolve_source(args.model), mesh, parse_dtype(args.dtype), policy.layer_loop)
         model = params_cache.load(args.compile_cache, ident, mesh) if ident else None
-        how = "loaded from --compile-cache"
+    how = "loaded from --compile-cache" if model is not None else "loaded"
     if model is None:
         model = load_model(args.model, mesh, args.dtype, layer_loop=policy.layer_loop)
-        how = "loaded"
         if ident:
             params_cache.save(args.compile_cache, ident, model)
     log.info("model %s (%s) %s in %.1fs", model.config.name, model.source, how, time.perf_counter() - start)

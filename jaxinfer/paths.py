@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import pathlib
 
@@ -24,3 +25,8 @@ def source_hash() -> str:
             if path.suffix in (".py", ".cc", ".h") and "proto" not in path.parts:
                 h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
+
+
+def content_key(identity: dict) -> str:
+    """The folder name of a cached artifact: a hash of everything it depends on (JSON-able)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]

@@ -235,6 +235,11 @@ def describe(mesh) -> str:
     return f"mesh {dict(mesh.shape)} over {mesh.devices.size} {dev.platform.upper()} device(s)"
 
 
+def device_names(mesh) -> list[str]:
+    """'platform:kind:id' of each device of `mesh` in mesh order: what cached artifacts are tied to."""
+    return [f"{d.platform}:{d.device_kind}:{d.id}" for d in mesh.devices.flat]
+
+
 def ceil_to(x: int, multiple: int) -> int:
     return int(math.ceil(x / multiple) * multiple)
 

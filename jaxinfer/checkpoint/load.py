@@ -121,13 +121,9 @@ def _resolve_tokenizer(ckpt: pathlib.Path, manifest: dict) -> str | None:
     return find_tokenizer(ckpt)
 
 
-def default_model_dir(dtype="float32") -> pathlib.Path:
-    return default_cache_dir() / f"{DEFAULT_MODEL}-{parse_dtype(dtype).name}"
-
-
 def ensure_default_model(dtype="float32") -> pathlib.Path:
     """Converts the embedded SmolLM2-135M-Instruct GGUF into the cache once; returns the native dir."""
-    dst = default_model_dir(dtype)
+    dst = default_cache_dir() / f"{DEFAULT_MODEL}-{parse_dtype(dtype).name}"
     if orbax_store.is_native_checkpoint(dst):
         return dst
     gguf = smollm2_gguf_path()

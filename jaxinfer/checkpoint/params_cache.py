@@ -12,7 +12,6 @@ rebuild. It costs one more copy of the weights on disk per mesh layout, only for
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,8 @@ from jaxinfer.config import PRESETS, ModelConfig
 from jaxinfer.model import params as P
 from jaxinfer.model.forward import ShardedModel
 from jaxinfer.model.layout import plan_layout
-from jaxinfer.paths import source_hash
+from jaxinfer.paths import content_key, source_hash
+from jaxinfer.sharding import device_names
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def identity(source: str, mesh, dtype, layer_loop: str) -> dict | None:
         "source": str(path),
         "files": [[str(f.relative_to(path.parent)), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
         "mesh": dict(mesh.shape),
-        "devices": [f"{d.platform}:{d.device_kind}:{d.id}" for d in mesh.devices.flat],
+        "devices": device_names(mesh),
         "dtype": np.dtype(dtype).name,
         "layer_loop": layer_loop,
         "jaxinfer_source": source_hash(),
@@ -55,8 +55,7 @@ def identity(source: str, mesh, dtype, layer_loop: str) -> dict | None:
 
 
 def _folder(root, ident: dict) -> pathlib.Path:
-    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
-    return pathlib.Path(root) / SUBDIR / key
+    return pathlib.Path(root) / SUBDIR / content_key(ident)
 
 
 def load(root, ident: dict, mesh) -> ShardedModel | None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -24,7 +23,8 @@ import pickle
 import tempfile
 
 from jaxinfer.compilation.manifest import versions
-from jaxinfer.paths import source_hash
+from jaxinfer.paths import content_key, source_hash
+from jaxinfer.sharding import device_names
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def signature(engine) -> dict:
         "jaxinfer_source": source_hash(),
         "versions": versions(),
         "xla_flags": " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_COUNT)),
-        "devices": [f"{d.platform}:{d.device_kind}:{d.id}" for d in mesh.devices.flat],
+        "devices": device_names(mesh),
         "mesh": dict(mesh.shape),
         "model": plain(engine.model.config),
         "layout": plain(engine.model.layout),
@@ -78,10 +78,6 @@ FLAGS = {
 }
 
 
-def key_of(sig: dict) -> str:
-    return hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:24]
-
-
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     """'field: old -> new' for every leaf that differs."""
     out = []
@@ -109,7 +105,7 @@ class StepStore:
         """{bucket: executable} for those of `buckets` on disk for exactly this engine; logs a miss
         unless `quiet` (the second load of one start-up, whose first already said it)."""
         sig = signature(engine)
-        folder = self.root / key_of(sig)
+        folder = self.root / content_key(sig)
         stored = self._read_signature(folder, quiet)
         if stored is None:
             if not quiet:
@@ -149,7 +145,7 @@ class StepStore:
         from jax.experimental.serialize_executable import serialize
 
         sig = signature(engine)
-        folder = self.root / key_of(sig)
+        folder = self.root / content_key(sig)
         folder.mkdir(parents=True, exist_ok=True)
         if self._read_signature(folder, quiet=True) != sig:
             _write_atomic(folder / SIGNATURE, (json.dumps(sig, indent=1, sort_keys=True) + "\n").encode())
