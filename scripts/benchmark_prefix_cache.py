@@ -87,9 +87,6 @@ def batch_job(jsonl: str, out: str, cache: bool, extra: list[str]) -> dict:
 
 
 def main(argv=None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokenizer", default=None, help="the batch jobs' model's tokenizer (default: SmolLM2's)")
     p.add_argument("--system-tokens", type=int, default=1024)
@@ -98,7 +95,9 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--keep-jsonl", default=None, help="also write the requests here (a batch-job example)")
     p.add_argument("--json", default=None)
+    p.add_argument("job_args", nargs="*", metavar="-- ARG", help="passed to every jaxinfer command it runs (after --)")
     args = p.parse_args(argv)
+    extra = list(args.job_args)
     for name in ("system_tokens", "questions", "max_tokens", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")

@@ -88,15 +88,14 @@ def serve_until_serving(cache: str, extra: list[str]) -> float:
 
 
 def main(argv=None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--baseline-ref", default=None, help="git ref of the code to compare the cold start with")
     p.add_argument("--no-serve", action="store_true", help="skip the server measurement")
     p.add_argument("--json", default=None)
+    p.add_argument("job_args", nargs="*", metavar="-- ARG", help="passed to every jaxinfer command it runs (after --)")
     args = p.parse_args(argv)
+    extra = list(args.job_args)
     if args.repeats < 1:
         p.error(f"--repeats {args.repeats} must be >= 1")
     runs: dict[str, list] = {"baseline_cold": [], "cold": [], "warm": [], "serve_warm_s": []}
