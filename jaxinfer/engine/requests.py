@@ -8,6 +8,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+TopLogprobs = list[tuple[int, float]]  # (token id, logprob), most likely first
+
 
 class RequestError(ValueError):
     """A request field is invalid; the message names the field, the value and the limit."""
@@ -24,7 +26,20 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    logprobs: bool = False
+    logprobs: bool = False  # the log-probability of each sampled token under the raw model
+    top_logprobs: int = 0  # also the TOP_LOGPROBS_LIMIT most likely tokens at each sampled position, up to this many
+    prompt_logprobs: int | None = None  # None: off; N: each prompt token's logprob and its N most likely alternatives
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # subtracted per occurrence from the logit of every token generated so far
+    repetition_penalty: float = 1.0  # divides positive (multiplies negative) logits of prompt and generated tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logit before sampling
+
+    @property
+    def penalized(self) -> bool:
+        """The logits are adjusted (penalties or bias) before sampling: the engine keeps the slot's token counts."""
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias
+        )
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], where: str = "") -> SamplingParams:
@@ -34,7 +49,9 @@ class SamplingParams:
         for key, value in raw.items():
             if key not in known:
                 raise RequestError(f"{where}unknown sampling parameter {key!r}; known: {', '.join(known)}")
-            if key in ("stop", "stop_token_ids"):
+            if key == "logit_bias":
+                value = _bias_pairs(value, where)
+            elif key in ("stop", "stop_token_ids"):
                 if isinstance(value, (str, int)):
                     value = [value]
                 if not isinstance(value, (list, tuple)):
@@ -77,6 +94,47 @@ class SamplingParams:
         for flag in ("ignore_eos", "logprobs"):
             if not isinstance(getattr(self, flag), bool):
                 raise bad(flag, "must be true or false")
+        if not _integer(self.top_logprobs) or not 0 <= self.top_logprobs <= TOP_LOGPROBS_LIMIT:
+            raise bad("top_logprobs", f"must be an integer in [0, {TOP_LOGPROBS_LIMIT}]")
+        if self.prompt_logprobs is not None and (
+            not _integer(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= TOP_LOGPROBS_LIMIT
+        ):
+            raise bad("prompt_logprobs", f"must be null or an integer in [0, {TOP_LOGPROBS_LIMIT}]")
+        for field in ("presence_penalty", "frequency_penalty"):
+            if not number(field) or not -2 <= getattr(self, field) <= 2:
+                raise bad(field, "must be a number in [-2, 2]")
+        if not number("repetition_penalty") or not 0 < self.repetition_penalty <= 10:
+            raise bad("repetition_penalty", "must be a number in (0, 10] (1 = off)")
+        for token, bias in self.logit_bias:
+            if not _integer(token) or token < 0 or (vocab_size and token >= vocab_size):
+                raise RequestError(
+                    f"{where}logit_bias has token {token!r}: must be a token id in [0, {vocab_size or 'vocab'})"
+                )
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+                raise RequestError(f"{where}logit_bias[{token}]={bias!r} must be a number in [-100, 100]")
+
+
+TOP_LOGPROBS_LIMIT = 20  # the most alternatives per position a request may ask for (OpenAI's limit)
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _bias_pairs(value, where: str) -> tuple[tuple[int, float], ...]:
+    """logit_bias as (token, bias) pairs, from a mapping (JSON keys may be strings of digits) or pairs."""
+    items = value.items() if isinstance(value, Mapping) else value
+    if not isinstance(items, (list, tuple, type({}.items()))):
+        raise RequestError(f"{where}logit_bias={value!r} must be an object mapping token ids to biases")
+    pairs = {}
+    for item in items:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise RequestError(f"{where}logit_bias entry {item!r} must be a (token id, bias) pair")
+        token, bias = item
+        if isinstance(token, str) and token.strip().isdigit():
+            token = int(token)
+        pairs[token] = bias
+    return tuple(pairs.items())
 
 
 @dataclasses.dataclass
@@ -100,6 +158,11 @@ class Result:
     preemptions: int = 0
     seed: int | None = None  # the seed the request ran with (drawn from the OS when it gave none)
     cached_tokens: int = 0  # prompt tokens served from the prefix cache instead of computed
+    top_logprobs: list[TopLogprobs] | None = None  # per generated token, when params.top_logprobs
+    # per prompt token when params.prompt_logprobs is set: its logprob given the tokens before it (None for
+    # the first), and the params.prompt_logprobs most likely tokens at that position (empty for the first)
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[TopLogprobs] | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -115,3 +178,4 @@ class Event:
     text: str
     logprobs: list[float] | None
     result: Result | None = None
+    top_logprobs: list[TopLogprobs] | None = None  # per token, when params.top_logprobs
