@@ -33,6 +33,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="preset, native checkpoint dir, HF dir, .gguf or llama2.c .bin (default: embedded SmolLM2-135M-Instruct)",
     )
     p.add_argument("--tokenizer", default=None, help="tokenizer path when it is not inside or beside the model")
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="a Jinja chat template file that replaces the tokenizer's (e.g. for a model that has none)",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     e = p.add_argument_group("engine")
     e.add_argument("--max-slots", type=int, default=8)
@@ -113,6 +118,9 @@ def check_paths(args, inputs: tuple[str, ...] = ()) -> None:
         )
     if getattr(args, "tokenizer", None) and not os.path.exists(args.tokenizer):
         raise ConfigError(f"--tokenizer {args.tokenizer}: no such file or directory")
+    template = getattr(args, "chat_template", None)
+    if template and not os.path.isfile(template):
+        raise ConfigError(f"--chat-template {template}: no such file")
     cache = getattr(args, "compile_cache", None)
     if cache and os.path.exists(cache) and not os.path.isdir(cache):
         raise ConfigError(f"--compile-cache {cache}: exists and is not a directory")
@@ -120,6 +128,23 @@ def check_paths(args, inputs: tuple[str, ...] = ()) -> None:
         path = getattr(args, flag.lstrip("-").replace("-", "_"))
         if path is not None and not os.path.isfile(path):
             raise ConfigError(f"{flag} {path}: no such file")
+
+
+def read_chat_template(path: str) -> str:
+    """--chat-template's Jinja source, compiled once here so a broken template stops the start-up."""
+    import jinja2
+
+    from jaxinfer.tokenizer.chat import _jinja_environment
+
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    if not source.strip():
+        raise ConfigError(f"--chat-template {path}: the file is empty")
+    try:
+        _jinja_environment().from_string(source)
+    except jinja2.TemplateError as e:
+        raise ConfigError(f"--chat-template {path}: not a valid Jinja template: {e}") from None
+    return source
 
 
 def resolve_mesh(flag: str | None):
@@ -176,6 +201,8 @@ def build_engine(args, serve_early: bool = False):
     if not tok_path:
         raise TokenizerError(f"--tokenizer is required: no tokenizer found inside or beside {model.source}")
     tokenizer = load_tokenizer(tok_path)
+    if getattr(args, "chat_template", None):
+        tokenizer.chat_template = read_chat_template(args.chat_template)
     load_s = time.perf_counter() - start
     engine = Engine(model, tokenizer, engine_config(args, model.config.max_position_embeddings), policy)
     engine.startup.load_s = load_s

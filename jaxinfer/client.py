@@ -4,6 +4,7 @@
     python -m jaxinfer.client --target localhost:50051 --json --max-tokens 20 "Hi"  # one JSON object per response
     python -m jaxinfer.client --target localhost:50051 --chat "What is 2+2?"     # as a user chat message
     python -m jaxinfer.client --target localhost:50051 --info                    # GetModelInfo
+    python -m jaxinfer.client --target host:50051 --tls-ca ca.pem --api-key KEY "Hi"   # TLS and an API key
 
 Exit status: 0 on success, 1 when the server answers with an error status (printed as CODE: details).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import grpc
@@ -33,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--info", action="store_true", help="print GetModelInfo and exit")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     p.add_argument("--request-id", default="")
+    p.add_argument("--api-key", default=None, help="sent as 'authorization: Bearer KEY' (default: $JAXINFER_API_KEY)")
+    p.add_argument("--tls-ca", default=None, help="PEM certificate(s) to trust: connect with TLS")
     s = p.add_argument_group("sampling (server defaults when left out)")
     s.add_argument("--max-tokens", type=int)
     s.add_argument("--temperature", type=float)
@@ -44,14 +48,52 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop-token-id", type=int, action="append", default=[], help="stop token id (repeatable)")
     s.add_argument("--ignore-eos", action="store_true")
     s.add_argument("--logprobs", action="store_true")
+    s.add_argument("--top-logprobs", type=int, default=0, help="also the N most likely tokens at each position")
+    s.add_argument("--prompt-logprobs", type=int, help="each prompt token's logprob and N alternatives")
+    s.add_argument("--presence-penalty", type=float)
+    s.add_argument("--frequency-penalty", type=float)
+    s.add_argument("--repetition-penalty", type=float)
+    s.add_argument(
+        "--logit-bias", action="append", default=[], metavar="TOKEN=BIAS", help="add BIAS to TOKEN's logit (repeatable)"
+    )
     return p
+
+
+_OPTIONAL = (
+    "max_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "seed",
+    "prompt_logprobs",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
+
+
+def _logit_bias(pairs: list[str]) -> dict[int, float]:
+    bias = {}
+    for pair in pairs:
+        token, _, value = pair.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise ValueError(f"--logit-bias {pair!r} must be TOKEN=BIAS, e.g. 42=-100") from None
+    return bias
 
 
 def build_request(args) -> pb.GenerateRequest:
     params = pb.SamplingParams(
-        stop=args.stop, stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos, logprobs=args.logprobs
+        stop=args.stop,
+        stop_token_ids=args.stop_token_id,
+        ignore_eos=args.ignore_eos,
+        logprobs=args.logprobs,
+        top_logprobs=args.top_logprobs,
+        logit_bias=_logit_bias(args.logit_bias),
     )
-    for name in ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed"):
+    for name in _OPTIONAL:
         if getattr(args, name) is not None:
             setattr(params, name, getattr(args, name))
     request = pb.GenerateRequest(request_id=args.request_id, params=params)
@@ -66,22 +108,37 @@ def _json(message) -> str:
     return json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True), ensure_ascii=False)
 
 
+def channel_for(target: str, tls_ca: str | None = None) -> grpc.Channel:
+    """A channel to `target`: TLS trusting the PEM file `tls_ca` when given, else plaintext."""
+    if tls_ca is None:
+        return grpc.insecure_channel(target)
+    with open(tls_ca, "rb") as f:
+        return grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=f.read()))
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.prompt is None and not args.info:
         print("jaxinfer.client: error: give a prompt (or --info)", file=sys.stderr)
         return 2
-    with grpc.insecure_channel(args.target) as channel:
+    try:
+        request = build_request(args) if not args.info else None
+        channel = channel_for(args.target, args.tls_ca)
+    except (ValueError, OSError) as e:
+        print(f"jaxinfer.client: error: {e}", file=sys.stderr)
+        return 2
+    key = args.api_key if args.api_key is not None else os.environ.get("JAXINFER_API_KEY")
+    metadata = [("authorization", f"Bearer {key}")] if key else None
+    with channel:
         stub = jaxinfer_pb2_grpc.GenerationStub(channel)
         try:
             if args.info:
-                print(_json(stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=args.timeout)))
+                print(_json(stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=args.timeout, metadata=metadata)))
                 return 0
-            request = build_request(args)
             if args.unary:
-                responses = [stub.GenerateUnary(request, timeout=args.timeout)]
+                responses = [stub.GenerateUnary(request, timeout=args.timeout, metadata=metadata)]
             else:
-                responses = stub.Generate(request, timeout=args.timeout)
+                responses = stub.Generate(request, timeout=args.timeout, metadata=metadata)
             for response in responses:
                 if args.json:
                     print(_json(response), flush=True)

@@ -1,11 +1,14 @@
-"""`python -m jaxinfer.serve`: the gRPC generation server (service `jaxinfer.v1.Generation`).
+"""`python -m jaxinfer.serve`: the generation server, gRPC (service `jaxinfer.v1.Generation`) and, with
+--http-port, the OpenAI-compatible HTTP API, in one process over one engine.
 
-    python -m jaxinfer.serve --mesh 2x4 --port 50051 --metrics-port 9090
+    python -m jaxinfer.serve --mesh 2x4 --port 50051 --http-port 8000 --metrics-port 9090
     python -m jaxinfer.serve --model tests/data/stories260K/stories260K.bin --mesh 1x1 --port 50051
 
-The port opens before the model loads, with health NOT_SERVING; it turns SERVING once warm-up has
-compiled every bucket. SIGTERM or SIGINT: health NOT_SERVING, new requests get UNAVAILABLE,
-in-flight requests get --drain-seconds to finish, then the process exits 0 (at once, during start-up).
+The ports open before the model loads, with health NOT_SERVING (HTTP /health 503); they turn SERVING
+once warm-up has compiled the buckets decoding needs. SIGTERM or SIGINT: NOT_SERVING, new requests get
+UNAVAILABLE (HTTP 503), in-flight requests get --drain-seconds to finish, then the process exits 0 (at
+once, during start-up). Both listen on loopback unless --host says otherwise; --api-key (or
+JAXINFER_API_KEY) and --tls-cert/--tls-key secure both protocols.
 """
 
 from __future__ import annotations
@@ -29,8 +32,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_args(p)
     s = p.add_argument_group("server")
-    s.add_argument("--host", default="0.0.0.0", help="address to listen on (gRPC and metrics)")
+    s.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (gRPC, HTTP and metrics); default loopback only, 0.0.0.0 for every interface",
+    )
     s.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port, logged)")
+    s.add_argument(
+        "--http-port", type=int, default=None, help="OpenAI-compatible HTTP API port (0: any free port, logged)"
+    )
+    s.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest HTTP request body; larger ones get 413")
+    s.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on HTTP /v1/*, /tokenize, /detokenize and gRPC Generation "
+        "calls (default: $JAXINFER_API_KEY; health and metrics stay open)",
+    )
+    s.add_argument("--tls-cert", default=None, help="PEM certificate chain: TLS for gRPC and HTTP (with --tls-key)")
+    s.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     s.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (0: any free port)")
     s.add_argument(
         "--max-queue",
@@ -57,11 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_server_args(args) -> None:
-    for flag, minimum in (("port", 0), ("max_queue", 0), ("stream_buffer", 1)):
+    for flag, minimum in (("port", 0), ("max_queue", 0), ("stream_buffer", 1), ("max_body_bytes", 1)):
         if getattr(args, flag) < minimum:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= {minimum}")
-    if args.metrics_port is not None and args.metrics_port < 0:
-        raise ValueError(f"--metrics-port {args.metrics_port} must be >= 0")
+    for flag in ("port", "http_port", "metrics_port"):
+        value = getattr(args, flag)
+        if value is not None and not 0 <= value <= 65535:
+            raise ValueError(f"--{flag.replace('_', '-')} {value} must be in [0, 65535]")
     for flag in ("request_timeout", "drain_seconds"):
         if not getattr(args, flag) > 0:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be > 0")
@@ -76,21 +97,39 @@ def main(argv=None) -> int:
         from grpc_health.v1 import health_pb2
         from prometheus_client import start_http_server
 
+        from jaxinfer.server.auth import ApiKeyInterceptor, api_key, tls_files
         from jaxinfer.server.metrics import Metrics
         from jaxinfer.server.orchestrator import Orchestrator
         from jaxinfer.server.service import SERVICE, GenerationService, build_server
 
+        key, tls = api_key(args.api_key), tls_files(args.tls_cert, args.tls_key)
         metrics = Metrics()
         if args.metrics_port is not None:
-            http, _ = start_http_server(args.metrics_port, addr=args.host, registry=metrics.registry)
-            log.info("metrics on http://%s:%d/metrics", args.host, http.server_port)
+            metrics_http, _ = start_http_server(args.metrics_port, addr=args.host, registry=metrics.registry)
+            log.info("metrics on http://%s:%d/metrics", args.host, metrics_http.server_port)
         service = GenerationService(metrics)
-        server, port, health = build_server(service, args.max_slots + args.max_queue + 16, f"{args.host}:{args.port}")
+        refused = lambda method: metrics.rpcs.labels(method, "UNAUTHENTICATED").inc()
+        server, port, health = build_server(
+            service,
+            args.max_slots + args.max_queue + 16,
+            f"{args.host}:{args.port}",
+            credentials=tls.grpc_credentials() if tls else None,
+            interceptors=(ApiKeyInterceptor(key, SERVICE, refused),) if key else (),
+        )
+        openai = http = None
+        if args.http_port is not None:
+            from jaxinfer.server.http_app import OpenAIServer
+            from jaxinfer.server.http_server import HttpServer
+
+            openai = OpenAIServer(metrics, api_key=key, max_body_bytes=args.max_body_bytes)
+            http = HttpServer(openai.app(), args.host, args.http_port, tls)
         stopping, warming = threading.Event(), threading.Event()
         warming.set()
 
         def on_signal(signum, frame):
             health.enter_graceful_shutdown()
+            if openai is not None:
+                openai.draining = True
             stopping.set()
             if warming.is_set():  # nothing is in flight yet; unwinding out of XLA compilation is not safe
                 log.info("%s during start-up: exiting", signal.Signals(signum).name)
@@ -101,7 +140,13 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         server.start()
-        log.info("gRPC listening on %s:%d (health NOT_SERVING until warm-up is done)", args.host, port)
+        secured = ", ".join(what for what, on in (("TLS", tls), ("API key", key)) if on) or "no TLS, no API key"
+        log.info("gRPC listening on %s:%d (%s; health NOT_SERVING until warm-up is done)", args.host, port, secured)
+        if http is not None:
+            http.start()
+            log.info(
+                "HTTP listening on %s://%s:%d (/health 503 until warm-up is done)", http.scheme, args.host, http.port
+            )
 
         engine = build_engine(args, serve_early=True)  # larger buckets may still compile in the background
         orchestrator = Orchestrator(
@@ -114,6 +159,8 @@ def main(argv=None) -> int:
         orchestrator.start()
         warming.clear()
         service.ready(engine, orchestrator)
+        if openai is not None:
+            openai.ready(engine, orchestrator)
         if not stopping.is_set():
             for name in ("", SERVICE):
                 health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -132,6 +179,8 @@ def main(argv=None) -> int:
         if left:
             log.warning("%d request(s) still running after --drain-seconds %g; ending them", left, args.drain_seconds)
         orchestrator.close()
+        if http is not None:
+            http.stop()
         server.stop(grace=5).wait()
         log.info("stopped")
         if engine.compiling is not None and engine.compiling.is_alive():

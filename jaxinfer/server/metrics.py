@@ -1,7 +1,8 @@
 """The server's Prometheus series, in a registry of their own (served by `--metrics-port`).
 
 The engine thread updates the engine-side series once per step from plain numbers (it never hands
-the non-thread-safe engine to the HTTP thread); gRPC handlers count requests by method and status.
+the non-thread-safe engine to the HTTP thread); gRPC handlers count requests by method and status,
+the OpenAI HTTP front end responses by route and status.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ class Metrics:
         )
         self.rpcs = Counter(
             "jaxinfer_rpc_requests", "RPCs answered, by method and gRPC status code", ["method", "code"], registry=r
+        )
+        self.http_requests = Counter(
+            "jaxinfer_http_requests", "HTTP responses sent, by route and status code", ["route", "status"], registry=r
         )
         self.startup_seconds = Gauge(
             "jaxinfer_startup_seconds",

@@ -63,6 +63,7 @@ class Ticket:
         self._error: RequestFailed | None = None
         self._ended = False
         self._cond = threading.Condition()
+        self.on_change = None  # called (engine thread, must not block) after an event is added or the request ends
 
     def push(self, event: Event) -> bool:
         """Adds an event (engine thread); False, adding nothing, when the buffer is full."""
@@ -72,7 +73,8 @@ class Ticket:
             self._events.append(event)
             self._ended = event.result is not None
             self._cond.notify()
-            return True
+        self._changed()
+        return True
 
     def fail(self, code: grpc.StatusCode, message: str) -> None:
         """Ends the request with an error; events not yet taken are dropped."""
@@ -82,6 +84,27 @@ class Ticket:
                 self._error = RequestFailed(code, message)
                 self._ended = True
                 self._cond.notify()
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    def poll(self) -> Event | None:
+        """The next event without waiting (an asyncio caller's `__iter__`): None when there is none yet or
+        the request ended with its result taken (`done` tells which); raises RequestFailed if it failed."""
+        with self._cond:
+            if self._events:
+                return self._events.popleft()
+            if self._error is not None:
+                raise self._error
+            return None
+
+    @property
+    def done(self) -> bool:
+        """The request ended and every event was taken."""
+        with self._cond:
+            return self._ended and not self._events
 
     def __iter__(self):
         """Events in order until the one carrying the result; raises RequestFailed if it failed."""

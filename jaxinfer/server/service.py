@@ -35,7 +35,18 @@ _FINISH = {
     "cancelled": pb.FINISH_REASON_CANCELLED,
     "error": pb.FINISH_REASON_ERROR,
 }
-_OPTIONAL_PARAMS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed")
+_OPTIONAL_PARAMS = (
+    "max_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "prompt_logprobs",
+)
 CUTOFF_GRACE_S = 5.0  # after a slow reader is cut off, how long its RPC waits for it before being cancelled
 _NO_DEADLINE = 1e7  # context.time_remaining() of a call without a deadline is far beyond this
 
@@ -148,7 +159,11 @@ class GenerationService:
         ticket = self._submit(msg, context)
         for event in ticket:
             response = pb.GenerateResponse(
-                request_id=ticket.request_id, token_ids=event.token_ids, text=event.text, logprobs=event.logprobs or ()
+                request_id=ticket.request_id,
+                token_ids=event.token_ids,
+                text=event.text,
+                logprobs=event.logprobs or (),
+                top_logprobs=_top_logprobs(event.top_logprobs),
             )
             if event.result is not None:
                 _finish(response, event.result)
@@ -158,7 +173,11 @@ class GenerationService:
         ticket = self._submit(msg, context)
         result = [event.result for event in ticket][-1]
         response = pb.GenerateResponse(
-            request_id=ticket.request_id, token_ids=result.token_ids, text=result.text, logprobs=result.logprobs or ()
+            request_id=ticket.request_id,
+            token_ids=result.token_ids,
+            text=result.text,
+            logprobs=result.logprobs or (),
+            top_logprobs=_top_logprobs(result.top_logprobs),
         )
         _finish(response, result)
         return response
@@ -202,6 +221,8 @@ class GenerationService:
             stop_token_ids=tuple(p.stop_token_ids),
             ignore_eos=p.ignore_eos,
             logprobs=p.logprobs,
+            top_logprobs=p.top_logprobs,
+            logit_bias=tuple(p.logit_bias.items()),
         )
 
 
@@ -224,7 +245,21 @@ def _cancel_later(context) -> None:
     timer.start()
 
 
+def _top_logprobs(per_token) -> list[pb.TopLogprobs]:
+    """[[(token id, logprob), ...] per token] -> protobufs (empty when the request did not ask for them)."""
+    return [
+        pb.TopLogprobs(tokens=[pb.TokenLogprob(token_id=t, logprob=lp) for t, lp in top]) for top in per_token or ()
+    ]
+
+
 def _finish(response: pb.GenerateResponse, result) -> None:
+    """Sets what only the last response carries: finish reason, usage and the prompt's logprobs."""
+    if result.prompt_logprobs is not None:
+        tops = result.prompt_top_logprobs or [[] for _ in result.prompt_logprobs]
+        for logprob, top in zip(result.prompt_logprobs, _top_logprobs(tops)):
+            entry = response.prompt_logprobs.add(top=top)
+            if logprob is not None:
+                entry.logprob = logprob
     response.finish_reason = _FINISH[result.finish_reason]
     response.usage.CopyFrom(
         pb.Usage(
@@ -272,10 +307,14 @@ def _model_info(engine, orchestrator) -> pb.ModelInfo:
 
 
 def build_server(
-    service: GenerationService, max_workers: int, address: str
+    service: GenerationService,
+    max_workers: int,
+    address: str,
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: tuple = (),
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A gRPC server listening on `address` (-> its port) with the Generation service, health (NOT_SERVING
-    until told otherwise) and reflection; not started.
+    until told otherwise) and reflection; not started. With `credentials` it speaks TLS only.
 
     `max_workers` handler threads, one per RPC in progress; beyond that gRPC itself answers RESOURCE_EXHAUSTED.
     A port in use is an error (gRPC would otherwise share it with the other process through SO_REUSEPORT).
@@ -284,9 +323,10 @@ def build_server(
         futures.ThreadPoolExecutor(max_workers, thread_name_prefix="grpc"),
         maximum_concurrent_rpcs=max_workers,
         options=[("grpc.so_reuseport", 0)],
+        interceptors=interceptors,
     )
     try:
-        port = server.add_insecure_port(address)
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:
         raise OSError(f"cannot listen on {address} (in use, or not an address of this machine)") from None
     server.add_generic_rpc_handlers((service.handler(),))
