@@ -210,6 +210,22 @@ def test_top_logprobs_prompt_logprobs_and_logit_bias_over_http(client, http):
     assert forced.choices[0].text == http.post("/detokenize", json={"tokens": [1, *[300] * 5]}).json()["prompt"]
 
 
+@needs_engine_sampling
+def test_grpc_top_logprobs_prompt_logprobs_and_logit_bias(stub):
+    params = SP(max_tokens=4, logprobs=True, top_logprobs=3, prompt_logprobs=2, logit_bias={300: 100.0})
+    reply = stub.GenerateUnary(pb.GenerateRequest(text="Once upon a time", params=params))
+    assert list(reply.token_ids) == [300] * 4 and len(reply.logprobs) == 4
+    assert [len(top.tokens) for top in reply.top_logprobs] == [3] * 4
+    assert all(top.tokens[0].token_id == 300 for top in reply.top_logprobs)
+    assert len(reply.prompt_logprobs) == reply.usage.prompt_tokens
+    assert not reply.prompt_logprobs[0].HasField("logprob") and all(
+        p.HasField("logprob") and len(p.top.tokens) == 2 for p in reply.prompt_logprobs[1:]
+    )
+    streamed = list(stub.Generate(pb.GenerateRequest(text="Once upon a time", params=params)))
+    assert [len(r.top_logprobs) for r in streamed] == [len(r.token_ids) for r in streamed]
+    assert len(streamed[-1].prompt_logprobs) == reply.usage.prompt_tokens
+
+
 def test_models_tokenize_detokenize_health_and_metrics(client, http, server):
     assert [m.id for m in client.models.list()] == [MODEL_NAME]
     card = http.get("/v1/models").json()["data"][0]
