@@ -14,7 +14,7 @@ import numpy as np
 
 from jaxinfer.engine.config import EngineConfig, token_buckets
 from jaxinfer.engine.pages import pages_needed
-from jaxinfer.engine.sampler_state import abstract_state
+from jaxinfer.engine.sampler_state import RowSetter, abstract_state
 from jaxinfer.engine.step import build_step_fn
 from jaxinfer.engine.step_inputs import HostBatchBuilder, StepInputs, abstract_inputs
 from jaxinfer.kv_cache import CacheShape, abstract_cache
@@ -86,6 +86,13 @@ def compile_buckets(specs: StepSpecs, buckets=None):
         compiled = fn.lower(specs.model.params, specs.cache, step_inputs(specs, bucket), specs.state).compile()
         seconds = time.perf_counter() - start
         yield BucketResult(bucket, seconds, memory_figures(compiled), estimated_seconds(compiled), compiled)
+
+
+def compile_penalty_rows(specs: StepSpecs) -> dict:
+    """{RowSetter.NAME: executable}: the engine's other executable, stored beside the steps."""
+    i = specs.inputs
+    setter = RowSetter(specs.model.mesh, i.data_shards, i.slots_per_shard, specs.model.config.vocab_size)
+    return {RowSetter.NAME: setter.compile()}
 
 
 def memory_figures(compiled) -> dict[str, int]:

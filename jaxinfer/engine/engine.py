@@ -127,7 +127,7 @@ class Engine:
         self.startup = StartupReport()
         self.compiling: threading.Thread | None = None  # larger buckets still compiling (set by the bootstrap)
         self.state = allocate_state(mesh, self.data, slots, model.config.vocab_size)  # donated to each step
-        self._set_rows = RowSetter(mesh, self.data, slots, model.config.vocab_size)
+        self.penalty_rows = RowSetter(mesh, self.data, slots, model.config.vocab_size)
         self._abstract_args = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
             (model.params, self.cache, self.state),
@@ -234,7 +234,8 @@ class Engine:
 
     def mark_warm(self) -> None:
         """From now on every compilation counts as a recompile (and fails with --strict-no-recompile)."""
-        self._set_rows.compile()  # the penalty-row writer: first needed by a request, compiled now
+        if not self.penalty_rows.ready:  # first needed by a request: compiled now unless start-up loaded it
+            self.penalty_rows.install(self.penalty_rows.compile())
         self._compiles_at_warmup = compile_counter.count()
 
     # ---- facade ------------------------------------------------------------------------------
@@ -354,7 +355,7 @@ class Engine:
             params = seq.request.params
             if params.penalized:
                 rows = penalty_rows(params, seq.request.prompt_ids, seq.generated, self.model.config.vocab_size)
-                self.state = self._set_rows(self.state, seq.shard, seq.slot, rows)
+                self.state = self.penalty_rows(self.state, seq.shard, seq.slot, rows)
 
     def _to_device(self, host: dict) -> StepInputs:
         # one batched transfer per step: per-array device_put calls cost the host (and on CPU the

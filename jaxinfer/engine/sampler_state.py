@@ -76,27 +76,35 @@ def penalty_rows(params: SamplingParams, prompt: list[int], generated: list[int]
 
 
 class RowSetter:
-    """Writes one slot's penalty rows into the (donated) state; compiled once, by `compile`."""
+    """Writes one slot's penalty rows into the (donated) state. Its executable is compiled, or loaded from
+    the step store, at start-up (`compile`/`install`), so the first penalized request compiles nothing."""
+
+    NAME = "penalty_rows"  # its file in the step store
 
     def __init__(self, mesh, data: int, slots: int, vocab: int):
-        shardings = state_shardings(mesh)
-
         def set_rows(state: SamplerState, shard, slot, rows: PenaltyRows) -> SamplerState:
             put = lambda table, row: jax.lax.dynamic_update_slice(table, row[None, None], (shard, slot, 0))
             return dataclasses.replace(state, penalties=jax.tree.map(put, state.penalties, rows))
 
-        self._fn = jax.jit(set_rows, donate_argnums=(0,), out_shardings=shardings)
+        self._fn = jax.jit(set_rows, donate_argnums=(0,), out_shardings=state_shardings(mesh))
         self._abstract = abstract_state(mesh, data, slots, vocab)
         self._vocab = vocab
         self._compiled = None
 
-    def compile(self) -> None:
+    @property
+    def ready(self) -> bool:
+        return self._compiled is not None
+
+    def compile(self):
         row = lambda dtype: jax.ShapeDtypeStruct((self._vocab,), dtype)
         rows = PenaltyRows(row(jnp.int32), row(jnp.bool_), row(jnp.float32))
         scalar = jax.ShapeDtypeStruct((), jnp.int32)
-        self._compiled = self._fn.lower(self._abstract, scalar, scalar, rows).compile()
+        return self._fn.lower(self._abstract, scalar, scalar, rows).compile()
+
+    def install(self, compiled) -> None:
+        self._compiled = compiled
 
     def __call__(self, state: SamplerState, shard: int, slot: int, rows: PenaltyRows) -> SamplerState:
         if self._compiled is None:
-            self.compile()
+            self._compiled = self.compile()
         return self._compiled(state, np.int32(shard), np.int32(slot), rows)
