@@ -5,7 +5,8 @@
 
 Each JSONL line is an object with `prompt` (text) or `messages` (chat), optional `id` and optional
 sampling parameters (max_tokens, temperature, top_k, top_p, min_p, seed, stop, stop_token_ids,
-ignore_eos, logprobs). A bad line is reported (with its line number) and in the output file; the
+ignore_eos, logprobs, top_logprobs, prompt_logprobs, presence_penalty, frequency_penalty,
+repetition_penalty, logit_bias). A bad line is reported (with its line number) and in the output file; the
 others still run; the exit status is then 2.
 """
 
@@ -218,6 +219,9 @@ def result_record(rid, req, result, err) -> dict:
         "seed": result.seed,
         "timings": {"ttft_s": result.ttft_s, "total_s": result.total_s},
         **({"logprobs": result.logprobs} if result.logprobs is not None else {}),
+        **({"top_logprobs": result.top_logprobs} if result.top_logprobs is not None else {}),
+        **({"prompt_logprobs": result.prompt_logprobs} if result.prompt_logprobs is not None else {}),
+        **({"prompt_top_logprobs": result.prompt_top_logprobs} if result.prompt_top_logprobs is not None else {}),
     }
 
 

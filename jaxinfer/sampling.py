@@ -1,9 +1,14 @@
 """Vectorised on-device sampling, one row per sequence.
 
-Each row carries its own parameters. temperature == 0 means greedy. Filters apply in the order
-top-k, top-p (nucleus), min-p, all on the temperature-scaled distribution. The random draw for a
-row uses `fold_in(key(seed), position)`: it depends only on the request's seed and the position of
-the token being sampled, never on the slot or the batch around it.
+Each row carries its own parameters. First the logits are adjusted, for rows that ask for it, from
+the row's `PenaltyRows` (logit bias, then the repetition, frequency and presence penalties, in
+vLLM's order). temperature == 0 then means greedy on the adjusted logits; otherwise the filters
+apply in the order top-k, top-p (nucleus), min-p, all on the temperature-scaled distribution. The
+random draw for a row uses `fold_in(key(seed), position)`: it depends only on the request's seed
+and the position of the token being sampled, never on the slot or the batch around it.
+
+Reported logprobs (the sampled token's and the top alternatives) are those of the raw model, before
+any adjustment, temperature or filter, as vLLM reports them by default.
 """
 
 from __future__ import annotations
@@ -26,11 +31,63 @@ class SamplingArrays:
     seed: jax.Array  # u32
     position: jax.Array  # i32, absolute position of the token being sampled
     logprobs: jax.Array  # bool, the caller wants the sampled token's logprob (else it is returned as 0)
+    top_logprobs: jax.Array  # i32, how many of the most likely tokens the caller wants (0 = none)
+    penalized: jax.Array  # bool, adjust the logits with the row's PenaltyRows (bias and penalties)
+    presence: jax.Array  # f32, subtracted from the logit of every token generated so far
+    frequency: jax.Array  # f32, subtracted per time each token was generated so far
+    repetition: jax.Array  # f32, > 0; 1 = off
+
+    @classmethod
+    def neutral(cls, rows: int, **values) -> SamplingArrays:
+        """Numpy arrays for `rows` greedy rows with everything off, then `values` (arrays or scalars)."""
+        import numpy as np
+
+        arrays = dict(
+            temperature=np.zeros(rows, np.float32),
+            top_k=np.zeros(rows, np.int32),
+            top_p=np.ones(rows, np.float32),
+            min_p=np.zeros(rows, np.float32),
+            seed=np.zeros(rows, np.uint32),
+            position=np.zeros(rows, np.int32),
+            logprobs=np.zeros(rows, bool),
+            top_logprobs=np.zeros(rows, np.int32),
+            penalized=np.zeros(rows, bool),
+            presence=np.zeros(rows, np.float32),
+            frequency=np.zeros(rows, np.float32),
+            repetition=np.ones(rows, np.float32),
+        )
+        for key, value in values.items():
+            arrays[key] = np.broadcast_to(np.asarray(value, arrays[key].dtype), (rows,)).copy()
+        return cls(**arrays)
 
 
-def sample(logits: jax.Array, p: SamplingArrays) -> tuple[jax.Array, jax.Array]:
-    """logits f32 [rows, vocab] -> (token ids i32 [rows], logprob of each under the raw model f32 [rows])."""
-    logits = logits.astype(jnp.float32)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PenaltyRows:
+    """What the penalties of a row depend on, for its request so far; each [rows, vocab]."""
+
+    counts: jax.Array  # i32, times each token was generated
+    seen: jax.Array  # bool, the token is in the prompt (the repetition penalty covers prompt and output)
+    bias: jax.Array  # f32, the request's logit_bias as a dense row
+
+
+TOP_LOGPROBS = 20  # alternatives computed per position when any row asks (requests take up to this many)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Samples:
+    tokens: jax.Array  # i32 [rows]
+    logprobs: jax.Array  # f32 [rows]: of each sampled token under the raw model (0 unless asked)
+    top_ids: jax.Array  # i32 [rows, TOP_LOGPROBS]: the most likely tokens under the raw model (0 unless asked)
+    top_logprobs: jax.Array  # f32 [rows, TOP_LOGPROBS]
+
+
+def sample(logits: jax.Array, p: SamplingArrays, penalties: PenaltyRows | None = None) -> Samples:
+    """logits f32 [rows, vocab] -> the sampled tokens, their logprobs and the top alternatives."""
+    raw = logits = logits.astype(jnp.float32)
+    if penalties is not None:
+        logits = jax.lax.cond(jnp.any(p.penalized), penalize, lambda x, *_: x, logits, p, penalties)
     greedy = p.temperature <= 0.0
     best = greedy_tokens(logits)
 
@@ -43,8 +100,40 @@ def sample(logits: jax.Array, p: SamplingArrays) -> tuple[jax.Array, jax.Array]:
     # an all-greedy batch skips the random draw (a Gumbel sample per vocabulary entry per row)
     tokens = jax.lax.cond(jnp.all(greedy), lambda _: best, draw, logits)
     # the log-sum-exp over the vocabulary costs an exp per entry: only when some row asked for it
-    logprobs = jax.lax.cond(jnp.any(p.logprobs), _token_logprobs, lambda *_: jnp.zeros(tokens.shape), logits, tokens)
-    return tokens, logprobs
+    logprobs = jax.lax.cond(jnp.any(p.logprobs), _token_logprobs, lambda *_: jnp.zeros(tokens.shape), raw, tokens)
+    top_ids, top_logprobs = jax.lax.cond(jnp.any(p.top_logprobs > 0), top_alternatives, _no_alternatives, raw)
+    return Samples(tokens, logprobs, top_ids, top_logprobs)
+
+
+def top_alternatives(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """logits f32 [..., vocab] -> (ids i32 [..., TOP_LOGPROBS], their logprobs f32), most likely first."""
+    short = max(TOP_LOGPROBS - logits.shape[-1], 0)  # a vocabulary under TOP_LOGPROBS: the rest are -inf
+    padded = jnp.pad(logits, [(0, 0)] * (logits.ndim - 1) + [(0, short)], constant_values=-jnp.inf)
+    values, ids = jax.lax.top_k(padded, TOP_LOGPROBS)
+    return ids.astype(jnp.int32), values - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def _no_alternatives(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    shape = logits.shape[:-1] + (TOP_LOGPROBS,)
+    return jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.float32)
+
+
+def penalize(logits: jax.Array, p: SamplingArrays, rows: PenaltyRows) -> jax.Array:
+    """vLLM's order: the bias, then the repetition penalty on prompt and generated tokens (positive logits
+    divided, the others multiplied), then the frequency and presence penalties on generated tokens."""
+    on = p.penalized[:, None]
+    logits = logits + jnp.where(on, rows.bias, 0.0)
+    generated = rows.counts > 0
+    repetition = jnp.where(on & (generated | rows.seen), p.repetition[:, None], 1.0)
+    logits = jnp.where(logits > 0, logits / repetition, logits * repetition)
+    penalty = p.frequency[:, None] * rows.counts + p.presence[:, None] * generated
+    return logits - jnp.where(on, penalty, 0.0)
+
+
+def count_tokens(rows: PenaltyRows, tokens: jax.Array, p: SamplingArrays) -> PenaltyRows:
+    """The rows after `tokens` [rows] were generated (penalized rows only: the others' counts are unused)."""
+    counts = rows.counts.at[jnp.arange(tokens.shape[0]), tokens].add(p.penalized.astype(jnp.int32))
+    return dataclasses.replace(rows, counts=counts)
 
 
 def greedy_tokens(logits: jax.Array, block: int = 128) -> jax.Array:
@@ -89,3 +178,49 @@ def _apply_filters(scaled: jax.Array, p: SamplingArrays) -> jax.Array:
     count = jnp.maximum(jnp.sum(keep, axis=-1), 1)
     cutoff = jnp.take_along_axis(sorted_logits, (count - 1)[:, None], axis=-1)
     return jnp.where(scaled >= cutoff, scaled, -jnp.inf)
+
+
+PROMPT_LOGPROB_BLOCK = 128  # token positions projected to the vocabulary at once (bounds the logits' memory)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PromptLogprobs:
+    """Per token position: the log-probability of the next token (0 where no target), and the top alternatives."""
+
+    logprobs: jax.Array  # f32 [B, T]
+    top_ids: jax.Array  # i32 [B, T, TOP_LOGPROBS]
+    top_logprobs: jax.Array  # f32 [B, T, TOP_LOGPROBS]
+
+
+def prompt_logprobs(hidden, head, targets, vocab: int) -> PromptLogprobs:
+    """hidden [B, T, E] (final-normed), head [E, V], targets i32 [B, T]: the prompt's log-likelihoods, in
+    blocks of PROMPT_LOGPROB_BLOCK positions; skipped (zeros) when no target is set."""
+    b, t, _ = hidden.shape
+    size = min(PROMPT_LOGPROB_BLOCK, t)
+    blocks = -(-t // size)
+    pad = blocks * size - t
+
+    def block(args):
+        h, target = args  # [B, size, E], [B, size]
+        logits = jnp.einsum("bte,ev->btv", h, head, preferred_element_type=jnp.float32)[..., :vocab]
+        picked = jnp.take_along_axis(logits, jnp.maximum(target, 0)[..., None], axis=-1)[..., 0]
+        ids, top = top_alternatives(logits)
+        lp = jnp.where(target >= 0, picked - jax.nn.logsumexp(logits, axis=-1), 0.0)
+        return lp, ids, top
+
+    def compute(hidden, targets):
+        h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, blocks, size, -1).swapaxes(0, 1)
+        tg = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=-1).reshape(b, blocks, size).swapaxes(0, 1)
+        lp, ids, top = jax.lax.map(block, (h, tg))  # [blocks, B, size, ...]
+        merge = lambda a: a.swapaxes(0, 1).reshape((b, blocks * size) + a.shape[3:])[:, :t]
+        return merge(lp), merge(ids), merge(top)
+
+    def skip(hidden, targets):
+        return (
+            jnp.zeros((b, t), jnp.float32),
+            jnp.zeros((b, t, TOP_LOGPROBS), jnp.int32),
+            jnp.zeros((b, t, TOP_LOGPROBS), jnp.float32),
+        )
+
+    return PromptLogprobs(*jax.lax.cond(jnp.any(targets >= 0), compute, skip, hidden, targets))

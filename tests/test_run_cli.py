@@ -63,6 +63,18 @@ def test_jsonl_bad_lines_are_reported_and_others_run(tmp_path):
         json.dumps({"prompt": "Hi", "temperature": -0.1}),
         json.dumps({"id": "long", "prompt": long_prompt}),
         json.dumps({"id": "sampled", "prompt": "The cat", "temperature": 0.8, "seed": 3, "max_tokens": 8}),
+        json.dumps({"prompt": "Hi", "logit_bias": {"600": 5}}),
+        json.dumps({"prompt": "Hi", "presence_penalty": 2.5}),
+        json.dumps(
+            {
+                "id": "scored",
+                "prompt": "The cat",
+                "max_tokens": 3,
+                "prompt_logprobs": 2,
+                "top_logprobs": 2,
+                "logprobs": True,
+            }
+        ),
     ]
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("\n".join(lines) + "\n")
@@ -77,13 +89,19 @@ def test_jsonl_bad_lines_are_reported_and_others_run(tmp_path):
         "line 6: prompt: the prompt is" in e and "above the limit of 127" in e and "--truncate" in e for e in errs
     )
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["id"] for r in records] == ["good", "1", "2", "3", "4", "long", "sampled"]
+    assert [r["id"] for r in records] == ["good", "1", "2", "3", "4", "long", "sampled", "7", "8", "scored"]
     good = records[0]
     assert good["text"].startswith(", there was a little girl named Lily")
     assert good["finish_reason"] == "length" and good["usage"]["completion_tokens"] == 12
     assert len(good["token_ids"]) == 12 and good["timings"]["ttft_s"] > 0
-    assert all("error" in r for r in records[1:6])
+    assert all("error" in r for r in records[1:6] + records[7:9])
     assert records[6]["usage"]["completion_tokens"] == 8
+    assert any("line 8: logit_bias has token 600: must be a token id in [0, 512)" in e for e in errs)
+    assert any("line 9: presence_penalty=2.5 must be a number in [-2, 2]" in e for e in errs)
+    scored = records[9]
+    assert scored["prompt_logprobs"][0] is None and len(scored["prompt_logprobs"]) == scored["usage"]["prompt_tokens"]
+    assert all(len(top) == 2 for top in scored["prompt_top_logprobs"][1:]) and len(scored["top_logprobs"]) == 3
+    assert scored["top_logprobs"][0][0][0] == scored["token_ids"][0]  # greedy: the sampled token is the most likely
     assert "TTFT ms p50" in stderr and "output tokens/s" in stderr
 
 

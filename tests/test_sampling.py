@@ -17,17 +17,18 @@ DRAWS = 6000
 def draw(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=7):
     """DRAWS samples: one row per draw, positions 0..DRAWS-1 give independent streams."""
     n = DRAWS
-    p = SamplingArrays(
-        temperature=jnp.full(n, temperature, jnp.float32),
-        top_k=jnp.full(n, top_k, jnp.int32),
-        top_p=jnp.full(n, top_p, jnp.float32),
-        min_p=jnp.full(n, min_p, jnp.float32),
-        seed=jnp.full(n, seed, jnp.uint32),
-        position=jnp.arange(n, dtype=jnp.int32),
-        logprobs=jnp.ones(n, bool),
+    p = SamplingArrays.neutral(
+        n,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        seed=seed,
+        position=np.arange(n),
+        logprobs=True,
     )
-    tokens, logprobs = jax.jit(sample)(jnp.tile(LOGITS, (n, 1)), p)
-    return np.asarray(tokens), np.asarray(logprobs)
+    out = jax.jit(sample)(jnp.tile(LOGITS, (n, 1)), p)
+    return np.asarray(out.tokens), np.asarray(out.logprobs)
 
 
 def chi_square_p(counts, probs):
@@ -74,16 +75,8 @@ def test_stream_depends_on_seed_and_position_only():
     c, _ = draw(seed=2)
     assert (a == b).all() and (a != c).any()
     # the same (seed, position) in a different row of a different batch gives the same token
-    p = SamplingArrays(
-        temperature=jnp.ones(2),
-        top_k=jnp.zeros(2, jnp.int32),
-        top_p=jnp.ones(2),
-        min_p=jnp.zeros(2),
-        seed=jnp.array([1, 1], jnp.uint32),
-        position=jnp.array([99, 5], jnp.int32),
-        logprobs=jnp.zeros(2, bool),
-    )
-    tokens, _ = sample(jnp.tile(LOGITS, (2, 1)), p)
+    p = SamplingArrays.neutral(2, temperature=1.0, seed=1, position=[99, 5])
+    tokens = sample(jnp.tile(LOGITS, (2, 1)), p).tokens
     assert int(tokens[0]) == a[99] and int(tokens[1]) == a[5]
 
 
@@ -103,16 +96,8 @@ def test_greedy_tokens_equals_argmax(vocab):
 
 def test_logprobs_only_when_asked():
     n = 4
-    p = SamplingArrays(
-        temperature=jnp.zeros(n),
-        top_k=jnp.zeros(n, jnp.int32),
-        top_p=jnp.ones(n),
-        min_p=jnp.zeros(n),
-        seed=jnp.zeros(n, jnp.uint32),
-        position=jnp.zeros(n, jnp.int32),
-        logprobs=jnp.zeros(n, bool),
-    )
-    _, none = sample(jnp.tile(LOGITS, (n, 1)), p)
-    assert (np.asarray(none) == 0).all()
-    _, some = sample(jnp.tile(LOGITS, (n, 1)), dataclasses.replace(p, logprobs=jnp.array([False, True, False, False])))
-    np.testing.assert_allclose(np.asarray(some), LOGITS[0] - np.log(np.exp(LOGITS).sum()), rtol=1e-5)
+    p = SamplingArrays.neutral(n)
+    none = sample(jnp.tile(LOGITS, (n, 1)), p)
+    assert (np.asarray(none.logprobs) == 0).all() and (np.asarray(none.top_logprobs) == 0).all()
+    some = sample(jnp.tile(LOGITS, (n, 1)), dataclasses.replace(p, logprobs=np.array([False, True, False, False])))
+    np.testing.assert_allclose(np.asarray(some.logprobs), LOGITS[0] - np.log(np.exp(LOGITS).sum()), rtol=1e-5)

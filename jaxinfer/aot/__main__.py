@@ -139,7 +139,9 @@ def run(args) -> int:
         f"requests of {engine.max_context} tokens"
     )
     if args.out and results:
-        files = StepStore(args.out).save(specs, {r.bucket: r.compiled for r in results})
+        with persistent_cache_bypassed():
+            extra = aot_compile.compile_penalty_rows(specs)
+        files = StepStore(args.out).save(specs, {**{r.bucket: r.compiled for r in results}, **extra})
         path = manifest.write(
             args.out,
             {

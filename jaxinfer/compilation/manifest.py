@@ -36,15 +36,21 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def write(out: str, manifest: dict, files: dict[int, pathlib.Path]) -> pathlib.Path:
-    """Writes `manifest` under `out`, listing the executables in `files` (bucket -> path under `out`,
-    written by `StepStore.save`, so `--compile-cache out` on the target loads them)."""
+def write(out: str, manifest: dict, files: dict[int | str, pathlib.Path]) -> pathlib.Path:
+    """Writes `manifest` under `out`, listing the executables in `files` (bucket, or the name of another
+    executable, -> path under `out`, written by `StepStore.save`, so `--compile-cache out` on the target
+    loads them)."""
     root = pathlib.Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    executables = {str(b): str(pathlib.Path(f).relative_to(root)) for b, f in sorted(files.items())}
+    executables = {str(b): str(pathlib.Path(f).relative_to(root)) for b, f in sorted(files.items(), key=_buckets_first)}
     manifest = {"format": FORMAT, **manifest, "versions": versions(), "executables": executables}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return root / MANIFEST
+
+
+def _buckets_first(item) -> tuple:
+    key = item[0]
+    return (0, key, "") if isinstance(key, int) else (1, 0, key)
 
 
 def read(root: str | pathlib.Path) -> dict:
@@ -90,8 +96,8 @@ def check_manifest(manifest: dict, system: dict | None = None, where: str = "AOT
         )
 
 
-def load_executables(root: str | pathlib.Path, system: dict | None = None) -> dict[int, object]:
-    """Checks the manifest, then deserializes every step executable: {bucket: jax.stages.Compiled}."""
+def load_executables(root: str | pathlib.Path, system: dict | None = None) -> dict[int | str, object]:
+    """Checks the manifest, then deserializes every executable: {bucket or name: jax.stages.Compiled}."""
     import jax
     from jax.experimental import serialize_executable
 
@@ -108,7 +114,7 @@ def load_executables(root: str | pathlib.Path, system: dict | None = None) -> di
     by_id = {d.id: d for d in jax.devices()}
     devices = [by_id[i] for i in manifest["target"]["device_ids"]]  # the mesh's devices, in mesh order
     return {
-        int(b): serialize_executable.deserialize_and_load(
+        (int(b) if b.isdigit() else b): serialize_executable.deserialize_and_load(
             *pickle.loads((root / f).read_bytes()), execution_devices=devices
         )
         for b, f in manifest["executables"].items()

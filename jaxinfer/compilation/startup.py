@@ -40,6 +40,7 @@ def prepare(engine, cache_dir: str | None = None, serve_early: bool = False) -> 
     store = StepStore(cache_dir) if cache_dir else None
     first = early_buckets(engine) if serve_early else list(engine.buckets)
     _load_or_compile(engine, store, first, quiet=False)
+    _penalty_rows(engine, store)
     rest = [b for b in engine.buckets if b not in first]
     if not rest:
         engine.mark_warm()
@@ -72,6 +73,20 @@ def _load_or_compile(engine, store, buckets, quiet: bool) -> None:
         report.load_executables_s += seconds
         engine.install(loaded, proven=True)  # loading proved them: no warm-up run
     _compile(engine, store, [b for b in buckets if b not in engine.ready_buckets])
+
+
+def _penalty_rows(engine, store) -> None:
+    """The penalty-row writer (one small executable) from the store, else compiled (and stored)."""
+    name = engine.penalty_rows.NAME
+    loaded = store.load(engine, [name], quiet=True) if store is not None else {}
+    if name in loaded:
+        engine.penalty_rows.install(loaded[name])
+        return
+    with persistent_cache_bypassed() if store is not None else contextlib.nullcontext():
+        compiled = engine.penalty_rows.compile()
+    engine.penalty_rows.install(compiled)
+    if store is not None:
+        store.save(engine, {name: compiled})
 
 
 def _compile(engine, store, buckets) -> None:

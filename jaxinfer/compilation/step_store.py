@@ -2,6 +2,7 @@
 
     DIR/jaxinfer-steps/<key>/signature.json      what the executables were built for
     DIR/jaxinfer-steps/<key>/bucket_<N>.xla      one compiled step per token bucket
+    DIR/jaxinfer-steps/<key>/penalty_rows.xla    the sampler state's row writer (`RowSetter`)
 
 The key hashes the signature: jaxinfer's own source, jax/jaxlib/libtpu versions, the devices and the
 mesh, XLA_FLAGS, the model's architecture, layout and dtype, the platform policy, the KV cache and
@@ -102,8 +103,9 @@ class StepStore:
         self.root = pathlib.Path(root) / SUBDIR
 
     def load(self, engine, buckets, quiet: bool = False) -> dict:
-        """{bucket: executable} for those of `buckets` on disk for exactly this engine; logs a miss
-        unless `quiet` (the second load of one start-up, whose first already said it)."""
+        """{bucket: executable} for those of `buckets` on disk for exactly this engine (a bucket may also
+        be the name of another executable, e.g. RowSetter.NAME); logs a miss unless `quiet` (the second
+        load of one start-up, whose first already said it)."""
         sig = signature(engine)
         folder = self.root / content_key(sig)
         stored = self._read_signature(folder, quiet)
@@ -124,7 +126,7 @@ class StepStore:
         devices = list(engine.model.mesh.devices.flat)  # the mesh's, not every device of the process
 
         def one(bucket):
-            path = folder / f"bucket_{bucket}.xla"
+            path = folder / _file_name(bucket)
             if not path.exists():
                 return None
             try:
@@ -154,9 +156,9 @@ class StepStore:
             try:
                 data = pickle.dumps(serialize(compiled))
             except Exception as e:  # some backends cannot serialize; the next start compiles again
-                log.warning("step cache: bucket %d not saved: %s", bucket, str(e).splitlines()[0][:200])
+                log.warning("step cache: %s not saved: %s", _file_name(bucket), str(e).splitlines()[0][:200])
                 continue
-            files[bucket] = folder / f"bucket_{bucket}.xla"
+            files[bucket] = folder / _file_name(bucket)
             _write_atomic(files[bucket], data)
         return files
 
@@ -185,6 +187,10 @@ class StepStore:
             log.info("step cache miss: no executables stored in %s yet; compiling", self.root)
         else:
             log.info("step cache miss: stored executables were built for other values (%s); compiling", "; ".join(best))
+
+
+def _file_name(key: int | str) -> str:
+    return f"bucket_{key}.xla" if isinstance(key, int) else f"{key}.xla"
 
 
 def _write_atomic(path: pathlib.Path, data: bytes) -> None:

@@ -10,18 +10,17 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import jax
 import numpy as np
 
 from jaxinfer.engine.config import EngineConfig, token_buckets
 from jaxinfer.engine.pages import pages_needed
-from jaxinfer.engine.step import ROW_AXES, build_step_fn
+from jaxinfer.engine.sampler_state import RowSetter, abstract_state
+from jaxinfer.engine.step import build_step_fn
 from jaxinfer.engine.step_inputs import HostBatchBuilder, StepInputs, abstract_inputs
 from jaxinfer.kv_cache import CacheShape, abstract_cache
 from jaxinfer.model.forward import ShardedModel
 from jaxinfer.model.params import abstract_params
 from jaxinfer.platform import Platform
-from jaxinfer.sharding import logical_sharding
 
 COST_SECONDS_KEYS = ("optimal_seconds", "estimated_seconds", "seconds")
 
@@ -33,7 +32,7 @@ class StepSpecs:
     model: ShardedModel  # params: ShapeDtypeStruct tree
     cache: object  # [layers, data * pages, page_size, 2 * kv_heads, head_dim] or one per layer
     cache_shape: CacheShape
-    prev_tokens: jax.ShapeDtypeStruct  # i32 [D, S]
+    state: object  # the SamplerState: previous tokens [D, S] and penalty rows [D, S, vocab]
     buckets: tuple[int, ...]
     platform: Platform
     inputs: HostBatchBuilder
@@ -65,12 +64,12 @@ def step_specs(
     )
     cache = abstract_cache(mesh, cache_shape, model.layer_loop)
     slots = engine.max_slots // data
-    prev = jax.ShapeDtypeStruct((data, slots), np.int32, sharding=logical_sharding(mesh, ROW_AXES))
+    state = abstract_state(mesh, data, slots, config.vocab_size)
     inputs = HostBatchBuilder(
         data, slots, pages_needed(engine.max_context, engine.page_size), pages_per_shard, engine.page_size
     )
     buckets = token_buckets(engine.step_budget(data), platform.min_bucket)
-    return StepSpecs(model, cache, cache_shape, prev, buckets, platform, inputs)
+    return StepSpecs(model, cache, cache_shape, state, buckets, platform, inputs)
 
 
 def step_inputs(specs: StepSpecs, bucket: int) -> StepInputs:
@@ -84,9 +83,16 @@ def compile_buckets(specs: StepSpecs, buckets=None):
     fn = build_step_fn(specs.model, specs.cache_shape, specs.platform)
     for bucket in buckets or specs.buckets:
         start = time.perf_counter()
-        compiled = fn.lower(specs.model.params, specs.cache, step_inputs(specs, bucket), specs.prev_tokens).compile()
+        compiled = fn.lower(specs.model.params, specs.cache, step_inputs(specs, bucket), specs.state).compile()
         seconds = time.perf_counter() - start
         yield BucketResult(bucket, seconds, memory_figures(compiled), estimated_seconds(compiled), compiled)
+
+
+def compile_penalty_rows(specs: StepSpecs) -> dict:
+    """{RowSetter.NAME: executable}: the engine's other executable, stored beside the steps."""
+    i = specs.inputs
+    setter = RowSetter(specs.model.mesh, i.data_shards, i.slots_per_shard, specs.model.config.vocab_size)
+    return {RowSetter.NAME: setter.compile()}
 
 
 def memory_figures(compiled) -> dict[str, int]:

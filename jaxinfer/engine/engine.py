@@ -30,13 +30,15 @@ from jaxinfer.engine.executables import StartupReport, compile_pipelined
 from jaxinfer.engine.output import OutputStream
 from jaxinfer.engine.pages import pages_needed
 from jaxinfer.engine.prefix_cache import model_salt
+from jaxinfer.engine.readback import PendingStep, pending_step, read_prompt_logprobs, read_samples
 from jaxinfer.engine.requests import Event, Request, Result
+from jaxinfer.engine.sampler_state import RowSetter, allocate_state, penalty_rows
 from jaxinfer.engine.scheduler import Scheduler, SchedulerLimits, Sequence, StepPlan
-from jaxinfer.engine.step import ROW_AXES, build_step_fn
+from jaxinfer.engine.step import build_step_fn
 from jaxinfer.engine.step_inputs import HostBatchBuilder, StepInputs, abstract_inputs, input_shardings
 from jaxinfer.kv_cache import CacheShape, allocate_cache, device_memory, pages_for_memory_fraction
 from jaxinfer.model.forward import ShardedModel
-from jaxinfer.sharding import logical_sharding, per_device_bytes
+from jaxinfer.sharding import per_device_bytes
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +126,14 @@ class Engine:
         self._install_lock = threading.Lock()
         self.startup = StartupReport()
         self.compiling: threading.Thread | None = None  # larger buckets still compiling (set by the bootstrap)
-        self._prev = jax.device_put(np.zeros((self.data, slots), np.int32), logical_sharding(mesh, ROW_AXES))
+        self.state = allocate_state(mesh, self.data, slots, model.config.vocab_size)  # donated to each step
+        self.penalty_rows = RowSetter(mesh, self.data, slots, model.config.vocab_size)
         self._abstract_args = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-            (model.params, self.cache, self._prev),
+            (model.params, self.cache, self.state),
         )
         self._streams: dict[str, OutputStream] = {}
-        self._pending = None  # (device tokens, device logprobs, [sampled Sequence]) of the dispatched step
+        self._pending: PendingStep | None = None  # the dispatched step, read back after the next is dispatched
         self._steps = 0
         self._steps_by_bucket: collections.Counter = collections.Counter()
         self._finished: collections.Counter = collections.Counter()
@@ -176,8 +179,8 @@ class Engine:
     # ---- compiled steps ----------------------------------------------------------------------
     def lower(self, bucket: int):
         """Traces and lowers the step of `bucket` from abstract arguments (safe on any thread)."""
-        params, cache, prev = self._abstract_args
-        return self._step_fn.lower(params, cache, abstract_inputs(self.inputs, self.model.mesh, bucket), prev)
+        params, cache, state = self._abstract_args
+        return self._step_fn.lower(params, cache, abstract_inputs(self.inputs, self.model.mesh, bucket), state)
 
     def compile(self, buckets) -> dict:
         """{bucket: executable} for `buckets`: each traced and handed to a thread pool that compiles it
@@ -224,14 +227,15 @@ class Engine:
         for bucket in buckets:
             self._ran(bucket)
             step = self._executables[bucket]
-            tokens, _, self.cache = step(
-                self.model.params, self.cache, self._to_device(self.inputs.empty(bucket)), self._prev
-            )
-            tokens.block_until_ready()
+            inputs = self._to_device(self.inputs.empty(bucket))
+            outputs, self.cache, self.state = step(self.model.params, self.cache, inputs, self.state)
+            outputs.samples.tokens.block_until_ready()
         self.startup.run_s += time.perf_counter() - start
 
     def mark_warm(self) -> None:
         """From now on every compilation counts as a recompile (and fails with --strict-no-recompile)."""
+        if not self.penalty_rows.ready:  # first needed by a request: compiled now unless start-up loaded it
+            self.penalty_rows.install(self.penalty_rows.compile())
         self._compiles_at_warmup = compile_counter.count()
 
     # ---- facade ------------------------------------------------------------------------------
@@ -271,7 +275,7 @@ class Engine:
     def step(self) -> list[Event]:
         """Dispatches one step (if there is work) and returns the events of the step before it."""
         dispatched = self._dispatch()
-        events = self._collect(*self._pending) if self._pending is not None else []
+        events = self._collect(self._pending) if self._pending is not None else []
         self._pending = dispatched
         if self.config.strict_no_recompile and self.compilations_after_warmup:
             raise compile_counter.RecompileError(
@@ -334,31 +338,38 @@ class Engine:
             self.warmup()  # nothing compiled yet: compile everything now, before the first step
         self._take_installed()
         plan: StepPlan | None = self.scheduler.schedule()
+        self._write_penalty_rows()
         if plan is None:
             return None
         inputs = self._to_device(self.inputs.build(plan))
         step = self._executables[plan.bucket]
         self._ran(plan.bucket)  # if it never ran, this real step is its first run
-        tokens, logprobs, self.cache = step(self.model.params, self.cache, inputs, self._prev)
-        self._prev = tokens
+        outputs, self.cache, self.state = step(self.model.params, self.cache, inputs, self.state)
         self._steps += 1
         self._steps_by_bucket[plan.bucket] += 1
-        return tokens, logprobs, [c.seq for c in plan.chunks if c.samples]
+        return pending_step(outputs, plan)
+
+    def _write_penalty_rows(self) -> None:
+        """Each newly admitted request with penalties or a bias gets its slot's rows written from scratch."""
+        for seq in self.scheduler.take_admitted():
+            params = seq.request.params
+            if params.penalized:
+                rows = penalty_rows(params, seq.request.prompt_ids, seq.generated, self.model.config.vocab_size)
+                self.state = self.penalty_rows(self.state, seq.shard, seq.slot, rows)
 
     def _to_device(self, host: dict) -> StepInputs:
         # one batched transfer per step: per-array device_put calls cost the host (and on CPU the
         # device's) time every step
         return StepInputs.from_flat(jax.device_put(host, self._input_shardings))
 
-    def _collect(self, tokens_dev, logprobs_dev, sampled: list[Sequence]) -> list[Event]:
-        tokens, logprobs = np.asarray(tokens_dev), np.asarray(logprobs_dev)
+    def _collect(self, pending: PendingStep) -> list[Event]:
+        read_prompt_logprobs(pending, self._streams)
         events = []
-        for seq in sampled:
-            token = int(tokens[seq.shard, seq.slot])
+        for seq, token, logprob, top in read_samples(pending):
             self.scheduler.accept(seq, [token])
             if seq.finished:
                 continue
-            event, reason = self._streams[seq.id].add(token, float(logprobs[seq.shard, seq.slot]))
+            event, reason = self._streams[seq.id].add(token, logprob, top)
             if reason is not None:
                 event.result = self._finish(seq, reason)
             events.append(event)

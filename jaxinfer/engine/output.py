@@ -23,6 +23,10 @@ class OutputStream:
         self.seq, self.request = seq, request
         self.max_context = max_context
         self.logprobs: list[float] = []
+        self.top_logprobs: list = []
+        wants_prompt = request.params.prompt_logprobs is not None
+        self.prompt_logprobs: list[float | None] | None = [None] * len(request.prompt_ids) if wants_prompt else None
+        self.prompt_top: list | None = [[] for _ in request.prompt_ids] if wants_prompt else None
         self.first_token_time: float | None = None
         self.detok = None
         if tokenizer is not None:
@@ -33,10 +37,18 @@ class OutputStream:
         params = request.params
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
 
-    def add(self, token: int, logprob: float) -> tuple[Event, str | None]:
-        """-> (the event for this token, the finish reason if the request ends with it)."""
+    def add_prompt_logprob(self, position: int, logprob: float, top) -> None:
+        """The logprob of the prompt token at `position` (>= 1) given those before it, and the top alternatives."""
+        self.prompt_logprobs[position] = logprob
+        self.prompt_top[position] = top[: self.request.params.prompt_logprobs]
+
+    def add(self, token: int, logprob: float, top=None) -> tuple[Event, str | None]:
+        """-> (the event for this token, the finish reason if the request ends with it). `top`: the most
+        likely (token, logprob) pairs at this position, when the request asked for them."""
         self.first_token_time = self.first_token_time or time.monotonic()
         self.logprobs.append(logprob)
+        top = top[: self.request.params.top_logprobs] if top is not None else None
+        self.top_logprobs.append(top)
         text, reason = "", None
         if token in self.stop_ids:
             reason = "stop"  # the stop token is returned in token_ids, never in text
@@ -49,7 +61,10 @@ class OutputStream:
             reason = "length"
         if reason is not None and not self.text.stopped:
             text += self.text.push(self.detok.flush() if self.detok else "") + self.text.finish()
-        return Event(self.request.id, [token], text, [logprob] if self.request.params.logprobs else None), reason
+        params = self.request.params
+        event = Event(self.request.id, [token], text, [logprob] if params.logprobs else None)
+        event.top_logprobs = [top] if params.top_logprobs else None
+        return event, reason
 
     def result(self, reason: str) -> Result:
         req, seq = self.request, self.seq
@@ -65,4 +80,7 @@ class OutputStream:
             preemptions=seq.preemptions,
             seed=seq.seed,
             cached_tokens=seq.cached_tokens,
+            top_logprobs=list(self.top_logprobs) if req.params.top_logprobs else None,
+            prompt_logprobs=self.prompt_logprobs,
+            prompt_top_logprobs=self.prompt_top,
         )

@@ -91,7 +91,7 @@ class PrefixCache:
         """Extends `seq` with the cached pages that continue it, when it stands at a page boundary."""
         page = self.page_size
         start = len(seq.pages)
-        if not self.enabled or seq.num_computed != start * page:
+        if not self._adopts(seq) or seq.num_computed != start * page:
             return
         keys = self.keys(seq, self._reusable_pages(seq))[start:]
         pool = self.pools[seq.shard]
@@ -105,6 +105,10 @@ class PrefixCache:
         seq.cached_tokens += fresh
         self.stats.hit_tokens += fresh
 
+    def _adopts(self, seq) -> bool:
+        """Requests for prompt logprobs compute their whole prompt (as in vLLM): cached pages carry no logits."""
+        return self.enabled and seq.request.params.prompt_logprobs is None
+
     def computing(self, seq, start: int, count: int, pending: set[bytes]) -> None:
         """A prompt chunk of `seq` was planned for this step: the keys of the pages it fills go into `pending`."""
         if self.enabled and start + count <= seq.known:
@@ -114,7 +118,7 @@ class PrefixCache:
         """True when `seq`'s next page is being computed by another request in this step: it adopts it
         next step rather than computing the same tokens twice."""
         page = self.page_size
-        if not self.enabled or not pending or seq.num_computed % page:
+        if not self._adopts(seq) or not pending or seq.num_computed % page:
             return False
         keys = self.keys(seq, self._reusable_pages(seq))
         return seq.num_computed // page < len(keys) and keys[seq.num_computed // page] in pending

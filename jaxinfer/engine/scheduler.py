@@ -113,6 +113,7 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.preemptions = 0
         self.buckets = limits.buckets  # the buckets steps may use now (fewer while larger ones still compile)
+        self.admitted: list[Sequence] = []  # given a slot since the engine last took them (`take_admitted`)
 
     # ---- queries ---------------------------------------------------------------------------
     def running(self) -> list[Sequence]:
@@ -138,6 +139,11 @@ class Scheduler:
     @property
     def pages_total(self) -> int:
         return sum(p.num_pages for p in self.pools)
+
+    def take_admitted(self) -> list[Sequence]:
+        """The sequences given a slot since the last call (a preempted one again when readmitted)."""
+        admitted, self.admitted = self.admitted, []
+        return [seq for seq in admitted if self.slots[seq.shard][seq.slot] is seq]
 
     # ---- changes -----------------------------------------------------------------------------
     def use_buckets(self, buckets: tuple[int, ...]) -> None:
@@ -193,6 +199,7 @@ class Scheduler:
             seq.shard = shard
             seq.slot = self.slots[seq.shard].index(None)
             self.slots[seq.shard][seq.slot] = seq
+            self.admitted.append(seq)
 
     def _preempt_youngest(self, shard: int) -> Sequence:
         running = [s for s in self.slots[shard] if s is not None]

@@ -15,18 +15,27 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxinfer.engine.sampler_state import ROW_AXES, SamplerState, state_shardings
 from jaxinfer.engine.step_inputs import StepInputs
 from jaxinfer.engine.xla_attention import xla_ragged_paged_attention
 from jaxinfer.kv_cache import CACHE_AXES, CacheShape, cache_sharding
 from jaxinfer.model.forward import ShardedModel
 from jaxinfer.platform import Platform
-from jaxinfer.sampling import sample
+from jaxinfer.sampling import PromptLogprobs, Samples, count_tokens, prompt_logprobs, sample
 from jaxinfer.sharding import logical_sharding, logical_spec
 
 AttentionImpl = Callable[..., jax.Array]  # ragged_paged_attention(queries, kv_pages, kv_lens, ...)
 
 ACTIVATION_AXES = ("batch", None, "act_heads", None)  # q, k, v, out: [D, T, heads, head_dim]
-ROW_AXES = ("batch", None)  # per-shard step inputs [D, ...]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepOutputs:
+    """What a step returns besides the cache and sampler state; the host reads back only what it needs."""
+
+    samples: Samples  # each [D, S, ...]: one sample per slot
+    prompt: PromptLogprobs  # each [D, T, ...]: per token of the step (zeros unless a request asked)
 
 
 @jax.tree_util.register_dataclass
@@ -94,30 +103,48 @@ def step_traces() -> int:
 
 
 def build_step_fn(model: ShardedModel, cache_shape: CacheShape, platform: Platform):
-    """Returns jit(step)(params, cache, inputs, prev_tokens) -> (tokens [D,S], logprobs [D,S], cache).
+    """Returns jit(step)(params, cache, inputs, state) -> (StepOutputs, cache, state).
 
-    The cache is donated: XLA updates it in place and there is never a second copy on device.
+    The cache and the sampler state are donated: XLA updates them in place and there is never a second
+    copy on device.
     """
     module = model.module
     mesh = model.mesh
     impl = attention_impl(platform.attention, platform.interpret)
+    vocab = model.config.vocab_size
 
-    def step(params, cache, inputs: StepInputs, prev_tokens):
+    def step(params, cache, inputs: StepInputs, state: SamplerState):
         global _traces
         _traces += 1  # runs only while tracing
-        tokens = jnp.where(inputs.use_prev, jnp.take_along_axis(prev_tokens, inputs.prev_slot, axis=1), inputs.tokens)
+        prev = jnp.take_along_axis(state.prev_tokens, inputs.prev_slot, axis=1)
+        tokens = jnp.where(inputs.use_prev, prev, inputs.tokens)
         ctx = PagedAttention(inputs, mesh, impl)
-        logits, cache = module.apply(
-            {"params": params}, tokens, inputs.positions, ctx, cache, logit_indices=inputs.sample_index
+        logits, cache, prompt = module.apply(
+            {"params": params},
+            tokens,
+            inputs.positions,
+            ctx,
+            cache,
+            logit_indices=inputs.sample_index,
+            on_hidden=lambda hidden, head: prompt_logprobs(hidden, head, inputs.prompt_targets, vocab),
         )  # logits [D, S, V]
         d, s, v = logits.shape
-        flat = jax.tree.map(lambda a: a.reshape(d * s), inputs.sampling)
-        next_tokens, logprobs = sample(logits.reshape(d * s, v), flat)
-        return next_tokens.reshape(d, s), logprobs.reshape(d, s), cache
+        flat = lambda a: a.reshape((d * s,) + a.shape[2:])
+        sampling = jax.tree.map(flat, inputs.sampling)
+        penalties = jax.tree.map(flat, state.penalties)
+        samples = sample(logits.reshape(d * s, v), sampling, penalties)
+        penalties = count_tokens(penalties, samples.tokens, sampling)
+        unflat = lambda a: a.reshape((d, s) + a.shape[1:])
+        samples = jax.tree.map(unflat, samples)
+        state = SamplerState(samples.tokens, jax.tree.map(unflat, penalties))
+        return StepOutputs(samples, prompt), cache, state
 
     row = logical_sharding(mesh, ROW_AXES)
+    outputs = StepOutputs(Samples(row, row, row, row), PromptLogprobs(row, row, row))
     return jax.jit(
-        step, donate_argnums=(1,), out_shardings=(row, row, cache_sharding(mesh, cache_shape, model.layer_loop))
+        step,
+        donate_argnums=(1, 3),
+        out_shardings=(outputs, cache_sharding(mesh, cache_shape, model.layer_loop), state_shardings(mesh)),
     )
 
 

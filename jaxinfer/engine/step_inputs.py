@@ -35,6 +35,7 @@ class StepInputs:
     cu_q_lens: jax.Array  # i32 [D, S + 1]
     num_seqs: jax.Array  # i32 [D, 1]
     sample_index: jax.Array  # i32 [D, S] token whose logits are sampled for each slot
+    prompt_targets: jax.Array  # i32 [D, T] the prompt token after each token, for prompt logprobs; -1 = none
     sampling: SamplingArrays  # each field [D, S]
 
     @classmethod
@@ -45,6 +46,10 @@ class StepInputs:
             **{k: v for k, v in arrays.items() if k not in sampling_keys},
             sampling=SamplingArrays(**{k: arrays[k] for k in sampling_keys}),
         )
+
+
+def in_slot_order(chunks):
+    return sorted(chunks, key=lambda c: c.seq.slot)
 
 
 def input_shardings(mesh, host: dict) -> dict:
@@ -86,13 +91,8 @@ class HostBatchBuilder:
             cu_q_lens=np.zeros((d, s + 1), np.int32),
             num_seqs=np.full((d, 1), s, np.int32),
             sample_index=np.zeros((d, s), np.int32),
-            temperature=np.zeros((d, s), np.float32),
-            top_k=np.zeros((d, s), np.int32),
-            top_p=np.ones((d, s), np.float32),
-            min_p=np.zeros((d, s), np.float32),
-            seed=np.zeros((d, s), np.uint32),
-            position=np.zeros((d, s), np.int32),
-            logprobs=np.zeros((d, s), bool),
+            prompt_targets=np.full((d, bucket), -1, np.int32),
+            **{k: a.reshape(d, s) for k, a in vars(SamplingArrays.neutral(d * s)).items()},
         )
 
     def build(self, plan: StepPlan) -> dict[str, np.ndarray]:
@@ -101,7 +101,7 @@ class HostBatchBuilder:
         host = self.empty(plan.bucket)
         for d, chunks in enumerate(plan.shards):
             if chunks:  # a shard with no tokens keeps cu_q_lens all zero
-                self._fill_shard(host, d, sorted(chunks, key=lambda c: c.seq.slot))
+                self._fill_shard(host, d, in_slot_order(chunks))
         return host
 
     def _fill_shard(self, host: dict, d: int, chunks) -> None:
@@ -111,7 +111,7 @@ class HostBatchBuilder:
         starts = np.array([c.start for c in chunks], np.int32)
         counts = np.array([c.count for c in chunks], np.int32)
         known = np.array([seq.known for seq in seqs], np.int32)
-        first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)  # each chunk's first token
+        first = np.array(first_tokens(chunks), np.int32)
         n = int(counts.sum())
         by_slot = np.zeros(self.slots_per_shard, np.int32)
         by_slot[slots] = counts
@@ -122,6 +122,10 @@ class HostBatchBuilder:
             host["page_indices"][d, c.seq.slot, : len(c.seq.pages)] = c.seq.pages
             have = c.seq.known_tokens(c.start, c.start + c.count)  # the rest come from the previous step's samples
             host["tokens"][d, f : f + len(have)] = have
+            if c.seq.request.params.prompt_logprobs is not None:
+                prompt = c.seq.request.prompt_ids
+                targets = prompt[c.start + 1 : min(c.start + c.count + 1, len(prompt))]
+                host["prompt_targets"][d, f : f + len(targets)] = targets
         host["use_prev"][d, :n] = pos >= known[entry]
         host["prev_slot"][d, :n] = slots[entry]
         host["positions"][d, :n] = pos
@@ -143,3 +147,13 @@ class HostBatchBuilder:
         host["seed"][d, at] = [seqs[e].seed for e in done]
         host["position"][d, at] = starts[done] + counts[done]
         host["logprobs"][d, at] = [p.logprobs for p in params]
+        host["top_logprobs"][d, at] = [p.top_logprobs for p in params]
+        host["penalized"][d, at] = [p.penalized for p in params]
+        host["presence"][d, at] = [p.presence_penalty for p in params]
+        host["frequency"][d, at] = [p.frequency_penalty for p in params]
+        host["repetition"][d, at] = [p.repetition_penalty for p in params]
+
+
+def first_tokens(chunks) -> list[int]:
+    """Where each of one shard's chunks (in slot order, as the step lays them out) starts in the step."""
+    return np.concatenate([[0], np.cumsum([c.count for c in chunks])[:-1]]).astype(int).tolist()

@@ -106,7 +106,9 @@ class Llama(nn.Module):
 
     `ctx` decides how attention sees keys and values (see `jaxinfer.model.attention`). With
     `logit_indices` [B, N], only those token positions of each row are projected to the vocabulary
-    (the engine samples one token per sequence; prefill needs no other logits).
+    (the engine samples one token per sequence; prefill needs no other logits). `on_hidden`, given,
+    is called with the final-normed hidden states of every position [B, T, E] and the vocabulary head
+    [E, V] (V may be padded), and its result is returned third (the engine's prompt logprobs).
     """
 
     config: ModelConfig
@@ -116,7 +118,7 @@ class Llama(nn.Module):
     projections: Any = TokenMajor()
 
     @nn.compact
-    def __call__(self, tokens, positions, ctx, cache=None, logit_indices=None):
+    def __call__(self, tokens, positions, ctx, cache=None, logit_indices=None, on_hidden=None):
         c, lay = self.config, self.layout
         table = declare(self, "embed", (lay.vocab, c.hidden_size), ("vocab", "embed"), self.dtype)
         x = jnp.take(table, tokens, axis=0)  # [B, T, E]
@@ -144,12 +146,15 @@ class Llama(nn.Module):
                 caches.append(layer_cache)
             cache = None if cache is None else tuple(caches)
         x = proj.leave(x, rows)
-        x = RMSNorm(c.rms_norm_eps, self.dtype, name="final_norm")(x)
+        hidden = RMSNorm(c.rms_norm_eps, self.dtype, name="final_norm")(x)
+        x = hidden
         if logit_indices is not None:
             x = jnp.take_along_axis(x, logit_indices[..., None], axis=1)  # [B, N, E]
         if c.tie_embeddings:
             head = table.T
         else:
             head = declare(self, "lm_head", (c.hidden_size, lay.vocab), ("embed", "vocab"), self.dtype)
-        logits = jnp.einsum("bte,ev->btv", x, head, preferred_element_type=jnp.float32)
-        return logits[..., : c.vocab_size], cache
+        logits = jnp.einsum("bte,ev->btv", x, head, preferred_element_type=jnp.float32)[..., : c.vocab_size]
+        if on_hidden is None:
+            return logits, cache
+        return logits, cache, on_hidden(hidden, head)
