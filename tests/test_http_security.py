@@ -141,7 +141,7 @@ def test_grpc_needs_the_key_and_tls(server, channel, https, cert):
 
 def test_sigterm_health_503_while_in_flight_requests_drain(server, https):
     headers = {"Authorization": f"Bearer {KEY}"}
-    body = {"prompt": "Hi", "max_tokens": 300, "ignore_eos": True, "temperature": 0, "n": 8, "stream": True}
+    body = {"prompt": "Hi", "max_tokens": 200, "ignore_eos": True, "temperature": 0, "n": 8, "stream": True}
 
     def stream():
         with https.stream("POST", "/v1/completions", json=body, headers=headers) as r:

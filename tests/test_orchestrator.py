@@ -246,3 +246,28 @@ def test_drain_lets_in_flight_finish_then_close_ends_the_rest():
     with pytest.raises(RequestFailed) as e:
         list(endless)
     assert e.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_polled_tickets_call_on_change_for_each_event_and_the_end():
+    """What the HTTP API's asyncio handlers rely on: `poll` never waits, `on_change` fires after each push."""
+    engine, orch = make(max_slots=1, step_seconds=0.01)
+    blocker = orch.submit(request("busy", start=0, max_tokens=50))
+    ticket = orch.submit(request("polled", start=100, max_tokens=3))
+    changes = threading.Semaphore(0)
+    ticket.on_change = changes.release
+    assert ticket.poll() is None and not ticket.done  # queued behind "busy": nothing yet, and poll did not wait
+    orch.cancel(blocker)
+    polled = []
+    while not ticket.done:
+        assert changes.acquire(timeout=5)
+        while (event := ticket.poll()) is not None:
+            polled.append(event.token_ids[0])
+    assert polled == [101, 102, 103] and ticket.poll() is None
+    failing = orch.submit(request("fails", start=200, max_tokens=50))
+    failing.on_change = changes.release
+    orch.cancel(failing)
+    with pytest.raises(RequestFailed, match="cancelled by the client"):  # on_change fired for the end too
+        while changes.acquire(timeout=5):
+            while failing.poll() is not None:
+                pass
+    orch.close()

@@ -51,7 +51,6 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
-    continuous_usage_stats: bool = False
 
 
 class _Sampling(_Body):
@@ -183,7 +182,7 @@ class ChatMessage(_Body):
 
 class ResponseFormat(_Body):
     type: str
-    json_schema: Any = None
+    json_schema: Any = None  # declared so a json_schema format is refused by its type, not as an unknown field
 
 
 class ChatCompletionRequest(_Sampling):

@@ -1,4 +1,5 @@
-"""The orchestrator: the bridge between gRPC's many handler threads and the engine's one thread.
+"""The orchestrator: the bridge between gRPC's many handler threads (and the HTTP API's event loop) and
+the engine's one thread.
 
 Data flow for one request:
 
@@ -23,7 +24,9 @@ that can wait on the outside world (reading requests, tokenizing, building and s
 a client that reads slowly) happens on the gRPC handler threads. The two sides meet only in the
 command queue and the per-request `Ticket` buffers, so a slow or vanished client costs its own
 request, never the step rate of the others. Detokenization stays inside the engine (`Event.text`):
-it is incremental and cheap next to a step, and stop strings are matched on the text.
+it is incremental and cheap next to a step, and stop strings are matched on the text. The HTTP API
+(`http_app`) takes the same path from asyncio handlers, which must not block: they read a Ticket with
+`poll()` and are woken by its `on_change` callback instead of iterating it.
 """
 
 from __future__ import annotations
