@@ -177,7 +177,7 @@ class OpenAIServer:
         except Exception as e:
             raise failure(e) from None
         if stream is not None:
-            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return _JobStream(job, stream)
         body = asyncio.ensure_future(job.collect())
         gone = asyncio.ensure_future(_disconnected(request))
         try:
@@ -192,6 +192,21 @@ class OpenAIServer:
         if (error := body.exception()) is not None:
             raise failure(error)
         return body.result()
+
+
+class _JobStream(StreamingResponse):
+    """Server-sent events of a job; however the response ends (done, client gone before or during the
+    stream, an error), the job's engine requests still running are cancelled."""
+
+    def __init__(self, job, stream):
+        super().__init__(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.job = job
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel()
 
 
 async def _disconnected(request: Request) -> None:

@@ -126,8 +126,6 @@ class _Job:
         except RequestFailed as e:
             error = failure(e)
             yield sse(error_body(error.status, str(error), error.param))
-        finally:
-            self.cancel()
         yield sse("[DONE]")
 
     def _heads(self) -> list[dict]:
