@@ -107,7 +107,7 @@ class HttpTarget:
     """The OpenAI-compatible HTTP API: one streamed /v1/completions (or chat) request per request."""
 
     def __init__(self, url: str):
-        import httpx
+        import httpx2 as httpx
 
         self.http = httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_connections=1024))
         card = self.http.get("/v1/models").raise_for_status().json()["data"][0]

@@ -104,7 +104,7 @@ def parse_args(argv=None):
 class Soak:
     def __init__(self, args):
         import grpc
-        import httpx
+        import httpx2 as httpx
 
         from jaxinfer.proto import jaxinfer_pb2 as pb
         from jaxinfer.proto import jaxinfer_pb2_grpc as pb_grpc
