@@ -3,6 +3,10 @@
     python scripts/benchmark_serving.py --target localhost:50051 --num-requests 200 \
         --prompt-len uniform:32:512 --output-len fixed:128 --rates 1 2 4 inf --slo-ttft-ms 500 \
         --slo-tpot-ms 50 --json out.json --plot out.png
+    python scripts/benchmark_serving.py --target http://localhost:8000 ...   # the OpenAI HTTP API
+
+`--target` is the gRPC address, or the HTTP API's base URL (streamed /v1/completions, or
+/v1/chat/completions with --chat).
 
 Requests carry token ids (random ids of the requested lengths) or, with `--dataset prompts.jsonl`,
 the `prompt` text of each line. Prefix-cache workloads:
@@ -62,27 +66,110 @@ def percentiles(values) -> dict:
     }
 
 
-def one_request(stub, pb, request, record):
-    """Streams one Generate call, recording the arrival time of every chunk."""
+class GrpcTarget:
+    """The Generation service: one streaming Generate call per request."""
+
+    def __init__(self, address: str):
+        import grpc
+
+        from jaxinfer.proto import jaxinfer_pb2 as pb
+        from jaxinfer.proto import jaxinfer_pb2_grpc
+
+        self.pb, self.channel = pb, grpc.insecure_channel(address)
+        self.stub = jaxinfer_pb2_grpc.GenerationStub(self.channel)
+        info = self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+        self.model, self.platform, self.vocab_size = info.model_name, info.platform, info.config.vocab_size
+
+    def stream(self, prompt: dict, max_tokens: int):
+        """Yields (new token ids, new text, usage dict or None) per response of one request."""
+        pb = self.pb
+        params = pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        if "messages" in prompt:
+            request = pb.GenerateRequest(messages=[pb.ChatMessage(**m) for m in prompt["messages"]], params=params)
+        else:
+            request = pb.GenerateRequest(**prompt, params=params)
+        for r in self.stub.Generate(request, timeout=600):
+            usage = r.usage if r.HasField("usage") else None
+            yield (
+                list(r.token_ids),
+                r.text,
+                ({"prompt_tokens": usage.prompt_tokens, "cached_tokens": usage.cached_tokens} if usage else None),
+            )
+
+    def answer_ids(self, record: dict) -> list[int]:
+        return record["output_ids"]
+
+    def close(self):
+        self.channel.close()
+
+
+class HttpTarget:
+    """The OpenAI-compatible HTTP API: one streamed /v1/completions (or chat) request per request."""
+
+    def __init__(self, url: str):
+        import httpx2 as httpx
+
+        self.http = httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_connections=1024))
+        card = self.http.get("/v1/models").raise_for_status().json()["data"][0]
+        self.model, self.platform, self.vocab_size = card["id"], "http", card["vocab_size"]
+
+    def stream(self, prompt: dict, max_tokens: int):
+        body = {"model": self.model, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+        body["stream_options"] = {"include_usage": True}
+        chat = "messages" in prompt
+        if chat:
+            path, body["messages"] = "/v1/chat/completions", prompt["messages"]
+        else:
+            path, body["prompt"] = "/v1/completions", prompt.get("text", prompt.get("token_ids"))
+        with self.http.stream("POST", path, json=body) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}: {r.read()[:200]!r}")
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                data = json.loads(line[6:])
+                text = "".join((c["delta"].get("content") or "") if chat else c["text"] for c in data["choices"])
+                usage = data.get("usage")
+                cached = ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+                # a chunk carries one token (the server streams token by token; ids are not sent); the usage chunk none
+                yield (
+                    ([None] if data["choices"] and text else []),
+                    text,
+                    ({"prompt_tokens": usage["prompt_tokens"], "cached_tokens": cached} if usage else None),
+                )
+
+    def answer_ids(self, record: dict) -> list[int]:
+        """The answer's text tokenized by the server (OpenAI streams carry no token ids)."""
+        body = {"model": self.model, "prompt": record["output_text"], "add_special_tokens": False}
+        return self.http.post("/tokenize", json=body).raise_for_status().json()["tokens"]
+
+    def close(self):
+        self.http.close()
+
+
+def open_target(target: str):
+    return HttpTarget(target) if target.startswith(("http://", "https://")) else GrpcTarget(target)
+
+
+def one_request(target, prompt: dict, max_tokens: int, record: dict) -> None:
+    """Streams one request, recording the arrival time of every chunk that carries tokens."""
     start = time.perf_counter()
-    chunks, tokens, usage, ids, text = [], 0, None, [], []
+    chunks, tokens, usage, text, ids = [], 0, None, [], []
     try:
-        for response in stub.Generate(request, timeout=600):
-            n = len(response.token_ids)
-            if n:
-                chunks.append((time.perf_counter(), n))
-                tokens += n
-                ids += response.token_ids
-            text.append(response.text)
-            if response.HasField("usage"):
-                usage = response.usage
+        for new_ids, piece, got_usage in target.stream(prompt, max_tokens):
+            if new_ids:
+                chunks.append((time.perf_counter(), len(new_ids)))
+                tokens += len(new_ids)
+                ids += new_ids
+            text.append(piece)
+            usage = got_usage or usage
         record.update(
             ok=True,
             start=start,
             chunks=chunks,
             tokens=tokens,
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            cached_tokens=usage.cached_tokens if usage else 0,
+            prompt_tokens=usage["prompt_tokens"] if usage else 0,
+            cached_tokens=usage["cached_tokens"] if usage else 0,
             output_ids=ids,
             output_text="".join(text),
         )
@@ -90,35 +177,37 @@ def one_request(stub, pb, request, record):
         record.update(ok=False, error=str(e).splitlines()[0])
 
 
-def run_conversation(stub, pb, conv: dict, records: list[dict]) -> None:
-    """Sends the turns of `conv` one after another, each with the history so far; a failed turn ends it."""
-    ids, messages = list(conv.get("prefix", [])), [pb.ChatMessage(**m) for m in conv.get("system", [])]
+def run_conversation(target, conv: dict, records: list[dict]) -> None:
+    """Sends the turns of `conv` one after another, each with the history so far; a failed turn ends it.
+    A token-id turn continues the previous prompt with the answer's ids (over HTTP, which streams no
+    ids, the answer's text as the server tokenizes it)."""
+    history, messages = list(conv.get("prefix", [])), list(conv.get("system", []))
     for k, (new, max_tokens) in enumerate(conv["turns"]):
-        params = pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True)
         if conv.get("chat"):
-            messages.append(pb.ChatMessage(role="user", content=new))
-            request = pb.GenerateRequest(messages=messages, params=params)
+            messages.append(dict(role="user", content=new))
+            prompt = {"messages": list(messages)}
         elif isinstance(new, str):
-            request = pb.GenerateRequest(text=new, params=params)
+            prompt = {"text": new}
         else:
-            ids += new
-            request = pb.GenerateRequest(token_ids=ids, params=params)
+            history += new
+            prompt = {"token_ids": list(history)}
         record = dict(turn=k)
         records.append(record)
-        one_request(stub, pb, request, record)
+        one_request(target, prompt, max_tokens, record)
         if not record["ok"]:
             return
-        ids += record["output_ids"]
-        messages.append(pb.ChatMessage(role="assistant", content=record["output_text"]))
+        messages.append(dict(role="assistant", content=record["output_text"]))
+        if "token_ids" in prompt and k + 1 < len(conv["turns"]):
+            history += target.answer_ids(record)
 
 
-def run_rate(stub, pb, conversations, rate: float, seed: int, slo_ttft_ms, slo_tpot_ms) -> dict:
+def run_rate(target, conversations, rate: float, seed: int, slo_ttft_ms, slo_tpot_ms) -> dict:
     rng = random.Random(seed)
     per_conv = [[] for _ in conversations]
     threads = []
     begin = time.perf_counter()
     for conv, recs in zip(conversations, per_conv):
-        t = threading.Thread(target=run_conversation, args=(stub, pb, conv, recs), daemon=True)
+        t = threading.Thread(target=run_conversation, args=(target, conv, recs), daemon=True)
         t.start()
         threads.append(t)
         if math.isfinite(rate):
@@ -223,7 +312,7 @@ def plot(results, path: str) -> None:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--target", default="localhost:50051")
+    p.add_argument("--target", default="localhost:50051", help="gRPC host:port, or http(s)://host:port for HTTP")
     p.add_argument("--num-requests", type=int, default=100)
     p.add_argument("--prompt-len", default="fixed:128")
     p.add_argument("--output-len", default="fixed:128")
@@ -247,18 +336,12 @@ def main(argv=None) -> dict:
         p.error(f"--shared-prefix {args.shared_prefix} must be >= 0")
     if args.dataset and (args.chat or args.shared_prefix):
         p.error("--dataset cannot be combined with --chat or --shared-prefix")
-    import grpc
-
-    from jaxinfer.proto import jaxinfer_pb2 as pb
-    from jaxinfer.proto import jaxinfer_pb2_grpc
-
-    with grpc.insecure_channel(args.target) as channel:
-        stub = jaxinfer_pb2_grpc.GenerationStub(channel)
-        info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
-        results = []
+    target = open_target(args.target)
+    results = []
+    try:
         for rate in args.rates:
-            convs = build_conversations(args, info.config.vocab_size)
-            results.append(run_rate(stub, pb, convs, rate, args.seed, args.slo_ttft_ms, args.slo_tpot_ms))
+            convs = build_conversations(args, target.vocab_size)
+            results.append(run_rate(target, convs, rate, args.seed, args.slo_ttft_ms, args.slo_tpot_ms))
             r = results[-1]
             print(
                 f"rate {r['rate']}: {r['completed']}/{r['requests']} ok  {r['request_throughput']:.2f} req/s  "
@@ -268,7 +351,9 @@ def main(argv=None) -> dict:
                 + (f" (by turn {' '.join(fmt_rate(h) for h in r['hit_rate_by_turn'])})" if args.turns > 1 else ""),
                 flush=True,
             )
-    out = {"target": args.target, "model": info.model_name, "platform": info.platform, "results": results}
+    finally:
+        target.close()
+    out = {"target": args.target, "model": target.model, "platform": target.platform, "results": results}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
