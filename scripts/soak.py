@@ -207,7 +207,8 @@ class Soak:
         out.fail("a malformed request was answered")
 
     def _http_body(self, prompt, params, chat: bool, stream: bool) -> tuple[str, dict]:
-        body = {"model": self.model, **params, "stream": stream}
+        # OpenAI's default temperature is 1 (gRPC's 0): a greedy request says so, to match its gRPC twin
+        body = {"model": self.model, "temperature": 0.0, **params, "stream": stream}
         if stream:
             body["stream_options"] = {"include_usage": True}
         if chat:

@@ -219,7 +219,7 @@ def test_grpc_top_logprobs_prompt_logprobs_and_logit_bias(stub):
 def test_models_tokenize_detokenize_health_and_metrics(client, http, server):
     assert [m.id for m in client.models.list()] == [MODEL_NAME]
     card = http.get("/v1/models").json()["data"][0]
-    assert card["max_model_len"] == 512 and card["owned_by"] == "jaxinfer"
+    assert card["max_model_len"] == 512 and card["owned_by"] == "jaxinfer" and card["vocab_size"] == 512
     tok = http.post("/tokenize", json={"prompt": "Once upon a time"}).json()
     assert tok["tokens"][0] == 1 and tok["count"] == len(tok["tokens"]) and tok["max_model_len"] == 512
     assert http.post("/tokenize", json={"prompt": "Once", "add_special_tokens": False}).json()["tokens"][0] != 1

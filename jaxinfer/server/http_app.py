@@ -129,6 +129,7 @@ class OpenAIServer:
                 "owned_by": "jaxinfer",
                 "root": str(self.engine.model.source),
                 "max_model_len": self.engine.config.max_context,
+                "vocab_size": self.engine.model.config.vocab_size,  # scripts/benchmark_serving.py draws prompts from it
             }
             return {"object": "list", "data": [card]}
 
