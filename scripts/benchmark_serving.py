@@ -114,7 +114,7 @@ class HttpTarget:
         self.model, self.platform, self.vocab_size = card["id"], "http", card["vocab_size"]
 
     def stream(self, prompt: dict, max_tokens: int):
-        body = {"model": self.model, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+        body = {"model": self.model, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, "stream": True}
         body["stream_options"] = {"include_usage": True}
         chat = "messages" in prompt
         if chat:
