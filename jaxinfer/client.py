@@ -21,6 +21,7 @@ from google.protobuf import json_format
 
 from jaxinfer.proto import jaxinfer_pb2 as pb
 from jaxinfer.proto import jaxinfer_pb2_grpc
+from jaxinfer.proto.sampling_fields import OPTIONAL_SAMPLING_FIELDS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,20 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_OPTIONAL = (
-    "max_tokens",
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "seed",
-    "prompt_logprobs",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-)
-
-
 def _logit_bias(pairs: list[str]) -> dict[int, float]:
     bias = {}
     for pair in pairs:
@@ -93,7 +80,7 @@ def build_request(args) -> pb.GenerateRequest:
         top_logprobs=args.top_logprobs,
         logit_bias=_logit_bias(args.logit_bias),
     )
-    for name in _OPTIONAL:
+    for name in OPTIONAL_SAMPLING_FIELDS:
         if getattr(args, name) is not None:
             setattr(params, name, getattr(args, name))
     request = pb.GenerateRequest(request_id=args.request_id, params=params)

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from jaxinfer.engine.requests import Request, RequestError
 from jaxinfer.proto import jaxinfer_pb2 as pb
+from jaxinfer.proto.sampling_fields import OPTIONAL_SAMPLING_FIELDS
 from jaxinfer.request_builder import RequestBuilder
 from jaxinfer.server.orchestrator import RequestFailed
 from jaxinfer.server.wire import wire_problem
@@ -35,18 +36,6 @@ _FINISH = {
     "cancelled": pb.FINISH_REASON_CANCELLED,
     "error": pb.FINISH_REASON_ERROR,
 }
-_OPTIONAL_PARAMS = (
-    "max_tokens",
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-    "prompt_logprobs",
-)
 CUTOFF_GRACE_S = 5.0  # after a slow reader is cut off, how long its RPC waits for it before being cancelled
 _NO_DEADLINE = 1e7  # context.time_remaining() of a call without a deadline is far beyond this
 
@@ -214,7 +203,7 @@ class GenerationService:
         return self.builder.build(request_id, **_prompt_fields(msg), params=params, params_where="params.")
 
     def _params(self, p: pb.SamplingParams) -> dict:
-        values = {name: getattr(p, name) for name in _OPTIONAL_PARAMS if p.HasField(name)}
+        values = {name: getattr(p, name) for name in OPTIONAL_SAMPLING_FIELDS if p.HasField(name)}
         return dict(
             values,
             stop=tuple(p.stop),
