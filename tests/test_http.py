@@ -421,3 +421,26 @@ def test_after_the_bad_requests_a_good_one_is_answered_correctly(client, stub, s
     wait_until(lambda: stub.GetModelInfo(pb.GetModelInfoRequest()).active_slots == 0, timeout=10)
     text = urllib.request.urlopen(server.url + "/metrics", timeout=10).read().decode()
     assert 'route="/v1/completions",status="400"' in text and 'route="/v1/completions",status="429"' in text
+
+
+def test_the_readme_curl_example_streams_sse(server):
+    """The README's `curl -N ... "stream": true` command, run as written against this server's port."""
+    import pathlib
+    import re
+    import shlex
+    import shutil
+    import subprocess
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    command = re.search(r"^curl -N .*?\n(?:    .*\n)*", readme, re.M).group(0).replace("\\\n", " ")
+    argv = [a.replace("127.0.0.1:8000", f"127.0.0.1:{server.http_port}") for a in shlex.split(command)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    events = [line[6:] for line in proc.stdout.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and len(events) >= 3
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]).strip()
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
