@@ -102,7 +102,11 @@ def execute(path: pathlib.Path, cell_timeout: int = 170) -> tuple[nbformat.Noteb
 
     nb = read(path)
     client = NotebookClient(
-        nb, timeout=cell_timeout, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+        nb,
+        timeout=cell_timeout,
+        startup_timeout=120,  # a kernel starting on a machine busy with the rest of the suite
+        kernel_name="python3",
+        resources={"metadata": {"path": str(ROOT)}},
     )
     start = time.perf_counter()
     client.execute(env=kernel_env(), cwd=str(ROOT))
