@@ -29,7 +29,9 @@ def test_the_notebooks_are_there():
 
 @pytest.mark.parametrize("name", EXPECTED)
 def test_notebook_is_stored_stripped(name):
-    problems = output_problems(read(NOTEBOOKS / f"{name}.ipynb"))
+    nb = read(NOTEBOOKS / f"{name}.ipynb")
+    nbformat.validate(nb)
+    problems = output_problems(nb)
     assert not problems, f"{name}.ipynb carries run results ({'; '.join(problems)}); strip it with " + (
         "`python tests/notebook_harness.py --strip`"
     )
