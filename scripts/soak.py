@@ -13,7 +13,8 @@ requests with a short deadline either finish completely or get DEADLINE_EXCEEDED
 
 Afterwards, once the server is idle: no slot busy, no KV page referenced (every page free or in the
 prefix cache), zero XLA compilations since warm-up, and (with --server-pid) resident memory grown by
-less than --max-rss-growth since the end of the first --warmup-requests requests. One line per check;
+less than --max-rss-growth between the server going idle after the first --warmup-requests requests
+and going idle after the last. One line per check;
 exit status 1 when any fails.
 """
 
@@ -339,12 +340,16 @@ def main(argv=None) -> int:
         out = soak.run_one(i, kinds[i], random.Random(seeds[i]))
         with lock:
             outcomes.append(out)
-            if len(outcomes) == warmup and args.server_pid:
-                rss["after_warmup"] = rss_bytes(args.server_pid)
         return out
 
+    # the first `warmup` requests, then (the server idle again) its memory, then the rest: growth is
+    # measured between two idle moments, so requests in flight do not count as growth
     with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
-        list(pool.map(run, range(args.requests)))
+        list(pool.map(run, range(warmup)))
+        soak.wait_idle()
+        if args.server_pid:
+            rss["after_warmup"] = rss_bytes(args.server_pid)
+        list(pool.map(run, range(warmup, args.requests)))
     elapsed = time.perf_counter() - start
     info = soak.wait_idle()
     if args.server_pid:
