@@ -38,6 +38,13 @@ def test_stories260k_published_greedy_output(data_dir, mesh_name):
 
 
 @pytest.fixture(scope="module")
+def smollm2_2x4():
+    """SmolLM2 (float32) on a 2x4 mesh, loaded once for the two tests below, which only read it."""
+    path = smollm2_gguf()
+    return path, load_tokenizer(path), load_model(path, make_mesh("2x4"), "float32")
+
+
+@pytest.fixture(scope="module")
 def smollm2_hf():
     import torch
     import transformers
@@ -49,12 +56,11 @@ def smollm2_hf():
     return path, model
 
 
-def test_smollm2_logits_match_transformers_gguf_loader(smollm2_hf):
+def test_smollm2_logits_match_transformers_gguf_loader(smollm2_2x4, smollm2_hf):
     import torch
 
-    path, reference = smollm2_hf
-    tok = load_tokenizer(path)
-    model = load_model(path, make_mesh("2x4"), "float32")
+    _, reference = smollm2_hf
+    _, tok, model = smollm2_2x4
     prompts = [
         "The quick brown fox jumps over the lazy dog.",
         "def fibonacci(n):\n    return",
@@ -70,10 +76,8 @@ def test_smollm2_logits_match_transformers_gguf_loader(smollm2_hf):
         assert (ours.argmax(-1) == theirs.argmax(-1)).mean() > 0.99
 
 
-def test_smollm2_answers_capital_of_france():
-    path = smollm2_gguf()
-    tok = load_tokenizer(path)
-    model = load_model(path, make_mesh("2x4"), "float32")
+def test_smollm2_answers_capital_of_france(smollm2_2x4):
+    _, tok, model = smollm2_2x4
     prompt = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
     ids = greedy_dense(model, prompt, max_new_tokens=12, eos_ids=tok.eos_ids, window=64)
     answer = tok.decode(ids).strip()
