@@ -9,6 +9,7 @@ before anything is loaded, and a mesh the engine cannot serve is refused before 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import time
@@ -82,6 +83,77 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="directory for the compiled steps (a restart loads them untraced) and JAX's persistent compilation cache",
     )
     p.add_argument("--verbose", action="store_true")
+    from jaxinfer.multihost.flags import add_args
+
+    add_args(p)
+
+
+# flags that may differ between the processes of one mesh (the checkpoint is compared by content)
+PER_PROCESS_FLAGS = frozenset(
+    {"model", "tokenizer", "chat_template", "compile_cache", "verbose", "process_id", "control_port"}
+    | {"heartbeat_timeout", "startup_timeout", "coordinator"}
+)
+
+
+def engine_flags(args) -> dict:
+    """The values of the shared flags (`add_model_args`) that every process of one mesh must agree on."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_model_args(p)
+    return {a.dest: getattr(args, a.dest) for a in p._actions if a.dest not in PER_PROCESS_FLAGS}
+
+
+def join_cluster(args):
+    """With --coordinator: joins the multi-host cluster (`jaxinfer.multihost`) before JAX picks its
+    devices, refusing processes whose flags, versions, checkpoint or device counts differ; else None."""
+    from jaxinfer.multihost.flags import multihost_spec
+
+    spec = multihost_spec(args)
+    if spec is None:
+        return None
+    from jaxinfer.multihost.fingerprint import flag_facts, model_fact
+    from jaxinfer.multihost.join import join
+    from jaxinfer.sharding import accelerator_present, parse_mesh
+
+    cpu_devices = None
+    if not accelerator_present():
+        mesh = parse_mesh(args.mesh or "2x4")
+        n = spec.num_processes or 1
+        if mesh.size % n:
+            raise ConfigError(f"--mesh {mesh}: its {mesh.size} devices do not split evenly over --num-processes {n}")
+        cpu_devices = mesh.size // n
+    cluster = join(spec, {**flag_facts(engine_flags(args)), **model_fact(args.model)}, cpu_devices)
+    import jax
+
+    size = parse_mesh(args.mesh).size if args.mesh else jax.device_count()
+    if size != jax.device_count():
+        raise ConfigError(
+            f"--mesh {args.mesh}: {size} devices, but the {cluster.num_processes} processes have "
+            f"{jax.device_count()}; a multi-host mesh must use every device of every process"
+        )
+    return cluster
+
+
+@contextlib.contextmanager
+def cluster_scope(cluster):
+    """Around a front end's work in a multi-host process: a clean end stops the workers (the leader's
+    job), a failure here tells every other process to exit with this process's error."""
+    if cluster is None:
+        yield
+        return
+    try:
+        yield
+    except SystemExit as e:
+        if e.code not in (0, None):
+            cluster.abort(f"{cluster.name()} exited with status {e.code}")
+        elif cluster.is_leader:
+            cluster.stop()
+        raise
+    except BaseException as e:
+        cluster.abort(f"{cluster.name()} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise
+    else:
+        if cluster.is_leader:
+            cluster.stop()
 
 
 def engine_config(args, model_limit: int):
@@ -160,10 +232,12 @@ def resolve_mesh(flag: str | None):
     return spec
 
 
-def build_engine(args, serve_early: bool = False):
+def build_engine(args, serve_early: bool = False, cluster=None):
     """Mesh, platform, model, tokenizer and an engine with its step executables ready (loaded from
     `--compile-cache` or compiled; with `serve_early`, the larger buckets keep compiling in the
-    background, `jaxinfer.compilation.startup`) from parsed flags (paths already checked)."""
+    background, `jaxinfer.compilation.startup`) from parsed flags (paths already checked). In a
+    multi-host `cluster`, every process builds the same engine over the global mesh; the leader's tells
+    the others each device call it makes."""
     from jaxinfer.engine import compile_counter
 
     spec = resolve_mesh(args.mesh)
@@ -177,6 +251,7 @@ def build_engine(args, serve_early: bool = False):
     from jaxinfer import platform as platforms
     from jaxinfer.checkpoint.load import load_model
     from jaxinfer.engine.engine import Engine
+    from jaxinfer.perf import HostMemoryPeak
     from jaxinfer.sharding import describe, make_mesh, parse_mesh
     from jaxinfer.tokenizer import TokenizerError, load_tokenizer
 
@@ -193,7 +268,10 @@ def build_engine(args, serve_early: bool = False):
         model = params_cache.load(args.compile_cache, ident, mesh) if ident else None
     how = "loaded from --compile-cache" if model is not None else "loaded"
     if model is None:
-        model = load_model(args.model, mesh, args.dtype, layer_loop=policy.layer_loop)
+        with HostMemoryPeak() as peak:
+            model = load_model(args.model, mesh, args.dtype, layer_loop=policy.layer_loop)
+        if peak.bytes is not None:
+            how += f" (host memory peak +{peak.bytes / 2**20:.0f} MiB)"
         if ident:
             params_cache.save(args.compile_cache, ident, model)
     log.info("model %s (%s) %s in %.1fs", model.config.name, model.source, how, time.perf_counter() - start)
@@ -210,4 +288,8 @@ def build_engine(args, serve_early: bool = False):
 
     engine.compiling = prepare(engine, args.compile_cache, serve_early=serve_early)
     log.info("%s", engine.startup.line())
+    if cluster is not None and cluster.is_leader:
+        from jaxinfer.multihost.replica import Replicas
+
+        engine.replicas = Replicas(cluster)
     return engine

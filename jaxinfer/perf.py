@@ -87,3 +87,32 @@ def write_report(result, path: str | None):
         with open(path, "w") as f:
             json.dump(result, f, indent=2)
     return result
+
+
+class HostMemoryPeak:
+    """`with HostMemoryPeak() as peak: ...` -> `peak.bytes`: how far this process's resident memory rose
+    above its level at entry, at its highest (Linux: the kernel's high-water mark, reset at entry). None
+    where the kernel does not offer it."""
+
+    def __enter__(self):
+        self.bytes = None
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident size
+            self._start = _status_kib("VmRSS")
+        except OSError:
+            self._start = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._start is not None:
+            self.bytes = (_status_kib("VmHWM") - self._start) * 1024
+        return False
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")

@@ -17,7 +17,7 @@ import json
 import sys
 import time
 
-from jaxinfer.bootstrap import add_model_args, build_engine, check_paths
+from jaxinfer.bootstrap import add_model_args, build_engine, check_paths, cluster_scope, join_cluster
 from jaxinfer.cli_common import setup_logging, user_errors
 
 BUILTIN_PROMPTS = [
@@ -171,36 +171,47 @@ def main(argv=None) -> int:
 
         check_paths(args, inputs=("--input",))  # fail fast, before loading anything
         SamplingParams(**default_sampling(args)).validate()
-        engine = build_engine(args)
-        items = read_requests(args, engine)
-        for _, _, err in items:
-            if err:
-                print(f"jaxinfer.run: error: {err}", file=sys.stderr)
-        requests = [r for _, r, _ in items if r is not None]
-        from tqdm import tqdm
+        cluster = join_cluster(args)
+        with cluster_scope(cluster):
+            engine = build_engine(args, cluster=cluster)
+            if cluster is not None and not cluster.is_leader:
+                from jaxinfer.multihost.replica import follow
 
-        start = time.perf_counter()
-        with tqdm(
-            total=len(requests), desc="requests", unit="req", file=sys.stderr, disable=len(requests) < 8 or None
-        ) as bar:
-            results = engine.generate(requests, on_event=lambda ev: ev.result and bar.update(1))
-        elapsed = time.perf_counter() - start
-        by_id = {r.id: r for r in results}
-        if args.output:
-            with open(args.output, "w", encoding="utf-8") as f:
-                for rid, req, err in items:
-                    f.write(
-                        json.dumps(result_record(rid, req, by_id.get(rid) if req else None, err), ensure_ascii=False)
-                        + "\n"
-                    )
-        else:
-            for rid, req, _ in items:
-                if req is not None:
-                    r = by_id[rid]
-                    seed = f", seed {r.seed}" if req.params.temperature > 0 else ""  # greedy needs none
-                    print(f"--- [{rid}] ({r.finish_reason}, {r.completion_tokens} tokens{seed})\n{r.text.strip()}")
-        print(summarize(results, elapsed, engine), file=sys.stderr)
-        return 2 if any(err for _, _, err in items) else 0
+                follow(engine, cluster)  # process 0 reads the input and writes the output
+                return 0
+            return run_batch(args, engine)
+
+
+def run_batch(args, engine) -> int:
+    """Runs the requests of --prompt/--input, prints or writes the results and the summary."""
+    items = read_requests(args, engine)
+    for _, _, err in items:
+        if err:
+            print(f"jaxinfer.run: error: {err}", file=sys.stderr)
+    requests = [r for _, r, _ in items if r is not None]
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    with tqdm(
+        total=len(requests), desc="requests", unit="req", file=sys.stderr, disable=len(requests) < 8 or None
+    ) as bar:
+        results = engine.generate(requests, on_event=lambda ev: ev.result and bar.update(1))
+    elapsed = time.perf_counter() - start
+    by_id = {r.id: r for r in results}
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            for rid, req, err in items:
+                f.write(
+                    json.dumps(result_record(rid, req, by_id.get(rid) if req else None, err), ensure_ascii=False) + "\n"
+                )
+    else:
+        for rid, req, _ in items:
+            if req is not None:
+                r = by_id[rid]
+                seed = f", seed {r.seed}" if req.params.temperature > 0 else ""  # greedy needs none
+                print(f"--- [{rid}] ({r.finish_reason}, {r.completion_tokens} tokens{seed})\n{r.text.strip()}")
+    print(summarize(results, elapsed, engine), file=sys.stderr)
+    return 2 if any(err for _, _, err in items) else 0
 
 
 def result_record(rid, req, result, err) -> dict:

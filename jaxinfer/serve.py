@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 
-from jaxinfer.bootstrap import add_model_args, build_engine, check_paths
+from jaxinfer.bootstrap import add_model_args, build_engine, check_paths, cluster_scope, join_cluster
 from jaxinfer.cli_common import setup_logging, user_errors
 
 log = logging.getLogger("jaxinfer.serve")
@@ -94,6 +94,9 @@ def main(argv=None) -> int:
     with user_errors("jaxinfer.serve", (OSError,)):
         check_server_args(args)
         check_paths(args)
+        cluster = join_cluster(args)
+        if cluster is not None and not cluster.is_leader:
+            return follow_leader(args, cluster)
         from grpc_health.v1 import health_pb2
         from prometheus_client import start_http_server
 
@@ -148,7 +151,8 @@ def main(argv=None) -> int:
                 "HTTP listening on %s://%s:%d (/health 503 until warm-up is done)", http.scheme, args.host, http.port
             )
 
-        engine = build_engine(args, serve_early=True)  # larger buckets may still compile in the background
+        # larger buckets may still compile in the background
+        engine = build_engine(args, serve_early=True, cluster=cluster)
         orchestrator = Orchestrator(
             engine,
             metrics,
@@ -156,6 +160,16 @@ def main(argv=None) -> int:
             stream_buffer=args.stream_buffer,
             request_timeout=args.request_timeout,
         )
+        if cluster is not None:
+
+            def on_lost(message):
+                health.enter_graceful_shutdown()
+                if openai is not None:
+                    openai.draining = True
+                orchestrator.abort(f"the server lost a process of its mesh: {message}")
+
+            cluster.on_lost(on_lost)
+            cluster.on_drain(lambda: on_signal(signal.SIGTERM, None))
         orchestrator.start()
         warming.clear()
         service.ready(engine, orchestrator)
@@ -182,11 +196,26 @@ def main(argv=None) -> int:
         if http is not None:
             http.stop()
         server.stop(grace=5).wait()
+        if cluster is not None:
+            cluster.stop()
         log.info("stopped")
         if engine.compiling is not None and engine.compiling.is_alive():
             logging.shutdown()  # a thread inside XLA compilation cannot be unwound: leave without waiting
             os._exit(0)
         return 0
+
+
+def follow_leader(args, cluster) -> int:
+    """A multi-host worker: the same engine, no ports; it repeats process 0's device calls until process
+    0 stops it. SIGTERM/SIGINT here asks process 0 to drain the whole cluster."""
+    from jaxinfer.multihost.replica import follow
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: cluster.request_drain())
+    with cluster_scope(cluster):
+        follow(build_engine(args, serve_early=True, cluster=cluster), cluster)
+    log.info("stopped")
+    return 0
 
 
 if __name__ == "__main__":

@@ -132,6 +132,7 @@ class Engine:
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
             (model.params, self.cache, self.state),
         )
+        self.replicas = None  # multi-host leader: told each device call first (`jaxinfer.multihost.replica`)
         self._streams: dict[str, OutputStream] = {}
         self._pending: PendingStep | None = None  # the dispatched step, read back after the next is dispatched
         self._steps = 0
@@ -225,8 +226,10 @@ class Engine:
         self._take_installed()
         start = time.perf_counter()
         for bucket in buckets:
+            if self.replicas is not None:
+                self.replicas.idle(bucket)
             self._ran(bucket)
-            step = self._executables[bucket]
+            step = self._executable(bucket)
             inputs = self._to_device(self.inputs.empty(bucket))
             outputs, self.cache, self.state = step(self.model.params, self.cache, inputs, self.state)
             outputs.samples.tokens.block_until_ready()
@@ -341,13 +344,40 @@ class Engine:
         self._write_penalty_rows()
         if plan is None:
             return None
-        inputs = self._to_device(self.inputs.build(plan))
-        step = self._executables[plan.bucket]
+        host = self.inputs.build(plan)
+        if self.replicas is not None:
+            self.replicas.step(plan.bucket, host)
         self._ran(plan.bucket)  # if it never ran, this real step is its first run
-        outputs, self.cache, self.state = step(self.model.params, self.cache, inputs, self.state)
-        self._steps += 1
+        outputs = self._run_step(plan.bucket, host)
         self._steps_by_bucket[plan.bucket] += 1
         return pending_step(outputs, plan)
+
+    def _run_step(self, bucket: int, host: dict):
+        step = self._executable(bucket)
+        outputs, self.cache, self.state = step(self.model.params, self.cache, self._to_device(host), self.state)
+        self._steps += 1
+        return outputs
+
+    def _executable(self, bucket: int):
+        """The compiled step of `bucket`; on a multi-host worker, one still compiling in the background is
+        waited for (the leader only uses buckets it has, and every process compiles the same ones)."""
+        if bucket not in self._executables:
+            self._take_installed()
+            if bucket not in self._executables and self.compiling is not None:
+                self.compiling.join()
+                self._take_installed()
+        return self._executables[bucket]
+
+    # ---- multi-host workers: the leader's device calls, repeated (`jaxinfer.multihost.replica`) ----
+    def replay_step(self, bucket: int, host: dict) -> None:
+        self._ran(bucket)
+        self._run_step(bucket, host)
+
+    def replay_rows(self, shard: int, slot: int, rows) -> None:
+        self.state = self.penalty_rows(self.state, shard, slot, rows)
+
+    def block_until_ready(self) -> None:
+        jax.block_until_ready((self.cache, self.state))
 
     def _write_penalty_rows(self) -> None:
         """Each newly admitted request with penalties or a bias gets its slot's rows written from scratch."""
@@ -355,9 +385,16 @@ class Engine:
             params = seq.request.params
             if params.penalized:
                 rows = penalty_rows(params, seq.request.prompt_ids, seq.generated, self.model.config.vocab_size)
+                if self.replicas is not None:
+                    self.replicas.rows(seq.shard, seq.slot, rows)
                 self.state = self.penalty_rows(self.state, seq.shard, seq.slot, rows)
 
     def _to_device(self, host: dict) -> StepInputs:
+        if jax.process_count() > 1:
+            # each process holds the same host arrays and places only its own devices' slices: device_put
+            # into a mesh that spans processes would compile and run a cross-process equality check
+            put = lambda a, sharding: jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+            return StepInputs.from_flat({k: put(a, self._input_shardings[k]) for k, a in host.items()})
         # one batched transfer per step: per-array device_put calls cost the host (and on CPU the
         # device's) time every step
         return StepInputs.from_flat(jax.device_put(host, self._input_shardings))

@@ -139,13 +139,21 @@ def build_step_fn(model: ShardedModel, cache_shape: CacheShape, platform: Platfo
         state = SamplerState(samples.tokens, jax.tree.map(unflat, penalties))
         return StepOutputs(samples, prompt), cache, state
 
-    row = logical_sharding(mesh, ROW_AXES)
+    row = output_sharding(mesh)
     outputs = StepOutputs(Samples(row, row, row, row), PromptLogprobs(row, row, row))
     return jax.jit(
         step,
         donate_argnums=(1, 3),
         out_shardings=(outputs, cache_sharding(mesh, cache_shape, model.layer_loop), state_shardings(mesh)),
     )
+
+
+def output_sharding(mesh):
+    """The step outputs' sharding: split over data shards in one process; replicated when the mesh spans
+    processes, so process 0 reads every shard's samples from its own devices (`jaxinfer.multihost`)."""
+    if jax.process_count() > 1:
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return logical_sharding(mesh, ROW_AXES)
 
 
 @functools.cache

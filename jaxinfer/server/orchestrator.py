@@ -138,6 +138,7 @@ class Orchestrator:
         self._startup_settled = False  # its StartupReport no longer changes: stop republishing it
         self._lock = threading.Condition()  # guards _tickets and _accepting; notified when _tickets empties
         self._accepting = True
+        self._aborted: str | None = None  # why `abort` failed everything (steps may fail from then on)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.status = self._status(peak=0)
@@ -186,6 +187,14 @@ class Orchestrator:
             self._lock.wait_for(lambda: not self._tickets, timeout)
             return len(self._tickets)
 
+    def abort(self, message: str) -> None:
+        """Fails every request in flight with UNAVAILABLE at once, from any thread: for when the engine
+        thread may be stuck in a step that can no longer finish (a multi-host process was lost)."""
+        self._aborted = message
+        self.stop_accepting()
+        for ticket in self._in_flight():
+            ticket.fail(grpc.StatusCode.UNAVAILABLE, message)
+
     def close(self) -> None:
         """Fails what is still in flight with UNAVAILABLE and stops the engine thread."""
         self.stop_accepting()
@@ -194,7 +203,7 @@ class Orchestrator:
 
     # ---- engine thread -------------------------------------------------------------------------
     def _loop(self) -> None:
-        while self._apply(self._next_commands()):
+        while self._apply(self._next_commands()) and self._aborted is None:
             if self.engine.has_work():
                 self._step()
             self._expire(time.monotonic())
@@ -240,6 +249,9 @@ class Orchestrator:
         try:
             events = self.engine.step()
         except Exception as e:
+            if self._aborted is not None:  # expected: a collective with a lost process cannot complete
+                log.error("engine step failed after: %s (%s)", self._aborted, type(e).__name__)
+                return
             log.exception("engine step failed; failing the requests in flight")
             for ticket in self._in_flight():
                 self._end(

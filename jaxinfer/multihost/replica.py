@@ -1,0 +1,56 @@
+"""Every process makes the same device calls in the same order: the leader's engine tells the others
+(`Replicas`, its `engine.replicas`) before each call, and their follower loop (`follow`) repeats it.
+
+The calls that reach the device after start-up are three: a step of bucket b on host inputs, an idle
+first run of a freshly compiled bucket, and writing one slot's penalty rows. Start-up itself (the
+model's shards, the cache, the compiled steps) is the same program on every process, so it needs no
+messages. Workers never read results back: the step's outputs are replicated, and the leader reads
+them from its own devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from jaxinfer.sampling import PenaltyRows
+
+log = logging.getLogger("jaxinfer.multihost")
+
+
+class Replicas:
+    """Leader side: sends each device call's host inputs to every worker before making the call."""
+
+    def __init__(self, cluster):
+        self.cluster = cluster
+
+    def step(self, bucket: int, host: dict) -> None:
+        self.cluster.broadcast("step", {"bucket": bucket}, host)
+
+    def idle(self, bucket: int) -> None:
+        self.cluster.broadcast("idle", {"bucket": bucket})
+
+    def rows(self, shard: int, slot: int, rows: PenaltyRows) -> None:
+        self.cluster.broadcast("rows", {"shard": shard, "slot": slot}, dataclasses.asdict(rows))
+
+
+def follow(engine, cluster) -> None:
+    """Worker: repeats the leader's device calls until it says stop (a lost process ends the process
+    from the channel's threads, `cluster`)."""
+    steps = 0
+    while True:
+        kind, meta, arrays = cluster.commands.get()
+        if kind == "step":
+            engine.replay_step(meta["bucket"], arrays)
+            steps += 1
+        elif kind == "idle":
+            engine.run_idle([meta["bucket"]])
+        elif kind == "rows":
+            engine.replay_rows(meta["shard"], meta["slot"], PenaltyRows(**arrays))
+        elif kind == "stop":
+            engine.block_until_ready()
+            log.info("%s: stop after %d steps", cluster.name(), steps)
+            cluster.acknowledge_stop()
+            return
+        else:
+            raise RuntimeError(f"control channel: unknown command {kind!r} from process 0")
