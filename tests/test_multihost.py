@@ -6,6 +6,7 @@ the later ones load from it."""
 
 import concurrent.futures
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -194,6 +195,24 @@ def test_killed_leader_makes_the_worker_exit_naming_it(tmp_path, compile_cache):
     assert "process 0 of 2 lost: its connection closed" in group.log(1)
 
 
+def test_a_hung_worker_is_detected_by_heartbeats(tmp_path, compile_cache):
+    """SIGSTOP (a hang: alive, silent): process 0 names it after --heartbeat-timeout and exits."""
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"prompt": "Once upon a time", "max_tokens": 100, "ignore_eos": True}) + "\n")
+    group = ProcessGroup(
+        "jaxinfer.run", [*ENGINE, "--compile-cache", compile_cache, "--input", str(src), "--heartbeat-timeout", "3"]
+    )
+    try:
+        group.wait_for(1, r"start-up [\d.]+s")
+        group.procs[1].send_signal(signal.SIGSTOP)
+        start = time.monotonic()
+        code = group.procs[0].wait(timeout=60)
+    finally:
+        group.kill()
+    assert code == 1 and 2.5 < time.monotonic() - start < 30
+    assert re.search(r"process 1 of 2 lost: no heartbeat for \d+s \(--heartbeat-timeout 3\)", group.log(0))
+
+
 @pytest.fixture(scope="module")
 def server_flags(compile_cache):
     return [*ENGINE, "--compile-cache", compile_cache]
@@ -272,10 +291,11 @@ def test_killed_worker_fails_requests_in_flight_and_every_process_exits(server_f
 
 
 def test_each_process_loads_only_its_half_of_a_checkpoint(tmp_path):
-    """A native checkpoint of ~600 MB restored onto a 1x8 mesh whose tensor axis spans both processes:
-    each process's host memory peaks near half the model plus one tensor, not at the whole model."""
+    """A native checkpoint of 600 MB restored onto a 1x8 mesh whose tensor axis spans both processes, in
+    the scan layer loop (TPU's): each process's host memory peaks near half the model plus one tensor
+    (the largest leaf), well below the whole model."""
     from jaxinfer.checkpoint import orbax_store
-    from jaxinfer.config import ModelConfig
+    from jaxinfer.config import ModelConfig, get_preset
     from jaxinfer.model import params as P
     from jaxinfer.model.layout import plan_layout
 
@@ -291,14 +311,14 @@ def test_each_process_loads_only_its_half_of_a_checkpoint(tmp_path):
         max_position_embeddings=512,
     )
     rng = np.random.default_rng(0)
-    tree = {}
-    for path, spec in P.flatten(P.abstract_params(config, plan_layout(config, 1, quiet=True))):
-        P.set_path(tree, path, rng.standard_normal(spec.shape, np.float32) * 0.02)
-    orbax_store.save(tmp_path / "ckpt", config, tree, "float32")
-    del tree
-    group = ProcessGroup(
-        "tests.multihost_load_probe", ["--model", str(tmp_path / "ckpt"), "--mesh", "1x8", "--tokenizer", STORIES]
-    )
+    for name, cfg, fill in (("ckpt", config, rng.standard_normal), ("tiny", get_preset("tiny"), np.zeros)):
+        tree = {}
+        for path, spec in P.flatten(P.abstract_params(cfg, plan_layout(cfg, 1, quiet=True))):
+            P.set_path(tree, path, fill(spec.shape).astype(np.float32))
+        orbax_store.save(tmp_path / name, cfg, tree, "float32")
+        del tree
+    flags = ["--model", str(tmp_path / "ckpt"), "--warm-up", str(tmp_path / "tiny"), "--layer-loop", "scan"]
+    group = ProcessGroup("tests.multihost_load_probe", [*flags, "--mesh", "1x8", "--tokenizer", STORIES])
     try:
         codes = group.wait(300)
     finally:

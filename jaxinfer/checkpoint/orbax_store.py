@@ -22,6 +22,7 @@ from jaxinfer.model.layout import ModelLayout, plan_layout
 
 MANIFEST = "jaxinfer.json"
 FORMAT = "jaxinfer-orbax-v1"
+CHUNK_BYTES = 16 << 20  # largest stored chunk of a parameter array
 
 
 def is_native_checkpoint(path: str | os.PathLike) -> bool:
@@ -35,7 +36,13 @@ def save(path: str | os.PathLike, config: ModelConfig, logical_params: P.Params,
     path = pathlib.Path(path).absolute()
     path.mkdir(parents=True, exist_ok=True)
     ckpt = ocp.StandardCheckpointer()
-    ckpt.save(path / "params", logical_params, force=True)
+    # stored in chunks of at most CHUNK_BYTES: a process restoring only its shards (multi-host, or a
+    # tensor-parallel mesh) reads the chunks they overlap, not each whole array
+    chunked = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), logical_params)
+    # stored as jax arrays, not numpy ones: Orbax restores a numpy-typed entry whole on every process
+    cpu = jax.devices("cpu")[0]
+    logical_params = jax.tree.map(lambda a: a if isinstance(a, jax.Array) else jax.device_put(a, cpu), logical_params)
+    ckpt.save(path / "params", logical_params, save_args=chunked, force=True)
     ckpt.wait_until_finished()
     with open(path / "config.json", "w") as f:
         json.dump({**config.to_hf_config(), "_name_or_path": config.name}, f, indent=2)
@@ -58,7 +65,6 @@ def read_manifest(path: str | os.PathLike) -> dict:
 
 def restore(path: str | os.PathLike, mesh, dtype=None) -> tuple[ModelConfig, ModelLayout, P.Params]:
     """Restores a native checkpoint onto `mesh` as sharded arrays in `dtype` (default: as saved)."""
-    import orbax.checkpoint as ocp
 
     path = pathlib.Path(path).absolute()
     manifest = read_manifest(path)
@@ -68,7 +74,7 @@ def restore(path: str | os.PathLike, mesh, dtype=None) -> tuple[ModelConfig, Mod
     layout = plan_layout(config, mesh.shape["tensor"])
     target = P.abstract_params(config, logical, dtype, mesh)
     try:
-        restored = ocp.StandardCheckpointer().restore(path / "params", target)
+        restored = _restore_leaf_by_leaf(path / "params", target)
     except Exception as e:  # orbax raises many types for missing/corrupt files
         raise CheckpointError(
             f"{path / 'params'}: cannot restore checkpoint ({type(e).__name__}: "
@@ -84,3 +90,24 @@ def restore(path: str | os.PathLike, mesh, dtype=None) -> tuple[ModelConfig, Mod
         P.set_path(padded, leaf_path, pad(array))
         del array
     return config, layout, padded
+
+
+def _restore_leaf_by_leaf(path: pathlib.Path, target: P.Params) -> P.Params:
+    """Restores `target`'s leaves (sharded ShapeDtypeStructs) one at a time: each process reads only the
+    chunks of its own devices' shards, and its host memory holds at most one leaf's read buffers beside
+    what is already placed (restoring the whole tree at once reads every leaf concurrently)."""
+    import orbax.checkpoint as ocp
+
+    checkpointer = ocp.PyTreeCheckpointer()
+    out: P.Params = {}
+    for leaf_path, spec in P.flatten(target):
+        one, args = {}, {}
+        P.set_path(one, leaf_path, spec)
+        P.set_path(
+            args, leaf_path, ocp.ArrayRestoreArgs(sharding=spec.sharding, global_shape=spec.shape, dtype=spec.dtype)
+        )
+        restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(one, restore_args=args, partial_restore=True))
+        for k in leaf_path:
+            restored = restored[k]
+        P.set_path(out, leaf_path, restored)
+    return out

@@ -116,7 +116,7 @@ class Cluster:
         while True:
             try:
                 kind, meta, arrays = conn.receive()
-            except ChannelClosed:
+            except (ChannelClosed, ConnectionResetError):
                 if self._closing:
                     self._left(pid)
                     return
