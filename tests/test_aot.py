@@ -273,3 +273,27 @@ def test_bad_mesh_for_topology_is_a_one_line_error(tpu_available):
     code, _, err = aot(["--model", "tiny", "--topology", "v5e:2x4", "--mesh", "2x2"])
     assert code == 2 and "Traceback" not in err
     assert "has 4 devices but topology v5e:2x4 has 8 chips" in err
+
+
+def test_host_plan_counts_replicas_once_in_host_ram_but_per_chip_in_hbm(tpu_available):
+    """data=16: every chip holds the whole (tiny) model; a host's 4 chips hold 4 copies in HBM, and its
+    process reads one copy."""
+    import jax
+    import numpy as np
+
+    from jaxinfer.compilation import hosts, plan, target
+    from jaxinfer.model.layout import plan_layout
+    from jaxinfer.model.params import abstract_params
+    from jaxinfer.sharding import MESH_AXES, per_device_bytes
+
+    tgt, spec = target.resolve("v5e:4x4", "16x1", None)
+    mesh = jax.sharding.Mesh(np.asarray(tgt.devices, dtype=object).reshape(spec.shape), MESH_AXES)
+    config = get_preset("tiny")
+    params = abstract_params(config, plan_layout(config, 1), "bfloat16", mesh)
+    model = per_device_bytes(params)
+    per_device = plan.MemoryPlan(tgt.memory_bytes, model, 1000, None, None, 1, None, None)
+    host = hosts.build(per_device, tgt.devices, params)
+    assert (host.hosts, host.devices_per_host) == (4, 4) == hosts.host_shape(tgt.devices)
+    assert host.host_weights == model == config.param_count() * 2
+    assert dict(host.rows())["weights"] == 4 * model and dict(host.rows())["KV cache"] == 4000
+    assert host.load_ram == model + host.largest_tensor and host.largest_tensor_name == "embed"

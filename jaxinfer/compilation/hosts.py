@@ -3,9 +3,10 @@
 A multi-host slice runs one jaxinfer process per host (v5e:4x4 is 4 hosts of 4 chips); each process
 places the weight shards of its own devices. Which chip belongs to which process is
 `device.process_index`, from libtpu's topology description for a named topology. A host's HBM figures
-are its devices' per-device figures added up. Loading needs host RAM too: the loader
-(`model.params.build_params`) holds one whole leaf (all layers of one weight kind) in host memory while
-it places that leaf's slices, and a process reads at most its own devices' distinct shards.
+are its devices' per-device figures added up. Loading also takes host RAM: a process reads its devices'
+distinct shards (a replica on two of its chips once), and the loader (`model.params.build_params`)
+holds one whole leaf (all layers of one weight kind) in host memory while it places that leaf's slices.
+Their sum bounds a process's peak.
 """
 
 from __future__ import annotations
