@@ -1,6 +1,7 @@
 """AOT compile and memory planner (CPU host with the tpu extra): TPU executables, fit reports, manifest checks,
 and the planner's KV page count against a real engine."""
 
+import itertools
 import json
 import re
 import subprocess
@@ -63,6 +64,8 @@ def test_tiny_compiles_for_v5e_2x4_and_manifest_records_it(tmp_path, tpu_availab
         "num_devices": 8,
         "device_ids": list(range(8)),
         "memory_bytes": 16 * 2**30,
+        "hosts": 2,  # libtpu describes v5e:2x4 as 2 processes of 4 chips (a v5litepod-8 VM has all 8)
+        "devices_per_host": 4,
     }
     assert m["mesh"] == {"data": 2, "sequence": 1, "tensor": 4}
     assert m["model"]["name"] == "tiny" and m["engine"]["attention"] == "pallas"
@@ -73,6 +76,9 @@ def test_tiny_compiles_for_v5e_2x4_and_manifest_records_it(tmp_path, tpu_availab
         assert step["memory"]["argument"] > 0 and step["estimated_seconds"] > 0
         assert re.search(rf"^\| {b} \| [\d.]+ \|", out, re.M), out  # one table row per executable
     assert m["plan"]["fits"] and "FITS" in out
+    per_host = m["plan"]["per_host"]
+    assert per_host["hosts"] == 2 and per_host["total"] == 4 * m["plan"]["total"]
+    assert per_host["load_ram"] == per_host["host_weights"] + per_host["largest_tensor"] > 0
     # the executables are in StepStore form, where `--compile-cache DIR` on a v5e-8 loads them untraced
     (signature,) = tmp_path.glob("jaxinfer-steps/*/signature.json")
     sig = json.loads(signature.read_text())
@@ -165,6 +171,51 @@ def test_llama3_70b_on_v5e_2x2_does_not_fit(tpu_available):
     assert "--topology v5e:4x4 --mesh 1x16" in msg and "v5p:2x2x1" in msg
 
 
+def test_llama3_70b_on_v5e_4x4_fits_on_four_hosts_with_per_host_figures(tpu_available):
+    # 1 x 16 (all tensor): 8.4 GiB of weights per chip. One bucket, one 80-layer (scanned) compile: ~30 s;
+    # without --out, which would add another compile and the serialization (~20 s)
+    code, out, err = aot(
+        [
+            "--model",
+            "llama3-70b",
+            "--topology",
+            "v5e:4x4",
+            "--mesh",
+            "1x16",
+            "--max-slots",
+            "32",
+            "--max-context",
+            "4096",
+            "--buckets",
+            "8",
+            "--dtype",
+            "bf16",
+        ],
+        timeout=600,
+    )
+    assert code == 0, err[-3000:]
+    assert "FITS" in out and "4 hosts x 4 devices" in out
+    device, host = printed_table(out, "per device"), printed_table(out, "per host (4 devices)")
+    # 32 slots x 4096 tokens x 80 layers x (K, V) x 1 KV head per chip (8 padded to 16) x 128 x 2 bytes
+    assert device["weights"] == 8989458432 and device["KV cache"] == 32 * 4096 * 80 * 2 * 1 * 128 * 2
+    assert device["largest temp"] > 0 and device["total"] <= device["device memory"] == 16 * 2**30
+    assert host == {
+        **{name: 4 * value for name, value in device.items() if name != "device memory"},
+        "HBM of its devices": 64 * 2**30,
+    }
+    load = re.search(r"host RAM to load one host's shards: up to ([\d.]+) GiB = ([\d.]+) GiB .* \+ ([\d.]+) GiB", out)
+    ram, shards, largest = (float(g) for g in load.groups())
+    assert 33.4 < shards <= host["weights"] / 2**30 and largest == 35.0  # layers/mlp/down: 80 x 28672 x 8192 x 2 B
+    assert ram == pytest.approx(shards + largest, abs=0.01)
+
+
+def printed_table(out: str, heading: str) -> dict[str, int]:
+    """{row: bytes} of the plan table under `| heading | bytes | |`."""
+    lines = out[out.index(f"| {heading} | bytes | |") :].splitlines()[2:]
+    rows = (re.fullmatch(r"\| (.+?) \| (\d+) \| .* \|", line) for line in lines)
+    return {m.group(1): int(m.group(2)) for m in itertools.takewhile(bool, rows)}
+
+
 def test_planner_kv_pages_equal_the_engines_on_cpu(capsys):
     """--kv-memory-fraction: the planner (topology cpu) and a real engine give the same page count."""
     import jax
@@ -222,3 +273,27 @@ def test_bad_mesh_for_topology_is_a_one_line_error(tpu_available):
     code, _, err = aot(["--model", "tiny", "--topology", "v5e:2x4", "--mesh", "2x2"])
     assert code == 2 and "Traceback" not in err
     assert "has 4 devices but topology v5e:2x4 has 8 chips" in err
+
+
+def test_host_plan_counts_replicas_once_in_host_ram_but_per_chip_in_hbm(tpu_available):
+    """data=16: every chip holds the whole (tiny) model; a host's 4 chips hold 4 copies in HBM, and its
+    process reads one copy."""
+    import jax
+    import numpy as np
+
+    from jaxinfer.compilation import hosts, plan, target
+    from jaxinfer.model.layout import plan_layout
+    from jaxinfer.model.params import abstract_params
+    from jaxinfer.sharding import MESH_AXES, per_device_bytes
+
+    tgt, spec = target.resolve("v5e:4x4", "16x1", None)
+    mesh = jax.sharding.Mesh(np.asarray(tgt.devices, dtype=object).reshape(spec.shape), MESH_AXES)
+    config = get_preset("tiny")
+    params = abstract_params(config, plan_layout(config, 1), "bfloat16", mesh)
+    model = per_device_bytes(params)
+    per_device = plan.MemoryPlan(tgt.memory_bytes, model, 1000, None, None, 1, None, None)
+    host = hosts.build(per_device, tgt.devices, params)
+    assert (host.hosts, host.devices_per_host) == (4, 4) == hosts.host_shape(tgt.devices)
+    assert host.host_weights == model == config.param_count() * 2
+    assert dict(host.rows())["weights"] == 4 * model and dict(host.rows())["KV cache"] == 4000
+    assert host.load_ram == model + host.largest_tensor and host.largest_tensor_name == "embed"

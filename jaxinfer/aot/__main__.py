@@ -1,4 +1,5 @@
-"""`python -m jaxinfer.aot`: compile every engine step for a TPU topology (or this machine) and plan memory.
+"""`python -m jaxinfer.aot`: compile every engine step for a TPU topology (or this machine) and plan memory
+per device and per host (the devices one process drives: v5e:4x4 is 4 hosts of 4 chips).
 
     python -m jaxinfer.aot --model llama3-8b --topology v5e:2x4 --mesh 2x4 --max-slots 64 \\
         --max-context 4096 --dtype bfloat16 [--kv-pages N | --kv-memory-fraction F] [--out DIR]
@@ -77,13 +78,14 @@ def run(args) -> int:
     from jaxinfer import platform as platforms
     from jaxinfer.bootstrap import check_paths, engine_config
     from jaxinfer.checkpoint.load import parse_dtype
-    from jaxinfer.compilation import manifest, plan, target
+    from jaxinfer.compilation import hosts, manifest, plan, target
     from jaxinfer.compilation import steps as aot_compile
     from jaxinfer.compilation.cache import persistent_cache_bypassed
     from jaxinfer.compilation.step_store import StepStore
     from jaxinfer.config import ConfigError
     from jaxinfer.engine.config import refuse_sequence_axis
     from jaxinfer.model.layout import plan_layout
+    from jaxinfer.model.params import abstract_params
     from jaxinfer.sharding import MESH_AXES, per_device_bytes
 
     check_paths(args)
@@ -109,9 +111,11 @@ def run(args) -> int:
     unknown = sorted(set(buckets) - set(specs.buckets))
     if unknown:
         raise ConfigError(f"--buckets {unknown}: the engine's buckets are {list(specs.buckets)}")
+    n_hosts, devices_per_host = hosts.host_shape(tgt.devices)
     print(
         f"{config.name} ({source}, {dtype.name}, {config.param_count() / 1e9:.2f}B params) on {tgt.name} "
-        f"({len(tgt.devices)} x {tgt.device_kind}, {tgt.memory_bytes / plan.GiB:.1f} GiB each), mesh {spec}"
+        f"({len(tgt.devices)} x {tgt.device_kind}, {tgt.memory_bytes / plan.GiB:.1f} GiB each; "
+        f"{n_hosts} hosts x {devices_per_host} devices), mesh {spec}"
     )
     print(
         f"engine: {engine.max_slots} slots, context {engine.max_context}, page {engine.page_size}, "
@@ -138,6 +142,9 @@ def run(args) -> int:
         f"largest KV cache that fits: {p.max_kv_pages} pages per data shard = {p.max_slots} concurrent "
         f"requests of {engine.max_context} tokens"
     )
+    per_host = hosts.build(p, tgt.devices, abstract_params(config, layout, dtype, mesh))
+    print(f"\nmemory plan per host:\n{plan.plan_table(per_host, f'per host ({per_host.devices_per_host} devices)')}")
+    print(hosts.load_line(per_host))
     if args.out and results:
         with persistent_cache_bypassed():
             extra = aot_compile.compile_penalty_rows(specs)
@@ -161,8 +168,10 @@ def run(args) -> int:
                     "num_devices": len(tgt.devices),
                     "device_ids": [d.id for d in tgt.devices],
                     "memory_bytes": tgt.memory_bytes,
+                    "hosts": per_host.hosts,
+                    "devices_per_host": per_host.devices_per_host,
                 },
-                "plan": {**vars(p), "total": p.total, "fits": p.fits},
+                "plan": {**vars(p), "total": p.total, "fits": p.fits, "per_host": per_host.record()},
                 "steps": [
                     {
                         "bucket": r.bucket,

@@ -96,8 +96,9 @@ def bucket_table(results) -> str:
     return "\n".join(lines)
 
 
-def plan_table(plan: MemoryPlan) -> str:
-    lines = ["| per device | bytes | |", "|---|---:|---:|"]
+def plan_table(plan, heading: str = "per device") -> str:
+    """`plan`: a MemoryPlan, or anything else with `rows()` (`hosts.HostPlan`)."""
+    lines = [f"| {heading} | bytes | |", "|---|---:|---:|"]
     lines += [f"| {name} | {value} | {format_bytes(value)} |" for name, value in plan.rows()]
     return "\n".join(lines)
 
