@@ -1,12 +1,14 @@
 """jaxinfer vs Hugging Face transformers `generate` on the same model, prompts and greedy settings.
 
-    python scripts/compare_hf.py [--batch 1 8 32] [--prompt-tokens 32] [--new-tokens 32] [--repeats 3]
+    python scripts/compare_hf.py [--batch 1 8 32] [--prompt-tokens 32] [--new-tokens 32] [--repeats 3] [--model DIR]
 
-SmolLM2-135M-Instruct (the embedded GGUF, float32 on both sides), prompts of equal token length (no
-padding, so batched HF output is comparable token for token). For each batch size the two systems
-run alternately `--repeats` times in one process; reported: median output tokens/s of each, the
-ratio of the medians, each repeat's paired ratio (the two runs of one repeat are seconds apart, so a
-noisy machine moves both) with their median, and whether every generated token matched.
+SmolLM2-135M-Instruct (the embedded GGUF) or `--model DIR`, a Hugging Face Llama directory (config.json
++ *.safetensors, read by both sides; its prompts are seeded random token ids), float32 on both sides.
+Prompts are of equal token length (no padding, so batched HF output is comparable token for token).
+For each batch size the two systems run alternately `--repeats` times in one process; reported:
+median output tokens/s of each, the ratio of the medians, each repeat's paired ratio (the two runs
+of one repeat are seconds apart, so a noisy machine moves both) with their median, and whether every
+generated token matched.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def main(argv=None) -> dict:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--model", default=None, help="a Hugging Face Llama directory (default: the embedded SmolLM2)")
     p.add_argument("--mesh", default="1x1")
     p.add_argument(
         "--attention",
@@ -40,6 +43,7 @@ def main(argv=None) -> dict:
 
     ensure_host_devices(parse_mesh(args.mesh).size)
     import jax
+    import numpy as np
     import torch
     import transformers
 
@@ -52,17 +56,24 @@ def main(argv=None) -> dict:
     from jaxinfer.tokenizer import load_tokenizer
 
     torch.set_num_threads(os.cpu_count() or 1)
-    gguf = smollm2_gguf_path()
-    tok = load_tokenizer(gguf)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype=torch.float32
-    ).eval()
-    model = load_model(None, make_mesh(args.mesh), "float32")
-    text = (
-        "The history of astronomy is long. Ancient peoples watched the sky to keep time and tell stories "
-        "about the planets, the moon and the stars. "
-    ) * 8
-    base = tok.encode(text, add_bos=False)
+    model = load_model(args.model, make_mesh(args.mesh), "float32")
+    if args.model is None:
+        gguf = smollm2_gguf_path()
+        tok = load_tokenizer(gguf)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype=torch.float32
+        )
+        text = (
+            "The history of astronomy is long. Ancient peoples watched the sky to keep time and tell stories "
+            "about the planets, the moon and the stars. "
+        ) * 8
+        base = tok.encode(text, add_bos=False)
+    else:
+        tok = None  # token ids in and out: the engine needs no tokenizer
+        hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        size = max(args.batch) + args.prompt_tokens
+        base = np.random.default_rng(0).integers(0, model.config.vocab_size, size).tolist()
+    hf.eval()
     rows = []
     for batch in args.batch:
         prompts = [base[i : i + args.prompt_tokens] for i in range(batch)]

@@ -33,12 +33,19 @@ def test_benchmark_decode_tiny(tmp_path):
 
 
 def test_compare_hf_tiny(tmp_path):
+    """On a random-weight tiny Llama saved by transformers (SmolLM2's own greedy parity with transformers is
+    tests/test_engine_vs_transformers.py's)."""
     import pytest
 
     pytest.importorskip("transformers")
+    from jaxinfer.config import get_preset
+    from tests.hf_reference import save_random_hf_llama
+
+    save_random_hf_llama(get_preset("tiny"), tmp_path / "tiny", seed=3)
     out = tmp_path / "compare.json"
     load_script("compare_hf").main(
-        ["--batch", "2", "--prompt-tokens", "4", "--new-tokens", "3", "--repeats", "1", "--json", str(out)]
+        ["--model", str(tmp_path / "tiny"), "--batch", "2", "--prompt-tokens", "4", "--new-tokens", "3"]
+        + ["--repeats", "1", "--json", str(out)]
     )
     row = json.loads(out.read_text())["results"][0]
     assert row["identical_outputs"] and row["identical_requests"] == 2  # same greedy tokens as transformers
