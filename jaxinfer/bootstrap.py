@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import logging
 import os
+import sys
 import time
 
 from jaxinfer.config import ConfigError
@@ -134,26 +135,36 @@ def join_cluster(args):
 
 
 @contextlib.contextmanager
-def cluster_scope(cluster):
-    """Around a front end's work in a multi-host process: a clean end stops the workers (the leader's
-    job), a failure here tells every other process to exit with this process's error."""
+def cluster_scope(cluster, prog: str):
+    """Around a front end's work in a multi-host process. A clean end stops the workers (a worker waits
+    for that stop). A failure tells every other process to exit with this one's error, reports it (one
+    line for a user's mistake, as `user_errors` does) and exits at once: JAX's distributed shutdown at
+    interpreter exit would wait on processes that are leaving."""
     if cluster is None:
         yield
         return
+    from jaxinfer.cli_common import USER_ERRORS
+    from jaxinfer.multihost.cluster import hard_exit
+    from jaxinfer.tokenizer import TokenizerError
+
     try:
         yield
     except SystemExit as e:
-        if e.code not in (0, None):
-            cluster.abort(f"{cluster.name()} exited with status {e.code}")
-        elif cluster.is_leader:
-            cluster.stop()
-        raise
+        if e.code in (0, None):
+            cluster.finish()
+            raise
+        cluster.abort(f"{cluster.name()} exited with status {e.code}")
+        hard_exit(e.code if isinstance(e.code, int) else 1)
+    except USER_ERRORS + (TokenizerError, ValueError, OSError) as e:
+        cluster.abort(f"{cluster.name()} failed: {e}")
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        hard_exit(2)
     except BaseException as e:
         cluster.abort(f"{cluster.name()} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        raise
+        log.exception("%s failed", cluster.name())
+        hard_exit(1)
     else:
-        if cluster.is_leader:
-            cluster.stop()
+        cluster.finish()
 
 
 def engine_config(args, model_limit: int):

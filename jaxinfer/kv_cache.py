@@ -93,6 +93,13 @@ def pages_for_memory_fraction(
     return pages_for_budget(memory_bytes * fraction - in_use_bytes, shape, tensor)
 
 
+def local_device(devices):
+    """The first of `devices` this process can address (memory statistics exist only for those)."""
+    import jax
+
+    return next(d for d in devices if d.process_index == jax.process_index())
+
+
 def device_memory(device) -> tuple[int, int | None]:
     """(bytes one device may use, bytes in use now or None when the runtime does not say).
 

@@ -172,7 +172,7 @@ def main(argv=None) -> int:
         check_paths(args, inputs=("--input",))  # fail fast, before loading anything
         SamplingParams(**default_sampling(args)).validate()
         cluster = join_cluster(args)
-        with cluster_scope(cluster):
+        with cluster_scope(cluster, "jaxinfer.run"):
             engine = build_engine(args, cluster=cluster)
             if cluster is not None and not cluster.is_leader:
                 from jaxinfer.multihost.replica import follow

@@ -212,7 +212,7 @@ def follow_leader(args, cluster) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda signum, frame: cluster.request_drain())
-    with cluster_scope(cluster):
+    with cluster_scope(cluster, "jaxinfer.serve"):
         follow(build_engine(args, serve_early=True, cluster=cluster), cluster)
     log.info("stopped")
     return 0

@@ -67,6 +67,13 @@ class ProcessGroup:
         time.sleep(0.1)  # the log readers catch up
         return codes
 
+    def finish(self, timeout: float) -> list[int]:
+        """`wait`, killing whatever is left if it fails."""
+        try:
+            return self.wait(timeout)
+        finally:
+            self.kill()
+
     def kill(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:

@@ -6,6 +6,7 @@ the later ones load from it."""
 
 import concurrent.futures
 import json
+import os
 import re
 import signal
 import subprocess
@@ -136,10 +137,7 @@ def test_a_mismatched_model_is_refused_at_startup_on_every_process():
         ["--mesh", "2x4", "--prompt", "Hi"],
         per_process=lambda i: ["--model", STORIES if i == 0 else "tiny"],
     )
-    try:
-        codes = group.wait(120)
-    finally:
-        group.kill()
+    codes = group.finish(120)
     assert codes == [2, 2], group.log(0) + group.log(1)
     for i in (0, 1):
         errors = [line for line in group.log(i).splitlines() if "error:" in line]
@@ -157,10 +155,7 @@ def test_batch_job_equals_single_process(tmp_path, reference, compile_cache):
         [*ENGINE, "--compile-cache", compile_cache],
         per_process=lambda i: ["--input", str(src), "--output", str(out)] if i == 0 else [],
     )
-    try:
-        codes = group.wait(600)
-    finally:
-        group.kill()
+    codes = group.finish(600)
     assert codes == [0, 0], group.log(0) + group.log(1)
     got = run_lines(out)
     assert got.keys() == expected.keys()
@@ -319,10 +314,7 @@ def test_each_process_loads_only_its_half_of_a_checkpoint(tmp_path):
         del tree
     flags = ["--model", str(tmp_path / "ckpt"), "--warm-up", str(tmp_path / "tiny"), "--layer-loop", "scan"]
     group = ProcessGroup("tests.multihost_load_probe", [*flags, "--mesh", "1x8", "--tokenizer", STORIES])
-    try:
-        codes = group.wait(300)
-    finally:
-        group.kill()
+    codes = group.finish(300)
     assert codes == [0, 0], group.log(0) + group.log(1)
     for i in (0, 1):
         report = json.loads([line for line in group.log(i).splitlines() if line.startswith("{")][-1])
@@ -339,6 +331,26 @@ def test_the_readme_multihost_example_runs_as_written():
     assert len(lines) == 2 and lines[0].endswith("&")
     assert all(" ".join(ENGINE) in line for line in lines)  # the flags the tests above run (compiled already)
     script = "\n".join(["set -e", *lines, "wait $!"])  # the background worker's status too
-    proc = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}  # `python`: this one
+    proc = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.startswith("--- [0] (length") and "process 1 of 2: stop after" in proc.stderr
+    assert proc.stdout.startswith("--- [0] (") and "process 1 of 2: stop after" in proc.stderr
+
+
+def test_aot_compiles_on_the_clusters_devices_and_refuses_a_described_topology():
+    group = ProcessGroup("jaxinfer.aot", ["--model", "tiny", "--topology", "cpu", "--mesh", "2x4", "--buckets", "1"])
+    codes = group.finish(300)
+    assert codes == [0, 0], group.log(0) + group.log(1)
+    for i in (0, 1):
+        assert "2 hosts x 4 devices" in group.log(i) and "FITS:" in group.log(i)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxinfer.aot", "--model", "tiny", "--topology", "v5e:4x4"]
+        + ["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "jaxinfer.aot: error: --coordinator: --topology v5e:4x4 is described, not attached, and compiles in one "
+        "process; --coordinator is for compiling on a slice's own devices (--topology tpu on every host)"
+    ]

@@ -59,6 +59,8 @@ def main(argv=None) -> int:
 
     setup_logging(args.verbose)
     with user_errors("jaxinfer.aot"):
+        from jaxinfer.config import ConfigError
+
         if args.check:
             from jaxinfer.compilation import manifest
 
@@ -68,7 +70,17 @@ def main(argv=None) -> int:
         if args.topology not in ("gpu", "tpu"):
             os.environ.setdefault("JAX_PLATFORMS", "cpu")  # TPU topologies compile from the CPU backend
             os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no chip is claimed: let runs overlap
-        return run(args)
+        from jaxinfer.bootstrap import cluster_scope, join_cluster
+        from jaxinfer.multihost.flags import multihost_spec
+
+        if multihost_spec(args) is not None and args.topology not in ("cpu", "gpu", "tpu"):
+            raise ConfigError(
+                f"--coordinator: --topology {args.topology} is described, not attached, and compiles in one "
+                f"process; --coordinator is for compiling on a slice's own devices (--topology tpu on every host)"
+            )
+        cluster = join_cluster(args)  # every process compiles the same steps for the global devices
+        with cluster_scope(cluster, "jaxinfer.aot"):
+            return run(args)
 
 
 def run(args) -> int:

@@ -93,7 +93,7 @@ def resolve(topology: str | None, mesh: str | None, memory_gib: float | None) ->
 
 
 def _local(platform: str, spec: MeshSpec, memory_gib: float | None) -> tuple[Target, MeshSpec]:
-    from jaxinfer.kv_cache import device_memory
+    from jaxinfer.kv_cache import device_memory, local_device
     from jaxinfer.sharding import make_mesh
 
     if platform == "cpu":
@@ -107,5 +107,5 @@ def _local(platform: str, spec: MeshSpec, memory_gib: float | None) -> tuple[Tar
     except RuntimeError:
         raise MeshError(f"--topology {platform}: this machine has no {platform.upper()} devices") from None
     devices = tuple(make_mesh(spec, available).devices.flat)
-    memory = int(memory_gib * 2**30) if memory_gib else device_memory(devices[0])[0]
+    memory = int(memory_gib * 2**30) if memory_gib else device_memory(local_device(devices))[0]
     return Target(platform, platform, devices[0].device_kind, devices, memory, False), spec

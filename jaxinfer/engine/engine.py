@@ -36,7 +36,7 @@ from jaxinfer.engine.sampler_state import RowSetter, allocate_state, penalty_row
 from jaxinfer.engine.scheduler import Scheduler, SchedulerLimits, Sequence, StepPlan
 from jaxinfer.engine.step import build_step_fn
 from jaxinfer.engine.step_inputs import HostBatchBuilder, StepInputs, abstract_inputs, input_shardings
-from jaxinfer.kv_cache import CacheShape, allocate_cache, device_memory, pages_for_memory_fraction
+from jaxinfer.kv_cache import CacheShape, allocate_cache, device_memory, local_device, pages_for_memory_fraction
 from jaxinfer.model.forward import ShardedModel
 from jaxinfer.sharding import per_device_bytes
 
@@ -164,7 +164,7 @@ class Engine:
         if c.kv_memory_fraction is None:
             return (c.max_slots // self.data) * pages_per_slot
         try:
-            limit, in_use = device_memory(m.mesh.devices.flat[0])
+            limit, in_use = device_memory(local_device(m.mesh.devices.flat))
         except ValueError as e:
             raise ConfigError(f"--kv-memory-fraction: {e}; use --kv-pages instead") from None
         if in_use is None:  # host devices: what this engine put there so far is its weights

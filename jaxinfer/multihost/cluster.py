@@ -52,6 +52,7 @@ class Cluster:
         self._closing = False
         self._gone: set[int] = set()  # peers whose connection closed after a clean stop
         self._all_gone = threading.Event()
+        self.stopped = False  # worker: the leader's stop was received and acknowledged
 
     @property
     def is_leader(self) -> bool:
@@ -101,8 +102,20 @@ class Cluster:
             self.peers[0].send("drain", {"process_id": self.process_id})
 
     def acknowledge_stop(self) -> None:
+        self.stopped = True
         with contextlib.suppress(OSError):
             self.peers[0].send("bye")
+
+    def finish(self) -> None:
+        """A clean end of this process's work: the leader stops the workers; a worker that has not been
+        stopped yet (its work was its own, as the AOT tool's is) waits for the leader's stop."""
+        if self.is_leader:
+            self.stop()
+            return
+        while not self.stopped:
+            kind, _, _ = self.commands.get()
+            if kind == "stop":
+                self.acknowledge_stop()
 
     # ---- threads -----------------------------------------------------------------------------
     def start_threads(self) -> None:

@@ -23,6 +23,7 @@ def join(spec: MultihostSpec, identity: dict, cpu_devices: int | None) -> cluste
     if cpu_devices is not None:
         use_host_devices(cpu_devices)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        native_stdout_to_stderr()
     try:
         jax.distributed.initialize(
             spec.coordinator,
@@ -68,3 +69,18 @@ def use_host_devices(count: int) -> None:
     os.environ["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags).strip()
     ensure_host_devices(count)
     jax.config.update("jax_num_cpu_devices", count)
+
+
+def native_stdout_to_stderr() -> None:
+    """Gloo prints its connection messages on the process's stdout, where the batch job writes results:
+    native code's fd 1 becomes stderr, and Python's `sys.stdout` keeps the original stdout."""
+    import io
+    import os
+    import sys
+
+    sys.stdout.flush()
+    original = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = io.TextIOWrapper(
+        os.fdopen(original, "wb", buffering=0), encoding=sys.stdout.encoding, write_through=True
+    )
