@@ -158,26 +158,81 @@ def _filter(scaled: jax.Array, p: SamplingArrays) -> jax.Array:
     """Sets logits outside the top-k / nucleus / min-p set to -inf (the best token always survives).
 
     Each filter keeps a prefix of the tokens sorted by logit, so together they keep the tokens whose
-    logit is >= the smallest kept sorted logit: one sort per row, no inverse permutation. Skipped
-    entirely (no sort) when no row asks for a filter.
+    logit is >= a per-row cutoff logit. Skipped entirely when no row asks for a filter.
     """
     active = jnp.any((p.top_k > 0) | (p.top_p < 1.0) | (p.min_p > 0.0))
     return jax.lax.cond(active, _apply_filters, lambda s, _: s, scaled, p)
 
 
 def _apply_filters(scaled: jax.Array, p: SamplingArrays) -> jax.Array:
+    """scaled f32 [rows, vocab] -> the same with the tokens below each row's cutoff logit at -inf.
+
+    The cutoff is the largest of three, each the logit of the last token a filter keeps in the order
+    of a descending sort (ties at the cutoff all stay), found without sorting:
+      - top-k: the k-th largest logit, the smallest t with fewer than k logits > t;
+      - top-p: the smallest t whose probability mass strictly above it is < top_p, the probabilities
+        those of the softmax over the top k (of k tied copies of the k-th logit, k are counted);
+      - min-p: the smallest logit whose probability is >= min_p times the largest.
+    The first two are bisections over the float32 values (32 masked counts or sums over the row),
+    each row on its own. In exact arithmetic this is what a sort and a cumulative sum give; in float32
+    the sums run in another order, so a token whose mass above it is within rounding of top_p may
+    fall on the other side than under a sort. top_p >= 1 is off (a cumulative sum could otherwise
+    round to 1.0 before the tail and drop tokens of probability ~0).
+    """
     vocab = scaled.shape[-1]
-    sorted_logits = -jnp.sort(-scaled, axis=-1)  # descending
-    rank = jnp.arange(vocab)[None, :]
-    k = jnp.where(p.top_k > 0, jnp.minimum(p.top_k, vocab), vocab)[:, None]
-    keep = rank < k
-    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # probability mass ranked strictly above this token
-    keep &= before < p.top_p[:, None]
-    keep &= probs >= p.min_p[:, None] * probs[:, :1]
-    count = jnp.maximum(jnp.sum(keep, axis=-1), 1)
-    cutoff = jnp.take_along_axis(sorted_logits, (count - 1)[:, None], axis=-1)
-    return jnp.where(scaled >= cutoff, scaled, -jnp.inf)
+    top = jnp.max(scaled, axis=-1)  # [rows]
+    bottom = jnp.min(scaled, axis=-1)
+    k = jnp.where(p.top_k > 0, jnp.minimum(p.top_k, vocab), vocab)
+    use_k, use_p = k < vocab, p.top_p < 1.0
+
+    # Branches only skip searches no row needs: a row without the filter gets `bottom` either way.
+    def count_above(t):
+        return jnp.sum(scaled > t[:, None], axis=-1) < k
+
+    kth = jax.lax.cond(jnp.any(use_k), lambda: _smallest_passing(count_above, bottom, top), lambda: bottom)
+    kth = jnp.where(use_k, kth, bottom)
+    exps = jnp.exp(scaled - top[:, None])  # as jax.nn.softmax: -inf entries give 0
+    above = scaled > kth[:, None]
+    total = jnp.sum(jnp.where(above, exps, 0.0), axis=-1) + (k - jnp.sum(above, axis=-1)) * jnp.exp(kth - top)
+    probs = exps / total[:, None]
+
+    def mass_above(t):
+        return jnp.sum(jnp.where(scaled > t[:, None], probs, 0.0), axis=-1) < p.top_p
+
+    nucleus = jax.lax.cond(jnp.any(use_p), lambda: _smallest_passing(mass_above, bottom, top), lambda: bottom)
+    nucleus = jnp.where(use_p, nucleus, bottom)
+    likely = probs >= (p.min_p * (1.0 / total))[:, None]  # the best token's probability is exp(0) / total
+    least_likely = jnp.min(jnp.where(likely, scaled, jnp.inf), axis=-1)
+    cutoff = jnp.minimum(jnp.maximum(jnp.maximum(kth, nucleus), least_likely), top)
+    return jnp.where(scaled >= cutoff[:, None], scaled, -jnp.inf)
+
+
+def _smallest_passing(test, low: jax.Array, high: jax.Array) -> jax.Array:
+    """The smallest float32 t in [low, high] with test(t) -> bool [rows], per row; `high` where none passes.
+
+    `test` must be monotone (false, then true, as t grows). A bisection over the float32 values in
+    their order, as unsigned integers: 32 halvings cover every float.
+    """
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
+        ok = test(_from_ordered(mid))
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    _, hi = jax.lax.fori_loop(0, 32, step, (_ordered(low), _ordered(high)))
+    return _from_ordered(hi)
+
+
+def _ordered(x: jax.Array) -> jax.Array:
+    """float32 -> uint32 in the same order (NaN aside; -0.0 just below +0.0)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _from_ordered(key: jax.Array) -> jax.Array:
+    bits = jnp.where(key >> 31 == 1, key & jnp.uint32(0x7FFFFFFF), ~key)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
 PROMPT_LOGPROB_BLOCK = 128  # token positions projected to the vocabulary at once (bounds the logits' memory)

@@ -108,3 +108,16 @@ def test_benchmark_startup_tiny(tmp_path):
     assert warm["loaded"] == cold["compiled"] and warm["traced"] == warm["compiled"] == 0
     assert warm["ready_s"] < cold["ready_s"] and warm["wall_s"] > warm["ready_s"] > 0
     assert json.loads((tmp_path / "s.json").read_text())["median"] == result["median"]
+
+
+def test_benchmark_sampling_filters_tiny():
+    results = load_script("benchmark_sampling_filters").main(["--rows", "1", "4", "--vocab", "300", "--repeats", "2"])
+    assert [r["rows"] for r in results] == [1, 4]
+    for r in results:
+        assert (
+            math.isfinite(r["sort_ms"])
+            and r["sort_ms"] > 0
+            and math.isfinite(r["bisection_ms"])
+            and r["bisection_ms"] > 0
+        )
+        assert r["differing_rows"] == 0  # no near-tie boundary at this size and seed
