@@ -28,7 +28,7 @@ from tests.cluster_harness import ProcessGroup
 
 STORIES = "tests/data/stories260K/stories260K.bin"
 # 4 slots per data shard and 10 pages of 16 tokens per shard: the 40 requests below preempt each other
-ENGINE = ["--model", STORIES, "--mesh", "2x4", "--max-slots", "8", "--max-step-tokens", "16"]
+ENGINE = ["--model", STORIES, "--mesh", "2x4", "--max-slots", "8", "--max-step-tokens", "8"]
 ENGINE += ["--max-context", "128", "--kv-pages", "10"]
 OPENINGS = ["Once upon a time", "Lily saw a big", "Tom and his mom went to the", "The sun was shining and"]
 SP = pb.SamplingParams
