@@ -13,9 +13,9 @@ import types
 import grpc
 import pytest
 
-from jaxinfer.engine.engine import EngineStatus
 from jaxinfer.engine.executables import StartupReport
 from jaxinfer.engine.requests import Event, Request, Result, SamplingParams
+from jaxinfer.engine.status import EngineStatus
 from jaxinfer.server.metrics import Metrics
 from jaxinfer.server.orchestrator import Orchestrator, RequestFailed
 

@@ -34,6 +34,7 @@ from jaxinfer.engine.readback import PendingStep, pending_step, read_prompt_logp
 from jaxinfer.engine.requests import Event, Request, Result
 from jaxinfer.engine.sampler_state import RowSetter, allocate_state, penalty_rows
 from jaxinfer.engine.scheduler import Scheduler, SchedulerLimits, Sequence, StepPlan
+from jaxinfer.engine.status import EngineStatus
 from jaxinfer.engine.step import build_step_fn
 from jaxinfer.engine.step_inputs import HostBatchBuilder, StepInputs, abstract_inputs, input_shardings
 from jaxinfer.kv_cache import CacheShape, allocate_cache, device_memory, local_device, pages_for_memory_fraction
@@ -41,32 +42,6 @@ from jaxinfer.model.forward import ShardedModel
 from jaxinfer.sharding import per_device_bytes
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineStatus:
-    """A snapshot of the engine's state as plain numbers (safe to hand to other threads)."""
-
-    active_slots: int
-    waiting: int
-    prefilling: int  # requests whose prompt is not yet all in the cache (waiting ones included)
-    pages_used: int  # referenced by requests in flight
-    pages_cached: int  # kept by the prefix cache for later requests, evictable
-    pages_total: int
-    steps: int
-    preemptions: int
-    compilations_after_warmup: int
-    steps_by_bucket: dict[int, int]
-    finished: dict[str, int]  # finish reason -> requests
-    buckets_ready: tuple[int, ...]  # buckets steps can use now (all of them once start-up is complete)
-    prefix_lookup_tokens: int  # prompt tokens of admitted requests
-    prefix_hit_tokens: int  # of those, served from the prefix cache
-    prompt_tokens_computed: int  # prompt tokens that ran through the model (recomputes included)
-    prefix_evictions: int  # cached pages evicted for new allocations
-
-    @property
-    def prefix_hit_rate(self) -> float:
-        return self.prefix_hit_tokens / self.prefix_lookup_tokens if self.prefix_lookup_tokens else 0.0
 
 
 class Engine:
