@@ -84,6 +84,36 @@ def test_safetensors_matches_torch_state_dict(tmp_path, hf_dir, sharded):
             np.testing.assert_array_equal(got, ref[name], err_msg=name)
 
 
+def test_stacked_leaves_are_built_one_layer_at_a_time_and_equal_the_whole_leaf(hf_dir):
+    """The loader places each layer of a stacked weight kind on its own (padded for tensor=4) and stacks
+    on device: the result equals the whole padded leaf, and the host is never asked for a stacked leaf."""
+    from jaxinfer.checkpoint.hf_layout import layer_from_hf, logical_leaf_from_hf
+    from jaxinfer.model import params as P
+    from jaxinfer.model.layout import plan_layout
+    from jaxinfer.sharding import make_mesh
+
+    mesh = make_mesh("2x4")
+    whole_requests = []
+    with open_source(hf_dir[0]) as source:
+        layout = plan_layout(source.config, mesh.shape["tensor"])
+
+        def logical(path):
+            whole_requests.append(path)
+            return logical_leaf_from_hf(source, path)
+
+        params = P.build_params(
+            source.config, layout, mesh, "float32", logical, lambda p, i: layer_from_hf(source, p, i)
+        )
+        axes = dict(P.flatten(P.logical_axes(source.config, layout)))
+        shardings = dict(P.flatten(P.param_shardings(mesh, source.config, layout)))
+        for path, array in P.flatten(params):
+            want = P.pad_to_layout(logical_leaf_from_hf(source, path), axes[path], layout)
+            assert array.sharding.is_equivalent_to(shardings[path], array.ndim), path
+            np.testing.assert_array_equal(np.asarray(array), want, err_msg="/".join(path))
+    assert whole_requests and all(path[0] != "layers" for path in whole_requests)
+    assert layout.kv_heads != source.config.num_kv_heads  # the per-layer path padded heads too
+
+
 def test_safetensors_bf16_tied(tmp_path):
     ref = _save_tiny(tmp_path, tie=True, dtype=torch.bfloat16)
     with open_source(tmp_path) as src:

@@ -18,7 +18,7 @@ import numpy as np
 from jaxinfer.checkpoint import orbax_store
 from jaxinfer.checkpoint.default_model import DEFAULT_MODEL, smollm2_gguf_path
 from jaxinfer.checkpoint.errors import CheckpointError
-from jaxinfer.checkpoint.hf_layout import logical_leaf_from_hf
+from jaxinfer.checkpoint.hf_layout import layer_from_hf, logical_leaf_from_hf
 from jaxinfer.checkpoint.open_source import open_source
 from jaxinfer.config import PRESETS, get_preset
 from jaxinfer.model import params as P
@@ -73,7 +73,14 @@ def _load(spec: str | None, mesh, dtype, seed: int) -> ShardedModel:
     with open_source(path) as source:
         config = source.config
         layout = plan_layout(config, mesh.shape["tensor"])
-        params = P.build_params(config, layout, mesh, dtype, lambda p: logical_leaf_from_hf(source, p))
+        params = P.build_params(
+            config,
+            layout,
+            mesh,
+            dtype,
+            lambda p: logical_leaf_from_hf(source, p),
+            lambda p, i: layer_from_hf(source, p, i),
+        )
     return ShardedModel(config, layout, mesh, params, dtype, source=str(path), tokenizer_path=find_tokenizer(path))
 
 

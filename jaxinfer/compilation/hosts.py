@@ -5,8 +5,8 @@ places the weight shards of its own devices. Which chip belongs to which process
 `device.process_index`, from libtpu's topology description for a named topology. A host's HBM figures
 are its devices' per-device figures added up. Loading also takes host RAM: a process reads its devices'
 distinct shards (a replica on two of its chips once), and the loader (`model.params.build_params`)
-holds one whole leaf (all layers of one weight kind) in host memory while it places that leaf's slices.
-Their sum bounds a process's peak.
+holds one source tensor (one layer of a stacked weight kind, or the embedding) in host memory while it
+places that tensor's slices. Their sum bounds a process's peak.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class HostPlan:
     devices_per_host: int  # of the fullest host (the slices jaxinfer targets have equal hosts)
     per_device: MemoryPlan
     host_weights: int  # distinct weight bytes of one host's devices: what its process reads
-    largest_tensor: int  # bytes of the largest leaf, held whole on the host while its slices are placed
+    largest_tensor: int  # bytes of the largest source tensor, held whole on the host while its slices are placed
     largest_tensor_name: str
 
     @property
@@ -74,14 +74,21 @@ def build(per_device: MemoryPlan, devices, params) -> HostPlan:
     """`params`: the loader's abstract sharded parameter tree (`abstract_params` on the target's mesh)."""
     hosts = devices_by_host(devices)
     leaves = flatten(params)
-    path, largest = max(leaves, key=lambda item: _nbytes(item[1].shape, item[1].dtype))
+    name, largest = max(((n, b) for path, leaf in leaves for n, b in [_source_tensor(path, leaf)]), key=lambda x: x[1])
     return HostPlan(
         *host_shape(devices),
         per_device=per_device,
         host_weights=max(_distinct_shard_bytes([leaf for _, leaf in leaves], set(d)) for d in hosts.values()),
-        largest_tensor=_nbytes(largest.shape, largest.dtype),
-        largest_tensor_name="/".join(path),
+        largest_tensor=largest,
+        largest_tensor_name=name,
     )
+
+
+def _source_tensor(path: tuple[str, ...], leaf) -> tuple[str, int]:
+    """(name, bytes) of the largest array the loader holds whole for `leaf`: one layer of a stacked leaf."""
+    if path[0] == "layers":
+        return "/".join(path) + " (one layer)", _nbytes(leaf.shape[1:], leaf.dtype)
+    return "/".join(path), _nbytes(leaf.shape, leaf.dtype)
 
 
 def _distinct_shard_bytes(leaves, host_devices: set) -> int:
