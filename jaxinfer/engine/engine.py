@@ -12,6 +12,7 @@ step n's tokens back: the host blocks once per step, while the device works.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import secrets
@@ -201,12 +202,11 @@ class Engine:
         self._take_installed()
         start = time.perf_counter()
         for bucket in buckets:
-            if self.replicas is not None:
-                self.replicas.idle(bucket)
             self._ran(bucket)
             step = self._executable(bucket)
             inputs = self._to_device(self.inputs.empty(bucket))
-            outputs, self.cache, self.state = step(self.model.params, self.cache, inputs, self.state)
+            with self._replicated("idle", bucket=bucket):
+                outputs, self.cache, self.state = step(self.model.params, self.cache, inputs, self.state)
             outputs.samples.tokens.block_until_ready()
         self.startup.run_s += time.perf_counter() - start
 
@@ -320,10 +320,9 @@ class Engine:
         if plan is None:
             return None
         host = self.inputs.build(plan)
-        if self.replicas is not None:
-            self.replicas.step(plan.bucket, host)
         self._ran(plan.bucket)  # if it never ran, this real step is its first run
-        outputs = self._run_step(plan.bucket, host)
+        with self._replicated("step", host, bucket=plan.bucket):
+            outputs = self._run_step(plan.bucket, host)
         self._steps_by_bucket[plan.bucket] += 1
         return pending_step(outputs, plan)
 
@@ -360,9 +359,13 @@ class Engine:
             params = seq.request.params
             if params.penalized:
                 rows = penalty_rows(params, seq.request.prompt_ids, seq.generated, self.model.config.vocab_size)
-                if self.replicas is not None:
-                    self.replicas.rows(seq.shard, seq.slot, rows)
-                self.state = self.penalty_rows(self.state, seq.shard, seq.slot, rows)
+                with self._replicated("rows", dataclasses.asdict(rows), shard=seq.shard, slot=seq.slot):
+                    self.state = self.penalty_rows(self.state, seq.shard, seq.slot, rows)
+
+    def _replicated(self, kind: str, arrays: dict | None = None, **meta):
+        """Around a device call: a multi-host leader sends it to the other processes first, and a call
+        that fails here after they got it ends the cluster (they would wait in its collectives)."""
+        return self.replicas.call(kind, meta, arrays) if self.replicas is not None else contextlib.nullcontext()
 
     def _to_device(self, host: dict) -> StepInputs:
         if jax.process_count() > 1:

@@ -184,7 +184,11 @@ class Cluster:
                     )
             time.sleep(interval)
 
-    def _lose(self, pid: int, reason: str, relay: bool = True) -> None:
+    def fatal(self, message: str) -> None:
+        """This process can no longer keep the others in step: the same ending as a loss, naming the cause."""
+        self._lose(self.process_id, message, relay=False, tell_all=True)
+
+    def _lose(self, pid: int, reason: str, relay: bool = True, tell_all: bool = False) -> None:
         """Fatal: names the lost process, runs the loss handlers, tells the others, exits EXIT_LOST."""
         with self._lock:
             if self._lost:
@@ -192,7 +196,7 @@ class Cluster:
             self._lost = True
         message = f"{self.name(pid)} lost: {reason}" if relay else reason
         log.error("%s; %s exits", message, self.name())
-        if relay and self.is_leader:
+        if (relay and self.is_leader) or tell_all:
             for other, conn in list(self.peers.items()):
                 if other != pid:
                     with contextlib.suppress(OSError):

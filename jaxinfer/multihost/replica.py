@@ -10,7 +10,7 @@ them from its own devices.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import logging
 
 from jaxinfer.sampling import PenaltyRows
@@ -19,19 +19,19 @@ log = logging.getLogger("jaxinfer.multihost")
 
 
 class Replicas:
-    """Leader side: sends each device call's host inputs to every worker before making the call."""
+    """Leader side (`engine.replicas`): each device call is sent to every worker, then made here."""
 
     def __init__(self, cluster):
         self.cluster = cluster
 
-    def step(self, bucket: int, host: dict) -> None:
-        self.cluster.broadcast("step", {"bucket": bucket}, host)
-
-    def idle(self, bucket: int) -> None:
-        self.cluster.broadcast("idle", {"bucket": bucket})
-
-    def rows(self, shard: int, slot: int, rows: PenaltyRows) -> None:
-        self.cluster.broadcast("rows", {"shard": shard, "slot": slot}, dataclasses.asdict(rows))
+    @contextlib.contextmanager
+    def call(self, kind: str, meta: dict, arrays: dict | None):
+        self.cluster.broadcast(kind, meta, arrays)
+        try:
+            yield
+        except Exception as e:
+            self.cluster.fatal(f"process 0 failed the {kind} call the others were making: {type(e).__name__}: {e}")
+            raise
 
 
 def follow(engine, cluster) -> None:
