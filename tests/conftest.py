@@ -37,9 +37,9 @@ def data_dir() -> pathlib.Path:
 # changes here; tests within a module keep their file order, which the server modules rely on.
 LONGEST_MODULES_FIRST = [
     "test_readme.py",
-    "test_multihost.py",
     "test_engine_kernel_attention.py",
     "test_benchmarks.py",
+    "test_multihost.py",
     "test_engine.py",
     "test_compile_cache.py",
     "test_engine_vs_transformers.py",

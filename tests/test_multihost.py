@@ -29,9 +29,9 @@ from jaxinfer.proto import jaxinfer_pb2_grpc
 from tests.cluster_harness import ProcessGroup
 
 STORIES = "tests/data/stories260K/stories260K.bin"
-# 4 slots per data shard and 10 pages of 16 tokens per shard: the 40 requests below preempt each other
-ENGINE = ["--model", STORIES, "--mesh", "2x4", "--max-slots", "8", "--max-step-tokens", "8"]
-ENGINE += ["--max-context", "128", "--kv-pages", "10"]
+# 2 slots per data shard and 8 pages of 16 tokens per shard: the 40 requests below preempt each other
+ENGINE = ["--model", STORIES, "--mesh", "2x4", "--max-slots", "4", "--max-step-tokens", "4"]
+ENGINE += ["--max-context", "128", "--kv-pages", "8"]
 OPENINGS = ["Once upon a time", "Lily saw a big", "Tom and his mom went to the", "The sun was shining and"]
 SP = pb.SamplingParams
 
@@ -273,7 +273,7 @@ def test_server_over_two_processes_answers_cancels_and_drains(reference, cached)
                 stub.Generate(pb.GenerateRequest(text=r["prompt"], params=SP(max_tokens=r["max_tokens"])), timeout=120)
             )
 
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:  # 8 concurrent streams
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:  # 8 concurrent streams over 4 slots
             streams = list(pool.map(generate, greedy))
         for r, responses in zip(greedy, streams):
             assert [t for x in responses for t in x.token_ids] == expected[r["id"]]["token_ids"], r["id"]
