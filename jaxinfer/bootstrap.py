@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import logging
 import os
-import sys
 import time
 
 from jaxinfer.config import ConfigError
@@ -122,7 +121,7 @@ def join_cluster(args):
                 "--coordinator auto: JAX detects TPU slices, not CPU processes; on CPU give "
                 "--coordinator HOST:PORT --num-processes N --process-id I"
             )
-        mesh = parse_mesh(args.mesh or "2x4")
+        mesh = mesh_spec(args.mesh)
         n = spec.num_processes or 1
         if mesh.size % n:
             raise ConfigError(f"--mesh {mesh}: its {mesh.size} devices do not split evenly over --num-processes {n}")
@@ -148,9 +147,8 @@ def cluster_scope(cluster, prog: str):
     if cluster is None:
         yield
         return
-    from jaxinfer.cli_common import USER_ERRORS
+    from jaxinfer.cli_common import report_user_error, user_error_types
     from jaxinfer.multihost.cluster import hard_exit
-    from jaxinfer.tokenizer import TokenizerError
 
     try:
         yield
@@ -160,9 +158,9 @@ def cluster_scope(cluster, prog: str):
             raise
         cluster.abort(f"{cluster.name()} exited with status {e.code}")
         hard_exit(e.code if isinstance(e.code, int) else 1)
-    except USER_ERRORS + (TokenizerError, ValueError, OSError) as e:
+    except user_error_types((OSError,)) as e:
         cluster.abort(f"{cluster.name()} failed: {e}")
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        report_user_error(prog, e)
         hard_exit(2)
     except BaseException as e:
         cluster.abort(f"{cluster.name()} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
@@ -235,13 +233,21 @@ def read_chat_template(path: str) -> str:
     return source
 
 
+def mesh_spec(flag: str | None):
+    """--mesh as a `MeshSpec`; without it 2x4 host devices on a CPU-only machine, None (every device on
+    tensor) where an accelerator is attached."""
+    from jaxinfer.sharding import accelerator_present, parse_mesh
+
+    return parse_mesh(flag) if flag else (None if accelerator_present() else parse_mesh("2x4"))
+
+
 def resolve_mesh(flag: str | None):
     """--mesh -> a `MeshSpec` (host devices set up for it on a CPU-only machine); a sequence axis the
     engine cannot use yet is refused here, before any model is loaded."""
     from jaxinfer.engine.config import refuse_sequence_axis
-    from jaxinfer.sharding import accelerator_present, ensure_host_devices, parse_mesh
+    from jaxinfer.sharding import ensure_host_devices
 
-    spec = parse_mesh(flag) if flag else (None if accelerator_present() else parse_mesh("2x4"))
+    spec = mesh_spec(flag)
     if spec is not None:
         refuse_sequence_axis(spec.sequence, flag)
     ensure_host_devices(spec.size if spec else 1)

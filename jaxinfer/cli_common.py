@@ -23,13 +23,22 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def user_error_types(extra: tuple[type[BaseException], ...] = ()) -> tuple[type[BaseException], ...]:
+    """The exception types a front end reports as the user's mistake: one line, exit status 2."""
+    from jaxinfer.tokenizer import TokenizerError
+
+    return USER_ERRORS + (TokenizerError, ValueError) + extra
+
+
+def report_user_error(prog: str, error: BaseException) -> None:
+    print(f"{prog}: error: {error}", file=sys.stderr)
+
+
 @contextlib.contextmanager
 def user_errors(prog: str, extra: tuple[type[BaseException], ...] = ()):
     """Prints `prog: error: MESSAGE` and exits 2 for errors caused by the user's input."""
-    from jaxinfer.tokenizer import TokenizerError
-
     try:
         yield
-    except USER_ERRORS + (TokenizerError, ValueError) + extra as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+    except user_error_types(extra) as e:
+        report_user_error(prog, e)
         sys.exit(2)

@@ -158,14 +158,15 @@ def test_a_device_call_that_fails_after_the_workers_got_it_ends_the_cluster():
     ]
 
 
+def refusal(module: str, *argv: str) -> list[str]:
+    """The stderr lines of `python -m module argv`, which must exit with status 2."""
+    proc = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    return proc.stderr.strip().splitlines()
+
+
 def test_coordinator_auto_on_cpu_is_refused_in_one_line():
-    proc = subprocess.run(
-        [sys.executable, "-m", "jaxinfer.run", "--coordinator", "auto", "--prompt", "Hi"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+    assert refusal("jaxinfer.run", "--coordinator", "auto", "--prompt", "Hi") == [
         "jaxinfer.run: error: --coordinator auto: JAX detects TPU slices, not CPU processes; on CPU give "
         "--coordinator HOST:PORT --num-processes N --process-id I"
     ]
@@ -378,14 +379,8 @@ def test_aot_compiles_on_the_clusters_devices_and_refuses_a_described_topology()
     assert codes == [0, 0], group.log(0) + group.log(1)
     for i in (0, 1):
         assert "2 hosts x 4 devices" in group.log(i) and "FITS:" in group.log(i)
-    proc = subprocess.run(
-        [sys.executable, "-m", "jaxinfer.aot", "--model", "tiny", "--topology", "v5e:4x4"]
-        + ["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "0"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+    cluster = ["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "0"]
+    assert refusal("jaxinfer.aot", "--model", "tiny", "--topology", "v5e:4x4", *cluster) == [
         "jaxinfer.aot: error: --coordinator: --topology v5e:4x4 is described, not attached, and compiles in one "
         "process; --coordinator is for compiling on a slice's own devices (--topology tpu on every host)"
     ]

@@ -108,6 +108,7 @@ class Engine:
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
             (model.params, self.cache, self.state),
         )
+        self._place_per_process = jax.process_count() > 1  # the mesh spans processes (`_to_device`)
         self.replicas = None  # multi-host leader: told each device call first (`jaxinfer.multihost.replica`)
         self._streams: dict[str, OutputStream] = {}
         self._pending: PendingStep | None = None  # the dispatched step, read back after the next is dispatched
@@ -368,7 +369,7 @@ class Engine:
         return self.replicas.call(kind, meta, arrays) if self.replicas is not None else contextlib.nullcontext()
 
     def _to_device(self, host: dict) -> StepInputs:
-        if jax.process_count() > 1:
+        if self._place_per_process:
             # each process holds the same host arrays and places only its own devices' slices: device_put
             # into a mesh that spans processes would compile and run a cross-process equality check
             put = lambda a, sharding: jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
