@@ -39,9 +39,9 @@ def prepare(engine, cache_dir: str | None = None, serve_early: bool = False) -> 
     report = engine.startup
     store = StepStore(cache_dir) if cache_dir else None
     first = early_buckets(engine) if serve_early else list(engine.buckets)
-    _load_or_compile(engine, store, first, quiet=False)
+    _load_or_compile(engine, store, engine.keys_for(first), quiet=False)
     _penalty_rows(engine, store)
-    rest = [b for b in engine.buckets if b not in first]
+    rest = engine.keys_for([b for b in engine.buckets if b not in first])
     if not rest:
         engine.mark_warm()
         return None
@@ -63,16 +63,16 @@ def prepare(engine, cache_dir: str | None = None, serve_early: bool = False) -> 
     return thread
 
 
-def _load_or_compile(engine, store, buckets, quiet: bool) -> None:
-    """Loads what the store has of `buckets` (a miss is logged unless `quiet`: it was, for the first
-    ones), then compiles the others."""
+def _load_or_compile(engine, store, keys, quiet: bool) -> None:
+    """Loads what the store has of the step `keys` (a miss is logged unless `quiet`: it was, for the
+    first ones), then compiles the others."""
     report = engine.startup
     if store is not None:
-        loaded, seconds = timed(store.load, engine, buckets, quiet)
+        loaded, seconds = timed(store.load, engine, keys, quiet)
         report.loaded += len(loaded)
         report.load_executables_s += seconds
         engine.install(loaded, proven=True)  # loading proved them: no warm-up run
-    _compile(engine, store, [b for b in buckets if b not in engine.ready_buckets])
+    _compile(engine, store, [k for k in keys if k not in engine.ready_keys])
 
 
 def _penalty_rows(engine, store) -> None:

@@ -56,6 +56,7 @@ def signature(engine) -> dict:
         "platform": plain(engine.platform),
         "cache": plain(engine.cache_shape),
         "inputs": plain(engine.inputs),
+        "draft": plain(engine.draft.config) if getattr(engine, "draft", None) is not None else None,
     }
 
 

@@ -11,6 +11,7 @@ from jaxinfer.config import ConfigError
 
 ATTENTION_KINDS = ("auto", "pallas", "xla", "native")
 LAYER_LOOPS = ("auto", "scan", "unrolled")
+SPECULATIVE_MODES = ("none", "ngram", "draft")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +28,8 @@ class EngineConfig:
     strict_no_recompile: bool = False
     prefix_cache: bool = True  # reuse the KV pages of prompt prefixes computed before (engine.prefix_cache)
     min_bucket: int | None = None  # smallest token bucket; None: the platform's
+    speculative: str = "none"  # none | ngram | draft (jaxinfer.engine.speculation)
+    num_speculative_tokens: int = 4  # K: proposals per verify window
 
     def validate(self, data_shards: int, model_limit: int) -> None:
         def bad(field, limit):
@@ -56,6 +59,21 @@ class EngineConfig:
             raise bad("layer_loop", "must be one of " + ", ".join(LAYER_LOOPS))
         if self.min_bucket is not None and self.min_bucket < 1:
             raise bad("min_bucket", "must be >= 1")
+        if self.speculative not in SPECULATIVE_MODES:
+            raise bad("speculative", "must be one of " + ", ".join(SPECULATIVE_MODES))
+        if self.speculative != "none":
+            k = self.num_speculative_tokens
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise bad("num_speculative_tokens", "must be an integer >= 1")
+            budget = self.step_budget(data_shards)
+            if k + 1 > budget:
+                raise bad(
+                    "num_speculative_tokens",
+                    f"needs K + 1 = {k + 1} tokens per step, above the step budget of {budget} "
+                    "(--max-step-tokens, else max(--prefill-chunk, slots per data shard))",
+                )
+            if k + 1 >= self.max_context:
+                raise bad("num_speculative_tokens", f"must be below --max-context {self.max_context} - 1")
 
     def step_budget(self, data_shards: int) -> int:
         """Tokens per data shard in the largest step (the largest bucket)."""

@@ -6,7 +6,9 @@
     OutputStream per request (detokenizer, stop strings, results)         -> Events
 
 Tokens sampled at step n feed step n+1 on device, so `step()` dispatches step n+1 before it reads
-step n's tokens back: the host blocks once per step, while the device works.
+step n's tokens back: the host blocks once per step, while the device works. A speculating slot
+(`jaxinfer.engine.speculation`) needs its tokens before its next window, so a step holding one is
+read back before the next is dispatched.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import contextlib
 import dataclasses
 import logging
 import secrets
-import threading
 import time
 from collections.abc import Iterable
 
@@ -26,7 +27,9 @@ import numpy as np
 from jaxinfer import platform as platforms
 from jaxinfer.config import ConfigError
 from jaxinfer.engine import compile_counter
+from jaxinfer.engine.capacity import page_shapes, resolve_pages
 from jaxinfer.engine.config import EngineConfig, refuse_sequence_axis, token_buckets
+from jaxinfer.engine.draft_step import Draft
 from jaxinfer.engine.executables import StartupReport, compile_pipelined
 from jaxinfer.engine.output import OutputStream
 from jaxinfer.engine.pages import pages_needed
@@ -35,10 +38,12 @@ from jaxinfer.engine.readback import PendingStep, pending_step, read_prompt_logp
 from jaxinfer.engine.requests import Event, Request, Result
 from jaxinfer.engine.sampler_state import RowSetter, allocate_state, penalty_rows
 from jaxinfer.engine.scheduler import Scheduler, SchedulerLimits, Sequence, StepPlan
-from jaxinfer.engine.status import EngineStatus
+from jaxinfer.engine.speculation import Speculation
+from jaxinfer.engine.status import EngineStatus, engine_status
 from jaxinfer.engine.step import build_step_fn
 from jaxinfer.engine.step_inputs import HostBatchBuilder, StepInputs, abstract_inputs, input_shardings
-from jaxinfer.kv_cache import CacheShape, allocate_cache, device_memory, local_device, pages_for_memory_fraction
+from jaxinfer.engine.step_registry import StepRegistry, key_bucket, key_order, verify_key
+from jaxinfer.kv_cache import allocate_cache
 from jaxinfer.model.forward import ShardedModel
 from jaxinfer.sharding import per_device_bytes
 
@@ -52,74 +57,79 @@ class Engine:
         tokenizer,
         config: EngineConfig = EngineConfig(),
         platform: platforms.Platform | None = None,
+        draft: ShardedModel | None = None,
     ):
         mesh = model.mesh
         refuse_sequence_axis(mesh.shape["sequence"])
         self.data = mesh.shape["data"]
         config.validate(self.data, model.config.max_position_embeddings)
         self.platform = platform or platforms.for_mesh(mesh, config.attention, config.layer_loop, config.min_bucket)
-        if model.layer_loop != self.platform.layer_loop:
-            raise ConfigError(
-                f"--layer-loop {self.platform.layer_loop}: the model was loaded with layer loop "
-                f"{model.layer_loop}; load it with layer_loop={self.platform.layer_loop!r}"
-            )
-        self.model, self.tokenizer, self.config = model, tokenizer, config
+        for which, m in (("model", model), ("draft model", draft)):
+            if m is not None and m.layer_loop != self.platform.layer_loop:
+                raise ConfigError(
+                    f"--layer-loop {self.platform.layer_loop}: the {which} was loaded with layer loop "
+                    f"{m.layer_loop}; load it with layer_loop={self.platform.layer_loop!r}"
+                )
+        self.model, self.tokenizer, self.config, self.draft = model, tokenizer, config, draft
         slots = config.max_slots // self.data
         pages_per_slot = pages_needed(config.max_context, config.page_size)
-        one_page = CacheShape(
-            layers=model.config.num_layers,
-            data_shards=self.data,
-            pages_per_shard=1,
-            page_size=config.page_size,
-            kv_heads=model.layout.kv_heads,
-            head_dim=model.config.head_dim,
-            dtype=str(np.dtype(model.dtype)),
+        one_page, draft_page, both = page_shapes(model, draft, self.data, config.page_size)
+        pages = resolve_pages(
+            config, model, both, pages_per_slot, self.data, per_device_bytes(draft.params) if draft else 0
         )
-        self.cache_shape = dataclasses.replace(one_page, pages_per_shard=self._resolve_pages(one_page, pages_per_slot))
+        self.cache_shape = dataclasses.replace(one_page, pages_per_shard=pages)
         self.buckets = token_buckets(config.step_budget(self.data), self.platform.min_bucket)
+        k = config.num_speculative_tokens if config.speculative != "none" else 0
+        self.speculation = Speculation(config.speculative, k, self.buckets, self.data) if k else None
         self.scheduler = Scheduler(
             SchedulerLimits(
                 data_shards=self.data,
                 slots_per_shard=slots,
-                pages_per_shard=self.cache_shape.pages_per_shard,
+                pages_per_shard=pages,
                 page_size=config.page_size,
                 max_context=config.max_context,
                 prefill_chunk=config.prefill_chunk,
                 buckets=self.buckets,
                 prefix_cache=config.prefix_cache,
+                draft_tokens=k if draft is not None else 0,
             ),
             cache_salt=model_salt(model.config, str(np.dtype(model.dtype))),
+            proposer=self.speculation.proposer if self.speculation else None,
         )
-        self.inputs = HostBatchBuilder(
-            self.data, slots, pages_per_slot, self.cache_shape.pages_per_shard, config.page_size
-        )
+        self.inputs = HostBatchBuilder(self.data, slots, pages_per_slot, pages, config.page_size, k)
         self.cache = allocate_cache(mesh, self.cache_shape, model.layer_loop)
+        self._params = model.params
+        draft_spec = None
+        if draft is not None:
+            draft_shape = dataclasses.replace(draft_page, pages_per_shard=pages)
+            self.cache = (self.cache, allocate_cache(mesh, draft_shape, draft.layer_loop))
+            self._params = (model.params, draft.params)
+            draft_spec = (draft, draft_shape, Draft(draft.module, k, config.page_size, pages))
         self._input_shardings = input_shardings(mesh, self.inputs.empty(1))  # the same for every bucket
-        self._step_fn = build_step_fn(model, self.cache_shape, self.platform)
-        self._executables: dict[int, object] = {}  # bucket -> compiled step, as the engine thread sees them
-        self._arrived: dict[int, object] = {}  # installed by any thread, taken up at the next step
-        self._unproven: set[int] = set()  # installed buckets that have not run yet
-        self._install_lock = threading.Lock()
+        self._step_fn = build_step_fn(model, self.cache_shape, self.platform, draft_spec)
+        # step keys: each bucket's plain step, and with speculation its verify variant (`step_registry`)
+        self.step_keys = tuple(self.buckets) + (tuple(verify_key(b) for b in self.buckets if b > 1) if k else ())
+        self.executables = StepRegistry()
         self.startup = StartupReport()
-        self.compiling: threading.Thread | None = None  # larger buckets still compiling (set by the bootstrap)
         self.state = allocate_state(mesh, self.data, slots, model.config.vocab_size)  # donated to each step
         self.penalty_rows = RowSetter(mesh, self.data, slots, model.config.vocab_size)
         self._abstract_args = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-            (model.params, self.cache, self.state),
+            (self._params, self.cache, self.state),
         )
         self._place_per_process = jax.process_count() > 1  # the mesh spans processes (`_to_device`)
         self.replicas = None  # multi-host leader: told each device call first (`jaxinfer.multihost.replica`)
         self._streams: dict[str, OutputStream] = {}
         self._pending: PendingStep | None = None  # the dispatched step, read back after the next is dispatched
+        self._dispatched_at: tuple[float, bool, int] | None = None  # when the last step left, its variant, bucket
         self._steps = 0
         self._steps_by_bucket: collections.Counter = collections.Counter()
         self._finished: collections.Counter = collections.Counter()
         self._compiles_at_warmup: int | None = None
         log.info(
             "KV cache: %d pages/shard x %d shards of %d tokens = %.1f MiB; %d slots; buckets %s; attention %s; "
-            "prefix cache %s",
-            self.cache_shape.pages_per_shard,
+            "prefix cache %s; speculation %s",
+            pages,
             self.data,
             config.page_size,
             self.cache_shape.total_bytes / 2**20,
@@ -127,45 +137,31 @@ class Engine:
             self.buckets,
             self.platform.attention,
             "on" if config.prefix_cache else "off",
+            f"{config.speculative}, {k} tokens" if k else "off",
         )
 
-    def _resolve_pages(self, one_page: CacheShape, pages_per_slot: int) -> int:
-        c, m = self.config, self.model
-        if c.kv_pages is not None:
-            if c.kv_pages < pages_per_slot:
-                raise ConfigError(
-                    f"--kv-pages {c.kv_pages} is below the {pages_per_slot} pages one "
-                    f"request of --max-context {c.max_context} needs"
-                )
-            return c.kv_pages
-        if c.kv_memory_fraction is None:
-            return (c.max_slots // self.data) * pages_per_slot
-        try:
-            limit, in_use = device_memory(local_device(m.mesh.devices.flat))
-        except ValueError as e:
-            raise ConfigError(f"--kv-memory-fraction: {e}; use --kv-pages instead") from None
-        if in_use is None:  # host devices: what this engine put there so far is its weights
-            in_use = per_device_bytes(m.params)
-        pages = pages_for_memory_fraction(limit, c.kv_memory_fraction, in_use, one_page, m.mesh.shape["tensor"])
-        if pages < pages_per_slot:
-            raise ConfigError(
-                f"--kv-memory-fraction {c.kv_memory_fraction} leaves room for {pages} pages, "
-                f"below the {pages_per_slot} one request needs"
-            )
-        return pages
-
     # ---- compiled steps ----------------------------------------------------------------------
-    def lower(self, bucket: int):
-        """Traces and lowers the step of `bucket` from abstract arguments (safe on any thread)."""
+    def lower(self, key):
+        """Traces and lowers the step of `key` (a bucket, or its verify variant) from abstract arguments
+        (safe on any thread)."""
         params, cache, state = self._abstract_args
-        return self._step_fn.lower(params, cache, abstract_inputs(self.inputs, self.model.mesh, bucket), state)
+        bucket = key_bucket(key)
+        inputs = abstract_inputs(self.inputs, self.model.mesh, bucket, self._extra_rows(key))
+        return self._step_fn.lower(params, cache, inputs, state)
 
-    def compile(self, buckets) -> dict:
-        """{bucket: executable} for `buckets`: each traced and handed to a thread pool that compiles it
-        while the next is traced; the time and counts go into `self.startup`."""
+    def _extra_rows(self, key) -> int:
+        return self.inputs.extra_rows(key_bucket(key)) if isinstance(key, str) else 0
+
+    def keys_for(self, buckets) -> list:
+        """The step keys of `buckets`: each plain step, and its verify variant when there is one."""
+        return [key for key in self.step_keys if key_bucket(key) in set(buckets)]
+
+    def compile(self, keys) -> dict:
+        """{key: executable} for `keys`: each traced and handed to a thread pool that compiles it while
+        the next is traced; the time and counts go into `self.startup`."""
         report = self.startup
         hits = compile_counter.cache_hits()
-        compiled, trace_s, compile_s = compile_pipelined(self.lower, buckets)
+        compiled, trace_s, compile_s = compile_pipelined(self.lower, keys)
         report.trace_s += trace_s
         report.compiled += len(compiled)
         report.compile_s += compile_s
@@ -175,39 +171,46 @@ class Engine:
     def install(self, executables: dict, proven: bool = False) -> None:
         """Makes compiled or loaded executables available to the next step (callable from any thread).
         Unless `proven` (loaded from disk), each is run once on idle inputs when the engine is idle
-        (`warm_one`), so its first-run work (on CPU, oneDNN's kernel generation) does not land on a request."""
-        with self._install_lock:
-            self._arrived.update(executables)
-            if not proven:
-                self._unproven.update(executables)
+        (`warm_one`), so its first-run work does not land on a request."""
+        self.executables.install(executables, proven)
 
     @property
-    def unproven_buckets(self) -> tuple[int, ...]:
-        with self._install_lock:
-            return tuple(sorted(self._unproven))
+    def compiling(self):
+        return self.executables.compiling
+
+    @compiling.setter
+    def compiling(self, thread) -> None:
+        self.executables.compiling = thread
+
+    @property
+    def unproven_buckets(self) -> tuple:
+        return self.executables.unproven
 
     def warm_one(self) -> bool:
-        """Runs the smallest installed bucket that has never run, if the engine is idle; True if it ran one."""
+        """Runs the smallest installed step that has never run, if the engine is idle; True if it ran one."""
         if self.has_work() or not self.unproven_buckets:
             return False
         self.run_idle(self.unproven_buckets[:1])
         return True
 
     @property
-    def ready_buckets(self) -> tuple[int, ...]:
-        with self._install_lock:
-            return tuple(sorted(set(self._executables) | set(self._arrived)))
+    def ready_keys(self) -> tuple:
+        return self.executables.keys
 
-    def run_idle(self, buckets) -> None:
-        """Runs each of `buckets` once on idle inputs (a first run of a freshly compiled executable)."""
+    @property
+    def ready_buckets(self) -> tuple[int, ...]:
+        return tuple(k for k in self.ready_keys if isinstance(k, int))
+
+    def run_idle(self, keys) -> None:
+        """Runs each of `keys` once on idle inputs (a first run of a freshly compiled executable)."""
         self._take_installed()
         start = time.perf_counter()
-        for bucket in buckets:
-            self._ran(bucket)
-            step = self._executable(bucket)
-            inputs = self._to_device(self.inputs.empty(bucket))
-            with self._replicated("idle", bucket=bucket):
-                outputs, self.cache, self.state = step(self.model.params, self.cache, inputs, self.state)
+        for key in keys:
+            self.executables.ran(key)
+            step = self.executables.get(key)
+            inputs = self._to_device(self.inputs.empty(key_bucket(key), self._extra_rows(key)))
+            with self._replicated("idle", bucket=key):
+                outputs, self.cache, self.state = step(self._params, self.cache, inputs, self.state)
             outputs.samples.tokens.block_until_ready()
         self.startup.run_s += time.perf_counter() - start
 
@@ -219,11 +222,10 @@ class Engine:
 
     # ---- facade ------------------------------------------------------------------------------
     def warmup(self) -> float:
-        """Compiles every bucket not yet installed (concurrently), runs each new one once on idle inputs,
+        """Compiles every step not yet installed (concurrently), runs each new one once on idle inputs,
         and marks the engine warm; returns seconds taken."""
         start = time.perf_counter()
-        missing = [b for b in self.buckets if b not in self.ready_buckets]
-        self.install(self.compile(missing))
+        self.install(self.compile([k for k in self.step_keys if k not in self.ready_keys]))
         self.run_idle(self.unproven_buckets)
         self.mark_warm()
         return time.perf_counter() - start
@@ -252,9 +254,15 @@ class Engine:
         return self.scheduler.has_work() or self._pending is not None
 
     def step(self) -> list[Event]:
-        """Dispatches one step (if there is work) and returns the events of the step before it."""
+        """Dispatches one step (if there is work) and returns the events of the step before it; when a
+        slot of that step speculates next, its tokens are read back first (they choose its window)."""
+        if self.speculation is not None and len(self.ready_keys) == len(self.step_keys):
+            self.speculation.decide(self.scheduler.running())
+        events = []
+        if self._pending is not None and self._pending.needs_readback:
+            events, self._pending = self._collect(self._pending), None
         dispatched = self._dispatch()
-        events = self._collect(self._pending) if self._pending is not None else []
+        events += self._collect(self._pending) if self._pending is not None else []
         self._pending = dispatched
         if self.config.strict_no_recompile and self.compilations_after_warmup:
             raise compile_counter.RecompileError(
@@ -278,42 +286,17 @@ class Engine:
         return [results[i] for i in order]
 
     def status(self) -> EngineStatus:
-        s = self.scheduler
-        return EngineStatus(
-            active_slots=len(s.running()),
-            waiting=len(s.waiting),
-            prefilling=sum(q.num_computed < len(q.request.prompt_ids) for q in list(s.waiting) + s.running()),
-            pages_used=s.pages_used,
-            pages_cached=s.pages_cached,
-            pages_total=s.pages_total,
-            steps=self._steps,
-            preemptions=s.preemptions,
-            compilations_after_warmup=self.compilations_after_warmup,
-            steps_by_bucket=dict(self._steps_by_bucket),
-            finished=dict(self._finished),
-            buckets_ready=self.ready_buckets,
-            prefix_lookup_tokens=s.prefix.stats.lookup_tokens,
-            prefix_hit_tokens=s.prefix.stats.hit_tokens,
-            prompt_tokens_computed=s.prefix.stats.prompt_tokens_computed,
-            prefix_evictions=s.prefix.evictions,
-        )
+        return engine_status(self)
 
     # ---- internals ---------------------------------------------------------------------------
-    def _ran(self, bucket: int) -> None:
-        """`bucket` has run once now (its first-run work is done)."""
-        if bucket in self._unproven:  # unlocked read: once proven, a bucket never becomes unproven again
-            with self._install_lock:
-                self._unproven.discard(bucket)
-
     def _take_installed(self) -> None:
-        with self._install_lock:
-            arrived, self._arrived = self._arrived, {}
-        if arrived:
-            self._executables.update(arrived)
-            self.scheduler.use_buckets(tuple(sorted(self._executables)))
+        if self.executables.take_arrived():
+            self.scheduler.use_buckets(
+                tuple(k for k in sorted(self.executables.ready, key=key_order) if isinstance(k, int))
+            )
 
     def _dispatch(self):
-        if not self._executables and not self._arrived:
+        if not self.ready_keys:
             self.warmup()  # nothing compiled yet: compile everything now, before the first step
         self._take_installed()
         plan: StepPlan | None = self.scheduler.schedule()
@@ -321,32 +304,32 @@ class Engine:
         if plan is None:
             return None
         host = self.inputs.build(plan)
-        self._ran(plan.bucket)  # if it never ran, this real step is its first run
-        with self._replicated("step", host, bucket=plan.bucket):
-            outputs = self._run_step(plan.bucket, host)
+        key = verify_key(plan.bucket) if plan.verifies else plan.bucket
+        self.executables.ran(key)  # if it never ran, this real step is its first run
+        with self._replicated("step", host, bucket=key):
+            outputs = self._run_step(key, host)
+        self._time_step(plan)
         self._steps_by_bucket[plan.bucket] += 1
-        return pending_step(outputs, plan)
+        return pending_step(outputs, plan, self.inputs.slots_per_shard)
 
-    def _run_step(self, bucket: int, host: dict):
-        step = self._executable(bucket)
-        outputs, self.cache, self.state = step(self.model.params, self.cache, self._to_device(host), self.state)
+    def _time_step(self, plan: StepPlan) -> None:
+        """Measures the time between dispatches, for the speculation policy's step-time estimates."""
+        now = time.perf_counter()
+        if self.speculation is not None and self._dispatched_at is not None:
+            then, verify, bucket = self._dispatched_at
+            self.speculation.times.record(verify, bucket, now - then)
+        self._dispatched_at = (now, plan.verifies, plan.bucket)
+
+    def _run_step(self, key, host: dict):
+        step = self.executables.get(key)
+        outputs, self.cache, self.state = step(self._params, self.cache, self._to_device(host), self.state)
         self._steps += 1
         return outputs
 
-    def _executable(self, bucket: int):
-        """The compiled step of `bucket`; on a multi-host worker, one still compiling in the background is
-        waited for (the leader only uses buckets it has, and every process compiles the same ones)."""
-        if bucket not in self._executables:
-            self._take_installed()
-            if bucket not in self._executables and self.compiling is not None:
-                self.compiling.join()
-                self._take_installed()
-        return self._executables[bucket]
-
     # ---- multi-host workers: the leader's device calls, repeated (`jaxinfer.multihost.replica`) ----
-    def replay_step(self, bucket: int, host: dict) -> None:
-        self._ran(bucket)
-        self._run_step(bucket, host)
+    def replay_step(self, key, host: dict) -> None:
+        self.executables.ran(key)
+        self._run_step(key, host)
 
     def replay_rows(self, shard: int, slot: int, rows) -> None:
         self.state = self.penalty_rows(self.state, shard, slot, rows)
@@ -381,11 +364,15 @@ class Engine:
     def _collect(self, pending: PendingStep) -> list[Event]:
         read_prompt_logprobs(pending, self._streams)
         events = []
-        for seq, token, logprob, top in read_samples(pending):
-            self.scheduler.accept(seq, [token])
+        for window in read_samples(pending):
+            seq = window.seq
+            self.scheduler.accept(seq, window.tokens, window.sampled)
+            if window.proposed and self.speculation is not None:
+                self.speculation.record(seq, window.proposed, len(window.tokens) - 1)
             if seq.finished:
                 continue
-            event, reason = self._streams[seq.id].add(token, logprob, top)
+            seq.draft_proposals = window.draft_proposals
+            event, reason = self._streams[seq.id].add_many(window.tokens, window.logprobs, window.top)
             if reason is not None:
                 event.result = self._finish(seq, reason)
             events.append(event)

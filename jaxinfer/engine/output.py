@@ -42,6 +42,22 @@ class OutputStream:
         self.prompt_logprobs[position] = logprob
         self.prompt_top[position] = top[: self.request.params.prompt_logprobs]
 
+    def add_many(self, tokens: list[int], logprobs: list[float], tops: list | None) -> tuple[Event, str | None]:
+        """Several tokens of one step (a verify window's), already accepted into the sequence: one event;
+        the request ends at the first that ends it, and the sequence forgets the tokens after it."""
+        event, reason = None, None
+        for i, token in enumerate(tokens):
+            generated = self.seq.generated
+            cut = len(generated) - (len(tokens) - i - 1)  # the sequence as of this token
+            kept, generated[cut:] = generated[cut:], []
+            one, reason = self.add(token, logprobs[i], tops[i] if tops is not None else None)
+            generated.extend(kept)
+            event = one if event is None else _merge(event, one)
+            if reason is not None:
+                del generated[cut:]
+                break
+        return event, reason
+
     def add(self, token: int, logprob: float, top=None) -> tuple[Event, str | None]:
         """-> (the event for this token, the finish reason if the request ends with it). `top`: the most
         likely (token, logprob) pairs at this position, when the request asked for them."""
@@ -83,4 +99,16 @@ class OutputStream:
             top_logprobs=list(self.top_logprobs) if req.params.top_logprobs else None,
             prompt_logprobs=self.prompt_logprobs,
             prompt_top_logprobs=self.prompt_top,
+            speculative_proposed=seq.proposed,
+            speculative_accepted=seq.accepted,
         )
+
+
+def _merge(first: Event, then: Event) -> Event:
+    first.token_ids += then.token_ids
+    first.text += then.text
+    if first.logprobs is not None:
+        first.logprobs += then.logprobs
+    if first.top_logprobs is not None:
+        first.top_logprobs += then.top_logprobs
+    return first

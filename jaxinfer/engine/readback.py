@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from jaxinfer.engine.scheduler import Sequence, StepPlan
+from jaxinfer.engine.scheduler import Chunk, Sequence, StepPlan
 from jaxinfer.engine.step_inputs import first_tokens, in_slot_order
 
 
@@ -26,18 +26,56 @@ class PromptChunk:
 
 
 @dataclasses.dataclass(frozen=True)
+class SampledChunk:
+    """A chunk that samples: the sample rows of its window offsets in its shard (one unless it verifies)."""
+
+    chunk: Chunk
+    shard: int
+    rows: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class PendingStep:
     outputs: object  # StepOutputs on device
-    sampled: list[Sequence]  # sequences that sample in this step
+    sampled_chunks: list[SampledChunk]
     prompt_chunks: list[PromptChunk]  # chunks whose request wants prompt logprobs
 
+    @property
+    def needs_readback(self) -> bool:
+        """A sequence of this step verifies, proposes or will speculate: its next step needs its tokens."""
+        return any(c.chunk.proposals or c.chunk.propose or c.chunk.seq.speculate for c in self.sampled_chunks)
 
-def pending_step(outputs, plan: StepPlan) -> PendingStep:
-    sampled = [c.seq for c in plan.chunks if c.samples]
-    prompt = []
+    @property
+    def sampled(self) -> list[Sequence]:
+        """Sequences that sample in this step."""
+        return [c.chunk.seq for c in self.sampled_chunks]
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """What one sampling chunk produced, read back: the tokens it keeps and their figures."""
+
+    seq: Sequence
+    sampled: int  # samples the step drew for it (1 + its proposals)
+    proposed: int
+    tokens: list[int]  # the accepted proposals' samples and the one after them
+    logprobs: list[float]
+    top: list | None  # per token, (token, logprob) pairs when the request asked
+    draft_proposals: list[int]  # the draft's proposals for its next window (when it proposed)
+
+
+def pending_step(outputs, plan: StepPlan, slots_per_shard: int) -> PendingStep:
+    """Rows as `HostBatchBuilder` lays them out: slot s samples row s first, then the shard's verify
+    windows take rows S, S+1, ... in slot order."""
+    sampled, prompt = [], []
     for d, chunks in enumerate(plan.shards):
         ordered = in_slot_order(chunks)
+        extra = slots_per_shard
         for chunk, first in zip(ordered, first_tokens(ordered)):
+            if chunk.samples:
+                k = len(chunk.proposals)
+                sampled.append(SampledChunk(chunk, d, (chunk.seq.slot,) + tuple(range(extra, extra + k))))
+                extra += k
             if chunk.seq.request.params.prompt_logprobs is not None:
                 prompt.append(PromptChunk(chunk.seq, d, first, chunk.start, chunk.count))
     return PendingStep(outputs, sampled, prompt)
@@ -65,12 +103,27 @@ def read_prompt_logprobs(pending: PendingStep, streams: dict) -> None:
 
 
 def read_samples(pending: PendingStep):
-    """-> per sampled sequence (token, logprob, top pairs or None), in `pending.sampled` order."""
-    samples = pending.outputs.samples
+    """-> a `Window` per sampling chunk, in `pending.sampled` order."""
+    out = pending.outputs
+    samples = out.samples
     tokens, logprobs = np.asarray(samples.tokens), np.asarray(samples.logprobs)
     wants_top = any(seq.request.params.top_logprobs for seq in pending.sampled)
     ids, top = (np.asarray(samples.top_ids), np.asarray(samples.top_logprobs)) if wants_top else (None, None)
-    for seq in pending.sampled:
-        d, s = seq.shard, seq.slot
-        pairs = top_pairs(ids[d, s], top[d, s]) if seq.request.params.top_logprobs else None
-        yield seq, int(tokens[d, s]), float(logprobs[d, s]), pairs
+    verifies = any(c.chunk.proposals for c in pending.sampled_chunks)
+    accepted = np.asarray(out.accepted) if verifies else None
+    proposes = any(c.chunk.propose for c in pending.sampled_chunks)
+    proposals = np.asarray(out.proposals) if proposes else None
+    for sampled in pending.sampled_chunks:
+        chunk, d = sampled.chunk, sampled.shard
+        seq = chunk.seq
+        keep = sampled.rows[: 1 + (int(accepted[d, seq.slot]) if chunk.proposals else 0)]
+        wants = seq.request.params.top_logprobs
+        yield Window(
+            seq=seq,
+            sampled=chunk.samples,
+            proposed=len(chunk.proposals),
+            tokens=[int(tokens[d, r]) for r in keep],
+            logprobs=[float(logprobs[d, r]) for r in keep],
+            top=[top_pairs(ids[d, r], top[d, r]) for r in keep] if wants else None,
+            draft_proposals=proposals[d, seq.slot].tolist() if chunk.propose else [],
+        )

@@ -163,6 +163,8 @@ class Result:
     # the first), and the params.prompt_logprobs most likely tokens at that position (empty for the first)
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[TopLogprobs] | None = None
+    speculative_proposed: int = 0  # proposals verified for this request (speculative decoding)
+    speculative_accepted: int = 0  # of those, accepted
 
     @property
     def completion_tokens(self) -> int:

@@ -11,6 +11,11 @@ Each data shard has `slots_per_shard` slots and its own `PagePool`. `schedule()`
   3. the smallest bucket that holds the busiest shard's tokens.
 The plan says which tokens of which sequence run and which sequences sample; the engine turns it
 into device arrays (`step_inputs`) and reports sampled tokens back through `accept`.
+
+Speculation (`jaxinfer.engine.speculation`): a decoding sequence marked `speculate` runs a window of
+its last token and up to K proposals, sampled at every offset, once its previous tokens are read
+back (its proposals depend on them). Its tokens are computed as far as the window reaches; `accept`
+rolls `num_computed` back to the accepted ones, so the rejected tail's K/V is simply overwritten.
 """
 
 from __future__ import annotations
@@ -44,6 +49,10 @@ class Sequence:
         self.shard = self.slot = -1
         self.preemptions = 0
         self.finished: str | None = None
+        self.speculate = False  # runs verify windows, waiting for each step's tokens (the policy decides)
+        self.verifying = False  # a verify window of it is in flight: nothing runs until it is read back
+        self.draft_proposals: list[int] = []  # the draft's proposals for its next window, read back
+        self.proposed = self.accepted = 0  # proposals verified for it so far, and how many were accepted
 
     @property
     def id(self) -> str:
@@ -69,12 +78,16 @@ class Sequence:
 @dataclasses.dataclass(frozen=True)
 class Chunk:
     """`count` tokens of `seq` from position `start` run in this step; `samples` tokens are sampled
-    after its last one (0 for a prompt chunk that does not reach the prompt's end, else 1)."""
+    (0 for a prompt chunk that does not reach the prompt's end; 1 after its last token; a verify
+    window's last token and its `proposals`, the last `len(proposals)` of its tokens, sample 1 + K).
+    `propose`: the draft proposes the sequence's next window in this step."""
 
     seq: Sequence
     start: int
     count: int
     samples: int
+    proposals: tuple[int, ...] = ()
+    propose: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +98,11 @@ class StepPlan:
     @property
     def chunks(self) -> list[Chunk]:
         return [c for shard in self.shards for c in shard]
+
+    @property
+    def verifies(self) -> bool:
+        """Some chunk is a verify window: the step needs the bucket's verify variant."""
+        return any(c.proposals for c in self.chunks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +115,7 @@ class SchedulerLimits:
     prefill_chunk: int
     buckets: tuple[int, ...]
     prefix_cache: bool = False
+    draft_tokens: int = 0  # K when a draft model proposes: pages are allocated for its K positions ahead
 
     @property
     def route_imbalance(self) -> int:
@@ -105,8 +124,10 @@ class SchedulerLimits:
 
 
 class Scheduler:
-    def __init__(self, limits: SchedulerLimits, cache_salt: bytes = b""):
+    def __init__(self, limits: SchedulerLimits, cache_salt: bytes = b"", proposer=None):
+        """`proposer(seq, limit) -> list[int]`: up to `limit` proposals for a speculating sequence's window."""
         self.limits = limits
+        self.proposer = proposer
         self.pools = [PagePool(limits.pages_per_shard) for _ in range(limits.data_shards)]
         self.prefix = PrefixCache(self.pools, limits.page_size, cache_salt, limits.prefix_cache)
         self.slots: list[list[Sequence | None]] = [[None] * limits.slots_per_shard for _ in range(limits.data_shards)]
@@ -166,10 +187,14 @@ class Scheduler:
             self.pools[seq.shard].release(seq.pages)
             seq.pages, seq.registered = [], 0
 
-    def accept(self, seq: Sequence, tokens: list[int]) -> None:
-        """Tokens sampled for `seq` by a step, now read back on the host."""
-        seq.inflight -= len(tokens)
+    def accept(self, seq: Sequence, tokens: list[int], sampled: int | None = None) -> None:
+        """Tokens sampled for `seq` by a step, now read back on the host: `sampled` were in flight (a
+        verify window's K + 1), of which `tokens` are kept; the window's rejected tail is rolled back."""
+        seq.inflight -= len(tokens) if sampled is None else sampled
+        seq.verifying = False
         seq.generated.extend(tokens)
+        if not seq.inflight:  # the last known token's K/V is computed next step; nothing after it exists
+            seq.num_computed = min(seq.num_computed, seq.known - 1)
         if not seq.finished:
             self.prefix.register(seq)  # a page filled by decoding is indexed once its last token is known
 
@@ -183,6 +208,7 @@ class Scheduler:
         used = max(sum(c.count for c in chunks) for chunks in shards)
         plan = StepPlan(shards, next(b for b in self.buckets if b >= used))
         for chunk in plan.chunks:
+            chunk.seq.verifying = bool(chunk.proposals)
             chunk.seq.num_computed = chunk.start + chunk.count
             chunk.seq.inflight += chunk.samples
             self.prefix.computed(chunk.seq, chunk.start, chunk.count)
@@ -213,6 +239,15 @@ class Scheduler:
         log.info("preempted request %s (KV pages exhausted on data shard %d); it will be recomputed", victim.id, shard)
         return victim
 
+    def _proposals(self, seq: Sequence, budget: int) -> list[int]:
+        """Up to K proposals, as many as the step's budget, max_tokens and the context leave room for."""
+        room = min(
+            budget,
+            seq.request.params.max_tokens - len(seq.generated) - seq.inflight - 1,
+            self.limits.max_context - seq.total - 1,
+        )
+        return self.proposer(seq, room) if room > 0 and self.proposer is not None else []
+
     def _done_by_length(self, seq: Sequence) -> bool:
         produced = len(seq.generated) + seq.inflight
         return produced >= seq.request.params.max_tokens or seq.total >= self.limits.max_context
@@ -231,13 +266,23 @@ class Scheduler:
         for seq in decodes + prefills:
             if self.slots[shard][seq.slot] is not seq or budget == 0:
                 continue
-            if seq.total - seq.num_computed == 1 and self._done_by_length(seq):
+            decoding = seq.total - seq.num_computed == 1
+            if decoding and self._done_by_length(seq):
                 continue  # finished by length; collected when its last token is read back
-            if seq.total - seq.num_computed > 1 and self.prefix.waits_for(seq, pending):
+            if decoding and seq.inflight and (seq.speculate or seq.verifying):
+                continue  # its next tokens (or where they start) are still on their way back
+            if not decoding and self.prefix.waits_for(seq, pending):
                 continue
             count = min(seq.total - seq.num_computed, budget, self.limits.prefill_chunk)
+            proposals = tuple(self._proposals(seq, budget - 1)) if decoding and seq.speculate else ()
+            count += len(proposals)
+            reach = seq.num_computed + count
+            samples = int(reach == seq.total + len(proposals)) + len(proposals)
+            propose = bool(samples and seq.speculate and self.limits.draft_tokens)
+            if propose:  # the draft writes its K/V at the K positions after the window's last sample
+                reach = min(reach + self.limits.draft_tokens, self.limits.max_context)
             while True:
-                need = pages_needed(seq.num_computed + count, page) - len(seq.pages)
+                need = pages_needed(reach, page) - len(seq.pages)
                 try:
                     seq.pages += pool.allocate(max(need, 0))
                     break
@@ -249,8 +294,7 @@ class Scheduler:
                         break
             if self.slots[shard][seq.slot] is not seq:
                 continue
-            samples = int(seq.num_computed + count == seq.total)
-            plan.append(Chunk(seq, seq.num_computed, count, samples))
+            plan.append(Chunk(seq, seq.num_computed, count, samples, proposals, propose))
             self.prefix.computing(seq, seq.num_computed, count, pending)
             budget -= count
         return plan

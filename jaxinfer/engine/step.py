@@ -1,32 +1,32 @@
-"""The jitted engine step: one ragged batch of tokens through the model with a paged KV cache.
+"""The jitted engine step: one ragged batch of tokens through the model with a paged KV cache
+(`paged_attention`), then sampling.
 
-Sequence i of a data shard is its slot i (idle slots have zero query tokens). Attention runs inside
-`shard_map` over (data, tensor), its specs taken from the sharding rules: each data shard sees only
-its own pages and slots, each tensor shard its own KV heads, so the cache write and the attention
-read never leave the device.
+A step samples one row per slot (its last token's logits). With speculation an engine compiles two
+variants of each bucket's step: the plain one, and a verify one whose inputs have E > 0 extra sample
+rows for the offsets of speculating slots' windows (`jaxinfer.engine.verify`); a step without
+proposals runs the plain one and pays nothing for speculation. With a draft model both variants also
+run the draft (`jaxinfer.engine.draft_step`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
+from jaxinfer.engine import draft_step
+from jaxinfer.engine.paged_attention import AttentionImpl, PagedAttention
 from jaxinfer.engine.sampler_state import ROW_AXES, SamplerState, state_shardings
 from jaxinfer.engine.step_inputs import StepInputs
+from jaxinfer.engine.verify import accepted_counts, extra_row_sampling
 from jaxinfer.engine.xla_attention import xla_ragged_paged_attention
-from jaxinfer.kv_cache import CACHE_AXES, CacheShape, cache_sharding
+from jaxinfer.kv_cache import CacheShape, cache_sharding
 from jaxinfer.model.forward import ShardedModel
 from jaxinfer.platform import Platform
 from jaxinfer.sampling import PromptLogprobs, Samples, count_tokens, prompt_logprobs, sample
-from jaxinfer.sharding import logical_sharding, logical_spec
-
-AttentionImpl = Callable[..., jax.Array]  # ragged_paged_attention(queries, kv_pages, kv_lens, ...)
-
-ACTIVATION_AXES = ("batch", None, "act_heads", None)  # q, k, v, out: [D, T, heads, head_dim]
+from jaxinfer.sharding import logical_sharding
 
 
 @jax.tree_util.register_dataclass
@@ -34,63 +34,10 @@ ACTIVATION_AXES = ("batch", None, "act_heads", None)  # q, k, v, out: [D, T, hea
 class StepOutputs:
     """What a step returns besides the cache and sampler state; the host reads back only what it needs."""
 
-    samples: Samples  # each [D, S, ...]: one sample per slot
+    samples: Samples  # each [D, S + E, ...]: rows 0..S-1 one per slot, then the verify windows' extra rows
     prompt: PromptLogprobs  # each [D, T, ...]: per token of the step (zeros unless a request asked)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class PagedAttention:
-    """Attention context writing the step's K/V into the paged cache, then reading it ragged."""
-
-    inputs: StepInputs
-    mesh: object = dataclasses.field(metadata=dict(static=True))
-    impl: AttentionImpl = dataclasses.field(metadata=dict(static=True))
-
-    def attend(self, layer, q, k, v, cache, sm_scale):
-        """`layer` indexes a stacked cache; None means `cache` is this layer's own array (unrolled)."""
-        x = self.inputs
-        stacked = layer is not None
-        act = logical_spec(ACTIVATION_AXES)
-        cache_spec = logical_spec(CACHE_AXES if stacked else CACHE_AXES[1:])
-        row, row3 = logical_spec(ROW_AXES), logical_spec(ROW_AXES + (None,))
-
-        def local(layer, q, k, v, cache, write_page, write_offset, kv_lens, page_indices, cu_q_lens, num_seqs):
-            t, hk, dh = k.shape[1], k.shape[2], k.shape[3]
-            kv = jnp.stack([k[0], v[0]], axis=2).reshape(t, 2 * hk, dh).astype(cache.dtype)  # K,V interleaved
-            at = (layer,) if stacked else ()
-            cache = cache.at[at + (write_page[0], write_offset[0])].set(kv, mode="drop")
-            out = self.impl(
-                q[0],
-                cache[layer] if stacked else cache,
-                kv_lens[0],
-                page_indices[0],
-                cu_q_lens[0],
-                num_seqs[0],
-                sm_scale=sm_scale,
-            )
-            return out[None], cache
-
-        fn = jax.shard_map(
-            local,
-            mesh=self.mesh,
-            in_specs=(logical_spec(()), act, act, act, cache_spec, row, row, row, row3, row, row),
-            out_specs=(act, cache_spec),
-            check_vma=False,
-        )
-        return fn(
-            layer if stacked else jnp.int32(0),
-            q,
-            k,
-            v,
-            cache,
-            x.write_page,
-            x.write_offset,
-            x.kv_lens,
-            x.page_indices,
-            x.cu_q_lens,
-            x.num_seqs,
-        )
+    accepted: jax.Array  # i32 [D, S]: proposals each slot's window accepted (0 without one)
+    proposals: jax.Array  # i32 [D, S, K]: the draft's proposals for flagged slots' next windows (K = 0: none)
 
 
 _traces = 0  # times a step function was traced in this process
@@ -102,8 +49,14 @@ def step_traces() -> int:
     return _traces
 
 
-def build_step_fn(model: ShardedModel, cache_shape: CacheShape, platform: Platform):
-    """Returns jit(step)(params, cache, inputs, state) -> (StepOutputs, cache, state).
+def build_step_fn(
+    model: ShardedModel,
+    cache_shape: CacheShape,
+    platform: Platform,
+    draft: tuple[ShardedModel, CacheShape, draft_step.Draft] | None = None,
+):
+    """Returns jit(step)(params, cache, inputs, state) -> (StepOutputs, cache, state). With a draft,
+    params and cache are pairs (the target's, the draft's).
 
     The cache and the sampler state are donated: XLA updates them in place and there is never a second
     copy on device.
@@ -116,36 +69,62 @@ def build_step_fn(model: ShardedModel, cache_shape: CacheShape, platform: Platfo
     def step(params, cache, inputs: StepInputs, state: SamplerState):
         global _traces
         _traces += 1  # runs only while tracing
+        if draft is not None:
+            (params, draft_params), (cache, draft_cache) = params, cache
         prev = jnp.take_along_axis(state.prev_tokens, inputs.prev_slot, axis=1)
         tokens = jnp.where(inputs.use_prev, prev, inputs.tokens)
         ctx = PagedAttention(inputs, mesh, impl)
+        rows = jnp.concatenate([inputs.sample_index, inputs.extra_index], axis=1)  # [D, S + E]
         logits, cache, prompt = module.apply(
             {"params": params},
             tokens,
             inputs.positions,
             ctx,
             cache,
-            logit_indices=inputs.sample_index,
+            logit_indices=rows,
             on_hidden=lambda hidden, head: prompt_logprobs(hidden, head, inputs.prompt_targets, vocab),
-        )  # logits [D, S, V]
-        d, s, v = logits.shape
-        flat = lambda a: a.reshape((d * s,) + a.shape[2:])
-        sampling = jax.tree.map(flat, inputs.sampling)
-        penalties = jax.tree.map(flat, state.penalties)
-        samples = sample(logits.reshape(d * s, v), sampling, penalties)
-        penalties = count_tokens(penalties, samples.tokens, sampling)
-        unflat = lambda a: a.reshape((d, s) + a.shape[1:])
-        samples = jax.tree.map(unflat, samples)
-        state = SamplerState(samples.tokens, jax.tree.map(unflat, penalties))
-        return StepOutputs(samples, prompt), cache, state
+        )  # logits [D, S + E, V]
+        d, s = inputs.sample_index.shape
+        samples, penalties = _sample_slots(logits[:, :s], inputs.sampling, state)
+        if inputs.extra_index.shape[1]:  # the verify variant
+            extra = extra_row_sampling(inputs.sampling, inputs.extra_slot, inputs.extra_offset)
+            more, _ = _sample_slots(logits[:, s:], extra, None)
+            samples = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), samples, more)
+        accepted, last = accepted_counts(samples.tokens, inputs.window_rows, inputs.window_proposals)
+        proposals = jnp.zeros(inputs.window_proposals.shape, jnp.int32)
+        if draft is not None:
+            draft_model, _, spec = draft
+            draft_ctx = PagedAttention(inputs, mesh, impl)
+            draft_cache = draft_step.follow(spec, draft_params, draft_cache, tokens, inputs, draft_ctx)
+            position = inputs.sampling.position + accepted
+            draft_cache, proposals = draft_step.propose(
+                spec, draft_params, draft_cache, inputs, draft_ctx, last, position, inputs.propose
+            )
+            cache = (cache, draft_cache)
+        state = SamplerState(last, penalties)
+        return StepOutputs(samples, prompt, accepted, proposals), cache, state
 
     row = output_sharding(mesh)
-    outputs = StepOutputs(Samples(row, row, row, row), PromptLogprobs(row, row, row))
-    return jax.jit(
-        step,
-        donate_argnums=(1, 3),
-        out_shardings=(outputs, cache_sharding(mesh, cache_shape, model.layer_loop), state_shardings(mesh)),
-    )
+    outputs = StepOutputs(Samples(row, row, row, row), PromptLogprobs(row, row, row), row, row)
+    caches = cache_sharding(mesh, cache_shape, model.layer_loop)
+    if draft is not None:
+        caches = (caches, cache_sharding(mesh, draft[1], draft[0].layer_loop))
+    return jax.jit(step, donate_argnums=(1, 3), out_shardings=(outputs, caches, state_shardings(mesh)))
+
+
+def _sample_slots(logits, sampling, state: SamplerState | None):
+    """logits [D, N, V], sampling arrays [D, N] -> (Samples [D, N, ...], the penalty rows after them).
+    With `state`, rows are slots and see their penalties (and count the sampled tokens)."""
+    d, n, v = logits.shape
+    flat = lambda a: a.reshape((d * n,) + a.shape[2:])
+    unflat = lambda a: a.reshape((d, n) + a.shape[1:])
+    sampling = jax.tree.map(flat, sampling)
+    if state is None:
+        return jax.tree.map(unflat, sample(logits.reshape(d * n, v), sampling)), None
+    penalties = jax.tree.map(flat, state.penalties)
+    samples = sample(logits.reshape(d * n, v), sampling, penalties)
+    penalties = count_tokens(penalties, samples.tokens, sampling)
+    return jax.tree.map(unflat, samples), jax.tree.map(unflat, penalties)
 
 
 def output_sharding(mesh):

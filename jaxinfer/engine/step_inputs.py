@@ -34,9 +34,16 @@ class StepInputs:
     page_indices: jax.Array  # i32 [D, S, W] shard-local page tables
     cu_q_lens: jax.Array  # i32 [D, S + 1]
     num_seqs: jax.Array  # i32 [D, 1]
-    sample_index: jax.Array  # i32 [D, S] token whose logits are sampled for each slot
+    sample_index: jax.Array  # i32 [D, S] token whose logits are sampled for each slot (its window's offset 0)
     prompt_targets: jax.Array  # i32 [D, T] the prompt token after each token, for prompt logprobs; -1 = none
     sampling: SamplingArrays  # each field [D, S]
+    # speculation (`jaxinfer.engine.verify`): E extra sample rows (0 in a plain step), K proposals per window
+    extra_index: jax.Array  # i32 [D, E] token whose logits each extra row samples
+    extra_slot: jax.Array  # i32 [D, E] the slot an extra row belongs to
+    extra_offset: jax.Array  # i32 [D, E] its window offset (>= 1)
+    window_rows: jax.Array  # i32 [D, S, K + 1] the sample row of each window offset; -1 = none
+    window_proposals: jax.Array  # i32 [D, S, K] the proposals the window verifies; -1 = none
+    propose: jax.Array  # bool [D, S] the draft proposes this slot's next window
 
     @classmethod
     def from_flat(cls, arrays: dict) -> StepInputs:
@@ -57,9 +64,9 @@ def input_shardings(mesh, host: dict) -> dict:
     return {k: logical_sharding(mesh, ("batch",) + (None,) * (a.ndim - 1)) for k, a in host.items()}
 
 
-def abstract_inputs(builder: HostBatchBuilder, mesh, bucket: int) -> StepInputs:
+def abstract_inputs(builder: HostBatchBuilder, mesh, bucket: int, extra_rows: int = 0) -> StepInputs:
     """The idle inputs of `bucket` as sharded ShapeDtypeStructs: what a step is lowered and compiled for."""
-    host = builder.empty(bucket)
+    host = builder.empty(bucket, extra_rows)
     shardings = input_shardings(mesh, host)
     return StepInputs.from_flat(
         {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings[k]) for k, a in host.items()}
@@ -75,10 +82,15 @@ class HostBatchBuilder:
     pages_per_slot: int
     pages_per_shard: int
     page_size: int
+    proposals: int = 0  # K: tokens a verify window proposes (0: no speculation)
 
-    def empty(self, bucket: int) -> dict[str, np.ndarray]:
+    def extra_rows(self, bucket: int) -> int:
+        """E of the verify step of `bucket`: every token but one speculating slot's first may be a proposal."""
+        return min(bucket - 1, self.slots_per_shard * self.proposals)
+
+    def empty(self, bucket: int, extra_rows: int = 0) -> dict[str, np.ndarray]:
         """An idle step: no tokens, every write dropped (what warm-up runs and AOT compiles)."""
-        d, s, w = self.data_shards, self.slots_per_shard, self.pages_per_slot
+        d, s, w, k, e = self.data_shards, self.slots_per_shard, self.pages_per_slot, self.proposals, extra_rows
         return dict(
             tokens=np.zeros((d, bucket), np.int32),
             use_prev=np.zeros((d, bucket), bool),
@@ -92,13 +104,19 @@ class HostBatchBuilder:
             num_seqs=np.full((d, 1), s, np.int32),
             sample_index=np.zeros((d, s), np.int32),
             prompt_targets=np.full((d, bucket), -1, np.int32),
-            **{k: a.reshape(d, s) for k, a in vars(SamplingArrays.neutral(d * s)).items()},
+            **{name: a.reshape(d, s) for name, a in vars(SamplingArrays.neutral(d * s)).items()},
+            extra_index=np.zeros((d, e), np.int32),
+            extra_slot=np.zeros((d, e), np.int32),
+            extra_offset=np.zeros((d, e), np.int32),
+            window_rows=np.full((d, s, k + 1), -1, np.int32),
+            window_proposals=np.full((d, s, k), -1, np.int32),
+            propose=np.zeros((d, s), bool),
         )
 
     def build(self, plan: StepPlan) -> dict[str, np.ndarray]:
         """The arrays of `plan`, with a few numpy ops per shard (a Python loop over slots and tokens costs
         milliseconds of host time per step at batch 32, taken from the device's cores on CPU)."""
-        host = self.empty(plan.bucket)
+        host = self.empty(plan.bucket, self.extra_rows(plan.bucket) if plan.verifies else 0)
         for d, chunks in enumerate(plan.shards):
             if chunks:  # a shard with no tokens keeps cu_q_lens all zero
                 self._fill_shard(host, d, in_slot_order(chunks))
@@ -112,6 +130,7 @@ class HostBatchBuilder:
         counts = np.array([c.count for c in chunks], np.int32)
         known = np.array([seq.known for seq in seqs], np.int32)
         first = np.array(first_tokens(chunks), np.int32)
+        proposed = np.array([len(c.proposals) for c in chunks], np.int32)
         n = int(counts.sum())
         by_slot = np.zeros(self.slots_per_shard, np.int32)
         by_slot[slots] = counts
@@ -120,13 +139,14 @@ class HostBatchBuilder:
         pos = starts[entry] + np.arange(n, dtype=np.int32) - first[entry]
         for c, f in zip(chunks, first.tolist()):
             host["page_indices"][d, c.seq.slot, : len(c.seq.pages)] = c.seq.pages
-            have = c.seq.known_tokens(c.start, c.start + c.count)  # the rest come from the previous step's samples
-            host["tokens"][d, f : f + len(have)] = have
+            have = c.seq.known_tokens(c.start, c.start + c.count - len(c.proposals))
+            host["tokens"][d, f : f + len(have)] = have  # the rest come from the previous step's samples
+            host["tokens"][d, f + c.count - len(c.proposals) : f + c.count] = c.proposals
             if c.seq.request.params.prompt_logprobs is not None:
                 prompt = c.seq.request.prompt_ids
                 targets = prompt[c.start + 1 : min(c.start + c.count + 1, len(prompt))]
                 host["prompt_targets"][d, f : f + len(targets)] = targets
-        host["use_prev"][d, :n] = pos >= known[entry]
+        host["use_prev"][d, :n] = (pos >= known[entry]) & (pos < (starts + counts - proposed)[entry])
         host["prev_slot"][d, :n] = slots[entry]
         host["positions"][d, :n] = pos
         host["write_page"][d, :n] = host["page_indices"][d, slots[entry], pos // page]
@@ -135,23 +155,40 @@ class HostBatchBuilder:
         done = [e for e, c in enumerate(chunks) if c.samples]
         if not done:
             return
-        if any(chunks[e].samples > 1 for e in done):
-            raise NotImplementedError("several samples per slot need the speculative verification step")
         at = slots[done]
         params = [seqs[e].request.params for e in done]
-        host["sample_index"][d, at] = first[done] + counts[done] - 1
+        host["sample_index"][d, at] = first[done] + counts[done] - 1 - proposed[done]
+        host["window_rows"][d, at, 0] = at
+        host["propose"][d, at] = [chunks[e].propose for e in done]
+        self._fill_windows(host, d, [chunks[e] for e in done], first[done])
         host["temperature"][d, at] = [p.temperature for p in params]
         host["top_k"][d, at] = [p.top_k for p in params]
         host["top_p"][d, at] = [p.top_p for p in params]
         host["min_p"][d, at] = [p.min_p for p in params]
         host["seed"][d, at] = [seqs[e].seed for e in done]
-        host["position"][d, at] = starts[done] + counts[done]
+        host["position"][d, at] = starts[done] + counts[done] - proposed[done]
         host["logprobs"][d, at] = [p.logprobs for p in params]
         host["top_logprobs"][d, at] = [p.top_logprobs for p in params]
         host["penalized"][d, at] = [p.penalized for p in params]
         host["presence"][d, at] = [p.presence_penalty for p in params]
         host["frequency"][d, at] = [p.frequency_penalty for p in params]
         host["repetition"][d, at] = [p.repetition_penalty for p in params]
+
+    def _fill_windows(self, host: dict, d: int, chunks, first) -> None:
+        """The extra sample rows and window tables of the shard's verify windows."""
+        row = 0
+        for c, f in zip(chunks, first.tolist()):
+            k = len(c.proposals)
+            if not k:
+                continue
+            rows = np.arange(row, row + k)
+            offsets = np.arange(1, k + 1, dtype=np.int32)
+            host["extra_index"][d, rows] = f + offsets
+            host["extra_slot"][d, rows] = c.seq.slot
+            host["extra_offset"][d, rows] = offsets
+            host["window_rows"][d, c.seq.slot, 1 : k + 1] = self.slots_per_shard + rows
+            host["window_proposals"][d, c.seq.slot, :k] = c.proposals
+            row += k
 
 
 def first_tokens(chunks) -> list[int]:

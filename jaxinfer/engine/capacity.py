@@ -1,0 +1,62 @@
+"""How many KV pages each data shard gets: from --kv-pages, --kv-memory-fraction, or enough for every slot."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jaxinfer.config import ConfigError
+from jaxinfer.kv_cache import CacheShape, device_memory, local_device, pages_for_memory_fraction
+from jaxinfer.sharding import per_device_bytes
+
+
+def resolve_pages(config, model, one_page: CacheShape, pages_per_slot: int, data: int, other_bytes: int = 0) -> int:
+    """`one_page`: the bytes of one page of every cache (the draft's included); `other_bytes`: device bytes
+    besides the target's weights already placed (a draft's weights)."""
+    c, m = config, model
+    if c.kv_pages is not None:
+        if c.kv_pages < pages_per_slot:
+            raise ConfigError(
+                f"--kv-pages {c.kv_pages} is below the {pages_per_slot} pages one "
+                f"request of --max-context {c.max_context} needs"
+            )
+        return c.kv_pages
+    if c.kv_memory_fraction is None:
+        return (c.max_slots // data) * pages_per_slot
+    try:
+        limit, in_use = device_memory(local_device(m.mesh.devices.flat))
+    except ValueError as e:
+        raise ConfigError(f"--kv-memory-fraction: {e}; use --kv-pages instead") from None
+    if in_use is None:  # host devices: what this engine put there so far is its weights
+        in_use = per_device_bytes(m.params) + other_bytes
+    pages = pages_for_memory_fraction(limit, c.kv_memory_fraction, in_use, one_page, m.mesh.shape["tensor"])
+    if pages < pages_per_slot:
+        raise ConfigError(
+            f"--kv-memory-fraction {c.kv_memory_fraction} leaves room for {pages} pages, "
+            f"below the {pages_per_slot} one request needs"
+        )
+    return pages
+
+
+def page_shapes(model, draft, data: int, page_size: int):
+    """-> (one page per shard of the target's cache, of the draft's or None, of both together: the
+    target's shape with the draft's bytes as extra layers, rounded up, for sizing by memory)."""
+    one = _one_page(model, data, page_size)
+    if draft is None:
+        return one, None, one
+    other = _one_page(draft, data, page_size)
+    per_layer = one.bytes_per_page // one.layers
+    return one, other, dataclasses.replace(one, layers=one.layers + -(-other.bytes_per_page // per_layer))
+
+
+def _one_page(model, data: int, page_size: int) -> CacheShape:
+    return CacheShape(
+        layers=model.config.num_layers,
+        data_shards=data,
+        pages_per_shard=1,
+        page_size=page_size,
+        kv_heads=model.layout.kv_heads,
+        head_dim=model.config.head_dim,
+        dtype=str(np.dtype(model.dtype)),
+    )
