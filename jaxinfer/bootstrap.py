@@ -78,6 +78,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="reuse the KV pages of prompt prefixes computed before (default: on)",
     )
     e.add_argument(
+        "--speculative",
+        default="none",
+        choices=["none", "ngram", "draft"],
+        help="speculative decoding: ngram (prompt lookup) or draft (--draft-model) proposals, verified exactly",
+    )
+    e.add_argument("--num-speculative-tokens", type=int, default=4, help="proposals per verify window (K)")
+    e.add_argument("--draft-model", default=None, help="the draft model of --speculative draft (same tokenizer)")
+    e.add_argument(
+        "--speculative-adaptive",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="speculate per slot only while the measured acceptance makes it pay at the batch size (default: on)",
+    )
+    e.add_argument(
         "--compile-cache",
         default=None,
         help="directory for the compiled steps (a restart loads them untraced) and JAX's persistent compilation cache",
@@ -188,6 +202,9 @@ def engine_config(args, model_limit: int):
         layer_loop=args.layer_loop,
         strict_no_recompile=args.strict_no_recompile,
         prefix_cache=args.prefix_cache,
+        speculative=args.speculative,
+        num_speculative_tokens=args.num_speculative_tokens,
+        speculative_adaptive=args.speculative_adaptive,
     )
 
 
@@ -207,6 +224,14 @@ def check_paths(args, inputs: tuple[str, ...] = ()) -> None:
     template = getattr(args, "chat_template", None)
     if template and not os.path.isfile(template):
         raise ConfigError(f"--chat-template {template}: no such file")
+    draft = getattr(args, "draft_model", None)
+    mode = getattr(args, "speculative", "none")
+    if draft and mode != "draft":
+        raise ConfigError(f"--draft-model {draft}: needs --speculative draft (it is {mode})")
+    if mode == "draft" and not draft:
+        raise ConfigError("--speculative draft: needs --draft-model PATH (a model with the same tokenizer)")
+    if draft and draft not in PRESETS and not os.path.exists(draft):
+        raise ConfigError(f"--draft-model {draft}: no such file or directory, and not a preset")
     cache = getattr(args, "compile_cache", None)
     if cache and os.path.exists(cache) and not os.path.isdir(cache):
         raise ConfigError(f"--compile-cache {cache}: exists and is not a directory")
@@ -252,6 +277,33 @@ def resolve_mesh(flag: str | None):
         refuse_sequence_axis(spec.sequence, flag)
     ensure_host_devices(spec.size if spec else 1)
     return spec
+
+
+def load_draft(args, model, tokenizer, mesh, layer_loop: str):
+    """--draft-model on the target's mesh, refused when its vocabulary or tokenizer differs."""
+    from jaxinfer.checkpoint.load import load_model
+    from jaxinfer.tokenizer import load_tokenizer
+
+    draft = load_model(args.draft_model, mesh, args.dtype, layer_loop=layer_loop)
+    flag = f"--draft-model {args.draft_model}"
+    if draft.config.vocab_size != model.config.vocab_size:
+        raise ConfigError(
+            f"{flag}: its vocabulary has {draft.config.vocab_size} tokens, the model's {model.config.vocab_size}"
+        )
+    if draft.tokenizer_path:
+        theirs = load_tokenizer(draft.tokenizer_path)
+        same_size = theirs.vocab_size == tokenizer.vocab_size
+        size = min(theirs.vocab_size, tokenizer.vocab_size)
+        differ = next((i for i in range(size) if theirs.token_bytes(i) != tokenizer.token_bytes(i)), None)
+        if not same_size or differ is not None:
+            where = (
+                f"token {differ}"
+                if differ is not None
+                else f"{theirs.vocab_size} against {tokenizer.vocab_size} tokens"
+            )
+            raise ConfigError(f"{flag}: its tokenizer differs from the model's ({where}); use the same tokenizer")
+    log.info("draft model %s (%s): %d layers", draft.config.name, draft.source, draft.config.num_layers)
+    return draft
 
 
 def build_engine(args, serve_early: bool = False, cluster=None):
@@ -304,7 +356,8 @@ def build_engine(args, serve_early: bool = False, cluster=None):
     if getattr(args, "chat_template", None):
         tokenizer.chat_template = read_chat_template(args.chat_template)
     load_s = time.perf_counter() - start
-    engine = Engine(model, tokenizer, engine_config(args, model.config.max_position_embeddings), policy)
+    draft = load_draft(args, model, tokenizer, mesh, policy.layer_loop) if args.draft_model else None
+    engine = Engine(model, tokenizer, engine_config(args, model.config.max_position_embeddings), policy, draft)
     engine.startup.load_s = load_s
     from jaxinfer.compilation.startup import prepare
 

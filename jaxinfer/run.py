@@ -130,6 +130,14 @@ def prefix_summary(status) -> str:
     )
 
 
+def speculation_summary(status) -> str:
+    return (
+        f"speculative decoding ({status.speculative}): {status.spec_windows} verify windows, "
+        f"{status.spec_accepted} of {status.spec_proposed} proposals accepted "
+        f"({100 * status.spec_acceptance_rate:.1f}%)"
+    )
+
+
 def summarize(results, elapsed: float, engine) -> str:
     from jaxinfer.engine import compile_counter
 
@@ -150,6 +158,7 @@ def summarize(results, elapsed: float, engine) -> str:
         f"output tokens/s {gen / elapsed:.1f}  steps {status.steps}  preemptions {status.preemptions}"
         f"  compilations after warm-up {status.compilations_after_warmup}",
         prefix_summary(status),
+        *([speculation_summary(status)] if status.speculative != "none" else []),
         engine.startup.line(),
         f"XLA compilations in this process {compile_counter.count()}"
         f" (persistent cache hits {compile_counter.cache_hits()})",
@@ -226,6 +235,8 @@ def result_record(rid, req, result, err) -> dict:
             "prompt_tokens": result.prompt_tokens,
             "completion_tokens": result.completion_tokens,
             "cached_tokens": result.cached_tokens,
+            "speculative_proposed": result.speculative_proposed,
+            "speculative_accepted": result.speculative_accepted,
         },
         "seed": result.seed,
         "timings": {"ttft_s": result.ttft_s, "total_s": result.total_s},

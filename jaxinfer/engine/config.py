@@ -30,6 +30,7 @@ class EngineConfig:
     min_bucket: int | None = None  # smallest token bucket; None: the platform's
     speculative: str = "none"  # none | ngram | draft (jaxinfer.engine.speculation)
     num_speculative_tokens: int = 4  # K: proposals per verify window
+    speculative_adaptive: bool = True  # slots speculate only while it pays (else whenever there are proposals)
 
     def validate(self, data_shards: int, model_limit: int) -> None:
         def bad(field, limit):

@@ -80,7 +80,9 @@ class Engine:
         self.cache_shape = dataclasses.replace(one_page, pages_per_shard=pages)
         self.buckets = token_buckets(config.step_budget(self.data), self.platform.min_bucket)
         k = config.num_speculative_tokens if config.speculative != "none" else 0
-        self.speculation = Speculation(config.speculative, k, self.buckets, self.data) if k else None
+        self.speculation = (
+            Speculation(config.speculative, k, self.buckets, self.data, config.speculative_adaptive) if k else None
+        )
         self.scheduler = Scheduler(
             SchedulerLimits(
                 data_shards=self.data,

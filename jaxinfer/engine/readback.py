@@ -116,13 +116,14 @@ def read_samples(pending: PendingStep):
     for sampled in pending.sampled_chunks:
         chunk, d = sampled.chunk, sampled.shard
         seq = chunk.seq
-        keep = sampled.rows[: 1 + (int(accepted[d, seq.slot]) if chunk.proposals else 0)]
+        a = int(accepted[d, seq.slot]) if chunk.proposals else 0
+        keep = sampled.rows[: 1 + a]
         wants = seq.request.params.top_logprobs
         yield Window(
             seq=seq,
             sampled=chunk.samples,
             proposed=len(chunk.proposals),
-            tokens=[int(tokens[d, r]) for r in keep],
+            tokens=list(chunk.proposals[:a]) + [int(tokens[d, keep[-1]])],  # the accepted, then the target's
             logprobs=[float(logprobs[d, r]) for r in keep],
             top=[top_pairs(ids[d, r], top[d, r]) for r in keep] if wants else None,
             draft_proposals=proposals[d, seq.slot].tolist() if chunk.propose else [],

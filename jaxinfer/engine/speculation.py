@@ -67,8 +67,9 @@ class StepTimes:
 
 
 class Speculation:
-    def __init__(self, mode: str, tokens: int, buckets: tuple[int, ...], data_shards: int):
+    def __init__(self, mode: str, tokens: int, buckets: tuple[int, ...], data_shards: int, adaptive: bool = True):
         self.mode, self.tokens, self.buckets, self.data = mode, tokens, buckets, data_shards
+        self.adaptive = adaptive
         self.stats = SpeculationStats()
         self.times = StepTimes()
         self._off_steps: collections.Counter = collections.Counter()
@@ -115,6 +116,10 @@ class Speculation:
                 a = self.rate(seq)
                 candidates.append((sum(a**i for i in range(1, n + 1)), n, seq))
         candidates.sort(key=lambda c: -c[0] / c[1])
+        if not self.adaptive:
+            for seq in decoding:
+                seq.speculate = any(c[2] is seq for c in candidates)
+            return
         tokens = max(len(decoding), 1)
         best_rate, chosen = self._throughput(tokens, tokens, verify=False), 0
         gained = extra = 0.0

@@ -32,7 +32,7 @@ class Connection:
         header = json.dumps(
             {"kind": kind, "meta": meta or {}, "arrays": [[k, v.dtype.str, list(v.shape)] for k, v in arrays.items()]}
         ).encode()
-        parts = [_LENGTH.pack(len(header)), header] + [memoryview(v).cast("B") for v in arrays.values()]
+        parts = [_LENGTH.pack(len(header)), header] + [memoryview(v).cast("B") for v in arrays.values() if v.size]
         with self._send_lock:
             for part in parts:
                 self.sock.sendall(part)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1djaxinfer/proto/jaxinfer.proto\x12\x0bjaxinfer.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x80\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x01H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x01H\x08\x88\x01\x01\x12>\n\nlogit_bias\x18\x0e \x03(\x0b\x32*.jaxinfer.v1.SamplingParams.LogitBiasEntry\x12\x14\n\x0ctop_logprobs\x18\x0f \x01(\x05\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\x05H\t\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x12\n\x10_prompt_logprobs\"\xad\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\x04text\x18\x02 \x01(\tH\x00\x88\x01\x01\x12*\n\x08messages\x18\x03 \x03(\x0b\x32\x18.jaxinfer.v1.ChatMessage\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12+\n\x06params\x18\x05 \x01(\x0b\x32\x1b.jaxinfer.v1.SamplingParamsB\x07\n\x05_text\"\xa8\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1d\n\x15time_to_first_token_s\x18\x03 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x04 \x01(\x01\x12\x13\n\x0bpreemptions\x18\x05 \x01(\x05\x12\x0c\n\x04seed\x18\x06 \x01(\r\x12\x15\n\rcached_tokens\x18\x07 \x01(\x05\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"8\n\x0bTopLogprobs\x12)\n\x06tokens\x18\x01 \x03(\x0b\x32\x19.jaxinfer.v1.TokenLogprob\"X\n\rPromptLogprob\x12\x14\n\x07logprob\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12%\n\x03top\x18\x02 \x01(\x0b\x32\x18.jaxinfer.v1.TopLogprobsB\n\n\x08_logprob\"\x93\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.jaxinfer.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.jaxinfer.v1.Usage\x12.\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x18.jaxinfer.v1.TopLogprobs\x12\x33\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1a.jaxinfer.v1.PromptLogprob\"Y\n\x0fTokenizeRequest\x12\x11\n\x04text\x18\x01 \x01(\tH\x00\x88\x01\x01\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.jaxinfer.v1.ChatMessageB\x07\n\x05_text\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"&\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\x93\x02\n\x0bModelConfig\x12\x12\n\nvocab_size\x18\x01 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x02 \x01(\x05\x12\x19\n\x11intermediate_size\x18\x03 \x01(\x05\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x11\n\tnum_heads\x18\x05 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x06 \x01(\x05\x12\x10\n\x08head_dim\x18\x07 \x01(\x05\x12\x12\n\nrope_theta\x18\x08 \x01(\x01\x12\x1f\n\x17max_position_embeddings\x18\t \x01(\x05\x12\x16\n\x0etie_embeddings\x18\n \x01(\x08\x12\x15\n\reos_token_ids\x18\x0b \x03(\x05\x12\r\n\x05\x64type\x18\x0c \x01(\t\"\xed\x03\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12(\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x18.jaxinfer.v1.ModelConfig\x12.\n\x04mesh\x18\x04 \x03(\x0b\x32 .jaxinfer.v1.ModelInfo.MeshEntry\x12\x10\n\x08platform\x18\x05 \x01(\t\x12\x13\n\x0bmax_context\x18\x06 \x01(\x05\x12\x19\n\x11max_prompt_tokens\x18\x07 \x01(\x05\x12\x11\n\tmax_slots\x18\x08 \x01(\x05\x12\x11\n\tpage_size\x18\t \x01(\x05\x12\x16\n\x0ekv_pages_total\x18\n \x01(\x05\x12\x14\n\x0c\x62ucket_sizes\x18\x0b \x03(\x05\x12\x19\n\x11has_chat_template\x18\x0c \x01(\x08\x12\x11\n\tmax_queue\x18\r \x01(\x05\x12\x14\n\x0c\x61\x63tive_slots\x18\x0e \x01(\x05\x12\x19\n\x11peak_active_slots\x18\x0f \x01(\x05\x12\x13\n\x0bqueue_depth\x18\x10 \x01(\x05\x12\x15\n\rkv_pages_used\x18\x11 \x01(\x05\x12\x14\n\x0c\x65ngine_steps\x18\x12 \x01(\x03\x1a+\n\tMeshEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\x87\x03\n\nGeneration\x12I\n\x08Generate\x12\x1c.jaxinfer.v1.GenerateRequest\x1a\x1d.jaxinfer.v1.GenerateResponse0\x01\x12L\n\rGenerateUnary\x12\x1c.jaxinfer.v1.GenerateRequest\x1a\x1d.jaxinfer.v1.GenerateResponse\x12G\n\x08Tokenize\x12\x1c.jaxinfer.v1.TokenizeRequest\x1a\x1d.jaxinfer.v1.TokenizeResponse\x12M\n\nDetokenize\x12\x1e.jaxinfer.v1.DetokenizeRequest\x1a\x1f.jaxinfer.v1.DetokenizeResponse\x12H\n\x0cGetModelInfo\x12 .jaxinfer.v1.GetModelInfoRequest\x1a\x16.jaxinfer.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1djaxinfer/proto/jaxinfer.proto\x12\x0bjaxinfer.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x80\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x01H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\r \x01(\x01H\x08\x88\x01\x01\x12>\n\nlogit_bias\x18\x0e \x03(\x0b\x32*.jaxinfer.v1.SamplingParams.LogitBiasEntry\x12\x14\n\x0ctop_logprobs\x18\x0f \x01(\x05\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\x05H\t\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x12\n\x10_prompt_logprobs\"\xad\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\x04text\x18\x02 \x01(\tH\x00\x88\x01\x01\x12*\n\x08messages\x18\x03 \x03(\x0b\x32\x18.jaxinfer.v1.ChatMessage\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12+\n\x06params\x18\x05 \x01(\x0b\x32\x1b.jaxinfer.v1.SamplingParamsB\x07\n\x05_text\"\xe4\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1d\n\x15time_to_first_token_s\x18\x03 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x04 \x01(\x01\x12\x13\n\x0bpreemptions\x18\x05 \x01(\x05\x12\x0c\n\x04seed\x18\x06 \x01(\r\x12\x15\n\rcached_tokens\x18\x07 \x01(\x05\x12\x1c\n\x14speculative_proposed\x18\x08 \x01(\x05\x12\x1c\n\x14speculative_accepted\x18\t \x01(\x05\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"8\n\x0bTopLogprobs\x12)\n\x06tokens\x18\x01 \x03(\x0b\x32\x19.jaxinfer.v1.TokenLogprob\"X\n\rPromptLogprob\x12\x14\n\x07logprob\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12%\n\x03top\x18\x02 \x01(\x0b\x32\x18.jaxinfer.v1.TopLogprobsB\n\n\x08_logprob\"\x93\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.jaxinfer.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.jaxinfer.v1.Usage\x12.\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x18.jaxinfer.v1.TopLogprobs\x12\x33\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1a.jaxinfer.v1.PromptLogprob\"Y\n\x0fTokenizeRequest\x12\x11\n\x04text\x18\x01 \x01(\tH\x00\x88\x01\x01\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.jaxinfer.v1.ChatMessageB\x07\n\x05_text\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"&\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\x93\x02\n\x0bModelConfig\x12\x12\n\nvocab_size\x18\x01 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x02 \x01(\x05\x12\x19\n\x11intermediate_size\x18\x03 \x01(\x05\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x11\n\tnum_heads\x18\x05 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x06 \x01(\x05\x12\x10\n\x08head_dim\x18\x07 \x01(\x05\x12\x12\n\nrope_theta\x18\x08 \x01(\x01\x12\x1f\n\x17max_position_embeddings\x18\t \x01(\x05\x12\x16\n\x0etie_embeddings\x18\n \x01(\x08\x12\x15\n\reos_token_ids\x18\x0b \x03(\x05\x12\r\n\x05\x64type\x18\x0c \x01(\t\"\xed\x03\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12(\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x18.jaxinfer.v1.ModelConfig\x12.\n\x04mesh\x18\x04 \x03(\x0b\x32 .jaxinfer.v1.ModelInfo.MeshEntry\x12\x10\n\x08platform\x18\x05 \x01(\t\x12\x13\n\x0bmax_context\x18\x06 \x01(\x05\x12\x19\n\x11max_prompt_tokens\x18\x07 \x01(\x05\x12\x11\n\tmax_slots\x18\x08 \x01(\x05\x12\x11\n\tpage_size\x18\t \x01(\x05\x12\x16\n\x0ekv_pages_total\x18\n \x01(\x05\x12\x14\n\x0c\x62ucket_sizes\x18\x0b \x03(\x05\x12\x19\n\x11has_chat_template\x18\x0c \x01(\x08\x12\x11\n\tmax_queue\x18\r \x01(\x05\x12\x14\n\x0c\x61\x63tive_slots\x18\x0e \x01(\x05\x12\x19\n\x11peak_active_slots\x18\x0f \x01(\x05\x12\x13\n\x0bqueue_depth\x18\x10 \x01(\x05\x12\x15\n\rkv_pages_used\x18\x11 \x01(\x05\x12\x14\n\x0c\x65ngine_steps\x18\x12 \x01(\x03\x1a+\n\tMeshEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\x87\x03\n\nGeneration\x12I\n\x08Generate\x12\x1c.jaxinfer.v1.GenerateRequest\x1a\x1d.jaxinfer.v1.GenerateResponse0\x01\x12L\n\rGenerateUnary\x12\x1c.jaxinfer.v1.GenerateRequest\x1a\x1d.jaxinfer.v1.GenerateResponse\x12G\n\x08Tokenize\x12\x1c.jaxinfer.v1.TokenizeRequest\x1a\x1d.jaxinfer.v1.TokenizeResponse\x12M\n\nDetokenize\x12\x1e.jaxinfer.v1.DetokenizeRequest\x1a\x1f.jaxinfer.v1.DetokenizeResponse\x12H\n\x0cGetModelInfo\x12 .jaxinfer.v1.GetModelInfoRequest\x1a\x16.jaxinfer.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_MODELINFO_MESHENTRY']._loaded_options = None
   _globals['_MODELINFO_MESHENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2563
-  _globals['_FINISHREASON']._serialized_end=2712
+  _globals['_FINISHREASON']._serialized_start=2623
+  _globals['_FINISHREASON']._serialized_end=2772
   _globals['_CHATMESSAGE']._serialized_start=46
   _globals['_CHATMESSAGE']._serialized_end=90
   _globals['_SAMPLINGPARAMS']._serialized_start=93
@@ -46,31 +46,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=736
   _globals['_GENERATEREQUEST']._serialized_end=909
   _globals['_USAGE']._serialized_start=912
-  _globals['_USAGE']._serialized_end=1080
-  _globals['_TOKENLOGPROB']._serialized_start=1082
-  _globals['_TOKENLOGPROB']._serialized_end=1131
-  _globals['_TOPLOGPROBS']._serialized_start=1133
-  _globals['_TOPLOGPROBS']._serialized_end=1189
-  _globals['_PROMPTLOGPROB']._serialized_start=1191
-  _globals['_PROMPTLOGPROB']._serialized_end=1279
-  _globals['_GENERATERESPONSE']._serialized_start=1282
-  _globals['_GENERATERESPONSE']._serialized_end=1557
-  _globals['_TOKENIZEREQUEST']._serialized_start=1559
-  _globals['_TOKENIZEREQUEST']._serialized_end=1648
-  _globals['_TOKENIZERESPONSE']._serialized_start=1650
-  _globals['_TOKENIZERESPONSE']._serialized_end=1687
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1689
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1727
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1729
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1763
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1765
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1786
-  _globals['_MODELCONFIG']._serialized_start=1789
-  _globals['_MODELCONFIG']._serialized_end=2064
-  _globals['_MODELINFO']._serialized_start=2067
-  _globals['_MODELINFO']._serialized_end=2560
-  _globals['_MODELINFO_MESHENTRY']._serialized_start=2517
-  _globals['_MODELINFO_MESHENTRY']._serialized_end=2560
-  _globals['_GENERATION']._serialized_start=2715
-  _globals['_GENERATION']._serialized_end=3106
+  _globals['_USAGE']._serialized_end=1140
+  _globals['_TOKENLOGPROB']._serialized_start=1142
+  _globals['_TOKENLOGPROB']._serialized_end=1191
+  _globals['_TOPLOGPROBS']._serialized_start=1193
+  _globals['_TOPLOGPROBS']._serialized_end=1249
+  _globals['_PROMPTLOGPROB']._serialized_start=1251
+  _globals['_PROMPTLOGPROB']._serialized_end=1339
+  _globals['_GENERATERESPONSE']._serialized_start=1342
+  _globals['_GENERATERESPONSE']._serialized_end=1617
+  _globals['_TOKENIZEREQUEST']._serialized_start=1619
+  _globals['_TOKENIZEREQUEST']._serialized_end=1708
+  _globals['_TOKENIZERESPONSE']._serialized_start=1710
+  _globals['_TOKENIZERESPONSE']._serialized_end=1747
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1749
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1787
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1789
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1823
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1825
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1846
+  _globals['_MODELCONFIG']._serialized_start=1849
+  _globals['_MODELCONFIG']._serialized_end=2124
+  _globals['_MODELINFO']._serialized_start=2127
+  _globals['_MODELINFO']._serialized_end=2620
+  _globals['_MODELINFO_MESHENTRY']._serialized_start=2577
+  _globals['_MODELINFO_MESHENTRY']._serialized_end=2620
+  _globals['_GENERATION']._serialized_start=2775
+  _globals['_GENERATION']._serialized_end=3166
 # @@protoc_insertion_point(module_scope)

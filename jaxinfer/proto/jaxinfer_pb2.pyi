@@ -86,7 +86,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "time_to_first_token_s", "total_time_s", "preemptions", "seed", "cached_tokens")
+    __slots__ = ("prompt_tokens", "completion_tokens", "time_to_first_token_s", "total_time_s", "preemptions", "seed", "cached_tokens", "speculative_proposed", "speculative_accepted")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,8 @@ class Usage(_message.Message):
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_PROPOSED_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     time_to_first_token_s: float
@@ -101,7 +103,9 @@ class Usage(_message.Message):
     preemptions: int
     seed: int
     cached_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., time_to_first_token_s: _Optional[float] = ..., total_time_s: _Optional[float] = ..., preemptions: _Optional[int] = ..., seed: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+    speculative_proposed: int
+    speculative_accepted: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., time_to_first_token_s: _Optional[float] = ..., total_time_s: _Optional[float] = ..., preemptions: _Optional[int] = ..., seed: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., speculative_proposed: _Optional[int] = ..., speculative_accepted: _Optional[int] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")

@@ -13,6 +13,7 @@ FINISH_REASONS = ("stop", "length", "cancelled", "error")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # engine figures that arrive as running totals and feed counters (attribute name = keyword)
 _CUMULATIVE = ("steps", "preemptions", "compilations", "prefix_hit_tokens", "prefix_lookup_tokens", "prefix_evictions")
+_SPECULATIVE = ("spec_windows", "spec_proposed", "spec_accepted")  # running totals, labelled by proposer
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 
 
@@ -90,9 +91,24 @@ class Metrics:
             ["origin"],
             registry=r,
         )
+        self.spec_windows = Counter(
+            "jaxinfer_speculative_windows", "Verify windows run, by proposer", ["proposer"], registry=r
+        )
+        self.spec_proposed = Counter(
+            "jaxinfer_speculative_proposed_tokens", "Proposed tokens verified, by proposer", ["proposer"], registry=r
+        )
+        self.spec_accepted = Counter(
+            "jaxinfer_speculative_accepted_tokens", "Proposed tokens accepted, by proposer", ["proposer"], registry=r
+        )
+        self.spec_rate = Gauge(
+            "jaxinfer_speculative_acceptance_rate",
+            "Accepted / proposed tokens since start, by proposer",
+            ["proposer"],
+            registry=r,
+        )
         for reason in FINISH_REASONS:
             self.finished.labels(reason)
-        self._totals = dict.fromkeys(_CUMULATIVE, 0)
+        self._totals = dict.fromkeys(_CUMULATIVE + _SPECULATIVE, 0)
 
     def engine_state(
         self,
@@ -103,10 +119,11 @@ class Metrics:
         pages_used: int,
         pages_cached: int,
         pages_total: int,
+        speculative: str = "none",
         **totals: int,
     ) -> None:
         """Called by the engine thread after every step with the engine's state and its running totals
-        (one keyword per name in `_CUMULATIVE`)."""
+        (one keyword per name in `_CUMULATIVE`, and in `_SPECULATIVE` when `speculative` names a proposer)."""
         self.active_slots.set(active_slots)
         self.slots.set(max_slots)
         self.queue_depth.set(queue_depth)
@@ -116,6 +133,12 @@ class Metrics:
         for name in _CUMULATIVE:
             getattr(self, name).inc(totals[name] - self._totals[name])
             self._totals[name] = totals[name]
+        if speculative != "none":
+            for name in _SPECULATIVE:
+                getattr(self, name).labels(speculative).inc(totals[name] - self._totals[name])
+                self._totals[name] = totals[name]
+            proposed = self._totals["spec_proposed"]
+            self.spec_rate.labels(speculative).set(self._totals["spec_accepted"] / proposed if proposed else 0.0)
         lookups = self._totals["prefix_lookup_tokens"]
         self.prefix_hit_rate.set(self._totals["prefix_hit_tokens"] / lookups if lookups else 0.0)
 

@@ -331,6 +331,10 @@ class Orchestrator:
             prefix_hit_tokens=e.prefix_hit_tokens,
             prefix_lookup_tokens=e.prefix_lookup_tokens,
             prefix_evictions=e.prefix_evictions,
+            speculative=e.speculative,
+            spec_windows=e.spec_windows,
+            spec_proposed=e.spec_proposed,
+            spec_accepted=e.spec_accepted,
         )
         if not self._startup_settled:  # larger buckets may still arrive and make their first runs
             self.metrics.startup(self.engine.startup)

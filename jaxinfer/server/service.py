@@ -259,6 +259,8 @@ def _finish(response: pb.GenerateResponse, result) -> None:
             preemptions=result.preemptions,
             seed=result.seed or 0,
             cached_tokens=result.cached_tokens,
+            speculative_proposed=result.speculative_proposed,
+            speculative_accepted=result.speculative_accepted,
         )
     )
 
