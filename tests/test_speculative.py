@@ -1,0 +1,248 @@
+"""Speculative decoding: outputs equal decoding without it (greedy and seeded sampling, n-gram and draft
+proposers, both meshes, under preemption), the sampled distribution is the model's (chi-square on a
+tiny vocabulary, where a wrong acceptance rule fails), the adaptive policy, and the refusals."""
+
+import dataclasses
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from jaxinfer import run
+from jaxinfer.checkpoint.load import load_model
+from jaxinfer.config import get_preset
+from jaxinfer.engine import step as step_module
+from jaxinfer.engine.config import EngineConfig
+from jaxinfer.engine.engine import Engine
+from jaxinfer.engine.ngram import NgramIndex
+from jaxinfer.engine.requests import Request, SamplingParams
+from jaxinfer.engine.speculation import Speculation
+from jaxinfer.model import params as P
+from jaxinfer.model.forward import ShardedModel
+from jaxinfer.model.layout import plan_layout
+from jaxinfer.sharding import make_mesh
+from jaxinfer.tokenizer import load_tokenizer
+
+STORIES = "tests/data/stories260K/stories260K.bin"
+TEXTS = [
+    "Once upon a time",
+    "The cat sat on the mat. The cat sat on the",
+    "Lily and Ben went to the park. They saw a big dog and",
+    "Tom had a red ball. Tom had a red ball. Tom had",
+    "One day, a little boy named Tim",
+    "Sue said: I like the sun. Mom said: I like the sun. Dad said:",
+    "The bird sang. The bird sang. The bird",
+]
+
+
+@pytest.fixture(scope="module")
+def stories(data_dir):
+    tok = load_tokenizer(data_dir / "stories260K" / "tok512.bin")
+    models = {m: load_model(STORIES, make_mesh(m)) for m in ("1x1", "2x4")}
+    return models, tok
+
+
+def noisy_copy(model: ShardedModel, scale: float, seed: int) -> ShardedModel:
+    """The model with Gaussian noise on every weight: a draft that agrees with it often, not always."""
+    leaves, tree = jax.tree.flatten(model.params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noisy = [a + scale * jnp.std(a) * jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)]
+    return dataclasses.replace(model, params=jax.tree.unflatten(tree, noisy))
+
+
+def fifty_requests(tok):
+    rng = random.Random(5)
+    reqs = []
+    for i in range(50):
+        text = TEXTS[i % len(TEXTS)]
+        sampled = i % 2 == 1
+        params = SamplingParams(
+            max_tokens=rng.randint(8, 40),
+            temperature=0.8 if sampled else 0.0,
+            top_p=rng.choice([1.0, 0.9]),
+            top_k=rng.choice([0, 20]),
+            min_p=rng.choice([0.0, 0.05]),
+            seed=i,
+            logprobs=True,
+        )
+        reqs.append(Request(f"r{i}", [tok.bos_id] + tok.encode(text, add_bos=False), params))
+    return reqs
+
+
+def generate(model, tok, mode, draft=None, **kw):
+    slots = 4 * model.mesh.shape["data"]
+    config = EngineConfig(
+        max_slots=slots,
+        max_context=96,
+        prefill_chunk=8,
+        max_step_tokens=8,
+        min_bucket=8,  # one bucket: a plain and a verify executable to compile
+        page_size=8,
+        kv_pages=14,  # 12 per request: four requests of 96 tokens do not fit a shard
+        speculative=mode,
+        speculative_adaptive=False,
+        strict_no_recompile=True,
+    )
+    engine = Engine(model, tok, config, draft=draft)
+    engine.warmup()
+    results = engine.generate(fifty_requests(tok))
+    return results, engine.status()
+
+
+@pytest.mark.parametrize("mesh", ["1x1", "2x4"])
+def test_outputs_equal_decoding_without_speculation(stories, mesh):
+    """50 requests (half greedy, half seeded top-p/top-k/min-p sampling), preempted for pages: n-gram and
+    draft speculation give the same tokens, finish reasons and logprobs, and compile nothing after warm-up."""
+    models, tok = stories
+    model = models[mesh]
+    expected, base = generate(model, tok, "none")
+    assert base.preemptions > 0
+    for mode, draft in (("ngram", None), ("draft", noisy_copy(model, 0.3, seed=1))):
+        results, status = generate(model, tok, mode, draft)
+        assert status.compilations_after_warmup == 0
+        assert status.preemptions > 0, mode
+        assert 0 < status.spec_accepted < status.spec_proposed, (mode, status)  # both outcomes occurred
+        for want, got in zip(expected, results):
+            assert got.token_ids == want.token_ids, (mode, got.id)
+            assert got.finish_reason == want.finish_reason
+            np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-4, atol=1e-5)
+        assert sum(r.speculative_accepted for r in results) == status.spec_accepted
+
+
+def tiny_vocab_model(mesh, vocab=6):
+    config = get_preset("tiny").replace(name="tiny6", vocab_size=vocab, num_layers=1)
+    layout = plan_layout(config, 1)
+    params = P.init_params(config, layout, mesh, jnp.float32, 11)
+    params = jax.tree.map(lambda a: a * 3.0, params)  # peaked, position-dependent distributions
+    return ShardedModel(config, layout, mesh, params, jnp.float32).with_layer_loop("unrolled")
+
+
+PROMPT = [1, 2, 3, 1, 2, 3, 1, 2]  # n-gram lookup proposes 3, 1, 2, 3
+DRAWS = 20_000
+
+
+def first_three_tokens(model, mode):
+    config = EngineConfig(
+        max_slots=128,
+        max_context=16,
+        prefill_chunk=8,
+        max_step_tokens=512,
+        min_bucket=512,  # one bucket: two executables to compile
+        page_size=8,
+        speculative=mode,
+        speculative_adaptive=False,
+        num_speculative_tokens=2,
+    )
+    engine = Engine(model, None, config)
+    engine.warmup()
+    params = lambda seed: SamplingParams(max_tokens=3, temperature=1.0, seed=seed, ignore_eos=True)
+    results = engine.generate(Request(f"d{i}", list(PROMPT), params(i)) for i in range(DRAWS))
+    return np.array([r.token_ids for r in results]), engine.status()
+
+
+def exact_distribution(model, vocab):
+    """P(t1, t2, t3 | prompt) from the dense forward pass: [vocab ** 3]."""
+    prefixes = [[]] + [[a] for a in range(vocab)] + [[a, b] for a in range(vocab) for b in range(vocab)]
+    rows = np.array([PROMPT + p + [0] * (2 - len(p)) for p in prefixes])
+    logits = model.logits(rows)
+    probs = {}
+    for p, row in zip(prefixes, logits):
+        probs[tuple(p)] = np.asarray(jax.nn.softmax(row[len(PROMPT) + len(p) - 1]))
+    joint = np.zeros((vocab,) * 3)
+    for a in range(vocab):
+        for b in range(vocab):
+            joint[a, b] = probs[()][a] * probs[(a,)][b] * probs[(a, b)]
+    return joint.reshape(-1)
+
+
+def chi_square_p(samples, joint, vocab):
+    cells = samples[:, 0] * vocab * vocab + samples[:, 1] * vocab + samples[:, 2]
+    observed = np.bincount(cells, minlength=vocab**3).astype(float)
+    expected = joint * len(samples)
+    rare = expected < 5  # pooled into one cell
+    obs = np.append(observed[~rare], observed[rare].sum())
+    exp = np.append(expected[~rare], expected[rare].sum())
+    return stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
+
+
+def test_sampled_tokens_follow_the_models_distribution(monkeypatch):
+    """20,000 seeded draws of three tokens with n-gram speculation match the model's exact joint
+    distribution (chi-square p > 0.01); accepting every proposal instead fails the same test."""
+    model = tiny_vocab_model(make_mesh("1x1"))
+    joint = exact_distribution(model, 6)
+    samples, status = first_three_tokens(model, "ngram")
+    assert status.spec_windows >= DRAWS // 2 and 1000 < status.spec_accepted < status.spec_proposed - 1000
+    assert chi_square_p(samples, joint, 6) > 0.01
+
+    def accept_everything(tokens, window_rows, proposals):
+        d, s, w = window_rows.shape
+        picked = jnp.take_along_axis(tokens, jnp.maximum(window_rows, 0).reshape(d, s * w), axis=1)
+        accepted = jnp.sum(window_rows[..., 1:] >= 0, axis=-1).astype(jnp.int32)
+        return accepted, jnp.take_along_axis(picked.reshape(d, s, w), accepted[..., None], axis=-1)[..., 0]
+
+    monkeypatch.setattr(step_module, "accepted_counts", accept_everything)
+    wrong, _ = first_three_tokens(model, "ngram")
+    assert chi_square_p(wrong, joint, 6) < 1e-6
+
+
+def test_ngram_lookup_takes_the_latest_longest_match():
+    index = NgramIndex()
+    index.extend([5, 6, 7, 8, 9, 1, 6, 7, 2, 5, 6, 7])
+    assert index.propose(3) == [8, 9, 1]  # the 3-gram 5 6 7 beats the later 2-gram 6 7
+    index.extend([8])
+    assert index.propose(2) == [9, 1]  # 5 6 7 8
+    latest = NgramIndex()
+    latest.extend([1, 2, 9, 1, 2, 8, 3, 1, 2])
+    assert latest.propose(2) == [8, 3]  # of two earlier 1 2, the latest
+    periodic = NgramIndex()
+    periodic.extend([4, 3, 4, 3, 4])
+    assert periodic.propose(4) == [3, 4, 3, 4]
+    assert NgramIndex().propose(4) == []
+
+
+def test_adaptive_policy_turns_speculation_off_when_the_window_costs_more_than_it_gives():
+    """With measured step times where a verify step costs 3x a plain one, slots whose proposals are
+    mostly rejected stop speculating; with a verify step as cheap as a plain one they speculate."""
+
+    class Seq:
+        def __init__(self, i, history):
+            self.id, self.finished, self.num_computed, self.known = f"s{i}", None, 20, 21
+            self.request = Request(self.id, list(range(10)), SamplingParams())
+            self.speculate, self.history, self.draft_proposals = False, history, []
+
+    spec = Speculation("draft", 4, (1, 2, 4, 8, 16, 32, 64), 1)
+    spec.times.record(False, 8, 0.010)
+    spec.times.record(True, 16, 0.030)
+    spec.times.record(True, 64, 0.030)
+    seqs = [Seq(i, (100, 10)) for i in range(8)]  # 10% acceptance
+    spec.decide(seqs)
+    assert not any(s.speculate for s in seqs)
+    spec.times.seconds[(True, 64)] = 0.010
+    good = [Seq(i, (100, 90)) for i in range(8)]
+    spec.decide(good)
+    assert all(s.speculate for s in good)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--draft-model", STORIES], "--draft-model tests/data/stories260K/stories260K.bin: needs --speculative draft"),
+        (["--speculative", "draft"], "--speculative draft: needs --draft-model PATH"),
+        (["--speculative", "ngram", "--num-speculative-tokens", "0"], "--num-speculative-tokens 0 must be an integer"),
+        (
+            ["--speculative", "ngram", "--num-speculative-tokens", "8", "--max-step-tokens", "8"],
+            "--num-speculative-tokens 8 needs K + 1 = 9 tokens per step, above the step budget of 8",
+        ),
+        (["--speculative", "draft", "--draft-model", "tiny"], "--draft-model tiny: its vocabulary has 256 tokens"),
+    ],
+)
+def test_bad_speculation_flags_get_one_line_and_exit_2(flags, message, capsys, tmp_path):
+    argv = ["--model", STORIES, "--mesh", "1x1", "--max-slots", "2", "--prompt", "Once", "--max-tokens", "2"]
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(argv + flags)
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert exit_info.value.code == 2
+    assert len(err) == 1 and message in err[0], err
