@@ -7,9 +7,11 @@ import time
 
 import pytest
 
-STORIES = [
+STORIES = [  # one device: the CLI's behaviour, not sharding, is under test here (2x4 is covered elsewhere)
     "--model",
     "tests/data/stories260K/stories260K.bin",
+    "--mesh",
+    "1x1",
     "--max-context",
     "128",
     "--max-slots",

@@ -211,7 +211,7 @@ def test_adaptive_policy_turns_speculation_off_when_the_window_costs_more_than_i
         def __init__(self, i, history):
             self.id, self.finished, self.num_computed, self.known = f"s{i}", None, 20, 21
             self.request = Request(self.id, list(range(10)), SamplingParams())
-            self.speculate, self.history, self.draft_proposals = False, history, []
+            self.speculate, self.history, self.draft_proposals, self.draft_valid = False, history, [], 20
 
     spec = Speculation("draft", 4, (1, 2, 4, 8, 16, 32, 64), 1)
     spec.times.record(False, 8, 0.010)

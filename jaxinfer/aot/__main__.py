@@ -114,11 +114,12 @@ def run(args) -> int:
     policy = platforms.resolve(tgt.platform, engine.attention, engine.layer_loop, engine.min_bucket)
     mesh = jax.sharding.Mesh(np.asarray(tgt.devices, dtype=object).reshape(spec.shape), MESH_AXES)
     layout = plan_layout(config, spec.tensor)
-    specs = aot_compile.step_specs(config, layout, mesh, dtype, engine, 1, policy)
-    weights = per_device_bytes(specs.model.params)
+    draft = model_config(args.draft_model)[0] if args.speculative == "draft" else None
+    specs = aot_compile.step_specs(config, layout, mesh, dtype, engine, 1, policy, draft)
+    weights = per_device_bytes(specs.params)
     pages = plan.resolve_pages(engine, specs.cache_shape, tgt.memory_bytes, weights, spec.tensor, spec.data)
-    specs = aot_compile.step_specs(config, layout, mesh, dtype, engine, pages, policy)
-    kv = per_device_bytes(specs.cache)
+    specs = aot_compile.step_specs(config, layout, mesh, dtype, engine, pages, policy, draft)
+    kv = per_device_bytes(specs.caches)
     buckets = args.buckets or specs.buckets
     unknown = sorted(set(buckets) - set(specs.buckets))
     if unknown:
@@ -139,7 +140,7 @@ def run(args) -> int:
         try:
             with persistent_cache_bypassed():  # what StepStore serializes must be a real compile
                 for r in aot_compile.compile_buckets(specs, buckets):
-                    log.info("bucket %d compiled in %.1fs", r.bucket, r.seconds)
+                    log.info("step %s compiled in %.1fs", r.bucket, r.seconds)
                     results.append(r)
         except Exception as e:  # XLA refuses programs that exceed the chip's memory
             if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
@@ -202,7 +203,7 @@ def run(args) -> int:
         return 0
     if oom is not None:  # the plan above lacks this bucket's temporaries, so its page count is no guide
         print(
-            f"DOES NOT FIT: XLA ran out of memory compiling bucket {buckets[len(results)]} ({oom}); lower "
+            f"DOES NOT FIT: XLA ran out of memory compiling step {specs.keys_of(buckets)[len(results)]} ({oom}); lower "
             f"--kv-pages (now {pages}), --max-slots or --max-context, or use more chips",
             file=sys.stderr,
         )

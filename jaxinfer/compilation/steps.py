@@ -13,12 +13,15 @@ import time
 import numpy as np
 
 from jaxinfer.engine.config import EngineConfig, token_buckets
+from jaxinfer.engine.draft_step import Draft
 from jaxinfer.engine.pages import pages_needed
 from jaxinfer.engine.sampler_state import RowSetter, abstract_state
 from jaxinfer.engine.step import build_step_fn
 from jaxinfer.engine.step_inputs import HostBatchBuilder, StepInputs, abstract_inputs
+from jaxinfer.engine.step_registry import key_bucket, verify_key
 from jaxinfer.kv_cache import CacheShape, abstract_cache
 from jaxinfer.model.forward import ShardedModel
+from jaxinfer.model.layout import plan_layout
 from jaxinfer.model.params import abstract_params
 from jaxinfer.platform import Platform
 
@@ -36,11 +39,32 @@ class StepSpecs:
     buckets: tuple[int, ...]
     platform: Platform
     inputs: HostBatchBuilder
+    draft: ShardedModel | None = None  # --speculative draft: the draft's abstract params
+    draft_cache: object = None
+    draft_cache_shape: CacheShape | None = None
+
+    @property
+    def keys(self) -> tuple:
+        """Every step the engine compiles: each bucket's plain step and, with speculation, its verify one."""
+        verify = tuple(verify_key(b) for b in self.buckets if b > 1) if self.inputs.proposals else ()
+        return self.buckets + verify
+
+    def keys_of(self, buckets) -> list:
+        """The step keys of `buckets`, in compile order."""
+        return [k for k in self.keys if key_bucket(k) in set(buckets)]
+
+    @property
+    def params(self):
+        return self.model.params if self.draft is None else (self.model.params, self.draft.params)
+
+    @property
+    def caches(self):
+        return self.cache if self.draft is None else (self.cache, self.draft_cache)
 
 
 @dataclasses.dataclass
 class BucketResult:
-    bucket: int
+    bucket: int | str  # a step key: the bucket, or its verify variant
     seconds: float  # lower + compile wall time
     memory: dict[str, int]  # per device: argument, output, alias, temp, generated_code
     estimated_seconds: float | None  # the compiler's cost model
@@ -48,44 +72,67 @@ class BucketResult:
 
 
 def step_specs(
-    config, layout, mesh, dtype, engine: EngineConfig, pages_per_shard: int, platform: Platform
+    config, layout, mesh, dtype, engine: EngineConfig, pages_per_shard: int, platform: Platform, draft_config=None
 ) -> StepSpecs:
+    """The engine's steps as abstract shapes; `draft_config`: the draft model of --speculative draft."""
     data = mesh.shape["data"]
-    model = ShardedModel(config, layout, mesh, abstract_params(config, layout, dtype, mesh), dtype)
-    model = model.with_layer_loop(platform.layer_loop)  # the params layout the engine will run
-    cache_shape = CacheShape(
-        layers=config.num_layers,
-        data_shards=data,
-        pages_per_shard=pages_per_shard,
-        page_size=engine.page_size,
-        kv_heads=layout.kv_heads,
-        head_dim=config.head_dim,
-        dtype=str(np.dtype(dtype)),
-    )
+    model = _abstract_model(config, layout, mesh, dtype, platform)
+    cache_shape = _cache_shape(model, data, pages_per_shard, engine.page_size)
     cache = abstract_cache(mesh, cache_shape, model.layer_loop)
     slots = engine.max_slots // data
     state = abstract_state(mesh, data, slots, config.vocab_size)
+    proposals = engine.num_speculative_tokens if engine.speculative != "none" else 0
     inputs = HostBatchBuilder(
-        data, slots, pages_needed(engine.max_context, engine.page_size), pages_per_shard, engine.page_size
+        data, slots, pages_needed(engine.max_context, engine.page_size), pages_per_shard, engine.page_size, proposals
     )
     buckets = token_buckets(engine.step_budget(data), platform.min_bucket)
-    return StepSpecs(model, cache, cache_shape, state, buckets, platform, inputs)
+    specs = StepSpecs(model, cache, cache_shape, state, buckets, platform, inputs)
+    if draft_config is not None:
+        draft_layout = plan_layout(draft_config, mesh.shape["tensor"], quiet=True)
+        specs.draft = _abstract_model(draft_config, draft_layout, mesh, dtype, platform)
+        specs.draft_cache_shape = _cache_shape(specs.draft, data, pages_per_shard, engine.page_size)
+        specs.draft_cache = abstract_cache(mesh, specs.draft_cache_shape, specs.draft.layer_loop)
+    return specs
 
 
-def step_inputs(specs: StepSpecs, bucket: int) -> StepInputs:
-    """The engine's idle inputs for `bucket`, as ShapeDtypeStructs sharded on their leading (data) axis."""
-    return abstract_inputs(specs.inputs, specs.model.mesh, bucket)
+def _abstract_model(config, layout, mesh, dtype, platform: Platform) -> ShardedModel:
+    model = ShardedModel(config, layout, mesh, abstract_params(config, layout, dtype, mesh), dtype)
+    return model.with_layer_loop(platform.layer_loop)  # the params layout the engine will run
+
+
+def _cache_shape(model: ShardedModel, data: int, pages_per_shard: int, page_size: int) -> CacheShape:
+    return CacheShape(
+        layers=model.config.num_layers,
+        data_shards=data,
+        pages_per_shard=pages_per_shard,
+        page_size=page_size,
+        kv_heads=model.layout.kv_heads,
+        head_dim=model.config.head_dim,
+        dtype=str(np.dtype(model.dtype)),
+    )
+
+
+def step_inputs(specs: StepSpecs, key) -> StepInputs:
+    """The engine's idle inputs for step `key`, as ShapeDtypeStructs sharded on their leading (data) axis."""
+    bucket = key_bucket(key)
+    extra = specs.inputs.extra_rows(bucket) if isinstance(key, str) else 0
+    return abstract_inputs(specs.inputs, specs.model.mesh, bucket, extra)
 
 
 def compile_buckets(specs: StepSpecs, buckets=None):
-    """Compiles the step for each bucket (default: all the engine uses); yields a BucketResult per bucket.
-    For a TPU target the platform's Pallas kernel is compiled, never interpreted."""
-    fn = build_step_fn(specs.model, specs.cache_shape, specs.platform)
-    for bucket in buckets or specs.buckets:
+    """Compiles the steps of each bucket (default: all the engine uses; with speculation each bucket's
+    verify variant too); yields a BucketResult per step. For a TPU target the platform's Pallas kernel
+    is compiled, never interpreted."""
+    draft = None
+    if specs.draft is not None:
+        spec = Draft(specs.draft.module, specs.inputs.proposals, specs.inputs.page_size, specs.inputs.pages_per_shard)
+        draft = (specs.draft, specs.draft_cache_shape, spec)
+    fn = build_step_fn(specs.model, specs.cache_shape, specs.platform, draft)
+    for key in specs.keys_of(buckets or specs.buckets):
         start = time.perf_counter()
-        compiled = fn.lower(specs.model.params, specs.cache, step_inputs(specs, bucket), specs.state).compile()
+        compiled = fn.lower(specs.params, specs.caches, step_inputs(specs, key), specs.state).compile()
         seconds = time.perf_counter() - start
-        yield BucketResult(bucket, seconds, memory_figures(compiled), estimated_seconds(compiled), compiled)
+        yield BucketResult(key, seconds, memory_figures(compiled), estimated_seconds(compiled), compiled)
 
 
 def compile_penalty_rows(specs: StepSpecs) -> dict:

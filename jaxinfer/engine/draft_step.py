@@ -6,7 +6,9 @@ a page the target holds for a sequence holds the draft's K/V of the same tokens;
 adoption, preemption and rollback need nothing of their own. Each step:
   1. the draft runs over exactly the step's tokens (prompt chunks and verify windows), writing its
      K/V at their positions; of a verify window, the offsets past the accepted ones are garbage that
-     a later step overwrites, as in the target's cache;
+     a later step overwrites, as in the target's cache. While the policy has speculation off for every
+     slot the step does not follow (it costs nothing then); a sequence whose draft cache fell behind
+     that way does not speculate again (`Sequence.draft_valid`);
   2. for slots flagged `propose` (they sampled in this step and speculate in the next), K greedy
      draft steps on device, one token per slot each: from the slot's last token (its sample at the
      accepted offset) at its position, writing the draft's K/V there. The host allocated pages for
@@ -38,12 +40,15 @@ class Draft:
 
 
 def follow(draft: Draft, params, cache, tokens, inputs: StepInputs, ctx: PagedAttention):
-    """Step 1: the draft's K/V of this step's tokens [D, T] (its logits are not needed)."""
+    """Step 1: the draft's K/V of this step's tokens [D, T] (its logits are not needed); skipped when the
+    step does not follow (`inputs.follow`: the policy has speculation off)."""
     d = tokens.shape[0]
-    _, cache = draft.module.apply(
-        {"params": params}, tokens, inputs.positions, ctx, cache, logit_indices=jnp.zeros((d, 1), jnp.int32)
-    )
-    return cache
+
+    def run(cache):
+        logit_rows = jnp.zeros((d, 1), jnp.int32)
+        return draft.module.apply({"params": params}, tokens, inputs.positions, ctx, cache, logit_indices=logit_rows)[1]
+
+    return jax.lax.cond(jnp.any(inputs.follow), run, lambda c: c, cache)
 
 
 def propose(draft: Draft, params, cache, inputs: StepInputs, ctx: PagedAttention, last, position, flagged):

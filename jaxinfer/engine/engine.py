@@ -301,7 +301,7 @@ class Engine:
         if not self.ready_keys:
             self.warmup()  # nothing compiled yet: compile everything now, before the first step
         self._take_installed()
-        plan: StepPlan | None = self.scheduler.schedule()
+        plan: StepPlan | None = self.scheduler.schedule(self.draft is not None and self.speculation.following)
         self._write_penalty_rows()
         if plan is None:
             return None

@@ -53,6 +53,7 @@ class Sequence:
         self.verifying = False  # a verify window of it is in flight: nothing runs until it is read back
         self.draft_proposals: list[int] = []  # the draft's proposals for its next window, read back
         self.proposed = self.accepted = 0  # proposals verified for it so far, and how many were accepted
+        self.draft_valid = 0  # positions whose draft-model K/V is in the draft cache (--speculative draft)
 
     @property
     def id(self) -> str:
@@ -94,6 +95,7 @@ class Chunk:
 class StepPlan:
     shards: tuple[tuple[Chunk, ...], ...]  # per data shard, in scheduling order
     bucket: int  # tokens per shard the step is padded to
+    follow: bool = False  # the draft model runs over the step's tokens (keeps its cache in step)
 
     @property
     def chunks(self) -> list[Chunk]:
@@ -195,20 +197,24 @@ class Scheduler:
         seq.generated.extend(tokens)
         if not seq.inflight:  # the last known token's K/V is computed next step; nothing after it exists
             seq.num_computed = min(seq.num_computed, seq.known - 1)
+            seq.draft_valid = min(seq.draft_valid, seq.num_computed)
         if not seq.finished:
             self.prefix.register(seq)  # a page filled by decoding is indexed once its last token is known
 
-    def schedule(self) -> StepPlan | None:
-        """Plans the next step and marks its tokens computed and its samples in flight; None if idle."""
+    def schedule(self, follow: bool = False) -> StepPlan | None:
+        """Plans the next step and marks its tokens computed and its samples in flight; None if idle.
+        `follow`: the draft model runs over the step's tokens too."""
         self._admit()
         budget = self.buckets[-1]
         shards = tuple(tuple(self._schedule_shard(d, budget)) for d in range(self.limits.data_shards))
         if not any(shards):
             return None
         used = max(sum(c.count for c in chunks) for chunks in shards)
-        plan = StepPlan(shards, next(b for b in self.buckets if b >= used))
+        plan = StepPlan(shards, next(b for b in self.buckets if b >= used), follow)
         for chunk in plan.chunks:
             chunk.seq.verifying = bool(chunk.proposals)
+            if follow and chunk.seq.draft_valid >= chunk.start:
+                chunk.seq.draft_valid = chunk.start + chunk.count
             chunk.seq.num_computed = chunk.start + chunk.count
             chunk.seq.inflight += chunk.samples
             self.prefix.computed(chunk.seq, chunk.start, chunk.count)
@@ -231,7 +237,7 @@ class Scheduler:
         running = [s for s in self.slots[shard] if s is not None]
         victim = max(running, key=lambda s: (s.request.arrival_time, s.id))
         self.pools[shard].release(victim.pages)  # its full, indexed pages stay in the prefix cache
-        victim.pages, victim.num_computed, victim.registered = [], 0, 0
+        victim.pages, victim.num_computed, victim.registered, victim.draft_valid = [], 0, 0, 0
         self.slots[shard][victim.slot] = None
         victim.preemptions += 1
         self.preemptions += 1
@@ -258,7 +264,10 @@ class Scheduler:
         running = sorted((s for s in self.slots[shard] if s is not None), key=lambda s: (s.request.arrival_time, s.id))
         for seq in running:
             if seq.total - seq.num_computed > 1:
+                synced = seq.draft_valid >= seq.num_computed
                 self.prefix.adopt(seq)  # before sorting decodes from prefills: it may leave one token to run
+                if synced:  # adopted pages are taken to hold the draft's K/V too (steps that wrote them followed)
+                    seq.draft_valid = seq.num_computed
         decodes = [s for s in running if s.total - s.num_computed == 1]
         prefills = [s for s in running if s.total - s.num_computed > 1]
         plan: list[Chunk] = []

@@ -70,6 +70,7 @@ class Speculation:
     def __init__(self, mode: str, tokens: int, buckets: tuple[int, ...], data_shards: int, adaptive: bool = True):
         self.mode, self.tokens, self.buckets, self.data = mode, tokens, buckets, data_shards
         self.adaptive = adaptive
+        self.following = True  # draft: whether steps run the draft over their tokens (see `decide`)
         self.stats = SpeculationStats()
         self.times = StepTimes()
         self._off_steps: collections.Counter = collections.Counter()
@@ -116,11 +117,21 @@ class Speculation:
                 a = self.rate(seq)
                 candidates.append((sum(a**i for i in range(1, n + 1)), n, seq))
         candidates.sort(key=lambda c: -c[0] / c[1])
-        if not self.adaptive:
-            for seq in decoding:
-                seq.speculate = any(c[2] is seq for c in candidates)
-            return
-        tokens = max(len(decoding), 1)
+        if self.adaptive:
+            candidates = self._paying(candidates, len(decoding))
+        # the draft keeps following while speculation pays for someone; a slot it fell behind on stays off
+        self.following = bool(candidates) or not decoding
+        on = {id(c[2]) for c in candidates if not self.uses_draft or c[2].draft_valid >= c[2].num_computed}
+        for seq in decoding:
+            seq.speculate = id(seq) in on
+            self._off_steps[seq.id] = 0 if seq.speculate else self._off_steps[seq.id] + 1
+            if self.uses_draft and self._off_steps[seq.id] >= PROBE_AFTER:
+                seen, hits = getattr(seq, "history", (0, 0))
+                seq.history, self._off_steps[seq.id] = (seen // 2, hits // 2), 0
+
+    def _paying(self, candidates, decoding: int) -> list:
+        """The candidates (best first) whose speculation raises the predicted tokens per second."""
+        tokens = max(decoding, 1)
         best_rate, chosen = self._throughput(tokens, tokens, verify=False), 0
         gained = extra = 0.0
         for i, (gain, n, _) in enumerate(candidates):
@@ -128,13 +139,7 @@ class Speculation:
             rate = self._throughput(tokens + gained, tokens + extra, verify=True)
             if rate is None or best_rate is None or rate > best_rate:
                 best_rate, chosen = rate, i + 1
-        on = {id(c[2]) for c in candidates[:chosen]}
-        for seq in decoding:
-            seq.speculate = id(seq) in on
-            self._off_steps[seq.id] = 0 if seq.speculate else self._off_steps[seq.id] + 1
-            if self.uses_draft and self._off_steps[seq.id] >= PROBE_AFTER:
-                seen, hits = getattr(seq, "history", (0, 0))
-                seq.history, self._off_steps[seq.id] = (seen // 2, hits // 2), 0
+        return candidates[:chosen]
 
     def _expected_proposals(self, seq) -> int:
         if self.mode == "draft":

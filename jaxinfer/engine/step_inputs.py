@@ -44,6 +44,7 @@ class StepInputs:
     window_rows: jax.Array  # i32 [D, S, K + 1] the sample row of each window offset; -1 = none
     window_proposals: jax.Array  # i32 [D, S, K] the proposals the window verifies; -1 = none
     propose: jax.Array  # bool [D, S] the draft proposes this slot's next window
+    follow: jax.Array  # bool [D, 1] the draft runs over this step's tokens
 
     @classmethod
     def from_flat(cls, arrays: dict) -> StepInputs:
@@ -111,12 +112,14 @@ class HostBatchBuilder:
             window_rows=np.full((d, s, k + 1), -1, np.int32),
             window_proposals=np.full((d, s, k), -1, np.int32),
             propose=np.zeros((d, s), bool),
+            follow=np.zeros((d, 1), bool),
         )
 
     def build(self, plan: StepPlan) -> dict[str, np.ndarray]:
         """The arrays of `plan`, with a few numpy ops per shard (a Python loop over slots and tokens costs
         milliseconds of host time per step at batch 32, taken from the device's cores on CPU)."""
         host = self.empty(plan.bucket, self.extra_rows(plan.bucket) if plan.verifies else 0)
+        host["follow"][:] = plan.follow
         for d, chunks in enumerate(plan.shards):
             if chunks:  # a shard with no tokens keeps cu_q_lens all zero
                 self._fill_shard(host, d, in_slot_order(chunks))
