@@ -144,7 +144,10 @@ def batch_job(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(batch_job):
-    srv = ServerProcess("--max-queue", "64", "--stream-buffer", "16")
+    # n-gram speculation in every slot that has proposals: outputs must still equal the batch job's (no speculation)
+    srv = ServerProcess(
+        "--max-queue", "64", "--stream-buffer", "16", "--speculative", "ngram", "--no-speculative-adaptive"
+    )
     try:
         srv.wait_for(r"SERVING stories260K")
         yield srv
@@ -199,6 +202,9 @@ def test_64_concurrent_streams_complete_and_match_the_batch_job(stub, reference)
         assert final.usage.prompt_tokens == want["usage"]["prompt_tokens"]
         assert 0 < final.usage.time_to_first_token_s <= final.usage.total_time_s
     assert len(ids) == 64
+    usages = [responses[-1].usage for responses in streams]
+    assert sum(u.speculative_accepted for u in usages) > 0  # speculation ran, and changed no token
+    assert all(0 <= u.speculative_accepted <= u.speculative_proposed for u in usages)
     unary = stub.GenerateUnary(generate_request(1, with_id=False))
     assert list(unary.token_ids) == reference[1]["token_ids"] and unary.text == reference[1]["text"]
 
@@ -498,6 +504,10 @@ def test_metrics_endpoint_after_the_run(server, stub):
     )  # at least the small buckets before SERVING
     assert value("jaxinfer_preemptions_total") == 0
     assert value("jaxinfer_compilations_since_warmup_total") == 0
+    proposed = value("jaxinfer_speculative_proposed_tokens_total", proposer="ngram")
+    accepted = value("jaxinfer_speculative_accepted_tokens_total", proposer="ngram")
+    assert 0 < accepted < proposed and value("jaxinfer_speculative_windows_total", proposer="ngram") > 0
+    assert value("jaxinfer_speculative_acceptance_rate", proposer="ngram") == pytest.approx(accepted / proposed)
     assert value("jaxinfer_engine_steps_total") > 300
     assert value("jaxinfer_generated_tokens_total") > 64 * 10 + 300
     assert value("jaxinfer_requests_finished_total", finish_reason="length") >= 70

@@ -3,6 +3,7 @@ proposers, both meshes, under preemption), the sampled distribution is the model
 tiny vocabulary, where a wrong acceptance rule fails), the adaptive policy, and the refusals."""
 
 import dataclasses
+import json
 import random
 
 import jax
@@ -246,3 +247,31 @@ def test_bad_speculation_flags_get_one_line_and_exit_2(flags, message, capsys, t
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert exit_info.value.code == 2
     assert len(err) == 1 and message in err[0], err
+
+
+def test_batch_job_reports_speculation_in_its_summary_and_records(tmp_path, capsys):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"id": "a", "prompt": "Tom had a red ball. Tom had a red ball. Tom", "max_tokens": 24}\n')
+    argv = [
+        "--model",
+        STORIES,
+        "--mesh",
+        "1x1",
+        "--no-chat",
+        "--max-slots",
+        "2",
+        "--max-context",
+        "64",
+        "--max-tokens",
+        "24",
+    ]
+    code = run.main(
+        argv + ["--speculative", "ngram", "--no-speculative-adaptive", "--input", str(src), "--output", str(out)]
+    )
+    err = capsys.readouterr().err
+    assert code == 0, err[-2000:]
+    record = json.loads(out.read_text())
+    usage = record["usage"]
+    assert 0 < usage["speculative_accepted"] <= usage["speculative_proposed"]
+    line = next(x for x in err.splitlines() if x.startswith("speculative decoding (ngram):"))
+    assert f"{usage['speculative_accepted']} of {usage['speculative_proposed']} proposals accepted" in line

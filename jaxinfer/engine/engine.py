@@ -258,7 +258,7 @@ class Engine:
     def step(self) -> list[Event]:
         """Dispatches one step (if there is work) and returns the events of the step before it; when a
         slot of that step speculates next, its tokens are read back first (they choose its window)."""
-        if self.speculation is not None and len(self.ready_keys) == len(self.step_keys):
+        if self.speculation is not None:
             self.speculation.decide(self.scheduler.running())
         events = []
         if self._pending is not None and self._pending.needs_readback:
@@ -293,9 +293,9 @@ class Engine:
     # ---- internals ---------------------------------------------------------------------------
     def _take_installed(self) -> None:
         if self.executables.take_arrived():
-            self.scheduler.use_buckets(
-                tuple(k for k in sorted(self.executables.ready, key=key_order) if isinstance(k, int))
-            )
+            ready = sorted(self.executables.ready, key=key_order)
+            self.scheduler.use_buckets(tuple(k for k in ready if isinstance(k, int)))
+            self.scheduler.verify_buckets = {key_bucket(k) for k in ready if isinstance(k, str)}
 
     def _dispatch(self):
         if not self.ready_keys:

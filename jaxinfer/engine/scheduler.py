@@ -90,6 +90,11 @@ class Chunk:
     proposals: tuple[int, ...] = ()
     propose: bool = False
 
+    def without_proposals(self) -> Chunk:
+        """The plain decode this window would be (its step's verify executable is not ready yet)."""
+        k = len(self.proposals)
+        return dataclasses.replace(self, count=self.count - k, samples=self.samples - k, proposals=())
+
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
@@ -136,6 +141,7 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.preemptions = 0
         self.buckets = limits.buckets  # the buckets steps may use now (fewer while larger ones still compile)
+        self.verify_buckets: set[int] = set()  # buckets whose verify executable is ready (speculation)
         self.admitted: list[Sequence] = []  # given a slot since the engine last took them (`take_admitted`)
 
     # ---- queries ---------------------------------------------------------------------------
@@ -209,8 +215,11 @@ class Scheduler:
         shards = tuple(tuple(self._schedule_shard(d, budget)) for d in range(self.limits.data_shards))
         if not any(shards):
             return None
-        used = max(sum(c.count for c in chunks) for chunks in shards)
-        plan = StepPlan(shards, next(b for b in self.buckets if b >= used), follow)
+        bucket = self._bucket(shards)
+        if bucket not in self.verify_buckets and any(c.proposals for chunks in shards for c in chunks):
+            shards = tuple(tuple(c.without_proposals() if c.proposals else c for c in chunks) for chunks in shards)
+            bucket = self._bucket(shards)
+        plan = StepPlan(shards, bucket, follow)
         for chunk in plan.chunks:
             chunk.seq.verifying = bool(chunk.proposals)
             if follow and chunk.seq.draft_valid >= chunk.start:
@@ -221,6 +230,10 @@ class Scheduler:
         return plan
 
     # ---- internals ---------------------------------------------------------------------------
+    def _bucket(self, shards) -> int:
+        used = max(sum(c.count for c in chunks) for chunks in shards)
+        return next(b for b in self.buckets if b >= used)
+
     def _admit(self) -> None:
         while self.waiting and not self.waiting[0].inflight:  # a preempted request's last token may be in flight
             load = [sum(s is not None for s in shard) for shard in self.slots]
