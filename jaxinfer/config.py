@@ -47,6 +47,10 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
+    # > 0: a reduced output vocabulary (a speculative-decoding draft, `jaxinfer.distill`): an untied head
+    # [hidden, head_vocab] plus the target token id of each column (`head_ids`); the model still returns
+    # logits over all `vocab_size` ids, masked outside those columns. 0: the usual full head.
+    head_vocab: int = 0
 
     def __post_init__(self):
         for field in (
@@ -69,6 +73,16 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"model config {self.name!r}: head_dim={self.head_dim} must be even for RoPE")
+        if not isinstance(self.head_vocab, int) or not 0 <= self.head_vocab <= self.vocab_size:
+            raise ConfigError(
+                f"model config {self.name!r}: head_vocab={self.head_vocab!r} must be an integer in "
+                f"[0, vocab_size={self.vocab_size}]"
+            )
+        if self.head_vocab and self.tie_embeddings:
+            raise ConfigError(
+                f"model config {self.name!r}: head_vocab={self.head_vocab} needs an untied head "
+                "(tie_embeddings=False): the reduced head is its own [hidden, head_vocab] matrix"
+            )
 
     @property
     def q_per_kv(self) -> int:
@@ -78,11 +92,15 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def param_count(self) -> int:
-        """Exact number of parameters, computed from the shapes (matches `jax.eval_shape` of init)."""
+        """Exact number of parameters, computed from the shapes (matches `jax.eval_shape` of init); a reduced
+        head counts its `head_vocab` int32 token ids too (a parameter leaf, though not a trained one)."""
         e, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
         attn = e * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
         per_layer = attn + 3 * e * f + 2 * e
-        head = 0 if self.tie_embeddings else e * v
+        if self.head_vocab:
+            head = e * self.head_vocab + self.head_vocab
+        else:
+            head = 0 if self.tie_embeddings else e * v
         return v * e + self.num_layers * per_layer + e + head
 
     # ---- Hugging Face config.json ---------------------------------------------------
@@ -148,6 +166,7 @@ class ModelConfig:
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            head_vocab=int(cfg.get("head_vocab") or 0),
         )
 
     def to_hf_config(self) -> dict[str, Any]:
@@ -172,6 +191,8 @@ class ModelConfig:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
         }
+        if self.head_vocab:  # jaxinfer's own key: a reduced-head draft (absent for every ordinary model)
+            d["head_vocab"] = self.head_vocab
         if self.rope_scaling:
             r = self.rope_scaling
             d["rope_scaling"] = {

@@ -15,19 +15,27 @@ from jaxinfer.tokenizer import TokenizerError
 
 
 class RequestBuilder:
-    """Builds requests for an engine with `config`'s limits over a vocabulary of `vocab_size` tokens."""
+    """Builds requests for an engine with `config`'s limits over a vocabulary of `vocab_size` tokens;
+    `head_vocab` > 0: the model is a reduced-head draft (`ModelConfig.head_vocab`), which has no prompt
+    logprobs (its engine step gets no full-vocabulary head to compute them with, `Llama._reduced_head`)."""
 
-    def __init__(self, tokenizer, config: EngineConfig, vocab_size: int):
-        self.tokenizer, self.config, self.vocab_size = tokenizer, config, vocab_size
+    def __init__(self, tokenizer, config: EngineConfig, vocab_size: int, head_vocab: int = 0):
+        self.tokenizer, self.config, self.vocab_size, self.head_vocab = tokenizer, config, vocab_size, head_vocab
 
     @classmethod
     def for_engine(cls, engine) -> RequestBuilder:
-        return cls(engine.tokenizer, engine.config, engine.model.config.vocab_size)
+        c = engine.model.config
+        return cls(engine.tokenizer, engine.config, c.vocab_size, c.head_vocab)
 
     def params(self, raw: SamplingParams | Mapping[str, Any], where: str = "") -> SamplingParams:
         """Sampling parameters from a dict (unknown keys refused) or as given, checked against the limits."""
         params = raw if isinstance(raw, SamplingParams) else SamplingParams.from_dict(raw, where=where)
         params.validate(max_tokens_limit=self.config.max_context, vocab_size=self.vocab_size, where=where)
+        if self.head_vocab and params.prompt_logprobs is not None:
+            raise RequestError(
+                f"{where}prompt_logprobs={params.prompt_logprobs!r}: not available from a draft model with a "
+                f"reduced head (head_vocab {self.head_vocab} of {self.vocab_size} ids); ask its target"
+            )
         return params
 
     def build(

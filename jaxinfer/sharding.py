@@ -33,6 +33,7 @@ LOGICAL_RULES: dict[str, str | None] = {
     "head_dim": None,
     "mlp": "tensor",
     "norm": None,
+    "draft_vocab": None,  # a reduced-vocabulary draft's head columns: small, replicated (`Llama._reduced_head`)
     # activations and step inputs: rows (dense batch rows, or the engine's data shards) and tokens
     "batch": "data",
     "length": "sequence",

@@ -124,7 +124,7 @@ def build_params(
             host = pad_to_layout(logical_leaf(path), axes, layout)
             if host.shape != spec.shape:
                 raise ValueError(f"parameter {'/'.join(path)}: built shape {host.shape}, expected {spec.shape}")
-            value = place(host, spec.sharding, dtype)
+            value = place(host, spec.sharding, spec.dtype)  # spec.dtype: int leaves (head_ids) stay int
             del host
         set_path(out, path, value)
     return out
