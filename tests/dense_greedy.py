@@ -23,3 +23,29 @@ def greedy_dense(model, prompt_ids, max_new_tokens: int, eos_ids=(), window: int
         if nxt in eos_ids:
             break
     return out
+
+
+def greedy_dense_rows(model, prompts, max_new_tokens, eos_ids=(), window: int = 256) -> list[list[int]]:
+    """`greedy_dense` for several prompts at once: one row each, advanced together (rows of the dense
+    forward never see each other), so N prompts cost max(max_new_tokens) forward passes, not their sum.
+    `max_new_tokens`: one limit per prompt."""
+    ids = [list(p) for p in prompts]
+    outs: list[list[int]] = [[] for _ in prompts]
+    live = [m > 0 for m in max_new_tokens]
+    while any(live):
+        if max(len(r) for r in ids) > window:
+            raise ValueError(f"a sequence exceeds the window of {window} tokens")
+        tokens = np.zeros((len(ids), window), np.int32)
+        positions = np.full((len(ids), window), -1, np.int32)
+        for i, row in enumerate(ids):
+            tokens[i, : len(row)] = row
+            positions[i, : len(row)] = np.arange(len(row))
+        logits = model.logits(tokens, positions)
+        for i, row in enumerate(ids):
+            if not live[i]:
+                continue
+            nxt = int(np.argmax(logits[i, len(row) - 1]))
+            outs[i].append(nxt)
+            row.append(nxt)
+            live[i] = nxt not in eos_ids and len(outs[i]) < max_new_tokens[i]
+    return outs

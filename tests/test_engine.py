@@ -11,7 +11,7 @@ from jaxinfer.engine.engine import Engine, EngineConfig
 from jaxinfer.engine.requests import Request, SamplingParams
 from jaxinfer.sharding import make_mesh
 from jaxinfer.tokenizer import load_tokenizer
-from tests.dense_greedy import greedy_dense
+from tests.dense_greedy import greedy_dense_rows
 
 STORY_PROMPTS = [
     "Once upon a time",
@@ -51,9 +51,11 @@ def test_engine_greedy_equals_dense_forward(stories, mesh):
     reqs = [story_request(tok, i, p, max_tokens=12 + 5 * i) for i, p in enumerate(STORY_PROMPTS)]
     results = engine.generate(reqs)
     assert engine.compilations_after_warmup == 0  # (counts every compile in the process: check first)
-    for req, res in zip(reqs, results):
-        expected = greedy_dense(models[mesh], req.prompt_ids, req.params.max_tokens, tok.eos_ids)
-        assert res.token_ids == expected, req.id
+    expected = greedy_dense_rows(
+        models[mesh], [r.prompt_ids for r in reqs], [r.params.max_tokens for r in reqs], tok.eos_ids
+    )
+    for req, res, want in zip(reqs, results, expected):
+        assert res.token_ids == want, req.id
 
 
 @pytest.mark.parametrize("params", [dict(max_tokens=30), dict(max_tokens=30, temperature=0.8, top_p=0.9, seed=7)])

@@ -4,6 +4,7 @@ tiny vocabulary, where a wrong acceptance rule fails), the adaptive policy, and 
 
 import dataclasses
 import json
+import pathlib
 import random
 
 import jax
@@ -225,6 +226,11 @@ def test_adaptive_policy_turns_speculation_off_when_the_window_costs_more_than_i
     good = [Seq(i, (100, 90)) for i in range(8)]
     spec.decide(good)
     assert all(s.speculate for s in good)
+    for _ in range(4):  # measured: steps with windows gave fewer tokens per second than steps without
+        spec.rates.record(8, True, 8, 0.02)
+        spec.rates.record(8, False, 8, 0.01)
+    spec.decide(good)
+    assert not any(s.speculate for s in good)  # the measurement overrules the prediction
 
 
 @pytest.mark.parametrize(
@@ -275,3 +281,31 @@ def test_batch_job_reports_speculation_in_its_summary_and_records(tmp_path, caps
     assert 0 < usage["speculative_accepted"] <= usage["speculative_proposed"]
     line = next(x for x in err.splitlines() if x.startswith("speculative decoding (ngram):"))
     assert f"{usage['speculative_accepted']} of {usage['speculative_proposed']} proposals accepted" in line
+
+
+def test_a_draft_with_another_tokenizer_is_refused(tmp_path, capsys):
+    """Same vocabulary size, one token's bytes changed: refused in one line naming the token."""
+    import struct
+
+    from jaxinfer.checkpoint.load import convert
+
+    raw = pathlib.Path("tests/data/stories260K/tok512.bin").read_bytes()
+    offset, token = 4, 0  # after max_token_length: per token a float32 score, an int32 length, the bytes
+    while token < 300:
+        (length,) = struct.unpack_from("<i", raw, offset + 4)
+        offset += 8 + length
+        token += 1
+    (length,) = struct.unpack_from("<i", raw, offset + 4)
+    changed = raw[: offset + 8] + bytes(b ^ 0x20 for b in raw[offset + 8 : offset + 8 + length])
+    other = tmp_path / "tok512.bin"
+    other.write_bytes(changed + raw[offset + 8 + length :])
+    draft = convert(STORIES, tmp_path / "draft")
+    manifest = json.loads((draft / "jaxinfer.json").read_text())
+    (draft / "jaxinfer.json").write_text(json.dumps({**manifest, "tokenizer": str(other)}))
+    argv = ["--model", STORIES, "--mesh", "1x1", "--max-slots", "2", "--prompt", "Once", "--max-tokens", "2"]
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(argv + ["--speculative", "draft", "--draft-model", str(draft)])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert exit_info.value.code == 2
+    want = f"--draft-model {draft}: its tokenizer differs from the model's (token 300); use the same tokenizer"
+    assert err == [f"jaxinfer.run: error: {want}"]

@@ -124,6 +124,7 @@ class Engine:
         self._streams: dict[str, OutputStream] = {}
         self._pending: PendingStep | None = None  # the dispatched step, read back after the next is dispatched
         self._dispatched_at: tuple[float, bool, int] | None = None  # when the last step left, its variant, bucket
+        self._collected_at: float | None = None  # when the last step was read back
         self._steps = 0
         self._steps_by_bucket: collections.Counter = collections.Counter()
         self._finished: collections.Counter = collections.Counter()
@@ -266,6 +267,7 @@ class Engine:
         dispatched = self._dispatch()
         events += self._collect(self._pending) if self._pending is not None else []
         self._pending = dispatched
+        self._collected_at = self._collected_at if self.has_work() else None  # an idle gap is no step time
         if self.config.strict_no_recompile and self.compilations_after_warmup:
             raise compile_counter.RecompileError(
                 f"{self.compilations_after_warmup} XLA compilation(s) after warm-up (--strict-no-recompile)"
@@ -365,10 +367,11 @@ class Engine:
 
     def _collect(self, pending: PendingStep) -> list[Event]:
         read_prompt_logprobs(pending, self._streams)
-        events = []
+        events, produced = [], 0
         for window in read_samples(pending):
             seq = window.seq
             self.scheduler.accept(seq, window.tokens, window.sampled)
+            produced += len(window.tokens)
             if window.proposed and self.speculation is not None:
                 self.speculation.record(seq, window.proposed, len(window.tokens) - 1)
             if seq.finished:
@@ -378,7 +381,16 @@ class Engine:
             if reason is not None:
                 event.result = self._finish(seq, reason)
             events.append(event)
+        self._measure(pending, produced)
         return events
+
+    def _measure(self, pending: PendingStep, produced: int) -> None:
+        """Output tokens per second between collections, for the speculation policy's measured rates."""
+        now = time.perf_counter()
+        if self.speculation is not None and self._collected_at is not None:
+            verifies = any(c.chunk.proposals for c in pending.sampled_chunks)
+            self.speculation.rates.record(len(pending.sampled_chunks), verifies, produced, now - self._collected_at)
+        self._collected_at = now
 
     def _finish(self, seq: Sequence, reason: str) -> Result:
         self.scheduler.finish(seq, reason)

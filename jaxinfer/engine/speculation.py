@@ -5,15 +5,20 @@ Proposals: `ngram` looks them up in the sequence's own tokens (`jaxinfer.engine.
 takes the K greedy tokens the draft model proposed for the slot in its previous step
 (`jaxinfer.engine.draft_step`). Verification is on device and exact (`jaxinfer.engine.verify`).
 
-Adaptive (`decide`, before every step): a speculating slot costs its window's extra tokens in the
-step and gives up the overlap of host and device for its steps; it pays when the expected tokens
-per window beat that. For each candidate slot the expected tokens of a window of n proposals are
-1 + a + a^2 + ... + a^n, with a its acceptance rate so far (shrunk towards the engine's rate over
-all slots, which starts at 1/2). Step times are measured per (bucket, plain or verify) as the engine
-runs (`StepTimes`). Slots are added to the speculating set in order of their expected gain while the
-predicted tokens per second of the whole step improve on the step without them; the rest decode as
-usual. So at a large batch, where the window's tokens make the step slower than they give back,
-speculation turns itself off, and at batch 1 it stays on while proposals are accepted.
+Adaptive (`decide`, before every step), in two parts:
+  1. A prediction. A speculating slot costs its window's extra tokens in the step and gives up the
+     overlap of host and device for its steps. For each candidate slot the expected tokens of a
+     window of n proposals are 1 + a + a^2 + ... + a^n, with a its per-token acceptance rate so far
+     (accepted / (accepted + rejections), shrunk towards the engine's rate, which starts at 1/2).
+     Step times are measured per bucket as the engine runs (`StepTimes`). Slots join the speculating
+     set in order of their expected gain while the predicted tokens per second of the whole step
+     improve on the step without them. So at a large batch, where the window's tokens make the
+     step slower than they give back, speculation is not even tried.
+  2. A measurement that overrules it. Output tokens per second are measured per batch size class
+     (decoding slots, by powers of two) for steps with and without verify windows (`ModeRates`).
+     Where both are known and speculating measured slower, it is off; it is tried again for
+     PROBE_STEPS steps after PROBE_BACKOFF steps, then twice as many, and so on. Where speculating was measured but
+     decoding without it was not, a few steps run without it first.
 An n-gram slot that is not speculating still has its proposals checked against the tokens that
 actually came (free on the host), so its rate stays current; a draft slot's rate decays towards the
 engine's after PROBE_AFTER steps off, so it is tried again.
@@ -30,6 +35,10 @@ from jaxinfer.engine.ngram import index_for
 PRIOR_WEIGHT = 4.0  # proposals' worth of the engine-wide rate in each slot's estimate
 PROBE_AFTER = 16  # steps off after which a draft slot's history is halved
 TIME_DECAY = 0.2  # weight of a new step time in its running average
+MIN_SAMPLES = 4  # steps measured in a mode before its rate is trusted
+PROBE_STEPS = 2  # steps of a re-measurement of speculation where it measured slower
+PROBE_BACKOFF = 64  # steps before a losing mode is measured again (doubles each time it loses again)
+PROBE_BACKOFF_MAX = 4096
 
 
 @dataclasses.dataclass
@@ -66,13 +75,38 @@ class StepTimes:
         return larger[0][1] if larger else (smaller[-1][1] if smaller else None)
 
 
+class ModeRates:
+    """Measured output tokens per second of steps with (`on`) and without verify windows, per batch class."""
+
+    def __init__(self):
+        self.rate: dict[tuple[int, bool], float] = {}
+        self.samples: collections.Counter = collections.Counter()
+
+    def record(self, decoding: int, on: bool, tokens: int, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        key = (decoding.bit_length(), on)
+        value, old = tokens / seconds, self.rate.get(key)
+        self.rate[key] = value if old is None else old + TIME_DECAY * (value - old)
+        self.samples[key] += 1
+
+    def trusted(self, decoding: int, on: bool) -> float | None:
+        key = (decoding.bit_length(), on)
+        return self.rate[key] if self.samples[key] >= MIN_SAMPLES else None
+
+
 class Speculation:
     def __init__(self, mode: str, tokens: int, buckets: tuple[int, ...], data_shards: int, adaptive: bool = True):
         self.mode, self.tokens, self.buckets, self.data = mode, tokens, buckets, data_shards
         self.adaptive = adaptive
         self.following = True  # draft: whether steps run the draft over their tokens (see `decide`)
+        self._engine_history = (0, 0)  # (proposals tried one by one, accepted) over all slots
         self.stats = SpeculationStats()
         self.times = StepTimes()
+        self.rates = ModeRates()
+        self._probe_at: dict[int, int] = {}  # batch class -> decide() count when speculation is tried again
+        self._backoff: dict[int, int] = {}
+        self._decisions = 0
         self._off_steps: collections.Counter = collections.Counter()
 
     @property
@@ -93,15 +127,17 @@ class Speculation:
         seq.proposed += proposed
         seq.accepted += accepted
         _learn(seq, proposed, accepted)
+        self._engine_history = (
+            self._engine_history[0] + _trials(proposed, accepted),
+            self._engine_history[1] + accepted,
+        )
         self.stats.proposed += proposed
         self.stats.accepted += accepted
         self.stats.windows += 1
 
     # ---- adaptive -------------------------------------------------------------------------------
     def rate(self, seq) -> float:
-        engine = (self.stats.accepted + self.stats.shadow_accepted + 1) / (
-            self.stats.proposed + self.stats.shadow_proposed + 2
-        )
+        engine = (self._engine_history[1] + 1) / (self._engine_history[0] + 2)
         seen, hits = getattr(seq, "history", (0, 0))
         return (hits + PRIOR_WEIGHT * engine) / (seen + PRIOR_WEIGHT)
 
@@ -119,6 +155,8 @@ class Speculation:
         candidates.sort(key=lambda c: -c[0] / c[1])
         if self.adaptive:
             candidates = self._paying(candidates, len(decoding))
+            if candidates and not self._measured_to_pay(len(decoding)):
+                candidates = []
         # the draft keeps following while speculation pays for someone; a slot it fell behind on stays off
         self.following = bool(candidates) or not decoding
         on = {id(c[2]) for c in candidates if not self.uses_draft or c[2].draft_valid >= c[2].num_computed}
@@ -128,6 +166,26 @@ class Speculation:
             if self.uses_draft and self._off_steps[seq.id] >= PROBE_AFTER:
                 seen, hits = getattr(seq, "history", (0, 0))
                 seq.history, self._off_steps[seq.id] = (seen // 2, hits // 2), 0
+
+    def _measured_to_pay(self, decoding: int) -> bool:
+        """Part 2 of the module docstring: whether the measured rates let a predicted gain be tried."""
+        self._decisions += 1
+        cls = decoding.bit_length()
+        on, off = self.rates.trusted(decoding, True), self.rates.trusted(decoding, False)
+        if on is None:
+            return True  # not measured yet: try it
+        if off is None:
+            return False  # measure decoding without it too
+        if on >= off:
+            self._backoff.pop(cls, None)
+            return True
+        if self._decisions < self._probe_at.get(cls, 0):
+            return False
+        if cls in self._probe_at and self._decisions < self._probe_at[cls] + PROBE_STEPS:
+            return True  # probing
+        self._backoff[cls] = min(2 * self._backoff.get(cls, PROBE_BACKOFF // 2), PROBE_BACKOFF_MAX)
+        self._probe_at[cls] = self._decisions + self._backoff[cls]
+        return False
 
     def _paying(self, candidates, decoding: int) -> list:
         """The candidates (best first) whose speculation raises the predicted tokens per second."""
@@ -169,13 +227,21 @@ class Speculation:
                     break
                 hits += 1
             _learn(seq, len(proposals), hits)
+            seen, got = self._engine_history
+            self._engine_history = (seen + _trials(len(proposals), hits), got + hits)
             self.stats.shadow_proposed += len(proposals)
             self.stats.shadow_accepted += hits
         proposals = index_for(seq).propose(self.tokens)
         seq.shadow = (seq.known, proposals) if proposals else None
 
 
+def _trials(proposed: int, accepted: int) -> int:
+    """Proposals that were tried one by one: a window stops at its first rejection, so the per-token
+    acceptance rate is accepted / (accepted + rejections), not accepted / proposed."""
+    return accepted + (accepted < proposed)
+
+
 def _learn(seq, proposed: int, accepted: int) -> None:
     """Adds to the history `rate` estimates from (verified, or checked in the shadow)."""
     seen, hits = getattr(seq, "history", (0, 0))
-    seq.history = (seen + proposed, hits + accepted)
+    seq.history = (seen + _trials(proposed, accepted), hits + accepted)
