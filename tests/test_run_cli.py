@@ -17,7 +17,7 @@ STORIES = [  # one device: the CLI's behaviour, not sharding, is under test here
     "--max-slots",
     "2",
     "--prefill-chunk",
-    "32",
+    "8",
 ]
 
 

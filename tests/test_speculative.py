@@ -16,10 +16,11 @@ from scipy import stats
 from jaxinfer import run
 from jaxinfer.checkpoint.load import load_model
 from jaxinfer.config import get_preset
-from jaxinfer.engine import step as step_module
+from jaxinfer.engine import engine as engine_module
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.engine import Engine
 from jaxinfer.engine.ngram import NgramIndex
+from jaxinfer.engine.readback import read_samples
 from jaxinfer.engine.requests import Request, SamplingParams
 from jaxinfer.engine.speculation import Speculation
 from jaxinfer.model import params as P
@@ -62,7 +63,7 @@ def fifty_requests(tok):
         text = TEXTS[i % len(TEXTS)]
         sampled = i % 2 == 1
         params = SamplingParams(
-            max_tokens=rng.randint(8, 40),
+            max_tokens=rng.randint(6, 24),
             temperature=0.8 if sampled else 0.0,
             top_p=rng.choice([1.0, 0.9]),
             top_k=rng.choice([0, 20]),
@@ -78,12 +79,12 @@ def generate(model, tok, mode, draft=None, **kw):
     slots = 4 * model.mesh.shape["data"]
     config = EngineConfig(
         max_slots=slots,
-        max_context=96,
+        max_context=64,
         prefill_chunk=8,
         max_step_tokens=8,
         min_bucket=8,  # one bucket: a plain and a verify executable to compile
         page_size=8,
-        kv_pages=14,  # 12 per request: four requests of 96 tokens do not fit a shard
+        kv_pages=10,  # 8 per request of 64 tokens: four requests do not fit a shard
         speculative=mode,
         speculative_adaptive=False,
         strict_no_recompile=True,
@@ -126,7 +127,7 @@ PROMPT = [1, 2, 3, 1, 2, 3, 1, 2]  # n-gram lookup proposes 3, 1, 2, 3
 DRAWS = 20_000
 
 
-def first_three_tokens(model, mode):
+def tiny_vocab_engine(model):
     config = EngineConfig(
         max_slots=128,
         max_context=16,
@@ -134,15 +135,20 @@ def first_three_tokens(model, mode):
         max_step_tokens=512,
         min_bucket=512,  # one bucket: two executables to compile
         page_size=8,
-        speculative=mode,
+        speculative="ngram",
         speculative_adaptive=False,
         num_speculative_tokens=2,
     )
     engine = Engine(model, None, config)
     engine.warmup()
+    return engine
+
+
+def generate_draws(engine):
+    """The first three tokens of DRAWS seeded requests (one seed each)."""
     params = lambda seed: SamplingParams(max_tokens=3, temperature=1.0, seed=seed, ignore_eos=True)
     results = engine.generate(Request(f"d{i}", list(PROMPT), params(i)) for i in range(DRAWS))
-    return np.array([r.token_ids for r in results]), engine.status()
+    return np.array([r.token_ids for r in results])
 
 
 def exact_distribution(model, vocab):
@@ -175,18 +181,23 @@ def test_sampled_tokens_follow_the_models_distribution(monkeypatch):
     distribution (chi-square p > 0.01); accepting every proposal instead fails the same test."""
     model = tiny_vocab_model(make_mesh("1x1"))
     joint = exact_distribution(model, 6)
-    samples, status = first_three_tokens(model, "ngram")
+    engine = tiny_vocab_engine(model)
+    samples = generate_draws(engine)
+    status = engine.status()
     assert status.spec_windows >= DRAWS // 2 and 1000 < status.spec_accepted < status.spec_proposed - 1000
     assert chi_square_p(samples, joint, 6) > 0.01
 
-    def accept_everything(tokens, window_rows, proposals):
-        d, s, w = window_rows.shape
-        picked = jnp.take_along_axis(tokens, jnp.maximum(window_rows, 0).reshape(d, s * w), axis=1)
-        accepted = jnp.sum(window_rows[..., 1:] >= 0, axis=-1).astype(jnp.int32)
-        return accepted, jnp.take_along_axis(picked.reshape(d, s, w), accepted[..., None], axis=-1)[..., 0]
+    def accept_everything(pending):  # the wrong rule, on the host: every proposal kept, then the last sample
+        tokens = np.asarray(pending.outputs.samples.tokens)
+        for sampled, window in zip(pending.sampled_chunks, read_samples(pending)):
+            proposals = list(sampled.chunk.proposals)
+            if proposals:
+                kept = proposals + [int(tokens[sampled.shard, sampled.rows[-1]])]
+                window = dataclasses.replace(window, tokens=kept, logprobs=[0.0] * len(kept))
+            yield window
 
-    monkeypatch.setattr(step_module, "accepted_counts", accept_everything)
-    wrong, _ = first_three_tokens(model, "ngram")
+    monkeypatch.setattr(engine_module, "read_samples", accept_everything)
+    wrong = generate_draws(engine)
     assert chi_square_p(wrong, joint, 6) < 1e-6
 
 
@@ -270,6 +281,8 @@ def test_batch_job_reports_speculation_in_its_summary_and_records(tmp_path, caps
         "64",
         "--max-tokens",
         "24",
+        "--prefill-chunk",
+        "8",
     ]
     code = run.main(
         argv + ["--speculative", "ngram", "--no-speculative-adaptive", "--input", str(src), "--output", str(out)]
