@@ -144,7 +144,7 @@ def test_a_device_call_that_fails_after_the_workers_got_it_ends_the_cluster():
         def broadcast(self, kind, meta, arrays):
             self.sent.append((kind, meta))
 
-        def fatal(self, message):
+        def failed_call(self, message):  # the real one first waits a moment for a lost peer to be named
             self.fatal_messages.append(message)
 
     cluster = FakeCluster()

@@ -34,6 +34,9 @@ def test_readme_run_example_runs_as_written(command):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert "output tokens/s" in proc.stderr and "compilations after warm-up 0" in proc.stderr
+    if "--speculative" in argv:  # the summary reports the proposer's windows and acceptance
+        mode = argv[argv.index("--speculative") + 1]
+        assert f"speculative decoding ({mode}): " in proc.stderr and "proposals accepted" in proc.stderr
     if "--output" in argv:
         out = pathlib.Path(argv[argv.index("--output") + 1])
         assert out.read_text().count("\n") == (ROOT / argv[argv.index("--input") + 1]).read_text().count("\n")

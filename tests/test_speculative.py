@@ -266,36 +266,6 @@ def test_bad_speculation_flags_get_one_line_and_exit_2(flags, message, capsys, t
     assert len(err) == 1 and message in err[0], err
 
 
-def test_batch_job_reports_speculation_in_its_summary_and_records(tmp_path, capsys):
-    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    src.write_text('{"id": "a", "prompt": "Tom had a red ball. Tom had a red ball. Tom", "max_tokens": 24}\n')
-    argv = [
-        "--model",
-        STORIES,
-        "--mesh",
-        "1x1",
-        "--no-chat",
-        "--max-slots",
-        "2",
-        "--max-context",
-        "64",
-        "--max-tokens",
-        "24",
-        "--prefill-chunk",
-        "8",
-    ]
-    code = run.main(
-        argv + ["--speculative", "ngram", "--no-speculative-adaptive", "--input", str(src), "--output", str(out)]
-    )
-    err = capsys.readouterr().err
-    assert code == 0, err[-2000:]
-    record = json.loads(out.read_text())
-    usage = record["usage"]
-    assert 0 < usage["speculative_accepted"] <= usage["speculative_proposed"]
-    line = next(x for x in err.splitlines() if x.startswith("speculative decoding (ngram):"))
-    assert f"{usage['speculative_accepted']} of {usage['speculative_proposed']} proposals accepted" in line
-
-
 def test_a_draft_with_another_tokenizer_is_refused(tmp_path, capsys):
     """Same vocabulary size, one token's bytes changed: refused in one line naming the token."""
     import struct

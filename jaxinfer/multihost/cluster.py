@@ -49,6 +49,7 @@ class Cluster:
         self._drain_handlers: list = []
         self._lock = threading.Lock()
         self._lost = False
+        self._lost_handled = threading.Event()  # set once the loss handlers have run
         self._closing = False
         self._gone: set[int] = set()  # peers whose connection closed after a clean stop
         self._all_gone = threading.Event()
@@ -188,6 +189,14 @@ class Cluster:
         """This process can no longer keep the others in step: the same ending as a loss, naming the cause."""
         self._lose(self.process_id, message, relay=False, tell_all=True)
 
+    def failed_call(self, message: str, wait_s: float = 2.0) -> None:
+        """A device call failed here after the others got it. A collective fails when a peer died, often
+        a moment before the channel sees its connection close: give the channel `wait_s` to name the
+        lost process (its loss handlers run first); only then is this process's failure the cause."""
+        if not self._lost_handled.wait(wait_s):
+            self.fatal(message)
+        self._lost_handled.wait(wait_s)
+
     def _lose(self, pid: int, reason: str, relay: bool = True, tell_all: bool = False) -> None:
         """Fatal: names the lost process, runs the loss handlers, tells the others, exits EXIT_LOST."""
         with self._lock:
@@ -206,6 +215,7 @@ class Cluster:
                 handler(message)
             except Exception:
                 log.exception("a loss handler failed")
+        self._lost_handled.set()
         if self._lost_handlers:
             time.sleep(LOSS_GRACE_S)
         hard_exit(EXIT_LOST)  # before JAX's runtime notices too (when process 0 is lost, it aborts the process)

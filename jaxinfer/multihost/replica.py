@@ -30,7 +30,9 @@ class Replicas:
         try:
             yield
         except Exception as e:
-            self.cluster.fatal(f"process 0 failed the {kind} call the others were making: {type(e).__name__}: {e}")
+            self.cluster.failed_call(
+                f"process 0 failed the {kind} call the others were making: {type(e).__name__}: {e}"
+            )
             raise
 
 
