@@ -188,12 +188,12 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str) -> None:
         """Ends `seq`: out of the queue, or its slot and pages free for the next step."""
         seq.finished = reason
-        if seq in self.waiting:
-            self.waiting.remove(seq)
-        if seq.shard >= 0 and self.slots[seq.shard][seq.slot] is seq:
+        if seq.shard >= 0 and self.slots[seq.shard][seq.slot] is seq:  # running, so not queued
             self.slots[seq.shard][seq.slot] = None
             self.pools[seq.shard].release(seq.pages)
             seq.pages, seq.registered = [], 0
+        elif seq in self.waiting:  # a scan of the queue only for what may be in it (it can be long)
+            self.waiting.remove(seq)
 
     def accept(self, seq: Sequence, tokens: list[int], sampled: int | None = None) -> None:
         """Tokens sampled for `seq` by a step, now read back on the host: `sampled` were in flight (a
