@@ -114,9 +114,7 @@ def _cache_shape(model: ShardedModel, data: int, pages_per_shard: int, page_size
 
 def step_inputs(specs: StepSpecs, key) -> StepInputs:
     """The engine's idle inputs for step `key`, as ShapeDtypeStructs sharded on their leading (data) axis."""
-    bucket = key_bucket(key)
-    extra = specs.inputs.extra_rows(bucket) if isinstance(key, str) else 0
-    return abstract_inputs(specs.inputs, specs.model.mesh, bucket, extra)
+    return abstract_inputs(specs.inputs, specs.model.mesh, key)
 
 
 def compile_buckets(specs: StepSpecs, buckets=None):

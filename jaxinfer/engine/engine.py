@@ -148,12 +148,7 @@ class Engine:
         """Traces and lowers the step of `key` (a bucket, or its verify variant) from abstract arguments
         (safe on any thread)."""
         params, cache, state = self._abstract_args
-        bucket = key_bucket(key)
-        inputs = abstract_inputs(self.inputs, self.model.mesh, bucket, self._extra_rows(key))
-        return self._step_fn.lower(params, cache, inputs, state)
-
-    def _extra_rows(self, key) -> int:
-        return self.inputs.extra_rows(key_bucket(key)) if isinstance(key, str) else 0
+        return self._step_fn.lower(params, cache, abstract_inputs(self.inputs, self.model.mesh, key), state)
 
     def keys_for(self, buckets) -> list:
         """The step keys of `buckets`: each plain step, and its verify variant when there is one."""
@@ -211,7 +206,7 @@ class Engine:
         for key in keys:
             self.executables.ran(key)
             step = self.executables.get(key)
-            inputs = self._to_device(self.inputs.empty(key_bucket(key), self._extra_rows(key)))
+            inputs = self._to_device(self.inputs.idle(key))
             with self._replicated("idle", bucket=key):
                 outputs, self.cache, self.state = step(self._params, self.cache, inputs, self.state)
             outputs.samples.tokens.block_until_ready()

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from jaxinfer.engine.scheduler import StepPlan
+from jaxinfer.engine.step_registry import key_bucket
 from jaxinfer.sampling import SamplingArrays
 from jaxinfer.sharding import logical_sharding
 
@@ -65,9 +66,10 @@ def input_shardings(mesh, host: dict) -> dict:
     return {k: logical_sharding(mesh, ("batch",) + (None,) * (a.ndim - 1)) for k, a in host.items()}
 
 
-def abstract_inputs(builder: HostBatchBuilder, mesh, bucket: int, extra_rows: int = 0) -> StepInputs:
-    """The idle inputs of `bucket` as sharded ShapeDtypeStructs: what a step is lowered and compiled for."""
-    host = builder.empty(bucket, extra_rows)
+def abstract_inputs(builder: HostBatchBuilder, mesh, key) -> StepInputs:
+    """The idle inputs of step `key` (a bucket, or its verify variant) as sharded ShapeDtypeStructs: what
+    a step is lowered and compiled for."""
+    host = builder.idle(key)
     shardings = input_shardings(mesh, host)
     return StepInputs.from_flat(
         {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings[k]) for k, a in host.items()}
@@ -88,6 +90,11 @@ class HostBatchBuilder:
     def extra_rows(self, bucket: int) -> int:
         """E of the verify step of `bucket`: every token but one speculating slot's first may be a proposal."""
         return min(bucket - 1, self.slots_per_shard * self.proposals)
+
+    def idle(self, key) -> dict[str, np.ndarray]:
+        """The idle inputs of step `key`: a bucket's plain step, or its verify variant (`step_registry`)."""
+        bucket = key_bucket(key)
+        return self.empty(bucket, self.extra_rows(bucket) if isinstance(key, str) else 0)
 
     def empty(self, bucket: int, extra_rows: int = 0) -> dict[str, np.ndarray]:
         """An idle step: no tokens, every write dropped (what warm-up runs and AOT compiles)."""
