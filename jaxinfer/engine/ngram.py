@@ -41,9 +41,9 @@ class NgramIndex:
 
 def index_for(seq) -> NgramIndex:
     """`seq`'s index, brought up to date with the tokens the host knows."""
-    index = getattr(seq, "ngram", None)
-    if index is None:
-        index = seq.ngram = NgramIndex()
+    if seq.ngram is None:
+        seq.ngram = NgramIndex()
+    index = seq.ngram
     if len(index.tokens) < seq.known:
         index.extend(seq.known_tokens(len(index.tokens), seq.known))
     return index

@@ -54,6 +54,9 @@ class Sequence:
         self.draft_proposals: list[int] = []  # the draft's proposals for its next window, read back
         self.proposed = self.accepted = 0  # proposals verified for it so far, and how many were accepted
         self.draft_valid = 0  # positions whose draft-model K/V is in the draft cache (--speculative draft)
+        self.history = (0, 0)  # (proposals tried one by one, accepted), verified or scored: the policy's estimate
+        self.shadow = None  # n-gram: (position, proposals) to score against the tokens that come there
+        self.ngram = None  # n-gram: its `NgramIndex`, built on first use
 
     @property
     def id(self) -> str:

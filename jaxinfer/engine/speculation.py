@@ -138,7 +138,7 @@ class Speculation:
     # ---- adaptive -------------------------------------------------------------------------------
     def rate(self, seq) -> float:
         engine = (self._engine_history[1] + 1) / (self._engine_history[0] + 2)
-        seen, hits = getattr(seq, "history", (0, 0))
+        seen, hits = seq.history
         return (hits + PRIOR_WEIGHT * engine) / (seen + PRIOR_WEIGHT)
 
     def decide(self, running) -> None:
@@ -164,7 +164,7 @@ class Speculation:
             seq.speculate = id(seq) in on
             self._off_steps[seq.id] = 0 if seq.speculate else self._off_steps[seq.id] + 1
             if self.uses_draft and self._off_steps[seq.id] >= PROBE_AFTER:
-                seen, hits = getattr(seq, "history", (0, 0))
+                seen, hits = seq.history
                 seq.history, self._off_steps[seq.id] = (seen // 2, hits // 2), 0
 
     def _measured_to_pay(self, decoding: int) -> bool:
@@ -215,7 +215,7 @@ class Speculation:
         if self.mode != "ngram" or seq.speculate:
             seq.shadow = None
             return
-        pending = getattr(seq, "shadow", None)
+        pending = seq.shadow
         if pending is not None:
             at, proposals = pending
             came = seq.known_tokens(at, at + len(proposals)) if seq.known >= at + len(proposals) else None
@@ -243,5 +243,5 @@ def _trials(proposed: int, accepted: int) -> int:
 
 def _learn(seq, proposed: int, accepted: int) -> None:
     """Adds to the history `rate` estimates from (verified, or checked in the shadow)."""
-    seen, hits = getattr(seq, "history", (0, 0))
+    seen, hits = seq.history
     seq.history = (seen + _trials(proposed, accepted), hits + accepted)
