@@ -29,6 +29,18 @@ def data_dir() -> pathlib.Path:
     return DATA
 
 
+@pytest.fixture(scope="module")
+def stories(data_dir):
+    """({mesh: stories260K loaded on it} for 1x1 and 2x4, its tokenizer): once per module that asks."""
+    from jaxinfer.checkpoint.load import load_model
+    from jaxinfer.sharding import make_mesh
+    from jaxinfer.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(data_dir / "stories260K" / "tok512.bin")
+    models = {m: load_model(str(data_dir / "stories260K" / "stories260K.bin"), make_mesh(m)) for m in ("1x1", "2x4")}
+    return models, tok
+
+
 # The longest modules first, as measured with `make test` on a 2-core machine (longest first; the rest keep
 # their file order after these). `--dist loadfile` runs each module whole on one worker, and xdist hands
 # modules out in collection order (pyproject.toml sets --no-loadscope-reorder: by default xdist would

@@ -10,7 +10,6 @@ from jaxinfer.config import ConfigError
 from jaxinfer.engine.engine import Engine, EngineConfig
 from jaxinfer.engine.requests import Request, SamplingParams
 from jaxinfer.sharding import make_mesh
-from jaxinfer.tokenizer import load_tokenizer
 from tests.dense_greedy import greedy_dense_rows
 
 STORY_PROMPTS = [
@@ -23,13 +22,6 @@ STORY_PROMPTS = [
     "A bird",
     "Sue had a red ball",
 ]
-
-
-@pytest.fixture(scope="module")
-def stories(data_dir):
-    tok = load_tokenizer(data_dir / "stories260K" / "tok512.bin")
-    models = {m: load_model(str(data_dir / "stories260K" / "stories260K.bin"), make_mesh(m)) for m in ("1x1", "2x4")}
-    return models, tok
 
 
 def make_engine(model, tok, **kw):

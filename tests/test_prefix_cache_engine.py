@@ -11,20 +11,10 @@ import random
 
 import pytest
 
-from jaxinfer.checkpoint.load import load_model
 from jaxinfer.engine.engine import Engine, EngineConfig
 from jaxinfer.engine.requests import Request, SamplingParams
-from jaxinfer.sharding import make_mesh
-from jaxinfer.tokenizer import load_tokenizer
 
 PAGE = 8
-
-
-@pytest.fixture(scope="module")
-def stories(data_dir):
-    tok = load_tokenizer(data_dir / "stories260K" / "tok512.bin")
-    models = {m: load_model(str(data_dir / "stories260K" / "stories260K.bin"), make_mesh(m)) for m in ("1x1", "2x4")}
-    return models, tok
 
 
 def make_engine(model, tok, prefix_cache: bool, **kw) -> Engine:

@@ -14,7 +14,6 @@ import pytest
 from scipy import stats
 
 from jaxinfer import run
-from jaxinfer.checkpoint.load import load_model
 from jaxinfer.config import get_preset
 from jaxinfer.engine import engine as engine_module
 from jaxinfer.engine.config import EngineConfig
@@ -27,7 +26,6 @@ from jaxinfer.model import params as P
 from jaxinfer.model.forward import ShardedModel
 from jaxinfer.model.layout import plan_layout
 from jaxinfer.sharding import make_mesh
-from jaxinfer.tokenizer import load_tokenizer
 
 STORIES = "tests/data/stories260K/stories260K.bin"
 TEXTS = [
@@ -39,13 +37,6 @@ TEXTS = [
     "Sue said: I like the sun. Mom said: I like the sun. Dad said:",
     "The bird sang. The bird sang. The bird",
 ]
-
-
-@pytest.fixture(scope="module")
-def stories(data_dir):
-    tok = load_tokenizer(data_dir / "stories260K" / "tok512.bin")
-    models = {m: load_model(STORIES, make_mesh(m)) for m in ("1x1", "2x4")}
-    return models, tok
 
 
 def noisy_copy(model: ShardedModel, scale: float, seed: int) -> ShardedModel:
