@@ -1,4 +1,5 @@
-"""GGUF reader (llama architecture): metadata -> ModelConfig, tensors -> HF names, layout and float32.
+"""GGUF reader (llama architecture): metadata -> ModelConfig, tensors -> HF names, layout and float32,
+or (`get_quantized`) the quantized tensors as their codes and scales (`gguf_blocks`), never expanded to float.
 
 GGUF lists dims fastest-first (`ne`), so a torch `[out, in]` weight is stored as `[in, out]`;
 `GGUFReader` already exposes row-major data, and the HF shape is the reversed GGUF shape.
@@ -14,15 +15,16 @@ import os
 import re
 
 import numpy as np
-from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
 from jaxinfer.checkpoint.errors import CheckpointError
+from jaxinfer.checkpoint.gguf_blocks import DECODERS, FLOAT_TYPES, decode_blocks
+from jaxinfer.checkpoint.quantized_blocks import QuantizedBlocks
 from jaxinfer.checkpoint.source import SourceBase, interleaved_to_half_split
 from jaxinfer.config import ConfigError, ModelConfig, RopeScaling
 
-SUPPORTED_TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1)
+SUPPORTED_TYPES = (*FLOAT_TYPES, *DECODERS)  # what `get` dequantizes (with gguf's own dequantize)
 _TOP = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -163,11 +165,22 @@ class GGUFSource(SourceBase):
     def names(self) -> set[str]:
         return set(self._by_hf)
 
-    def get(self, name: str) -> np.ndarray:
+    def _tensor(self, name: str):
         g = self._by_hf.get(name)
         if g is None:
             raise self._missing(name)
-        t = self._tensors[g]
+        return g, self._tensors[g]
+
+    def _rope_heads(self, name: str) -> int | None:
+        """Heads whose rows llama.cpp permuted into interleaved RoPE pairs (Q and K), or None."""
+        if name.endswith("q_proj.weight"):
+            return self.config.num_heads
+        if name.endswith("k_proj.weight"):
+            return self.config.num_kv_heads
+        return None
+
+    def get(self, name: str) -> np.ndarray:
+        g, t = self._tensor(name)
         if t.tensor_type not in SUPPORTED_TYPES:
             raise CheckpointError(
                 f"{self.path}: tensor {g!r} ({name}) has unsupported type {t.tensor_type.name}; "
@@ -178,11 +191,29 @@ class GGUFSource(SourceBase):
             arr = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
         except Exception as e:
             raise CheckpointError(f"{self.path}: cannot dequantize tensor {g!r} ({type(e).__name__}: {e})") from None
-        if name.endswith("q_proj.weight"):
-            arr = interleaved_to_half_split(arr, self.config.num_heads)
-        elif name.endswith("k_proj.weight"):
-            arr = interleaved_to_half_split(arr, self.config.num_kv_heads)
+        if heads := self._rope_heads(name):
+            arr = interleaved_to_half_split(arr, heads)
         return self._checked(name, arr)
+
+    def get_quantized(self, name: str) -> QuantizedBlocks | None:
+        """The tensor's codes and per-group scales in HF layout (Q/K rows un-permuted as in `get`), decoded
+        from its blocks without going through float; None when the file stores it as float (use `get`)."""
+        g, t = self._tensor(name)
+        if t.tensor_type in FLOAT_TYPES:
+            return None
+        if t.tensor_type not in DECODERS:
+            raise CheckpointError(
+                f"{self.path}: tensor {g!r} ({name}) has quantized type {t.tensor_type.name}, which cannot be "
+                f"read as quantized blocks; supported: {', '.join(x.name for x in DECODERS)}"
+            )
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if len(shape) != 2:
+            raise CheckpointError(f"{self.path}: tensor {g!r} ({name}) is quantized but has shape {shape}, not 2-D")
+        self._check_shape(name, shape)
+        q = decode_blocks(t.data, t.tensor_type, shape[1])
+        if heads := self._rope_heads(name):
+            q = q.map_rows(lambda rows: interleaved_to_half_split(rows, heads))
+        return q
 
     def close(self) -> None:
         self._tensors, self._by_hf, self._reader = {}, {}, None

@@ -2,7 +2,8 @@
 
 Every reader presents tensors under Hugging Face `LlamaForCausalLM` names and layouts
 (torch Linear weights are `[out, in]`; Q/K rows use HF's rotate-half RoPE layout), as float32
-numpy, one tensor at a time. The readers build on `SourceBase` here; `open_source(path)` in
+numpy, one tensor at a time; a reader of a format with quantized tensors (GGUF) also hands those over
+undecoded as `QuantizedBlocks` through `get_quantized`. The readers build on `SourceBase` here; `open_source(path)` in
 `jaxinfer.checkpoint.open_source` picks the reader from what the path is.
 """
 
@@ -14,12 +15,14 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from jaxinfer.checkpoint.errors import CheckpointError
+from jaxinfer.checkpoint.quantized_blocks import QuantizedBlocks
 from jaxinfer.config import ModelConfig
 
 
 @runtime_checkable
 class TensorSource(Protocol):
-    """A checkpoint opened for reading; `get` returns float32 numpy in HF layout."""
+    """A checkpoint opened for reading; `get` returns float32 numpy in HF layout, `get_quantized` the codes
+    and scales of a tensor the file stores quantized (None for float tensors)."""
 
     config: ModelConfig
     path: str
@@ -28,6 +31,8 @@ class TensorSource(Protocol):
     def names(self) -> set[str]: ...
 
     def get(self, name: str) -> np.ndarray: ...
+
+    def get_quantized(self, name: str) -> QuantizedBlocks | None: ...
 
     def close(self) -> None: ...
 
@@ -55,12 +60,22 @@ class SourceBase:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r}, format={self.format!r})"
 
-    def _checked(self, name: str, arr: np.ndarray, where: str | None = None) -> np.ndarray:
+    def get_quantized(self, name: str) -> QuantizedBlocks | None:
+        """The tensor as stored quantized (codes + scales, HF layout), or None where it is float in the file.
+
+        Readers of formats without quantized tensors keep this default; `get` always works.
+        """
+        return None
+
+    def _check_shape(self, name: str, shape: tuple[int, ...], where: str | None = None) -> None:
         want = expected_shape(self.config, name)
-        if want is not None and tuple(arr.shape) != want:
+        if want is not None and tuple(shape) != want:
             raise CheckpointError(
-                f"{where or self.path}: tensor {name!r} has shape {tuple(arr.shape)}, config expects {want}"
+                f"{where or self.path}: tensor {name!r} has shape {tuple(shape)}, config expects {want}"
             )
+
+    def _checked(self, name: str, arr: np.ndarray, where: str | None = None) -> np.ndarray:
+        self._check_shape(name, arr.shape, where)
         return np.ascontiguousarray(arr, dtype=np.float32)
 
     def _missing(self, name: str, where: str | None = None) -> CheckpointError:
