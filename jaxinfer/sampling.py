@@ -18,6 +18,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxinfer.quant.arrays import materialize
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -256,18 +258,19 @@ def prompt_logprobs(hidden, head, targets, vocab: int) -> PromptLogprobs:
     blocks = -(-t // size)
     pad = blocks * size - t
 
-    def block(args):
+    def block(args, dense):
         h, target = args  # [B, size, E], [B, size]
-        logits = jnp.einsum("bte,ev->btv", h, head, preferred_element_type=jnp.float32)[..., :vocab]
+        logits = jnp.einsum("bte,ev->btv", h, dense, preferred_element_type=jnp.float32)[..., :vocab]
         picked = jnp.take_along_axis(logits, jnp.maximum(target, 0)[..., None], axis=-1)[..., 0]
         ids, top = top_alternatives(logits)
         lp = jnp.where(target >= 0, picked - jax.nn.logsumexp(logits, axis=-1), 0.0)
         return lp, ids, top
 
     def compute(hidden, targets):
+        dense = materialize(head, hidden.dtype)  # a quantized head is dequantized only when logprobs are asked
         h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, blocks, size, -1).swapaxes(0, 1)
         tg = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=-1).reshape(b, blocks, size).swapaxes(0, 1)
-        lp, ids, top = jax.lax.map(block, (h, tg))  # [blocks, B, size, ...]
+        lp, ids, top = jax.lax.map(lambda args: block(args, dense), (h, tg))  # [blocks, B, size, ...]
         merge = lambda a: a.swapaxes(0, 1).reshape((b, blocks * size) + a.shape[3:])[:, :t]
         return merge(lp), merge(ids), merge(top)
 

@@ -33,7 +33,11 @@ LOGICAL_RULES: dict[str, str | None] = {
     "head_dim": None,
     "mlp": "tensor",
     "norm": None,
-    "draft_vocab": None,  # a reduced-vocabulary draft's head columns: small, replicated (`Llama._reduced_head`)
+    "draft_vocab": None,
+    # quantized weights' scale/offset group axes (`jaxinfer.quant.spec`): split like the axis they group
+    "embed_groups": None,
+    "head_dim_groups": None,
+    "mlp_groups": "tensor",  # a reduced-vocabulary draft's head columns: small, replicated (`Llama._reduced_head`)
     # activations and step inputs: rows (dense batch rows, or the engine's data shards) and tokens
     "batch": "data",
     "length": "sequence",

@@ -20,12 +20,14 @@ from jaxinfer.checkpoint.default_model import DEFAULT_MODEL, smollm2_gguf_path
 from jaxinfer.checkpoint.errors import CheckpointError
 from jaxinfer.checkpoint.hf_layout import layer_from_hf, logical_leaf_from_hf
 from jaxinfer.checkpoint.open_source import open_source
+from jaxinfer.checkpoint.stored_quant import stored_leaf, stored_spec
 from jaxinfer.config import PRESETS, get_preset
 from jaxinfer.model import params as P
 from jaxinfer.model.forward import ShardedModel
 from jaxinfer.model.layout import plan_layout
 from jaxinfer.paths import default_cache_dir
 from jaxinfer.platform import layer_loop_for, mesh_platform
+from jaxinfer.quant.spec import NONE, QuantSpec, check_fits
 
 log = logging.getLogger(__name__)
 
@@ -43,45 +45,67 @@ def resolve_source(spec: str | None) -> str:
     return str(ensure_default_model()) if spec in (None, "", DEFAULT_MODEL) else spec
 
 
-def load_model(spec: str | None, mesh, dtype="float32", seed: int = 0, layer_loop: str = "auto") -> ShardedModel:
+def load_model(
+    spec: str | None, mesh, dtype="float32", seed: int = 0, layer_loop: str = "auto", quant: QuantSpec = NONE
+) -> ShardedModel:
     """Loads `spec` (see module docstring) onto `mesh` as sharded `dtype` parameters, in the layer loop
-    `layer_loop` (auto: the platform's, see `jaxinfer.platform`)."""
+    `layer_loop` (auto: the platform's, see `jaxinfer.platform`), with the weights `quant` names quantized
+    (`jaxinfer.quant`; a quantized native checkpoint must be loaded with the spec it was written with)."""
     kind = layer_loop_for(mesh_platform(mesh), layer_loop)
-    return _load(spec, mesh, parse_dtype(dtype), seed).with_layer_loop(kind)
+    return _load(spec, mesh, parse_dtype(dtype), seed, quant).with_layer_loop(kind)
 
 
-def _load(spec: str | None, mesh, dtype, seed: int) -> ShardedModel:
+def _load(spec: str | None, mesh, dtype, seed: int, quant: QuantSpec) -> ShardedModel:
+    if quant.label == "gguf" and spec in (None, "", DEFAULT_MODEL):
+        spec = str(smollm2_gguf_path())  # its blocks as stored, not the float conversion in the cache
     spec = resolve_source(spec)
     if spec in PRESETS:
         config = get_preset(spec)
         layout = plan_layout(config, mesh.shape["tensor"])
+        check_fits(quant, config, layout.mlp, mesh.shape["tensor"])
         log.warning("model %s: preset architecture with RANDOM weights (seed %d)", spec, seed)
-        return ShardedModel(
-            config, layout, mesh, P.init_params(config, layout, mesh, dtype, seed), dtype, source=f"preset:{spec}"
-        )
+        params = P.init_params(config, layout, mesh, dtype, seed, quant)
+        return ShardedModel(config, layout, mesh, params, dtype, source=f"preset:{spec}", quant=quant)
     path = pathlib.Path(spec)
     if not path.exists():
         raise CheckpointError(
             f"{spec}: no such file or directory, and not a preset (presets: {', '.join(sorted(PRESETS))})"
         )
     if orbax_store.is_native_checkpoint(path):
-        config, layout, params = orbax_store.restore(path, mesh, dtype)
+        if quant.label == "gguf":
+            raise CheckpointError(f"--quantize gguf: {path} is a native checkpoint; it runs a .gguf file's blocks")
+        config, layout, params = orbax_store.restore(path, mesh, dtype, quant)
         manifest = orbax_store.read_manifest(path)
-        return ShardedModel(
-            config, layout, mesh, params, dtype, source=str(path), tokenizer_path=_resolve_tokenizer(path, manifest)
-        )
+        tokenizer = _resolve_tokenizer(path, manifest)
+        return ShardedModel(config, layout, mesh, params, dtype, str(path), tokenizer, quant=quant)
     with open_source(path) as source:
         config = source.config
         layout = plan_layout(config, mesh.shape["tensor"])
-        params = P.build_params(
-            config,
-            layout,
-            mesh,
-            dtype,
-            lambda p: logical_leaf_from_hf(source, p),
-            lambda p, i: layer_from_hf(source, p, i),
-        )
-    return ShardedModel(config, layout, mesh, params, dtype, source=str(path), tokenizer_path=find_tokenizer(path))
+        if quant.label == "gguf":
+            quant = stored_spec(source)
+            log.info("--quantize gguf: %s", quant.describe())
+        check_fits(quant, config, layout.mlp, mesh.shape["tensor"])
+        whole, layer = _leaf_readers(source, quant)
+        params = P.build_params(config, layout, mesh, dtype, whole, layer, quant)
+    return ShardedModel(config, layout, mesh, params, dtype, str(path), find_tokenizer(path), quant=quant)
+
+
+def _leaf_readers(source, quant: QuantSpec):
+    """(whole(path), layer(path, i)): a parameter's unpadded float array from the source, or, for weights
+    run as stored (`--quantize gguf`), its (codes, scale, offset)."""
+    stored = quant.label == "gguf"
+
+    def whole(path):
+        if stored and quant.get(path[-1]):
+            return stored_leaf(source, path[-1], None, quant.get(path[-1]))
+        return logical_leaf_from_hf(source, path)
+
+    def layer(path, i):
+        if stored and quant.get(path[-1]):
+            return stored_leaf(source, path[-1], i, quant.get(path[-1]))
+        return layer_from_hf(source, path, i)
+
+    return whole, layer
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="float32") -> pathlib.Path:

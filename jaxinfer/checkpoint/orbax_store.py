@@ -19,6 +19,8 @@ from jaxinfer.checkpoint.errors import CheckpointError
 from jaxinfer.config import ModelConfig
 from jaxinfer.model import params as P
 from jaxinfer.model.layout import ModelLayout, plan_layout
+from jaxinfer.quant.quantize import quantize
+from jaxinfer.quant.spec import NONE, QuantSpec, check_fits
 
 MANIFEST = "jaxinfer.json"
 FORMAT = "jaxinfer-orbax-v1"
@@ -29,8 +31,16 @@ def is_native_checkpoint(path: str | os.PathLike) -> bool:
     return (pathlib.Path(path) / MANIFEST).is_file()
 
 
-def save(path: str | os.PathLike, config: ModelConfig, logical_params: P.Params, dtype, extra: dict | None = None):
-    """Writes `logical_params` (unpadded tree, host or device arrays) to `path`."""
+def save(
+    path: str | os.PathLike,
+    config: ModelConfig,
+    logical_params: P.Params,
+    dtype,
+    extra: dict | None = None,
+    quant: QuantSpec = NONE,
+):
+    """Writes `logical_params` (unpadded tree, host or device arrays; quantized by `quant`, whose 4-bit
+    codes are stored one per byte) to `path`."""
     import orbax.checkpoint as ocp
 
     path = pathlib.Path(path).absolute()
@@ -46,7 +56,7 @@ def save(path: str | os.PathLike, config: ModelConfig, logical_params: P.Params,
     ckpt.wait_until_finished()
     with open(path / "config.json", "w") as f:
         json.dump({**config.to_hf_config(), "_name_or_path": config.name}, f, indent=2)
-    manifest = {"format": FORMAT, "dtype": jnp.dtype(dtype).name, **(extra or {})}
+    manifest = {"format": FORMAT, "dtype": jnp.dtype(dtype).name, "quant": quant.to_json(), **(extra or {})}
     with open(path / MANIFEST, "w") as f:
         json.dump(manifest, f, indent=2)
 
@@ -63,16 +73,27 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
-def restore(path: str | os.PathLike, mesh, dtype=None) -> tuple[ModelConfig, ModelLayout, P.Params]:
-    """Restores a native checkpoint onto `mesh` as sharded arrays in `dtype` (default: as saved)."""
+def restore(
+    path: str | os.PathLike, mesh, dtype=None, quant: QuantSpec = NONE
+) -> tuple[ModelConfig, ModelLayout, P.Params]:
+    """Restores a native checkpoint onto `mesh` as sharded arrays in `dtype` (default: as saved), its
+    weights quantized by `quant`: a float checkpoint is quantized on device leaf by leaf; a quantized one
+    must have been written with the same spec."""
 
     path = pathlib.Path(path).absolute()
     manifest = read_manifest(path)
     config = ModelConfig.from_hf_config(path / "config.json")
     dtype = jnp.dtype(dtype or manifest["dtype"])
+    stored = QuantSpec.from_json(manifest.get("quant"))
+    if stored.enabled and stored != quant:
+        raise CheckpointError(
+            f"{path}: written with --quantize {stored.label} ({stored.describe()}); loaded with --quantize "
+            f"{quant.label}: load it with the spec it was written with, or convert the float source again"
+        )
     logical = plan_layout(config, 1, quiet=True)
     layout = plan_layout(config, mesh.shape["tensor"])
-    target = P.abstract_params(config, logical, dtype, mesh)
+    check_fits(quant, config, layout.mlp, mesh.shape["tensor"])
+    target = jax.tree.map(_disk_form, P.abstract_params(config, logical, dtype, mesh, stored))
     try:
         restored = _restore_leaf_by_leaf(path / "params", target)
     except Exception as e:  # orbax raises many types for missing/corrupt files
@@ -80,16 +101,34 @@ def restore(path: str | os.PathLike, mesh, dtype=None) -> tuple[ModelConfig, Mod
             f"{path / 'params'}: cannot restore checkpoint ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''})"
         ) from None
-    if layout == logical:
+    if layout == logical and not quant.enabled:
         return config, layout, restored
-    axes = dict(P.flatten(P.logical_axes(config, layout, dtype)))
-    shardings = dict(P.flatten(P.param_shardings(mesh, config, layout, dtype)))
-    padded = {}
+    axes = dict(P.flatten(P.logical_axes(config, layout, dtype, quant)))
+    final = dict(P.flatten(P.abstract_params(config, layout, dtype, mesh, quant)))
+    out = {}
     for leaf_path, array in P.flatten(restored):
-        pad = jax.jit(lambda a, ax=axes[leaf_path]: P.pad_to_layout(a, ax, layout), out_shardings=shardings[leaf_path])
-        P.set_path(padded, leaf_path, pad(array))
+        wq = None if stored.enabled else quant.get(leaf_path[-1])
+        parts = [leaf_path] if wq is None else P.quantized_paths(leaf_path, wq)
+        specs = [final[p] for p in parts]
+        grouped = P.grouped_axis(axes[parts[-1]]) if wq is not None else None
+
+        def prepare(a, ax=axes[leaf_path], specs=specs, wq=wq, grouped=grouped):
+            a = P.pad_to_shape(P.pad_to_layout(a, ax, layout), specs[0].shape)
+            if wq is None:
+                return [a.astype(specs[0].dtype)]
+            return [x for x in quantize(a, wq, grouped) if x is not None]
+
+        placed = jax.jit(prepare, out_shardings=[s.sharding for s in specs])(array)
         del array
-    return config, layout, padded
+        for p, a in zip(parts, placed):
+            P.set_path(out, p, a)
+    return config, layout, out
+
+
+def _disk_form(spec: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+    """How a leaf is stored: 4-bit codes one per byte (int8 / uint8), everything else as it is."""
+    wide = {jnp.dtype(jnp.int4): jnp.int8, jnp.dtype(jnp.uint4): jnp.uint8}.get(jnp.dtype(spec.dtype), spec.dtype)
+    return jax.ShapeDtypeStruct(spec.shape, wide, sharding=spec.sharding)
 
 
 def _restore_leaf_by_leaf(path: pathlib.Path, target: P.Params) -> P.Params:

@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.model.params import flatten, set_path
-from jaxinfer.model.projections import declare
+from jaxinfer.model.projections import declare_weight
+from jaxinfer.quant.arrays import materialize
+from jaxinfer.quant.spec import NONE, QuantSpec
 
 FEATURE_MAJOR_TOKENS = 64  # steps of at most this many tokens per row run feature-major
 # projection weight -> the permutation from its declared [in..., out...] order to the stored
@@ -40,21 +42,21 @@ class OutputMajor:
     """Weights stored [out..., in...]; activations token-major [B, T, F...] or feature-major [F, B*T]."""
 
     feature_major: bool = False
+    quant: QuantSpec = NONE
 
     @property
     def norm_axis(self) -> int:
         return 0 if self.feature_major else -1
 
     def for_tokens(self, tokens_per_row: int) -> OutputMajor:
-        return OutputMajor(feature_major=tokens_per_row <= FEATURE_MAJOR_TOKENS)
+        return dataclasses.replace(self, feature_major=tokens_per_row <= FEATURE_MAJOR_TOKENS)
 
     def weight(self, module, name: str, shape, axes, dtype):
-        perm = OUT_MAJOR[name]
-        return declare(module, name, tuple(shape[i] for i in perm), tuple(axes[i] for i in perm), dtype)
+        return declare_weight(module, name, shape, axes, dtype, self.quant, OUT_MAJOR[name])
 
     def apply(self, x, w, inputs: int):
         n_out = math.prod(w.shape[: w.ndim - inputs])
-        w2 = w.reshape(n_out, -1)
+        w2 = materialize(w, x.dtype).reshape(n_out, -1)
         if self.feature_major:
             return w2 @ x  # [out, N]
         b, t = x.shape[:2]
@@ -72,6 +74,11 @@ class OutputMajor:
 
     def from_heads(self, out):
         return to_feature_major(out) if self.feature_major else out
+
+
+def weight_kind(leaf_name: str) -> str:
+    """The weight kind a parameter leaf belongs to: `q_scale` and `q_offset` are parts of `q`."""
+    return leaf_name.removesuffix("_scale").removesuffix("_offset")
 
 
 def to_feature_major(x):
@@ -110,7 +117,7 @@ def unroll(params: dict, num_layers: int) -> dict:
     stacked = params["layers"]
     for path, leaf in flatten(stacked):
         spec = tuple(leaf.sharding.spec) + (None,) * (len(leaf.shape) - len(leaf.sharding.spec))
-        perm = OUT_MAJOR.get(path[-1], tuple(range(len(leaf.shape) - 1)))
+        perm = OUT_MAJOR.get(weight_kind(path[-1]), tuple(range(len(leaf.shape) - 1)))
         one = jax.sharding.NamedSharding(leaf.sharding.mesh, jax.sharding.PartitionSpec(*(spec[1:][i] for i in perm)))
         if isinstance(leaf, jax.ShapeDtypeStruct):
             shape = tuple(leaf.shape[1:][i] for i in perm)

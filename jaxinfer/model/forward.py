@@ -21,6 +21,7 @@ from jaxinfer.model.layout import ModelLayout
 from jaxinfer.model.llama import Llama
 from jaxinfer.model.projections import TokenMajor
 from jaxinfer.platform import pallas_interpret
+from jaxinfer.quant.spec import NONE, QuantSpec
 from jaxinfer.sharding import ceil_to, logical_sharding
 
 
@@ -36,12 +37,16 @@ class ShardedModel:
     source: str = ""
     tokenizer_path: str | None = None
     layer_loop: str = "scan"  # "scan": stacked layer params (checkpoint layout); "unrolled": one tree per layer
+    quant: QuantSpec = NONE  # which weights are quantized, and how (`jaxinfer.quant`)
 
     @property
     def module(self) -> Llama:
         """The Flax module for this model's layer loop: `unrolled` params use the CPU layout's
         output-major projections (`jaxinfer.model.cpu_layout`), `scan` params the checkpoint's."""
-        proj = cpu_layout.OutputMajor() if self.layer_loop == "unrolled" else TokenMajor()
+        if self.layer_loop == "unrolled":
+            proj = cpu_layout.OutputMajor(quant=self.quant)
+        else:
+            proj = TokenMajor(quant=self.quant)
         return Llama(self.config, self.layout, self.dtype, self.layer_loop, proj)
 
     def with_layer_loop(self, kind: str) -> ShardedModel:

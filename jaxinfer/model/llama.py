@@ -23,8 +23,9 @@ import jax.numpy as jnp
 from jaxinfer.config import ModelConfig
 from jaxinfer.model.attention import MASK_VALUE
 from jaxinfer.model.layout import ModelLayout
-from jaxinfer.model.projections import TokenMajor, declare
+from jaxinfer.model.projections import TokenMajor, declare, declare_weight
 from jaxinfer.model.rope import apply_rope, inverse_frequencies
+from jaxinfer.quant.arrays import QWeight, materialize
 
 
 class RMSNorm(nn.Module):
@@ -124,8 +125,12 @@ class Llama(nn.Module):
     @nn.compact
     def __call__(self, tokens, positions, ctx, cache=None, logit_indices=None, on_hidden=None):
         c, lay = self.config, self.layout
-        table = declare(self, "embed", (lay.vocab, c.hidden_size), ("vocab", "embed"), self.dtype)
-        x = jnp.take(table, tokens, axis=0)  # [B, T, E]
+        quant = self.projections.quant
+        table = declare_weight(self, "embed", (lay.vocab, c.hidden_size), ("vocab", "embed"), self.dtype, quant)
+        if isinstance(table, QWeight):
+            x = table.rows(tokens, self.dtype)  # [B, T, E]
+        else:
+            x = jnp.take(table, tokens, axis=0)
         proj = self.projections.for_tokens(tokens.shape[1])
         rows = x.shape[0]
         x = proj.enter(x)
@@ -159,8 +164,9 @@ class Llama(nn.Module):
         if c.tie_embeddings:
             head = table.T
         else:
-            head = declare(self, "lm_head", (c.hidden_size, lay.vocab), ("embed", "vocab"), self.dtype)
-        logits = jnp.einsum("bte,ev->btv", x, head, preferred_element_type=jnp.float32)[..., : c.vocab_size]
+            head = declare_weight(self, "lm_head", (c.hidden_size, lay.vocab), ("embed", "vocab"), self.dtype, quant)
+        dense = materialize(head, x.dtype)
+        logits = jnp.einsum("bte,ev->btv", x, dense, preferred_element_type=jnp.float32)[..., : c.vocab_size]
         if on_hidden is None:
             return logits, cache
         return logits, cache, on_hidden(hidden, head)

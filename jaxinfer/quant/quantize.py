@@ -1,0 +1,69 @@
+"""The quantizers, one weight at a time: on the host (numpy, from a checkpoint's float tensors) or on
+device (jax arrays, inside jit: a float native checkpoint restored with `--quantize`).
+
+int8 is symmetric: scale = max|w| / 127 per group, codes round(w / scale). uint4 is asymmetric with a
+per-group offset: each group's range [lo, hi] maps onto codes 0..15, and the range is chosen among
+a few shrunk candidates by the smallest squared error (clipping one outlier of a group of 128 usually
+buys a finer step for the other 127), as llama.cpp's Q4_1/Q4_K search does.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.quant.spec import WeightQuant
+
+SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8)  # candidate fractions of a group's range kept (uint4)
+
+
+def quantize(w: np.ndarray, quant: WeightQuant, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """float w -> (codes, scale, offset or None) with groups along `axis` (see `WeightQuant`); numpy in,
+    numpy out (codes int8 or uint8), jax in, jax out (codes in the format's dtype)."""
+    xp = jnp if isinstance(w, jax.Array) else np
+    w = xp.moveaxis(w.astype(xp.float32), axis, -1)
+    length = w.shape[-1]
+    group = min(quant.group, length)
+    groups = -(-length // group)
+    padded = xp.pad(w, [(0, 0)] * (w.ndim - 1) + [(0, groups * group - length)], mode="edge")
+    blocks = padded.reshape(w.shape[:-1] + (groups, group))
+    if quant.kind == "int8":
+        codes, scale, offset = _symmetric(xp, blocks, 127)
+    elif quant.kind == "int4":
+        codes, scale, offset = _symmetric(xp, blocks, 7)
+    else:
+        codes, scale, offset = _asymmetric(xp, blocks, 15)
+    host_dtype = np.uint8 if quant.kind == "uint4" else np.int8
+    codes = codes.reshape(padded.shape)[..., :length].astype(quant.dtype if xp is jnp else host_dtype)
+    back = [xp.moveaxis(a, -1, axis) for a in (codes, scale, offset)]
+    if not quant.offset:
+        back[2] = None
+    return tuple(back)
+
+
+def _symmetric(xp, blocks, qmax: int):
+    scale = xp.abs(blocks).max(axis=-1) / qmax
+    safe = xp.where(scale > 0, scale, 1.0)
+    codes = xp.clip(xp.rint(blocks / safe[..., None]), -qmax, qmax)
+    return codes, scale.astype(xp.float32), xp.zeros_like(scale)
+
+
+def _asymmetric(xp, blocks, qmax: int):
+    lo0, hi0 = blocks.min(axis=-1), blocks.max(axis=-1)
+    mid = (lo0 + hi0) / 2
+    best = None
+    for keep in SHRINK:
+        lo, hi = mid - (mid - lo0) * keep, mid + (hi0 - mid) * keep
+        scale = (hi - lo) / qmax
+        safe = xp.where(scale > 0, scale, 1.0)
+        codes = xp.clip(xp.rint((blocks - lo[..., None]) / safe[..., None]), 0, qmax)
+        err = ((codes * scale[..., None] + lo[..., None] - blocks) ** 2).sum(axis=-1)
+        if best is None:
+            best = [codes, scale, lo, err]
+        else:
+            better = err < best[3]
+            best[0] = xp.where(better[..., None], codes, best[0])
+            for i, new in ((1, scale), (2, lo), (3, err)):
+                best[i] = xp.where(better, new, best[i])
+    return best[0], best[1].astype(xp.float32), best[2].astype(xp.float32)
