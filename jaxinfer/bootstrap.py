@@ -15,6 +15,7 @@ import os
 import time
 
 from jaxinfer.config import ConfigError
+from jaxinfer.quant.flags import add_quant_args, spec_from_args
 
 log = logging.getLogger("jaxinfer")
 
@@ -40,6 +41,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="a Jinja chat template file that replaces the tokenizer's (e.g. for a model that has none)",
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_quant_args(p)
     e = p.add_argument_group("engine")
     e.add_argument("--max-slots", type=int, default=8)
     e.add_argument(
@@ -338,12 +340,14 @@ def build_engine(args, serve_early: bool = False, cluster=None):
         from jaxinfer.checkpoint import params_cache
         from jaxinfer.checkpoint.load import parse_dtype, resolve_source
 
-        ident = params_cache.identity(resolve_source(args.model), mesh, parse_dtype(args.dtype), policy.layer_loop)
+        ident = params_cache.identity(
+            resolve_source(args.model), mesh, parse_dtype(args.dtype), policy.layer_loop, spec_from_args(args)
+        )
         model = params_cache.load(args.compile_cache, ident, mesh) if ident else None
     how = "loaded from --compile-cache" if model is not None else "loaded"
     if model is None:
         with HostMemoryPeak() as peak:
-            model = load_model(args.model, mesh, args.dtype, layer_loop=policy.layer_loop)
+            model = load_model(args.model, mesh, args.dtype, layer_loop=policy.layer_loop, quant=spec_from_args(args))
         if peak.bytes is not None:
             how += f" (host memory peak +{peak.bytes / 2**20:.0f} MiB)"
         if ident:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from jaxinfer.cli_common import setup_logging, user_errors
+from jaxinfer.quant.flags import add_quant_args, spec_from_args
 
 
 def main(argv=None) -> int:
@@ -12,6 +13,7 @@ def main(argv=None) -> int:
     parser.add_argument("src", help="HF directory (config.json + *.safetensors), .gguf file or llama2.c .bin")
     parser.add_argument("dst", help="output directory for the Orbax checkpoint")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_quant_args(parser)
     args = parser.parse_args(argv)
     setup_logging()
     with user_errors("jaxinfer.convert"):
@@ -20,7 +22,7 @@ def main(argv=None) -> int:
         ensure_host_devices(1)
         from jaxinfer.checkpoint.load import convert
 
-        out = convert(args.src, args.dst, args.dtype)
+        out = convert(args.src, args.dst, args.dtype, spec_from_args(args))
         print(f"wrote {out}")
     return 0
 

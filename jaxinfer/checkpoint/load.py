@@ -51,8 +51,9 @@ def load_model(
     """Loads `spec` (see module docstring) onto `mesh` as sharded `dtype` parameters, in the layer loop
     `layer_loop` (auto: the platform's, see `jaxinfer.platform`), with the weights `quant` names quantized
     (`jaxinfer.quant`; a quantized native checkpoint must be loaded with the spec it was written with)."""
-    kind = layer_loop_for(mesh_platform(mesh), layer_loop)
-    return _load(spec, mesh, parse_dtype(dtype), seed, quant).with_layer_loop(kind)
+    platform = mesh_platform(mesh)
+    kind = layer_loop_for(platform, layer_loop)
+    return _load(spec, mesh, parse_dtype(dtype), seed, quant.for_platform(platform)).with_layer_loop(kind)
 
 
 def _load(spec: str | None, mesh, dtype, seed: int, quant: QuantSpec) -> ShardedModel:
@@ -82,7 +83,7 @@ def _load(spec: str | None, mesh, dtype, seed: int, quant: QuantSpec) -> Sharded
         config = source.config
         layout = plan_layout(config, mesh.shape["tensor"])
         if quant.label == "gguf":
-            quant = stored_spec(source)
+            quant = stored_spec(source).for_platform(mesh_platform(mesh))
             log.info("--quantize gguf: %s", quant.describe())
         check_fits(quant, config, layout.mlp, mesh.shape["tensor"])
         whole, layer = _leaf_readers(source, quant)
@@ -108,15 +109,23 @@ def _leaf_readers(source, quant: QuantSpec):
     return whole, layer
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="float32") -> pathlib.Path:
-    """Converts a HF directory / GGUF / llama2.c file into a native checkpoint at `dst`."""
+def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="float32", quant: QuantSpec = NONE) -> pathlib.Path:
+    """Converts a HF directory / GGUF / llama2.c file into a native checkpoint at `dst`, its weights
+    quantized by `quant` (`gguf`: a GGUF's blocks as stored) and stored with the spec in the manifest."""
+    import jax
+
+    from jaxinfer.sharding import make_mesh
+
     dtype = parse_dtype(dtype)
     with open_source(src) as source:
         config = source.config
         logical = plan_layout(config, 1, quiet=True)
-        tree = {}
-        for path, _ in P.flatten(P.abstract_params(config, logical, dtype)):
-            P.set_path(tree, path, np.asarray(logical_leaf_from_hf(source, path), dtype=dtype))
+        if quant.label == "gguf":
+            quant = stored_spec(source)
+        whole, layer = _leaf_readers(source, quant)
+        tree = P.build_params(config, logical, make_mesh("1x1"), dtype, whole, layer, quant)
+    narrow = {jnp.dtype(jnp.int4): np.int8, jnp.dtype(jnp.uint4): np.uint8}  # 4-bit codes: one per byte on disk
+    tree = jax.tree.map(lambda a: np.asarray(a).astype(narrow.get(a.dtype, a.dtype)), tree)
     tokenizer = find_tokenizer(src)
     orbax_store.save(
         dst,
@@ -127,6 +136,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="float32") -> 
             "source": str(pathlib.Path(src).absolute()),
             "tokenizer": str(pathlib.Path(tokenizer).absolute()) if tokenizer else None,
         },
+        quant=quant,
     )
     return pathlib.Path(dst)
 

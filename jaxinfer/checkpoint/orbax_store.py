@@ -85,7 +85,7 @@ def restore(
     config = ModelConfig.from_hf_config(path / "config.json")
     dtype = jnp.dtype(dtype or manifest["dtype"])
     stored = QuantSpec.from_json(manifest.get("quant"))
-    if stored.enabled and stored != quant:
+    if stored.enabled and stored.to_json() != quant.to_json():
         raise CheckpointError(
             f"{path}: written with --quantize {stored.label} ({stored.describe()}); loaded with --quantize "
             f"{quant.label}: load it with the spec it was written with, or convert the float source again"

@@ -26,6 +26,7 @@ from jaxinfer.model import params as P
 from jaxinfer.model.forward import ShardedModel
 from jaxinfer.model.layout import plan_layout
 from jaxinfer.paths import content_key, source_hash
+from jaxinfer.quant.spec import NONE, QuantSpec
 from jaxinfer.sharding import device_names
 
 log = logging.getLogger(__name__)
@@ -33,14 +34,17 @@ log = logging.getLogger(__name__)
 SUBDIR = "jaxinfer-params"
 
 
-def identity(source: str, mesh, dtype, layer_loop: str) -> dict | None:
+NARROW = {"int4": np.int8, "uint4": np.uint8}  # dtypes .npy cannot hold, and how they are stored
+
+
+def identity(source: str, mesh, dtype, layer_loop: str, quant: QuantSpec = NONE) -> dict | None:
     """What the loaded parameters depend on; None when they are not cached: random presets, and the
     scan layout (TPU/GPU), where the Orbax restore already places the shards on the devices with only
     head padding after it, and where a second copy of a 70B model, gathered on one host to be
     written, would be neither affordable nor possible across hosts. The CPU layout's conversion is
     what costs seconds, and CPU-served models are small."""
-    if source in PRESETS or layer_loop != "unrolled":
-        return None
+    if source in PRESETS or layer_loop != "unrolled" or quant.label == "gguf":
+        return None  # gguf: the spec comes from the file at load time (the load reads no float anyway)
     path = pathlib.Path(source).absolute()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     return {
@@ -50,6 +54,7 @@ def identity(source: str, mesh, dtype, layer_loop: str) -> dict | None:
         "devices": device_names(mesh),
         "dtype": np.dtype(dtype).name,
         "layer_loop": layer_loop,
+        "quant": quant.to_json(),
         "jaxinfer_source": source_hash(),
     }
 
@@ -77,6 +82,8 @@ def load(root, ident: dict, mesh) -> ShardedModel | None:
         for leaf in meta["leaves"]:
             spec = jax.sharding.PartitionSpec(*[tuple(a) if isinstance(a, list) else a for a in leaf["spec"]])
             array = np.load(folder / leaf["file"], mmap_mode="r")
+            if leaf.get("dtype") in NARROW:  # 4-bit codes, stored one per byte
+                array = np.asarray(array).astype(jax.numpy.dtype(leaf["dtype"]))
             P.set_path(params, tuple(leaf["path"]), jax.device_put(array, jax.sharding.NamedSharding(mesh, spec)))
     except (OSError, ValueError) as e:
         log.warning("params cache %s refused: %s; rebuilding", folder, str(e).splitlines()[0][:200])
@@ -90,6 +97,7 @@ def load(root, ident: dict, mesh) -> ShardedModel | None:
         source=meta["source"],
         tokenizer_path=meta["tokenizer_path"],
         layer_loop=meta["identity"]["layer_loop"],
+        quant=QuantSpec.from_json(meta["identity"]["quant"]),
     )
 
 
@@ -108,9 +116,10 @@ def save(root, ident: dict, model: ShardedModel) -> None:
     try:
         for i, (path, array) in enumerate(P.flatten(model.params)):
             name = f"{i}.npy"
-            np.save(tmp / name, np.asarray(jax.device_get(array)))
+            host = np.asarray(jax.device_get(array))
+            np.save(tmp / name, host.astype(NARROW[str(array.dtype)]) if str(array.dtype) in NARROW else host)
             spec = [list(a) if isinstance(a, tuple) else a for a in array.sharding.spec]
-            leaves.append({"path": list(path), "file": name, "spec": spec})
+            leaves.append({"path": list(path), "file": name, "spec": spec, "dtype": str(array.dtype)})
         meta = {
             "identity": ident,
             "name": model.config.name,

@@ -37,9 +37,14 @@ class WeightQuant:
     kind: str  # int8 | int4 | uint4
     group: int  # elements per group along the last contraction axis; >= that axis: one group per row
     offset: bool = False
+    # 4-bit codes in XLA's 4-bit types (TPU and GPU hold them two per byte), or one per byte (int8 /
+    # uint8) where XLA keeps 4-bit arrays unpacked anyway and its layouts for them disagree (CPU)
+    narrow: bool = True
 
     @property
     def dtype(self):
+        if not self.narrow and self.kind in ("int4", "uint4"):
+            return jnp.dtype(jnp.int8 if self.kind == "int4" else jnp.uint8)
         return jnp.dtype(KINDS[self.kind])
 
     def groups(self, length: int) -> int:
@@ -60,6 +65,13 @@ class QuantSpec:
     def enabled(self) -> bool:
         return bool(self.weights)
 
+    def for_platform(self, platform: str) -> QuantSpec:
+        """This spec with 4-bit codes stored one per byte on CPU (see `WeightQuant.narrow`)."""
+        narrow = platform != "cpu"
+        return dataclasses.replace(
+            self, weights=tuple((n, dataclasses.replace(w, narrow=narrow)) for n, w in self.weights)
+        )
+
     def get(self, name: str) -> WeightQuant | None:
         for n, w in self.weights:
             if n == name:
@@ -76,7 +88,8 @@ class QuantSpec:
         return f"{self.label}: " + "; ".join(f"{k} ({', '.join(v)})" for k, v in sorted(formats.items()))
 
     def to_json(self) -> dict:
-        return {"label": self.label, "weights": {n: dataclasses.asdict(w) for n, w in self.weights}}
+        weights = {n: {k: v for k, v in dataclasses.asdict(w).items() if k != "narrow"} for n, w in self.weights}
+        return {"label": self.label, "weights": weights}
 
     @classmethod
     def from_json(cls, raw: dict | None) -> QuantSpec:

@@ -1,0 +1,40 @@
+"""The weight-quantization flags every front end shares (`jaxinfer.run`, `.serve`, `.aot`, `.convert`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from jaxinfer.quant.spec import MODES, QuantSpec, quant_spec
+
+CHOICES = MODES + ("gguf",)
+
+
+def add_quant_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("weight quantization")
+    g.add_argument(
+        "--quantize",
+        default="none",
+        choices=CHOICES,
+        help="weight-only quantization: int8 (per output channel), int4 (groups, with offsets), or gguf "
+        "(a .gguf model's own quantized blocks, as stored; default: none)",
+    )
+    g.add_argument(
+        "--quantize-group",
+        type=int,
+        default=128,
+        help="int4: weights per group along each weight's input axis (default: 128)",
+    )
+    g.add_argument(
+        "--quantize-embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also quantize the embedding table and lm_head, to int8 per channel (default: on)",
+    )
+
+
+def spec_from_args(args) -> QuantSpec:
+    """The `QuantSpec` the flags ask for; `gguf` is resolved from the file when it loads."""
+    mode = getattr(args, "quantize", "none")
+    if mode == "gguf":
+        return QuantSpec("gguf")
+    return quant_spec(mode, args.quantize_group, args.quantize_embeddings)
