@@ -26,6 +26,7 @@ def quantize(w: np.ndarray, quant: WeightQuant, axis: int) -> tuple[np.ndarray, 
     length = w.shape[-1]
     group = min(quant.group, length)
     groups = -(-length // group)
+    # edge padding completes a short last group without changing its min, max or absmax
     padded = xp.pad(w, [(0, 0)] * (w.ndim - 1) + [(0, groups * group - length)], mode="edge")
     blocks = padded.reshape(w.shape[:-1] + (groups, group))
     if quant.kind == "int8":
@@ -33,7 +34,8 @@ def quantize(w: np.ndarray, quant: WeightQuant, axis: int) -> tuple[np.ndarray, 
     elif quant.kind == "int4":
         codes, scale, offset = _symmetric(xp, blocks, 7)
     else:
-        codes, scale, offset = _asymmetric(xp, blocks, 15)
+        valid = (np.arange(groups * group) < length).reshape(groups, group)  # the last group's padding: no weight
+        codes, scale, offset = _asymmetric(xp, blocks, 15, valid)
     host_dtype = np.uint8 if quant.kind == "uint4" else np.int8
     codes = codes.reshape(padded.shape)[..., :length].astype(quant.dtype if xp is jnp else host_dtype)
     back = [xp.moveaxis(a, -1, axis) for a in (codes, scale, offset)]
@@ -49,7 +51,7 @@ def _symmetric(xp, blocks, qmax: int):
     return codes, scale.astype(xp.float32), xp.zeros_like(scale)
 
 
-def _asymmetric(xp, blocks, qmax: int):
+def _asymmetric(xp, blocks, qmax: int, valid):
     lo0, hi0 = blocks.min(axis=-1), blocks.max(axis=-1)
     mid = (lo0 + hi0) / 2
     best = None
@@ -58,7 +60,7 @@ def _asymmetric(xp, blocks, qmax: int):
         scale = (hi - lo) / qmax
         safe = xp.where(scale > 0, scale, 1.0)
         codes = xp.clip(xp.rint((blocks - lo[..., None]) / safe[..., None]), 0, qmax)
-        err = ((codes * scale[..., None] + lo[..., None] - blocks) ** 2).sum(axis=-1)
+        err = (((codes * scale[..., None] + lo[..., None] - blocks) ** 2) * valid).sum(axis=-1)
         if best is None:
             best = [codes, scale, lo, err]
         else:
