@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="compile only these token buckets (default: every bucket the engine uses)",
     )
+    p.add_argument(
+        "--plan-only",
+        action="store_true",
+        help="plan memory without compiling (seconds; the plan then lacks the compiler's temporaries)",
+    )
     p.add_argument("--out", help="write serialized executables, compile-cache entries and manifest.json here")
     p.add_argument("--check", metavar="DIR", help="only check DIR's manifest against this system")
     return p
@@ -98,6 +103,7 @@ def run(args) -> int:
     from jaxinfer.engine.config import refuse_sequence_axis
     from jaxinfer.model.layout import plan_layout
     from jaxinfer.model.params import abstract_params
+    from jaxinfer.quant.spec import check_fits
     from jaxinfer.sharding import MESH_AXES, per_device_bytes
 
     check_paths(args)
@@ -114,11 +120,13 @@ def run(args) -> int:
     policy = platforms.resolve(tgt.platform, engine.attention, engine.layer_loop, engine.min_bucket)
     mesh = jax.sharding.Mesh(np.asarray(tgt.devices, dtype=object).reshape(spec.shape), MESH_AXES)
     layout = plan_layout(config, spec.tensor)
+    quant = model_quant(args, tgt.platform)
+    check_fits(quant, config, layout.mlp, spec.tensor)
     draft = model_config(args.draft_model)[0] if args.speculative == "draft" else None
-    specs = aot_compile.step_specs(config, layout, mesh, dtype, engine, 1, policy, draft)
+    specs = aot_compile.step_specs(config, layout, mesh, dtype, engine, 1, policy, draft, quant)
     weights = per_device_bytes(specs.params)
     pages = plan.resolve_pages(engine, specs.cache_shape, tgt.memory_bytes, weights, spec.tensor, spec.data)
-    specs = aot_compile.step_specs(config, layout, mesh, dtype, engine, pages, policy, draft)
+    specs = aot_compile.step_specs(config, layout, mesh, dtype, engine, pages, policy, draft, quant)
     kv = per_device_bytes(specs.caches)
     buckets = args.buckets or specs.buckets
     unknown = sorted(set(buckets) - set(specs.buckets))
@@ -130,13 +138,15 @@ def run(args) -> int:
         f"({len(tgt.devices)} x {tgt.device_kind}, {tgt.memory_bytes / plan.GiB:.1f} GiB each; "
         f"{n_hosts} hosts x {devices_per_host} devices), mesh {spec}"
     )
+    if quant.enabled:
+        print(f"weights quantized: {quant.describe()}")
     print(
         f"engine: {engine.max_slots} slots, context {engine.max_context}, page {engine.page_size}, "
         f"{pages} KV pages per data shard, attention {policy.attention}, buckets {list(specs.buckets)}"
     )
 
     results, oom = [], None
-    if weights + kv <= tgt.memory_bytes:  # otherwise compiling (minutes) cannot change the answer
+    if weights + kv <= tgt.memory_bytes and not args.plan_only:  # else compiling (minutes) changes nothing
         try:
             with persistent_cache_bypassed():  # what StepStore serializes must be a real compile
                 for r in aot_compile.compile_buckets(specs, buckets):
@@ -155,7 +165,7 @@ def run(args) -> int:
         f"largest KV cache that fits: {p.max_kv_pages} pages per data shard = {p.max_slots} concurrent "
         f"requests of {engine.max_context} tokens"
     )
-    per_host = hosts.build(p, tgt.devices, abstract_params(config, layout, dtype, mesh))
+    per_host = hosts.build(p, tgt.devices, abstract_params(config, layout, dtype, mesh, quant))
     print(f"\nmemory plan per host:\n{plan.plan_table(per_host, f'per host ({per_host.devices_per_host} devices)')}")
     print(hosts.load_line(per_host))
     if args.out and results:
@@ -165,7 +175,13 @@ def run(args) -> int:
         path = manifest.write(
             args.out,
             {
-                "model": {"name": config.name, "source": source, "dtype": dtype.name, "params": config.param_count()},
+                "model": {
+                    "name": config.name,
+                    "source": source,
+                    "dtype": dtype.name,
+                    "params": config.param_count(),
+                    "quant": quant.to_json(),
+                },
                 "mesh": dict(zip(MESH_AXES, spec.shape)),
                 "engine": {
                     **vars(engine),
@@ -249,6 +265,22 @@ def model_config(spec: str | None):
         return ModelConfig.from_hf_config(os.path.join(spec, "config.json")), spec
     with open_source(spec) as source:
         return source.config, spec
+
+
+def model_quant(args, platform: str):
+    """The weight quantization --quantize asks for (gguf: read from the file's tensor types)."""
+    from jaxinfer.checkpoint.open_source import open_source
+    from jaxinfer.checkpoint.stored_quant import stored_spec
+    from jaxinfer.quant.flags import spec_from_args
+
+    quant = spec_from_args(args)
+    if quant.label == "gguf":
+        from jaxinfer.checkpoint.default_model import DEFAULT_MODEL, smollm2_gguf_path
+
+        path = smollm2_gguf_path() if args.model in (None, "", DEFAULT_MODEL) else args.model
+        with open_source(path) as source:
+            quant = stored_spec(source)
+    return quant.for_platform(platform)
 
 
 if __name__ == "__main__":

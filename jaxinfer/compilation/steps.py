@@ -24,6 +24,7 @@ from jaxinfer.model.forward import ShardedModel
 from jaxinfer.model.layout import plan_layout
 from jaxinfer.model.params import abstract_params
 from jaxinfer.platform import Platform
+from jaxinfer.quant.spec import NONE, QuantSpec
 
 COST_SECONDS_KEYS = ("optimal_seconds", "estimated_seconds", "seconds")
 
@@ -72,11 +73,20 @@ class BucketResult:
 
 
 def step_specs(
-    config, layout, mesh, dtype, engine: EngineConfig, pages_per_shard: int, platform: Platform, draft_config=None
+    config,
+    layout,
+    mesh,
+    dtype,
+    engine: EngineConfig,
+    pages_per_shard: int,
+    platform: Platform,
+    draft_config=None,
+    quant: QuantSpec = NONE,
 ) -> StepSpecs:
-    """The engine's steps as abstract shapes; `draft_config`: the draft model of --speculative draft."""
+    """The engine's steps as abstract shapes, weights quantized by `quant`; `draft_config`: the draft model
+    of --speculative draft."""
     data = mesh.shape["data"]
-    model = _abstract_model(config, layout, mesh, dtype, platform)
+    model = _abstract_model(config, layout, mesh, dtype, platform, quant)
     cache_shape = _cache_shape(model, data, pages_per_shard, engine.page_size)
     cache = abstract_cache(mesh, cache_shape, model.layer_loop)
     slots = engine.max_slots // data
@@ -95,8 +105,9 @@ def step_specs(
     return specs
 
 
-def _abstract_model(config, layout, mesh, dtype, platform: Platform) -> ShardedModel:
-    model = ShardedModel(config, layout, mesh, abstract_params(config, layout, dtype, mesh), dtype)
+def _abstract_model(config, layout, mesh, dtype, platform: Platform, quant: QuantSpec = NONE) -> ShardedModel:
+    params = abstract_params(config, layout, dtype, mesh, quant)
+    model = ShardedModel(config, layout, mesh, params, dtype, quant=quant)
     return model.with_layer_loop(platform.layer_loop)  # the params layout the engine will run
 
 
