@@ -121,6 +121,22 @@ def test_gguf_q4_1_runs_as_stored_and_equals_its_dequantized_floats(smollm2_gguf
     floats = load_model(smollm2_gguf, make_mesh(mesh), layer_loop=loop)
     out, ref = stored.logits(tokens), floats.logits(tokens)
     assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
+    if mesh == "1x1":
+        assert _answer(stored).startswith("The capital of France is Paris."), _answer(stored)
+
+
+def test_smollm2_int8_still_answers_paris():
+    model = load_model(None, make_mesh("1x1"), layer_loop="scan", quant=quant_spec("int8"))
+    assert _answer(model).startswith("The capital of France is Paris."), _answer(model)
+
+
+def _answer(model) -> str:
+    from jaxinfer.tokenizer import load_tokenizer
+    from tests.dense_greedy import greedy_dense
+
+    tok = load_tokenizer(model.tokenizer_path)
+    prompt = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    return tok.decode(greedy_dense(model, prompt, max_new_tokens=10, eos_ids=tok.eos_ids, window=64)).strip()
 
 
 @pytest.fixture(scope="module")
