@@ -59,6 +59,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--kv-pages", type=int, default=None, help="KV pages per data shard")
     e.add_argument("--kv-memory-fraction", type=float, default=None)
     e.add_argument(
+        "--kv-dtype",
+        default="auto",
+        help="KV cache storage: auto (the model's --dtype), float32, bfloat16, int8 (a float32 scale per token "
+        "and KV head) or fp8_e4m3",
+    )
+    e.add_argument(
         "--attention",
         default="auto",
         choices=["auto", "pallas", "xla", "native"],
@@ -205,6 +211,7 @@ def engine_config(args, model_limit: int):
         speculative=args.speculative,
         num_speculative_tokens=args.num_speculative_tokens,
         speculative_adaptive=args.speculative_adaptive,
+        kv_dtype=args.kv_dtype,
     )
 
 

@@ -23,6 +23,8 @@ import pathlib
 import pickle
 import tempfile
 
+import numpy as np
+
 from jaxinfer.compilation.manifest import versions
 from jaxinfer.paths import content_key, source_hash
 from jaxinfer.sharding import device_names
@@ -51,7 +53,7 @@ def signature(engine) -> dict:
         "mesh": dict(mesh.shape),
         "model": plain(engine.model.config),
         "layout": plain(engine.model.layout),
-        "dtype": str(engine.cache_shape.dtype),
+        "dtype": str(np.dtype(engine.model.dtype)),
         "layer_loop": engine.model.layer_loop,
         "platform": plain(engine.platform),
         "cache": plain(engine.cache_shape),
@@ -69,7 +71,7 @@ FLAGS = {
     "cache.page_size": "--page-size",
     "inputs.page_size": "--page-size",
     "dtype": "--dtype",
-    "cache.dtype": "--dtype",
+    "cache.dtype": "--kv-dtype",
     "layer_loop": "--layer-loop",
     "platform.layer_loop": "--layer-loop",
     "platform.attention": "--attention",
