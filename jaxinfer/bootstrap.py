@@ -217,9 +217,13 @@ def engine_config(args, model_limit: int):
 
 def check_paths(args, inputs: tuple[str, ...] = ()) -> None:
     """Refuses, before anything loads, a --model or --tokenizer path that does not exist, a
-    --compile-cache that is not a directory, and any of `inputs` (flag names) that is not a file."""
+    --compile-cache that is not a directory, any of `inputs` (flag names) that is not a file, and an
+    unknown --kv-dtype."""
     from jaxinfer.checkpoint.default_model import DEFAULT_MODEL
     from jaxinfer.config import PRESETS
+    from jaxinfer.engine.config import check_kv_dtype
+
+    check_kv_dtype(getattr(args, "kv_dtype", "auto"))
 
     model = getattr(args, "model", None)
     if model and model not in PRESETS and model != DEFAULT_MODEL and not os.path.exists(model):

@@ -65,8 +65,7 @@ class EngineConfig:
             raise bad("layer_loop", "must be one of " + ", ".join(LAYER_LOOPS))
         if self.min_bucket is not None and self.min_bucket < 1:
             raise bad("min_bucket", "must be >= 1")
-        if self.kv_dtype not in KV_DTYPES:
-            raise bad("kv_dtype", "must be one of " + ", ".join(KV_DTYPES))
+        check_kv_dtype(self.kv_dtype)
         if self.speculative not in SPECULATIVE_MODES:
             raise bad("speculative", "must be one of " + ", ".join(SPECULATIVE_MODES))
         if self.speculative != "none":
@@ -95,6 +94,12 @@ class EngineConfig:
     def max_prompt_tokens(self) -> int:
         """The longest prompt: one position of the context is kept for the first output token."""
         return self.max_context - 1
+
+
+def check_kv_dtype(value) -> None:
+    """`--kv-dtype` is one of KV_DTYPES (checked by the front ends before any model loads, and by `validate`)."""
+    if value not in KV_DTYPES:
+        raise ConfigError(f"--kv-dtype {value} must be one of " + ", ".join(KV_DTYPES))
 
 
 def refuse_sequence_axis(sequence: int, mesh_flag: str = "") -> None:
