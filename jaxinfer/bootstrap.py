@@ -61,6 +61,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--kv-pages", type=int, default=None, help="KV pages per data shard")
     e.add_argument("--kv-memory-fraction", type=float, default=None)
     e.add_argument(
+        "--kv-dtype",
+        default="auto",
+        help="KV cache storage: auto (the model's --dtype), float32, bfloat16, int8 (a float32 scale per token "
+        "and KV head) or fp8_e4m3",
+    )
+    e.add_argument(
         "--attention",
         default="auto",
         choices=["auto", "pallas", "xla", "native"],
@@ -207,14 +213,19 @@ def engine_config(args, model_limit: int):
         speculative=args.speculative,
         num_speculative_tokens=args.num_speculative_tokens,
         speculative_adaptive=args.speculative_adaptive,
+        kv_dtype=args.kv_dtype,
     )
 
 
 def check_paths(args, inputs: tuple[str, ...] = ()) -> None:
     """Refuses, before anything loads, a --model or --tokenizer path that does not exist, a
-    --compile-cache that is not a directory, and any of `inputs` (flag names) that is not a file."""
+    --compile-cache that is not a directory, any of `inputs` (flag names) that is not a file, and an
+    unknown --kv-dtype."""
     from jaxinfer.checkpoint.default_model import DEFAULT_MODEL
     from jaxinfer.config import PRESETS
+    from jaxinfer.engine.config import check_kv_dtype
+
+    check_kv_dtype(getattr(args, "kv_dtype", "auto"))
 
     model = getattr(args, "model", None)
     if model and model not in PRESETS and model != DEFAULT_MODEL and not os.path.exists(model):

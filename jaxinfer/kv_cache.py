@@ -4,6 +4,9 @@ Device layout (donated to every step and updated in place), one array for all la
 model's layer loop is `scan`:
     pages: [layers, data * pages_per_shard, page_size, 2 * kv_heads, head_dim]
 or, when it is `unrolled` (CPU), a tuple of `layers` arrays [data * pages_per_shard, page_size, ...].
+The dtype is `--kv-dtype`'s: the model's float dtype, float8_e4m3fn (values only), or int8, whose pages
+have E = ceil(4 * page_size / head_dim) more rows holding a float32 scale per (token, kv head)
+(`pallas_kernels.ragged_paged_attention.quantized`; K/V are quantized as they are written).
 K and V are interleaved on the combined head axis (index 2h is K of head h, 2h+1 its V), the
 layout of the ragged paged attention kernel. Pages are split over `data` (each data shard owns
 a contiguous block of pages and the slots that use them) and combined heads over `tensor`.
@@ -20,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.sharding import logical_sharding
+from pallas_kernels.ragged_paged_attention.quantized import page_rows
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +38,35 @@ class CacheShape:
     page_size: int
     kv_heads: int  # physical (padded) KV heads
     head_dim: int
-    dtype: str
+    dtype: str  # storage: float32 | bfloat16 | float8_e4m3fn | int8 (with its scale rows)
+
+    @property
+    def page_rows(self) -> int:
+        """Rows of one page: its tokens, plus the scale rows of an int8 page."""
+        return page_rows(self.page_size, self.head_dim, self.dtype)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (self.layers, self.data_shards * self.pages_per_shard, self.page_size, 2 * self.kv_heads, self.head_dim)
+        return (self.layers, self.data_shards * self.pages_per_shard, self.page_rows, 2 * self.kv_heads, self.head_dim)
 
     @property
     def bytes_per_page(self) -> int:
-        """Bytes of one page across all layers (what one page of one shard costs)."""
-        return self.layers * self.page_size * 2 * self.kv_heads * self.head_dim * jnp.dtype(self.dtype).itemsize
+        """Bytes of one page across all layers, scales included (what one page of one shard costs)."""
+        return self.layers * self.page_rows * 2 * self.kv_heads * self.head_dim * jnp.dtype(self.dtype).itemsize
+
+    @property
+    def bytes_per_token(self) -> float:
+        """KV bytes one cached token costs across all layers and KV heads, scales included."""
+        return self.bytes_per_page / self.page_size
 
     @property
     def total_bytes(self) -> int:
         return self.bytes_per_page * self.data_shards * self.pages_per_shard
+
+
+def model_cache_shape(config, kv_heads: int, data: int, pages_per_shard: int, page_size: int, dtype: str) -> CacheShape:
+    """The cache of a model (`ModelConfig`, physical KV heads of its layout) in storage `dtype`."""
+    return CacheShape(config.num_layers, data, pages_per_shard, page_size, kv_heads, config.head_dim, dtype)
 
 
 def cache_sharding(mesh, shape: CacheShape, layer_loop: str = "scan"):

@@ -144,6 +144,7 @@ def run(args) -> int:
         f"engine: {engine.max_slots} slots, context {engine.max_context}, page {engine.page_size}, "
         f"{pages} KV pages per data shard, attention {policy.attention}, buckets {list(specs.buckets)}"
     )
+    print(plan.kv_line(specs.cache_shape, spec.tensor))
 
     results, oom = [], None
     if weights + kv <= tgt.memory_bytes and not args.plan_only:  # else compiling (minutes) changes nothing
@@ -238,6 +239,7 @@ def run(args) -> int:
             for s in target.presets().values()
             if s.topology and s.hbm_bytes_per_device
         ],
+        specs.cache_shape.dtype,
     )
     over = p.total - tgt.memory_bytes
     what = "" if results else " before compiler temporaries"

@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 
 from jaxinfer.engine.pages import pages_needed
-from jaxinfer.kv_cache import CacheShape, pages_for_budget, pages_for_memory_fraction
+from jaxinfer.kv_cache import CacheShape, model_cache_shape, pages_for_budget, pages_for_memory_fraction
 
 GiB = 2**30
 
@@ -96,6 +96,16 @@ def bucket_table(results) -> str:
     return "\n".join(lines)
 
 
+def kv_line(one_page: CacheShape, tensor: int) -> str:
+    """What one cached token costs in the cache's storage dtype (scales included)."""
+    per_token = one_page.bytes_per_token
+    return (
+        f"KV cache {one_page.dtype}: {per_token:,.0f} bytes per token ({one_page.layers} layers, "
+        f"{one_page.kv_heads} KV heads, K and V{', scales included' if one_page.dtype == 'int8' else ''}), "
+        f"{per_token / tensor:,.0f} per device"
+    )
+
+
 def plan_table(plan, heading: str = "per device") -> str:
     """`plan`: a MemoryPlan, or anything else with `rows()` (`hosts.HostPlan`)."""
     lines = [f"| {heading} | bytes | |", "|---|---:|---:|"]
@@ -113,10 +123,11 @@ def suggestion(
     max_context: int,
     page_size: int,
     chips: list[tuple[str, int, int]],
+    kv_dtype: str,
 ) -> str:
     """A budget or a mesh that fits: fewer pages/slots when the weights fit, else more or bigger chips.
 
-    `chips`: (topology, chip count, HBM bytes per chip) of the known presets.
+    `chips`: (topology, chip count, HBM bytes per chip) of the known presets; `kv_dtype`: the cache's.
     """
     per_slot = pages_needed(max_context, page_size)
     if plan.max_kv_pages and plan.max_kv_pages >= per_slot:
@@ -129,7 +140,7 @@ def suggestion(
     fitting = [
         (topo, n, hbm, need)
         for topo, n, hbm in sorted(chips, key=lambda c: (c[1], c[2]))
-        if (need := per_device_need(config, dtype, n, slots, max_context, page_size) + extra) <= hbm
+        if (need := per_device_need(config, dtype, n, slots, max_context, page_size, kv_dtype) + extra) <= hbm
     ]
     same = [f for f in fitting if f[0].split(":")[0] == generation]
     other = [f for f in fitting if f[0].split(":")[0] != generation]
@@ -142,8 +153,11 @@ def suggestion(
     return "try " + ", or ".join(options)
 
 
-def per_device_need(config, dtype, tensor: int, slots: int, max_context: int, page_size: int) -> int:
-    """Per-device bytes of weights + KV for `slots` requests of `max_context` on a 1 x `tensor` mesh."""
+def per_device_need(
+    config, dtype, tensor: int, slots: int, max_context: int, page_size: int, kv_dtype: str | None = None
+) -> int:
+    """Per-device bytes of weights + KV for `slots` requests of `max_context` on a 1 x `tensor` mesh; the
+    cache in `kv_dtype` (default: the weights' dtype)."""
     import jax
 
     from jaxinfer.model.layout import plan_layout
@@ -153,5 +167,5 @@ def per_device_need(config, dtype, tensor: int, slots: int, max_context: int, pa
     layout = plan_layout(config, tensor, quiet=True)
     mesh = jax.sharding.AbstractMesh((1, 1, tensor), ("data", "sequence", "tensor"))
     weights = per_device_bytes(abstract_params(config, layout, dtype, mesh))
-    one_page = CacheShape(config.num_layers, 1, 1, page_size, layout.kv_heads, config.head_dim, str(np.dtype(dtype)))
+    one_page = model_cache_shape(config, layout.kv_heads, 1, 1, page_size, kv_dtype or str(np.dtype(dtype)))
     return weights + slots * pages_needed(max_context, page_size) * (one_page.bytes_per_page // tensor)

@@ -23,6 +23,8 @@ import pathlib
 import pickle
 import tempfile
 
+import numpy as np
+
 from jaxinfer.compilation.manifest import versions
 from jaxinfer.paths import content_key, source_hash
 from jaxinfer.sharding import device_names
@@ -51,7 +53,7 @@ def signature(engine) -> dict:
         "mesh": dict(mesh.shape),
         "model": plain(engine.model.config),
         "layout": plain(engine.model.layout),
-        "dtype": str(engine.cache_shape.dtype),
+        "dtype": str(np.dtype(engine.model.dtype)),
         "layer_loop": engine.model.layer_loop,
         "quant": engine.model.quant.to_json(),
         "platform": plain(engine.platform),
@@ -70,7 +72,7 @@ FLAGS = {
     "cache.page_size": "--page-size",
     "inputs.page_size": "--page-size",
     "dtype": "--dtype",
-    "cache.dtype": "--dtype",
+    "cache.dtype": "--kv-dtype",
     "layer_loop": "--layer-loop",
     "quant.label": "--quantize",
     "platform.layer_loop": "--layer-loop",

@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import numpy as np
-
 from jaxinfer.engine.config import EngineConfig, token_buckets
 from jaxinfer.engine.draft_step import Draft
 from jaxinfer.engine.pages import pages_needed
@@ -19,7 +17,7 @@ from jaxinfer.engine.sampler_state import RowSetter, abstract_state
 from jaxinfer.engine.step import build_step_fn
 from jaxinfer.engine.step_inputs import HostBatchBuilder, StepInputs, abstract_inputs
 from jaxinfer.engine.step_registry import key_bucket, verify_key
-from jaxinfer.kv_cache import CacheShape, abstract_cache
+from jaxinfer.kv_cache import CacheShape, abstract_cache, model_cache_shape
 from jaxinfer.model.forward import ShardedModel
 from jaxinfer.model.layout import plan_layout
 from jaxinfer.model.params import abstract_params
@@ -34,7 +32,7 @@ class StepSpecs:
     """Everything a step is compiled for, as abstract sharded shapes."""
 
     model: ShardedModel  # params: ShapeDtypeStruct tree
-    cache: object  # [layers, data * pages, page_size, 2 * kv_heads, head_dim] or one per layer
+    cache: object  # [layers, data * pages, page rows, 2 * kv_heads, head_dim] or one per layer
     cache_shape: CacheShape
     state: object  # the SamplerState: previous tokens [D, S] and penalty rows [D, S, vocab]
     buckets: tuple[int, ...]
@@ -87,7 +85,8 @@ def step_specs(
     of --speculative draft."""
     data = mesh.shape["data"]
     model = _abstract_model(config, layout, mesh, dtype, platform, quant)
-    cache_shape = _cache_shape(model, data, pages_per_shard, engine.page_size)
+    kv_dtype = engine.cache_dtype(dtype)
+    cache_shape = _cache_shape(model, data, pages_per_shard, engine.page_size, kv_dtype)
     cache = abstract_cache(mesh, cache_shape, model.layer_loop)
     slots = engine.max_slots // data
     state = abstract_state(mesh, data, slots, config.vocab_size)
@@ -100,7 +99,7 @@ def step_specs(
     if draft_config is not None:
         draft_layout = plan_layout(draft_config, mesh.shape["tensor"], quiet=True)
         specs.draft = _abstract_model(draft_config, draft_layout, mesh, dtype, platform)
-        specs.draft_cache_shape = _cache_shape(specs.draft, data, pages_per_shard, engine.page_size)
+        specs.draft_cache_shape = _cache_shape(specs.draft, data, pages_per_shard, engine.page_size, kv_dtype)
         specs.draft_cache = abstract_cache(mesh, specs.draft_cache_shape, specs.draft.layer_loop)
     return specs
 
@@ -111,16 +110,8 @@ def _abstract_model(config, layout, mesh, dtype, platform: Platform, quant: Quan
     return model.with_layer_loop(platform.layer_loop)  # the params layout the engine will run
 
 
-def _cache_shape(model: ShardedModel, data: int, pages_per_shard: int, page_size: int) -> CacheShape:
-    return CacheShape(
-        layers=model.config.num_layers,
-        data_shards=data,
-        pages_per_shard=pages_per_shard,
-        page_size=page_size,
-        kv_heads=model.layout.kv_heads,
-        head_dim=model.config.head_dim,
-        dtype=str(np.dtype(model.dtype)),
-    )
+def _cache_shape(model: ShardedModel, data: int, pages_per_shard: int, page_size: int, dtype: str) -> CacheShape:
+    return model_cache_shape(model.config, model.layout.kv_heads, data, pages_per_shard, page_size, dtype)
 
 
 def step_inputs(specs: StepSpecs, key) -> StepInputs:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-
 from jaxinfer.config import ConfigError
-from jaxinfer.kv_cache import CacheShape, device_memory, local_device, pages_for_memory_fraction
+from jaxinfer.kv_cache import CacheShape, device_memory, local_device, model_cache_shape, pages_for_memory_fraction
 from jaxinfer.sharding import per_device_bytes
 
 
@@ -39,24 +37,13 @@ def resolve_pages(config, model, one_page: CacheShape, pages_per_slot: int, data
     return pages
 
 
-def page_shapes(model, draft, data: int, page_size: int):
+def page_shapes(model, draft, data: int, page_size: int, dtype: str):
     """-> (one page per shard of the target's cache, of the draft's or None, of both together: the
-    target's shape with the draft's bytes as extra layers, rounded up, for sizing by memory)."""
-    one = _one_page(model, data, page_size)
+    target's shape with the draft's bytes as extra layers, rounded up, for sizing by memory). `dtype`:
+    the caches' storage dtype (`EngineConfig.cache_dtype`)."""
+    one = model_cache_shape(model.config, model.layout.kv_heads, data, 1, page_size, dtype)
     if draft is None:
         return one, None, one
-    other = _one_page(draft, data, page_size)
+    other = model_cache_shape(draft.config, draft.layout.kv_heads, data, 1, page_size, dtype)
     per_layer = one.bytes_per_page // one.layers
     return one, other, dataclasses.replace(one, layers=one.layers + -(-other.bytes_per_page // per_layer))
-
-
-def _one_page(model, data: int, page_size: int) -> CacheShape:
-    return CacheShape(
-        layers=model.config.num_layers,
-        data_shards=data,
-        pages_per_shard=1,
-        page_size=page_size,
-        kv_heads=model.layout.kv_heads,
-        head_dim=model.config.head_dim,
-        dtype=str(np.dtype(model.dtype)),
-    )

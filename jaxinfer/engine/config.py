@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from jaxinfer.config import ConfigError
 
 ATTENTION_KINDS = ("auto", "pallas", "xla", "native")
 LAYER_LOOPS = ("auto", "scan", "unrolled")
 SPECULATIVE_MODES = ("none", "ngram", "draft")
+# --kv-dtype -> the cache's storage dtype (None: the model's dtype); see jaxinfer.kv_cache
+KV_DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "int8": "int8", "fp8_e4m3": "float8_e4m3fn"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +35,7 @@ class EngineConfig:
     speculative: str = "none"  # none | ngram | draft (jaxinfer.engine.speculation)
     num_speculative_tokens: int = 4  # K: proposals per verify window
     speculative_adaptive: bool = True  # slots speculate only while it pays (else whenever there are proposals)
+    kv_dtype: str = "auto"  # KV cache storage: auto (the model's dtype) | float32 | bfloat16 | int8 | fp8_e4m3
 
     def validate(self, data_shards: int, model_limit: int) -> None:
         def bad(field, limit):
@@ -60,6 +65,7 @@ class EngineConfig:
             raise bad("layer_loop", "must be one of " + ", ".join(LAYER_LOOPS))
         if self.min_bucket is not None and self.min_bucket < 1:
             raise bad("min_bucket", "must be >= 1")
+        check_kv_dtype(self.kv_dtype)
         if self.speculative not in SPECULATIVE_MODES:
             raise bad("speculative", "must be one of " + ", ".join(SPECULATIVE_MODES))
         if self.speculative != "none":
@@ -76,6 +82,10 @@ class EngineConfig:
             if k + 1 >= self.max_context:
                 raise bad("num_speculative_tokens", f"must be below --max-context {self.max_context} - 1")
 
+    def cache_dtype(self, model_dtype) -> str:
+        """The KV cache's storage dtype name (`--kv-dtype`; auto: the model's dtype, e.g. 'bfloat16')."""
+        return KV_DTYPES[self.kv_dtype] or str(np.dtype(model_dtype))
+
     def step_budget(self, data_shards: int) -> int:
         """Tokens per data shard in the largest step (the largest bucket)."""
         return self.max_step_tokens or max(self.prefill_chunk, self.max_slots // data_shards)
@@ -84,6 +94,12 @@ class EngineConfig:
     def max_prompt_tokens(self) -> int:
         """The longest prompt: one position of the context is kept for the first output token."""
         return self.max_context - 1
+
+
+def check_kv_dtype(value) -> None:
+    """`--kv-dtype` is one of KV_DTYPES (checked by the front ends before any model loads, and by `validate`)."""
+    if value not in KV_DTYPES:
+        raise ConfigError(f"--kv-dtype {value} must be one of " + ", ".join(KV_DTYPES))
 
 
 def refuse_sequence_axis(sequence: int, mesh_flag: str = "") -> None:

@@ -73,7 +73,8 @@ class Engine:
         self.model, self.tokenizer, self.config, self.draft = model, tokenizer, config, draft
         slots = config.max_slots // self.data
         pages_per_slot = pages_needed(config.max_context, config.page_size)
-        one_page, draft_page, both = page_shapes(model, draft, self.data, config.page_size)
+        kv_dtype = config.cache_dtype(model.dtype)
+        one_page, draft_page, both = page_shapes(model, draft, self.data, config.page_size, kv_dtype)
         pages = resolve_pages(
             config, model, both, pages_per_slot, self.data, per_device_bytes(draft.params) if draft else 0
         )
@@ -130,12 +131,14 @@ class Engine:
         self._finished: collections.Counter = collections.Counter()
         self._compiles_at_warmup: int | None = None
         log.info(
-            "KV cache: %d pages/shard x %d shards of %d tokens = %.1f MiB; %d slots; buckets %s; attention %s; "
-            "prefix cache %s; speculation %s",
+            "KV cache: %d pages/shard x %d shards of %d tokens = %.1f MiB, %s, %.0f bytes per token; %d slots; "
+            "buckets %s; attention %s; prefix cache %s; speculation %s",
             pages,
             self.data,
             config.page_size,
             self.cache_shape.total_bytes / 2**20,
+            kv_dtype,
+            self.cache_shape.bytes_per_token,
             config.max_slots,
             self.buckets,
             self.platform.attention,

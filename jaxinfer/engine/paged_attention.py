@@ -1,5 +1,5 @@
-"""The paged attention context of the engine's steps: a layer's K/V written into the paged cache, then
-read ragged by the attention kernel.
+"""The paged attention context of the engine's steps: a layer's K/V written into the paged cache (quantized
+on write for an int8 or fp8 cache), then read ragged by the attention kernel.
 
 Sequence i of a data shard is its slot i (idle slots have zero query tokens). Attention runs inside
 `shard_map` over (data, tensor), its specs taken from the sharding rules: each data shard sees only
@@ -19,6 +19,7 @@ from jaxinfer.engine.sampler_state import ROW_AXES
 from jaxinfer.engine.step_inputs import StepInputs
 from jaxinfer.kv_cache import CACHE_AXES
 from jaxinfer.sharding import logical_spec
+from pallas_kernels.ragged_paged_attention.quantized import write_tokens
 
 AttentionImpl = Callable[..., jax.Array]  # ragged_paged_attention(queries, kv_pages, kv_lens, ...)
 
@@ -44,9 +45,9 @@ class PagedAttention:
 
         def local(layer, q, k, v, cache, write_page, write_offset, kv_lens, page_indices, cu_q_lens, num_seqs):
             t, hk, dh = k.shape[1], k.shape[2], k.shape[3]
-            kv = jnp.stack([k[0], v[0]], axis=2).reshape(t, 2 * hk, dh).astype(cache.dtype)  # K,V interleaved
+            kv = jnp.stack([k[0], v[0]], axis=2).reshape(t, 2 * hk, dh)  # K,V interleaved
             at = (layer,) if stacked else ()
-            cache = cache.at[at + (write_page[0], write_offset[0])].set(kv, mode="drop")
+            cache = write_tokens(cache, write_page[0], write_offset[0], kv, prefix=at)  # quantized as the cache is
             out = self.impl(
                 q[0],
                 cache[layer] if stacked else cache,

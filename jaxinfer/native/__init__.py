@@ -28,6 +28,7 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxinfer.paths import default_cache_dir
 
@@ -35,10 +36,19 @@ log = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name("paged_context.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC")
-TARGETS = {jnp.dtype(jnp.float32): "jaxinfer_paged_context_f32", jnp.dtype(jnp.bfloat16): "jaxinfer_paged_context_bf16"}
+TARGETS = {
+    jnp.dtype(jnp.float32): "jaxinfer_paged_context_f32",
+    jnp.dtype(jnp.bfloat16): "jaxinfer_paged_context_bf16",
+    jnp.dtype(jnp.int8): "jaxinfer_paged_context_s8",
+    jnp.dtype(jnp.float8_e4m3fn): "jaxinfer_paged_context_f8e4m3fn",
+    jnp.dtype(jnp.float8_e5m2): "jaxinfer_paged_context_f8e5m2",
+}
 SYMBOLS = {
     "jaxinfer_paged_context_f32": "JaxinferPagedContextF32",
     "jaxinfer_paged_context_bf16": "JaxinferPagedContextBF16",
+    "jaxinfer_paged_context_s8": "JaxinferPagedContextS8",
+    "jaxinfer_paged_context_f8e4m3fn": "JaxinferPagedContextF8E4M3FN",
+    "jaxinfer_paged_context_f8e5m2": "JaxinferPagedContextF8E5M2",
 }
 
 
@@ -122,17 +132,19 @@ def available() -> bool:
     return unavailable_reason() is None
 
 
-def paged_context(q, kv_pages, page_table, seq, limit):
+def paged_context(q, kv_pages, page_table, seq, limit, page_size: int | None = None):
     """Online-softmax state of each query over positions [0, limit[t]) of sequence seq[t]'s pages.
 
-    q f32 [T, Hk, G, D] (already scaled); kv_pages [P, page, 2*Hk, D] float32 or bfloat16, K of head
-    h at 2h and V at 2h+1; page_table i32 [S, W]; seq, limit i32 [T]. Returns (m, l, acc):
-    f32 [T, Hk, G], [T, Hk, G], [T, Hk, G, D]; a row with no visible key gives (-inf, 0, 0).
+    q f32 [T, Hk, G, D] (already scaled); kv_pages [P, rows, 2*Hk, D] float32, bfloat16, float8_e4m3fn,
+    float8_e5m2 or int8 (rows = page_size + its scale trailer, `pallas_kernels.ragged_paged_attention.
+    quantized`), K of head h at 2h and V at 2h+1; page_size: tokens per page (default: rows);
+    page_table i32 [S, W]; seq, limit i32 [T]. Returns (m, l, acc): f32 [T, Hk, G], [T, Hk, G],
+    [T, Hk, G, D]; a row with no visible key gives (-inf, 0, 0).
     """
     load()
     target = TARGETS.get(jnp.dtype(kv_pages.dtype))
     if target is None:
-        raise ValueError(f"native paged attention: cache dtype {kv_pages.dtype} is not float32 or bfloat16")
+        raise ValueError(f"native paged attention: cache dtype {kv_pages.dtype} is not one of {list(TARGETS)}")
     t, hk, g, d = q.shape
     out = (
         jax.ShapeDtypeStruct((t, hk, g), jnp.float32),
@@ -140,5 +152,10 @@ def paged_context(q, kv_pages, page_table, seq, limit):
         jax.ShapeDtypeStruct((t, hk, g, d), jnp.float32),
     )
     return jax.ffi.ffi_call(target, out)(
-        q.astype(jnp.float32), kv_pages, page_table.astype(jnp.int32), seq.astype(jnp.int32), limit.astype(jnp.int32)
+        q.astype(jnp.float32),
+        kv_pages,
+        page_table.astype(jnp.int32),
+        seq.astype(jnp.int32),
+        limit.astype(jnp.int32),
+        page_size=np.int64(kv_pages.shape[1] if page_size is None else page_size),
     )

@@ -13,12 +13,17 @@
 //
 // Layouts (row-major):
 //   q           f32 [T, Hk, G, D]   (scaled by the softmax scale already)
-//   kv_pages    f32|bf16 [P, page, 2*Hk, D]   K of head h at 2h, V at 2h+1
+//   kv_pages    f32|bf16|f8e4m3fn|f8e5m2 [P, page, 2*Hk, D]   K of head h at 2h, V at 2h+1
+//               int8 [P, page + E, 2*Hk, D]: values, then E rows of per-(token, head) float32 scales
+//               (pallas_kernels/ragged_paged_attention/quantized.py: byte b of token t's scale for
+//               combined head c at flat position b*page + t of head c's trailer rows)
 //   page_table  i32 [S, W]
 //   seq, limit  i32 [T]
 //   m, l        f32 [T, Hk, G];  acc f32 [T, Hk, G, D]
+// Attribute page_size: tokens per page (the rows of an int8 page are more).
 // Out-of-range page ids, sequence ids and limits are clamped (never read outside the cache).
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
@@ -39,13 +44,63 @@ namespace {
 constexpr int kMaxGroup = 16;  // query heads per KV head handled in one pass
 constexpr int64_t kRunTokens = 8;  // query tokens of one sequence sharing each page read
 
-inline float Load(const float* p, int64_t i) { return p[i]; }
-inline float Load(const uint16_t* p, int64_t i) {
-  uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
+// How a stored element becomes a float: one codec per cache dtype. Scaled codecs (int8) also carry a
+// float32 scale per (token, combined head), read from the page's trailer rows.
+struct F32 {
+  using T = float;
+  static constexpr bool kScaled = false;
+  static float Get(const T* p, int64_t i) { return p[i]; }
+};
+struct BF16 {
+  using T = uint16_t;
+  static constexpr bool kScaled = false;
+  static float Get(const T* p, int64_t i) {
+    uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+};
+
+// The 256 values of an 8-bit float with `mbits` mantissa bits and exponent bias `bias`; `fn`: no
+// infinities, the all-ones pattern is NaN (e4m3fn), else IEEE-style (e5m2: all-ones exponent = inf/NaN).
+std::array<float, 256> Fp8Table(int mbits, int bias, bool fn) {
+  std::array<float, 256> t{};
+  const int ebits = 7 - mbits, emax = (1 << ebits) - 1, mmax = (1 << mbits) - 1;
+  for (int b = 0; b < 256; ++b) {
+    const int e = (b >> mbits) & emax, m = b & mmax;
+    float v;
+    if (fn ? (e == emax && m == mmax) : (e == emax && m != 0)) {
+      v = std::numeric_limits<float>::quiet_NaN();
+    } else if (!fn && e == emax) {
+      v = std::numeric_limits<float>::infinity();
+    } else if (e == 0) {
+      v = std::ldexp(static_cast<float>(m), 1 - bias - mbits);
+    } else {
+      v = std::ldexp(static_cast<float>(m + (1 << mbits)), e - bias - mbits);
+    }
+    t[b] = (b & 0x80) ? -v : v;
+  }
+  return t;
 }
+const std::array<float, 256> kE4M3 = Fp8Table(3, 7, true);
+const std::array<float, 256> kE5M2 = Fp8Table(2, 15, false);
+
+struct E4M3 {
+  using T = uint8_t;
+  static constexpr bool kScaled = false;
+  static float Get(const T* p, int64_t i) { return kE4M3[p[i]]; }
+};
+struct E5M2 {
+  using T = uint8_t;
+  static constexpr bool kScaled = false;
+  static float Get(const T* p, int64_t i) { return kE5M2[p[i]]; }
+};
+struct I8 {
+  using T = int8_t;
+  static constexpr bool kScaled = true;
+  static float Get(const T* p, int64_t i) { return static_cast<float>(p[i]); }
+};
 
 // exp(x) for finite x <= 0 (a score minus the running max), in plain arithmetic the compiler can
 // vectorise (glibc's vector expf needs -ffast-math, which would also assume away the -inf the online
@@ -70,13 +125,29 @@ inline float ExpNonPositive(float x) {
 
 struct Shape {
   int64_t tokens, kv_heads, group, dim, pages, page, slots, width;
+  int64_t rows;  // rows of one page in the cache: `page` tokens, plus the int8 scale trailer
 };
+
+// The float32 scale of token k, combined head c, of an int8 page starting at `base`.
+inline float TokenScale(const Shape& s, const int8_t* base, int64_t k, int64_t c) {
+  uint32_t bits = 0;
+  for (int64_t b = 0; b < 4; ++b) {
+    const int64_t f = b * s.page + k;
+    const int64_t at = ((s.page + f / s.dim) * 2 * s.kv_heads + c) * s.dim + f % s.dim;
+    bits |= static_cast<uint32_t>(static_cast<uint8_t>(base[at])) << (8 * b);
+  }
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return scale;
+}
 
 // One query token, all its heads, against keys [0, n) of one page at `base` (a page holds every
 // head's K and V of `page` positions contiguously): updates the token's online-softmax state.
-template <typename KV>
-void AttendPage(const Shape& s, const float* q, const KV* base, int64_t n, float* m, float* l, float* acc,
-                float* scores) {
+// `kscale`, `vscale` [page * Hk]: per-key scales of scaled codecs (unused otherwise).
+template <typename Codec>
+void AttendPage(const Shape& s, const float* q, const typename Codec::T* base, int64_t n, float* m, float* l,
+                float* acc, float* scores, const float* kscale, const float* vscale) {
+  using KV = typename Codec::T;
   const int64_t rows = s.kv_heads * s.group, d_n = s.dim;
   const int64_t row_stride = 2 * s.kv_heads * d_n;  // one position of a page
   for (int64_t r = 0; r < rows; ++r) {
@@ -88,7 +159,8 @@ void AttendPage(const Shape& s, const float* q, const KV* base, int64_t n, float
       const KV* key = base + k * row_stride + 2 * h * d_n;
       float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t d = 0; d < d_n; ++d) dot += qr[d] * Load(key, d);
+      for (int64_t d = 0; d < d_n; ++d) dot += qr[d] * Codec::Get(key, d);
+      if constexpr (Codec::kScaled) dot *= kscale[h * s.page + k];
       sc[k] = dot;
       block_max = std::max(block_max, dot);
     }
@@ -107,18 +179,19 @@ void AttendPage(const Shape& s, const float* q, const KV* base, int64_t n, float
     for (int64_t d = 0; d < d_n; ++d) ar[d] *= scale;
     for (int64_t k = 0; k < n; ++k) {
       const KV* value = base + k * row_stride + (2 * h + 1) * d_n;
-      const float p = sc[k];
+      float p = sc[k];
+      if constexpr (Codec::kScaled) p *= vscale[h * s.page + k];
 #pragma omp simd
-      for (int64_t d = 0; d < d_n; ++d) ar[d] += p * Load(value, d);
+      for (int64_t d = 0; d < d_n; ++d) ar[d] += p * Codec::Get(value, d);
     }
   }
 }
 
 // A run of consecutive query tokens of one sequence (a prefill chunk, or one decode token): each
 // page is read from memory once for the whole run and used by every token that sees it.
-template <typename KV>
-void AttendRun(const Shape& s, const float* q, const KV* kv, const int32_t* pages, const int32_t* limits,
-               int64_t count, float* m, float* l, float* acc, float* scores) {
+template <typename Codec>
+void AttendRun(const Shape& s, const float* q, const typename Codec::T* kv, const int32_t* pages, const int32_t* limits,
+               int64_t count, float* m, float* l, float* acc, float* scores, float* kscale, float* vscale) {
   const int64_t per_token = s.kv_heads * s.group;
   std::fill(m, m + count * per_token, -std::numeric_limits<float>::infinity());
   std::fill(l, l + count * per_token, 0.f);
@@ -126,12 +199,21 @@ void AttendRun(const Shape& s, const float* q, const KV* kv, const int32_t* page
   const int32_t longest = *std::max_element(limits, limits + count);
   for (int64_t start = 0; start < longest; start += s.page) {
     const int64_t pid = std::clamp<int64_t>(pages[start / s.page], 0, s.pages - 1);
-    const KV* base = kv + pid * s.page * 2 * s.kv_heads * s.dim;
+    const typename Codec::T* base = kv + pid * s.rows * 2 * s.kv_heads * s.dim;
+    if constexpr (Codec::kScaled) {  // this page's scales, once for every token of the run
+      const int64_t n = std::min<int64_t>(s.page, longest - start);
+      for (int64_t h = 0; h < s.kv_heads; ++h) {
+        for (int64_t k = 0; k < n; ++k) {
+          kscale[h * s.page + k] = TokenScale(s, base, k, 2 * h);
+          vscale[h * s.page + k] = TokenScale(s, base, k, 2 * h + 1);
+        }
+      }
+    }
     for (int64_t i = 0; i < count; ++i) {
       const int64_t n = std::min<int64_t>(s.page, limits[i] - start);
       if (n <= 0) continue;
       const int64_t o = i * per_token;
-      AttendPage<KV>(s, q + o * s.dim, base, n, m + o, l + o, acc + o * s.dim, scores);
+      AttendPage<Codec>(s, q + o * s.dim, base, n, m + o, l + o, acc + o * s.dim, scores, kscale, vscale);
     }
   }
 }
@@ -147,23 +229,27 @@ struct Shared {
   std::condition_variable cv;
 };
 
-template <typename KV>
+template <typename Codec, ffi::DataType kType>
 ffi::Error PagedContext(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kv_pages,
                         ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> seq,
-                        ffi::Buffer<ffi::S32> limit, ffi::ResultBuffer<ffi::F32> m,
+                        ffi::Buffer<ffi::S32> limit, int64_t page_size, ffi::ResultBuffer<ffi::F32> m,
                         ffi::ResultBuffer<ffi::F32> l, ffi::ResultBuffer<ffi::F32> acc) {
+  using KV = typename Codec::T;
   auto qd = q.dimensions(), kd = kv_pages.dimensions(), td = page_table.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || td.size() != 2) {
     return ffi::Error::InvalidArgument("paged_context: q must be rank 4, kv_pages rank 4, page_table rank 2");
   }
-  Shape s{qd[0], qd[1], qd[2], qd[3], kd[0], kd[1], td[0], td[1]};
+  Shape s{qd[0], qd[1], qd[2], qd[3], kd[0], page_size, td[0], td[1], kd[1]};
   if (kd[2] != 2 * s.kv_heads || kd[3] != s.dim || s.group > kMaxGroup || s.pages < 1 || s.slots < 1) {
     return ffi::Error::InvalidArgument("paged_context: kv_pages must be [P, page, 2*Hk, D] matching q [T, Hk, G<=16, D]");
   }
+  const int64_t trailer = Codec::kScaled ? (4 * s.page + s.dim - 1) / s.dim : 0;
+  if (s.page < 1 || s.rows != s.page + trailer) {
+    return ffi::Error::InvalidArgument("paged_context: page_size does not match the rows of kv_pages");
+  }
   const float* qp = q.typed_data();
-  constexpr ffi::DataType kv_type = std::is_same_v<KV, float> ? ffi::DataType::F32 : ffi::DataType::BF16;
-  if (kv_pages.element_type() != kv_type) {
-    return ffi::Error::InvalidArgument("paged_context: kv_pages dtype does not match the handler (f32 or bf16)");
+  if (kv_pages.element_type() != kType) {
+    return ffi::Error::InvalidArgument("paged_context: kv_pages dtype does not match the handler");
   }
   const KV* kvp = kv_pages.reinterpret_data<KV>();
   const int32_t* tp = page_table.typed_data();
@@ -185,11 +271,13 @@ ffi::Error PagedContext(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyB
 
   auto run_rows = [=, &runs, &seqs, &limits](Shared* st) {
     std::vector<float> scores(per_token * s.page);
+    std::vector<float> kscale(Codec::kScaled ? s.kv_heads * s.page : 0), vscale(kscale.size());
     int64_t finished = 0;
     for (int64_t r; (r = st->next.fetch_add(1)) < rows; ++finished) {
       const int64_t t = runs[r], o = t * per_token;
-      AttendRun<KV>(s, qp + o * s.dim, kvp, tp + static_cast<int64_t>(seqs[t]) * s.width, limits.data() + t,
-                    runs[r + 1] - t, mp + o, lp_out + o, ap + o * s.dim, scores.data());
+      AttendRun<Codec>(s, qp + o * s.dim, kvp, tp + static_cast<int64_t>(seqs[t]) * s.width, limits.data() + t,
+                       runs[r + 1] - t, mp + o, lp_out + o, ap + o * s.dim, scores.data(), kscale.data(),
+                       vscale.data());
     }
     if (finished && st->done.fetch_add(finished) + finished == rows) {
       std::lock_guard<std::mutex> lock(st->mu);
@@ -214,11 +302,17 @@ ffi::Error PagedContext(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyB
       .Arg<ffi::Buffer<ffi::S32>>()       \
       .Arg<ffi::Buffer<ffi::S32>>()       \
       .Arg<ffi::Buffer<ffi::S32>>()       \
+      .Attr<int64_t>("page_size")         \
       .Ret<ffi::Buffer<ffi::F32>>()       \
       .Ret<ffi::Buffer<ffi::F32>>()       \
       .Ret<ffi::Buffer<ffi::F32>>()
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferPagedContextF32, PagedContext<float>, JAXINFER_BINDING);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferPagedContextBF16, PagedContext<uint16_t>, JAXINFER_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferPagedContextF32, (PagedContext<F32, ffi::DataType::F32>), JAXINFER_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferPagedContextBF16, (PagedContext<BF16, ffi::DataType::BF16>), JAXINFER_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferPagedContextS8, (PagedContext<I8, ffi::DataType::S8>), JAXINFER_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferPagedContextF8E4M3FN, (PagedContext<E4M3, ffi::DataType::F8E4M3FN>),
+                              JAXINFER_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferPagedContextF8E5M2, (PagedContext<E5M2, ffi::DataType::F8E5M2>),
+                              JAXINFER_BINDING);

@@ -45,6 +45,20 @@ batches (T <= max_num_seqs) and 128 rows otherwise, rounded so rows are a multip
 sublane tile (8 for 32-bit, 16 for bf16). Decode rows beyond the first of each sequence
 are wasted MXU work, which is why decode uses small q blocks. Both are overridable.
 
+Quantized KV (8-bit: int8 pages with their per-(token, kv-head) scales in a trailer after the
+page's tokens, see `quantized`; float8_e4m3fn / float8_e5m2 pages): each page is DMA'd whole
+(values and trailer, one copy as before) into its own [rows, 2Hk, D] slab of the slot, and the
+slot is widened to float32 once per work item. 8-bit caches keep their 4-D page view: XLA's
+default TPU layout of an int8 [P, rows, 2Hk, D] cache tiles (2Hk, D) with 4-row packing, which
+Mosaic reads as is, while the merged [P, rows*2Hk, D] view made XLA copy the whole cache into
+Mosaic's 32-row tiling on every call (AOT compiles for v5e with 2Hk = 4). K and V of head h are
+read page by page from the f32 slabs and concatenated; their values (integers up to 127, or fp8)
+are exact in bfloat16, so the MXU runs at the queries' dtype. The int8 scales multiply the
+[rows, Bk] score and probability tiles, one lane per key: head c's trailer holds byte b of token
+t at flat position b*page_size + t, so lane rotations and ORs rebuild each page's float32 bits,
+and a lane concatenation of the pages gives the block's [1, Bk] row. Per-tensor ``k_scale`` /
+``v_scale`` (any KV dtype, as in JAX's kernel) multiply the scores and the P@V product.
+
 Caveats (seen in AOT compiles for v5e): the wrapper views the cache as
 [P, page_size*2Hk, D], which XLA makes a free bitcast for head_dim 128; for head_dim 64
 XLA's default TPU layout of the 4-D cache differs and it inserts a copy of the whole
@@ -61,6 +75,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.ragged_paged_attention.quantized import page_size_of
+from pallas_kernels.ragged_paged_attention.validate import validate_static
 
 _MASK = -1e30  # finite "minus infinity": keeps exp(m_prev - m_new) well defined
 _LANES = 128
@@ -86,13 +103,17 @@ def _choose_blocks(
     kv_dtype,
     num_kv_pages_per_block,
     num_queries_per_block,
+    rows,
 ):
-    """Returns (kv_pages_per_block, queries_per_block)."""
+    """Returns (kv_pages_per_block, queries_per_block). `rows`: rows of one page (page_size, or more with
+    the int8 scale trailer)."""
     G = Hq // Hk
     nb = num_kv_pages_per_block
     if nb is None:
         nb = max(1, min(pages_per_seq, 256 // page_size))
-        page_bytes = page_size * 2 * Hk * D * jnp.dtype(kv_dtype).itemsize
+        page_bytes = rows * 2 * Hk * D * jnp.dtype(kv_dtype).itemsize
+        if jnp.dtype(kv_dtype).itemsize == 1:  # plus its float32 copy (one slot)
+            page_bytes += page_bytes * 4 // 2
         while nb > 1 and 2 * nb * page_bytes > 4 * 2**20:  # both slots within 4 MiB
             nb //= 2
     tile = _sublane_tile(q_dtype)
@@ -114,14 +135,14 @@ def _kernel(
     seq_lo_ref,
     seq_hi_ref,  # SMEM (prefetched)
     q_ref,  # [Hk, R, D]  (R = Bq*G query rows of this block)
-    kv_hbm,  # [P, page_size*2*Hk, D] in HBM (row = token*2Hk + combined head)
+    kv_hbm,  # HBM [P, page_size*2*Hk, D] (row = token*2Hk + combined head); 8-bit: [P, rows, 2*Hk, D]
     o_ref,  # [Hk, R, D]
-    kv_buf,  # VMEM [2, nb*page_size*2*Hk, D]: two slots of nb pages
+    kv_buf,  # VMEM [2, nb*page_size*2*Hk, D]: two slots of nb pages; 8-bit: [2, nb, rows, 2*Hk, D]
     sem,  # DMA semaphores [2]
     m_ref,
     l_ref,  # VMEM [Hk, R, 128] f32
     acc_ref,  # VMEM [Hk, R, D] f32
-    *scratch,  # 16-bit KV only: VMEM u32 [nb*page_size*Hk, D] (K/V pairs)
+    *scratch,  # 16-bit KV: VMEM u32 [nb*page_size*Hk, D] (K/V pairs); 8-bit: VMEM f32 [nb, rows, 2Hk, D]
     G,
     bq,
     nb,
@@ -130,11 +151,15 @@ def _kernel(
     sm_scale,
     sliding_window,
     soft_cap,
+    k_scale,
+    v_scale,
+    trailer,
 ):
     Hk, R, D = q_ref.shape
     C = 2 * Hk
     bk = nb * page_size
     page_rows = page_size * C
+    eight_bit = kv_buf.ndim == 5  # a slab per page: [2, nb, rows, C, D]
     qb = pl.program_id(0)
     row0 = qb * bq  # first token of this q block
     s_lo, s_hi = seq_lo_ref[qb], seq_hi_ref[qb]
@@ -170,7 +195,7 @@ def _kernel(
             need = (p * page_size <= i["pos_hi"]) & ((p + 1) * page_size > i["lo"])
             need &= p < pages_per_seq
             page = pages_ref[s * pages_per_seq + jnp.minimum(p, pages_per_seq - 1)]
-            dst = kv_buf.at[slot, pl.ds(j * page_rows, page_rows)]
+            dst = kv_buf.at[slot, j] if eight_bit else kv_buf.at[slot, pl.ds(j * page_rows, page_rows)]
             out.append((need, pltpu.make_async_copy(kv_hbm.at[page], dst, sem.at[slot])))
         return out
 
@@ -183,7 +208,14 @@ def _kernel(
             pl.when(need)(cp.wait)
 
     def load_kv(slot, h):
-        """K and V of kv head h from the slot: two [bk, D] arrays in the KV dtype."""
+        """K and V of kv head h from the slot: two [bk, D] arrays (8-bit: float32 of the stored values)."""
+        if eight_bit:  # the slot was widened to f32 slabs: per page, the tokens' rows of heads 2h / 2h+1
+            wide = scratch[0]
+            if nb == 1:
+                return wide[0, :page_size, 2 * h, :], wide[0, :page_size, 2 * h + 1, :]
+            k = jnp.concatenate([wide[j, :page_size, 2 * h, :] for j in range(nb)], axis=0)
+            v = jnp.concatenate([wide[j, :page_size, 2 * h + 1, :] for j in range(nb)], axis=0)
+            return k, v
         if not scratch:  # 32-bit: sublane-strided loads pick rows 2h (K) / 2h+1 (V)
             return (kv_buf[slot, pl.ds(2 * h, bk, stride=C), :], kv_buf[slot, pl.ds(2 * h + 1, bk, stride=C), :])
         # 16-bit: rows 2h and 2h+1 share one 32-bit sublane word (K low half, V high
@@ -193,9 +225,31 @@ def _kernel(
         v = pltpu.bitcast(w & jnp.uint32(0xFFFF0000), jnp.float32).astype(kv_buf.dtype)
         return k, v
 
+    def token_scales(c):
+        """int8: the [1, bk] row of float32 scales of combined head c over the block's keys."""
+        trailer = {}  # row e of head c's trailer in every page: [nb, D], bytes as -128..127
+
+        def byte(b):  # [nb, page_size]: byte b of each token's scale (flat positions b*page_size + t)
+            pieces, f = [], b * page_size
+            while f < (b + 1) * page_size:
+                e, lane = divmod(f, D)
+                if e not in trailer:
+                    trailer[e] = scratch[0][:, page_size + e, c, :].astype(jnp.int32) & 0xFF
+                n = min(D - lane, (b + 1) * page_size - f)
+                row = trailer[e] if lane == 0 else pltpu.roll(trailer[e], D - lane, 1)  # lane -> lane 0
+                pieces.append(row[:, :n])
+                f += n
+            return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=1)
+
+        word = byte(0) | (byte(1) << 8) | (byte(2) << 16) | (byte(3) << 24)
+        scales = pltpu.bitcast(word, jnp.float32)  # [nb, page_size]
+        return scales if nb == 1 else jnp.concatenate([scales[j : j + 1] for j in range(nb)], axis=1)
+
     def compute(s, b, slot):
         i = info(s)
-        if scratch:  # repack the slot as u32 once for all heads
+        if eight_bit:  # widen the slot once for all heads
+            scratch[0][...] = kv_buf[slot].astype(jnp.float32)
+        elif scratch:  # repack the slot as u32 once for all heads
             scratch[0][...] = pltpu.bitcast(kv_buf[slot], jnp.uint32)
         col = b * bk + lax.broadcasted_iota(jnp.int32, (R, bk), 1)
         tok = row0 + lax.broadcasted_iota(jnp.int32, (R, bk), 0) // G
@@ -205,12 +259,20 @@ def _kernel(
             ok &= col > pos - sliding_window
         vcol = b * bk + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
         vok = (vcol >= i["lo"]) & (vcol <= i["pos_hi"])  # exactly the fetched, used slots
+        if trailer:
+            vrow = b * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+            vok_row = (vrow >= i["lo"]) & (vrow <= i["pos_hi"])
+        score_scale = sm_scale * (1.0 if k_scale is None else k_scale)
         for h in range(Hk):
             k, v = load_kv(slot, h)
             v = jnp.where(vok, v, jnp.zeros_like(v))
+            if eight_bit:  # stored values are exact in the queries' dtype: the MXU runs at it
+                k, v = k.astype(q_ref.dtype), v.astype(q_ref.dtype)
             sc = (
-                lax.dot_general(q_ref[h], k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * sm_scale
+                lax.dot_general(q_ref[h], k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * score_scale
             )  # [R, bk]
+            if trailer:
+                sc = sc * token_scales(2 * h)
             if soft_cap is not None:
                 sc = soft_cap * jnp.tanh(sc / soft_cap)
             sc = jnp.where(ok, sc, _MASK)
@@ -220,7 +282,11 @@ def _kernel(
             alpha = jnp.exp(m_prev - m_new)
             l_ref[h] = alpha * l_ref[h] + jnp.sum(p, axis=1, keepdims=True)
             m_ref[h] = m_new
+            if trailer:  # scales of unused slots may be anything (NaN): zero them, not just p
+                p = p * jnp.where(vok_row, token_scales(2 * h + 1), 0.0)
             pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+            if v_scale is not None:
+                pv = pv * v_scale
             acc_ref[h] = acc_ref[h] * alpha[:, :1] + pv
 
     m_ref[...] = jnp.full(m_ref.shape, _MASK, jnp.float32)
@@ -259,6 +325,8 @@ def _kernel(
         "sm_scale",
         "sliding_window",
         "soft_cap",
+        "k_scale",
+        "v_scale",
         "num_kv_pages_per_block",
         "num_queries_per_block",
         "vmem_limit_bytes",
@@ -267,7 +335,7 @@ def _kernel(
 )
 def ragged_paged_attention(
     queries,  # [T, Hq, D]
-    kv_pages,  # [P, page_size, 2*Hk, D]
+    kv_pages,  # [P, rows, 2*Hk, D]: rows = page_size (+ the scale trailer for int8, see `quantized`)
     kv_lens,  # i32[S]
     page_indices,  # i32[S, pages_per_seq]
     cu_q_lens,  # i32[S+1]
@@ -276,6 +344,8 @@ def ragged_paged_attention(
     sm_scale: float = 1.0,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    k_scale: float | None = None,
+    v_scale: float | None = None,
     num_kv_pages_per_block: int | None = None,
     num_queries_per_block: int | None = None,
     vmem_limit_bytes: int | None = None,
@@ -284,20 +354,31 @@ def ragged_paged_attention(
     """Ragged paged attention; returns [T, Hq, D] in queries.dtype (padding rows are 0).
 
     ``interpret``: False (compile with Mosaic), True (TPU interpret mode with default
-    `pltpu.InterpretParams`) or an `InterpretParams` instance.
+    `pltpu.InterpretParams`) or an `InterpretParams` instance. KV dtypes: float32, bfloat16, int8
+    (with its scale trailer) and float8_e4m3fn / float8_e5m2; ``k_scale`` / ``v_scale`` are per-tensor
+    factors for K and V (any dtype). Static inputs are checked as JAX's `static_validate_inputs` does
+    (`validate.validate_static`).
     """
+    validate_static(
+        queries,
+        kv_pages,
+        kv_lens,
+        page_indices,
+        cu_q_lens,
+        num_seqs,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+        k_scale=k_scale,
+        v_scale=v_scale,
+        num_kv_pages_per_block=num_kv_pages_per_block,
+        num_queries_per_block=num_queries_per_block,
+        vmem_limit_bytes=vmem_limit_bytes,
+    )
     T, Hq, D = queries.shape
-    P, page_size, C, Dk = kv_pages.shape
+    P, rows, C, _ = kv_pages.shape
     S, pages_per_seq = page_indices.shape
-    if C % 2 or Hq % (C // 2) or Dk != D:
-        raise ValueError(f"bad shapes: queries {queries.shape}, kv_pages {kv_pages.shape}")
-    if kv_lens.shape != (S,) or cu_q_lens.shape != (S + 1,) or num_seqs.shape != (1,):
-        raise ValueError("kv_lens [S], cu_q_lens [S+1], num_seqs [1] expected")
-    if sliding_window is not None and sliding_window <= 0:
-        raise ValueError("sliding_window must be positive")
+    page_size = page_size_of(kv_pages)
     kv_bits = jnp.dtype(kv_pages.dtype).itemsize * 8
-    if kv_bits not in (16, 32):
-        raise NotImplementedError(f"KV dtype {kv_pages.dtype} (16/32-bit only)")
     Hk = C // 2
     G = Hq // Hk
     nb, bq = _choose_blocks(
@@ -312,6 +393,7 @@ def ragged_paged_attention(
         kv_pages.dtype,
         num_kv_pages_per_block,
         num_queries_per_block,
+        rows,
     )
     n_qb = _cdiv(T, bq)
     Tp = n_qb * bq
@@ -320,8 +402,8 @@ def ragged_paged_attention(
     # [T, Hq, D] -> [Hk, Tp*G, D], row t*G+g holds q head h*G+g of token t.
     q = jnp.pad(queries, ((0, Tp - T), (0, 0), (0, 0)))
     q = q.reshape(Tp, Hk, G, D).transpose(1, 0, 2, 3).reshape(Hk, Tp * G, D)
-    # Merging (page_size, 2Hk) is a free bitcast under XLA's TPU tiling of the cache.
-    kv3 = kv_pages.reshape(P, page_size * C, D)
+    # Merging (page_size, 2Hk) is a free bitcast under XLA's TPU tiling of a 16/32-bit cache (8-bit: 4-D).
+    kv3 = kv_pages if kv_bits == 8 else kv_pages.reshape(P, rows * C, D)
 
     # Sequences overlapping q block r: [seq_lo[r], seq_hi[r]).
     live = jnp.arange(S) < num_seqs[0]
@@ -339,10 +421,14 @@ def ragged_paged_attention(
         sm_scale=sm_scale,
         sliding_window=sliding_window,
         soft_cap=soft_cap,
+        k_scale=k_scale,
+        v_scale=v_scale,
+        trailer=rows > page_size,
     )
     qspec = pl.BlockSpec((Hk, R, D), lambda r, *_: (0, r, 0))
+    slot = (nb, rows, C) if kv_bits == 8 else (nb * page_size * C,)  # 8-bit: one slab per page
     scratch = [
-        pltpu.VMEM((2, nb * page_size * C, D), kv_pages.dtype),
+        pltpu.VMEM((2, *slot, D), kv_pages.dtype),
         pltpu.SemaphoreType.DMA((2,)),
         pltpu.VMEM((Hk, R, _LANES), jnp.float32),
         pltpu.VMEM((Hk, R, _LANES), jnp.float32),
@@ -350,12 +436,14 @@ def ragged_paged_attention(
     ]
     if kv_bits == 16:
         scratch.append(pltpu.VMEM((nb * page_size * Hk, D), jnp.uint32))
+    elif kv_bits == 8:
+        scratch.append(pltpu.VMEM((*slot, D), jnp.float32))
     if interpret is True:
         interpret = pltpu.InterpretParams()
     # Static cost hint for XLA (a custom call is otherwise opaque to cost analysis): an
     # upper bound assuming every sequence uses its whole page table (min(T, S) sequences).
     L = pages_per_seq * page_size if sliding_window is None else min(pages_per_seq * page_size, sliding_window + T)
-    kv_bytes = min(kv_pages.size, min(T, S) * pages_per_seq * page_size * C * D)
+    kv_bytes = min(kv_pages.size, min(T, S) * pages_per_seq * rows * C * D)
     cost = pl.CostEstimate(
         flops=4 * T * Hq * D * L,
         transcendentals=T * Hq * L,

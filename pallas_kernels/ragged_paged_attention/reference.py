@@ -18,6 +18,11 @@ sliding window w, ``> position - w``). GQA: q head ``n`` reads kv head ``n // (H
 Scores are ``sm_scale * q.k``, then ``soft_cap * tanh(s / soft_cap)`` if soft_cap is set,
 then masked and softmaxed. Rows past ``cu_q_lens[num_seqs]`` are padding; here they are 0.
 
+Quantized caches (`quantized`): int8 pages carry per-(token, kv-head) scales in a trailer after the
+page's tokens; fp8 pages are plain values. Either may also have per-tensor ``k_scale`` / ``v_scale``
+(K is read as k * k_scale, V as v * v_scale, as in JAX's kernel). The reference dequantizes the whole
+cache to float32 first (`quantized.dequantize_pages`) and then runs the float computation below.
+
 Written to be obviously right rather than fast: every token independently finds its
 sequence by counting, gathers that sequence's whole page list, and runs a dense masked
 softmax in float32. It is jittable (no data-dependent Python control flow), and its cost
@@ -28,6 +33,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.ragged_paged_attention.quantized import dequantize_pages
+from pallas_kernels.ragged_paged_attention.validate import validate_static
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -43,8 +51,23 @@ def ragged_paged_attention_reference(
     sm_scale: float = 1.0,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    k_scale: float | None = None,
+    v_scale: float | None = None,
 ):
     """Dense per-token reference; returns [T, Hq, D] in ``queries.dtype``."""
+    validate_static(
+        queries,
+        kv_pages,
+        kv_lens,
+        page_indices,
+        cu_q_lens,
+        num_seqs,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+        k_scale=k_scale,
+        v_scale=v_scale,
+    )
+    kv_pages = dequantize_pages(kv_pages, k_scale, v_scale)  # float32 [P, page_size, 2Hk, D]
     T, Hq, D = queries.shape
     _, page_size, C, _ = kv_pages.shape
     Hk = C // 2
