@@ -9,7 +9,7 @@
 // Why native: XLA:CPU has to gather each token's pages into a fresh buffer and transpose K/V for
 // its batched dots, which on a 2-core host costs several times the arithmetic. Here each page is
 // read straight from the cache, once per run of up to 8 consecutive query tokens of its sequence.
-// Runs are spread over XLA's intra-op thread pool.
+// Runs are spread over XLA's intra-op thread pool (parallel.h).
 //
 // Layouts (row-major):
 //   q           f32 [T, Hk, G, D]   (scaled by the softmax scale already)
@@ -19,20 +19,18 @@
 //   m, l        f32 [T, Hk, G];  acc f32 [T, Hk, G, D]
 // Out-of-range page ids, sequence ids and limits are clamped (never read outside the cache).
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <mutex>
 #include <type_traits>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using jaxinfer::ParallelFor;
 
 namespace {
 
@@ -136,17 +134,6 @@ void AttendRun(const Shape& s, const float* q, const KV* kv, const int32_t* page
   }
 }
 
-// Work shared between the calling thread and the pool's: rows are claimed from an atomic counter,
-// so the caller never waits for a task that has not started (a pool thread may be busy elsewhere);
-// it only waits for rows already claimed. The state outlives the call for late tasks, which find
-// no rows left and return without touching the buffers.
-struct Shared {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::mutex mu;
-  std::condition_variable cv;
-};
-
 template <typename KV>
 ffi::Error PagedContext(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kv_pages,
                         ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> seq,
@@ -183,26 +170,13 @@ ffi::Error PagedContext(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyB
   const int64_t rows = static_cast<int64_t>(runs.size());
   runs.push_back(s.tokens);
 
-  auto run_rows = [=, &runs, &seqs, &limits](Shared* st) {
-    std::vector<float> scores(per_token * s.page);
-    int64_t finished = 0;
-    for (int64_t r; (r = st->next.fetch_add(1)) < rows; ++finished) {
-      const int64_t t = runs[r], o = t * per_token;
-      AttendRun<KV>(s, qp + o * s.dim, kvp, tp + static_cast<int64_t>(seqs[t]) * s.width, limits.data() + t,
-                    runs[r + 1] - t, mp + o, lp_out + o, ap + o * s.dim, scores.data());
-    }
-    if (finished && st->done.fetch_add(finished) + finished == rows) {
-      std::lock_guard<std::mutex> lock(st->mu);
-      st->cv.notify_all();
-    }
-  };
-
-  auto state = std::make_shared<Shared>();
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), rows / 2);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state, run_rows] { run_rows(state.get()); });
-  run_rows(state.get());
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->done.load() == rows; });
+  ParallelFor(pool, rows, rows / 2, [&](int64_t r) {
+    thread_local std::vector<float> scores;
+    scores.resize(per_token * s.page);
+    const int64_t t = runs[r], o = t * per_token;
+    AttendRun<KV>(s, qp + o * s.dim, kvp, tp + static_cast<int64_t>(seqs[t]) * s.width, limits.data() + t,
+                  runs[r + 1] - t, mp + o, lp_out + o, ap + o * s.dim, scores.data());
+  });
   return ffi::Error::Success();
 }
 
