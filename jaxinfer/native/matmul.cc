@@ -3,19 +3,19 @@
 //
 // Why native: XLA:CPU converts a bfloat16 or integer weight to float32 in a separate pass over memory
 // before an f32 dot (bf16 decode ran 8x slower than f32), and its GEMV reads f32 weights. Here each
-// weight row is turned into floats once per call (and per block of kTokenBlock tokens) into a buffer
+// weight row is turned into float32 once per call (and per block of kTokenBlock tokens) into a buffer
 // that stays in cache, then used by every token of the block: at one token the kernel reads each
-// weight byte once, at many it is a dot-product GEMM on AVX-512 (AVX512-BF16 for bf16 activations).
+// weight byte once, at many it is a dot-product GEMM on AVX-512 FMAs (matmul_tiles.h says why not
+// bfloat16 dot instructions). The caller converts bfloat16 activations to float32 (exactly).
 //
 // Layouts (row-major):
-//   x       [N, I]  float32, or bfloat16 (then W must not be float32)
+//   x       [N, I]  float32
 //   values  [O, I]  float32 | bfloat16 | int8 | int4 | uint4 (4-bit: packed two per byte, low
 //                   nibble first, over the whole array, as XLA:CPU stores them)
 //   scale   [O, G]  float32, G = ceil(I / group); integer weights only (else zero-sized)
 //   offset  [O, G]  float32, or zero-sized when absent
-//   y       [N, O]  x's dtype
-// W[o, i] = values[o, i] * scale[o, i / group] + offset[o, i / group] for integer values. With
-// bfloat16 activations the dequantized weight is rounded to bfloat16 (as `w.astype(bf16)` would).
+//   y       [N, O]  float32
+// W[o, i] = values[o, i] * scale[o, i / group] + offset[o, i / group] for integer values, in float32.
 // Work items are (token block, block of kRowBlock weight rows), spread over XLA's intra-op pool.
 #include <algorithm>
 #include <cstdint>
@@ -39,23 +39,18 @@ enum class Weights { kF32, kBF16, kS8, kS4, kU4 };
 
 struct Problem {
   int64_t n, in, out, groups, group;
-  const void* x;
+  const float* x;
   const void* w;
   Weights type;
   const float* scale;   // [out, groups]
   const float* offset;  // [out, groups] or null
-  void* y;
-  bool bf16;  // activations, output and compute in bfloat16 (accumulation is float32 either way)
+  float* y;
 };
 
-// Row o of the weights as E (float or bfloat16): the row itself when it is stored as E, else written
-// into `buf` (kRowBlock rows of I elements, one per thread).
-template <typename E>
-const E* WeightRow(const Problem& p, int64_t o, E* buf, std::vector<int8_t>& codes) {
-  if ((p.type == Weights::kF32 && sizeof(E) == 4) || (p.type == Weights::kBF16 && sizeof(E) == 2)) {
-    return static_cast<const E*>(p.w) + o * p.in;
-  }
-  if (p.type == Weights::kBF16) {  // to float32: exact
+// Row o of the weights in float32: the row itself when it is stored so, else written into `buf`.
+const float* WeightRow(const Problem& p, int64_t o, float* buf, std::vector<int8_t>& codes) {
+  if (p.type == Weights::kF32) return static_cast<const float*>(p.w) + o * p.in;
+  if (p.type == Weights::kBF16) {  // exact
     const uint16_t* src = static_cast<const uint16_t*>(p.w) + o * p.in;
     for (int64_t k = 0; k < p.in; ++k) buf[k] = jaxinfer::BF16ToF32(src[k]);
     return buf;
@@ -69,20 +64,17 @@ const E* WeightRow(const Problem& p, int64_t o, E* buf, std::vector<int8_t>& cod
     row = codes.data();
   }
   const int64_t g = o * p.groups;
-  DequantizeRow<E>(row, p.scale + g, p.offset ? p.offset + g : nullptr, p.in, p.group, buf);
+  DequantizeRow(row, p.scale + g, p.offset ? p.offset + g : nullptr, p.in, p.group, buf);
   return buf;
 }
 
-// The tile for t tokens (1..6) and r rows (4 or 8): res[i * r + j] for token i, row j.
-template <typename E>
-void Tile(int r, int64_t t, const E* const* w, const E* const* x, int64_t in, float* res) {
+// The tile for t tokens and r rows: 8 rows of 1 or 2 tokens, 4 rows of 3 to 6: res[i * r + j] for token i, row j.
+void Tile(int r, int64_t t, const float* const* w, const float* const* x, int64_t in, float* res) {
   if (r == 8) {
     if (t == 1) return DotTile<8, 1>(w, x, in, res);
     return DotTile<8, 2>(w, x, in, res);
   }
   switch (t) {
-    case 1: return DotTile<4, 1>(w, x, in, res);
-    case 2: return DotTile<4, 2>(w, x, in, res);
     case 3: return DotTile<4, 3>(w, x, in, res);
     case 4: return DotTile<4, 4>(w, x, in, res);
     case 5: return DotTile<4, 5>(w, x, in, res);
@@ -91,54 +83,40 @@ void Tile(int r, int64_t t, const E* const* w, const E* const* x, int64_t in, fl
 }
 
 // Tokens [t0, t1) against weight rows [o0, o0 + kRowBlock) (fewer at the end).
-template <typename E>
 void RunBlock(const Problem& p, int64_t t0, int64_t t1, int64_t o0) {
-  thread_local std::vector<E> buf;
+  thread_local std::vector<float> buf;
   thread_local std::vector<int8_t> codes;
   buf.resize(kRowBlock * p.in);
   const int64_t rows = std::min(kRowBlock, p.out - o0);
-  const E* w[kRowBlock];
+  const float* w[kRowBlock];
   for (int64_t j = 0; j < kRowBlock; ++j) {  // missing rows repeat row 0; their results are dropped
-    w[j] = j < rows ? WeightRow<E>(p, o0 + j, buf.data() + j * p.in, codes) : w[0];
+    w[j] = j < rows ? WeightRow(p, o0 + j, buf.data() + j * p.in, codes) : w[0];
   }
-  const E* x = static_cast<const E*>(p.x);
-  E* y = static_cast<E*>(p.y);
+  const float* x = p.x;
   float res[6 * kRowBlock];
   for (int64_t t = t0; t < t1;) {
     const int64_t count = std::min<int64_t>(6, t1 - t);
     const int r = count <= 2 ? 8 : 4;
-    const E* xs[6];
+    const float* xs[6];
     for (int64_t i = 0; i < count; ++i) xs[i] = x + (t + i) * p.in;
     for (int64_t j0 = 0; j0 < rows; j0 += r) {
-      Tile<E>(r, count, w + j0, xs, p.in, res);
+      Tile(r, count, w + j0, xs, p.in, res);
       for (int64_t i = 0; i < count; ++i) {
-        for (int64_t j = 0; j < r && j0 + j < rows; ++j) {
-          const float v = res[i * r + j];
-          if constexpr (sizeof(E) == 4) {
-            y[(t + i) * p.out + o0 + j0 + j] = v;
-          } else {
-            y[(t + i) * p.out + o0 + j0 + j] = jaxinfer::F32ToBF16(v);
-          }
-        }
+        for (int64_t j = 0; j < r && j0 + j < rows; ++j) p.y[(t + i) * p.out + o0 + j0 + j] = res[i * r + j];
       }
     }
     t += count;
   }
 }
 
-ffi::Error Linear(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer values, ffi::Buffer<ffi::F32> scale,
-                  ffi::Buffer<ffi::F32> offset, int64_t group, ffi::Result<ffi::AnyBuffer> y) {
+ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values, ffi::Buffer<ffi::F32> scale,
+                  ffi::Buffer<ffi::F32> offset, int64_t group, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = values.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || wd[1] != xd[1] || yd[0] != xd[0] || yd[1] != wd[0]) {
     return ffi::Error::InvalidArgument("linear: x must be [N, I], values [O, I] and y [N, O]");
   }
-  Problem p{xd[0], xd[1], wd[0], 0, group, x.untyped_data(), values.untyped_data(), Weights::kF32,
-            nullptr, nullptr, y->untyped_data(), false};
-  const auto xt = x.element_type();
-  if ((xt != ffi::DataType::F32 && xt != ffi::DataType::BF16) || y->element_type() != xt) {
-    return ffi::Error::InvalidArgument("linear: x must be float32 or bfloat16, and y of x's dtype");
-  }
-  p.bf16 = xt == ffi::DataType::BF16;
+  Problem p{xd[0], xd[1], wd[0], 0, group, x.typed_data(), values.untyped_data(), Weights::kF32,
+            nullptr, nullptr, y->typed_data()};
   switch (values.element_type()) {
     case ffi::DataType::F32: p.type = Weights::kF32; break;
     case ffi::DataType::BF16: p.type = Weights::kBF16; break;
@@ -146,9 +124,6 @@ ffi::Error Linear(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer values,
     case ffi::DataType::S4: p.type = Weights::kS4; break;
     case ffi::DataType::U4: p.type = Weights::kU4; break;
     default: return ffi::Error::InvalidArgument("linear: values must be float32, bfloat16, int8, int4 or uint4");
-  }
-  if (p.bf16 && p.type == Weights::kF32) {
-    return ffi::Error::InvalidArgument("linear: bfloat16 x needs non-float32 values (the caller casts x)");
   }
   const bool quantized = p.type != Weights::kF32 && p.type != Weights::kBF16;
   if (quantized) {
@@ -175,11 +150,7 @@ ffi::Error Linear(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer values,
   auto body = [&](int64_t item) {
     const int64_t tb = item / row_blocks, o0 = (item % row_blocks) * kRowBlock;
     const int64_t t0 = tb * kTokenBlock, t1 = std::min(p.n, t0 + kTokenBlock);
-    if (p.bf16) {
-      RunBlock<uint16_t>(p, t0, t1, o0);
-    } else {
-      RunBlock<float>(p, t0, t1, o0);
-    }
+    RunBlock(p, t0, t1, o0);
   };
   jaxinfer::ParallelFor(pool, items, helpers, body);
   return ffi::Error::Success();
@@ -190,9 +161,9 @@ ffi::Error Linear(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer values,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferLinear, Linear,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("group")
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::Buffer<ffi::F32>>());

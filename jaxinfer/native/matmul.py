@@ -80,8 +80,8 @@ def _check(x, values, scale, offset, group) -> int:
     return group
 
 
-def dequantize(values, scale=None, offset=None, *, group: int, dtype=jnp.float32):
-    """values * scale[group] (+ offset[group]) in float32, then cast to dtype: [O, I]."""
+def dequantize(values, scale=None, offset=None, *, group: int):
+    """values * scale[group] (+ offset[group]) in float32: [O, I]."""
     w = values.astype(jnp.float32)
     if scale is not None:
         inputs = values.shape[1]
@@ -89,30 +89,20 @@ def dequantize(values, scale=None, offset=None, *, group: int, dtype=jnp.float32
         w = w * s
         if offset is not None:
             w = w + jnp.repeat(offset.astype(jnp.float32), group, axis=1)[:, :inputs]
-    return w.astype(dtype)
-
-
-def _compute_dtype(x_dtype, values_dtype):
-    """bfloat16 only for bfloat16 x with non-float32 weights; float32 weights keep a float32 dot."""
-    if jnp.dtype(x_dtype) == jnp.bfloat16 and jnp.dtype(values_dtype) != jnp.float32:
-        return jnp.dtype(jnp.bfloat16)
-    return jnp.dtype(jnp.float32)
+    return w
 
 
 def reference(x, values, scale=None, offset=None, *, group: int):
-    """The contract as XLA ops: dequantize, then one dot accumulated in float32. x [N, I] -> [N, O]."""
-    compute = _compute_dtype(x.dtype, values.dtype)
-    w = dequantize(values, scale, offset, group=group, dtype=compute)
-    y = jnp.dot(x.astype(compute), w.T, preferred_element_type=jnp.float32)
-    return y.astype(x.dtype)
+    """The contract as XLA ops: dequantize to float32, one float32 dot, cast to x's dtype. [N, I] -> [N, O]."""
+    w = dequantize(values, scale, offset, group=group)
+    return jnp.dot(x.astype(jnp.float32), w.T, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def _native(x, values, scale, offset, *, group: int):
-    compute = _compute_dtype(x.dtype, values.dtype)
     empty = jnp.zeros((0,), jnp.float32)
-    out = jax.ShapeDtypeStruct((x.shape[0], values.shape[0]), compute)
+    out = jax.ShapeDtypeStruct((x.shape[0], values.shape[0]), jnp.float32)
     y = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(
-        x.astype(compute),
+        x.astype(jnp.float32),
         values,
         empty if scale is None else scale.astype(jnp.float32),
         empty if offset is None else offset.astype(jnp.float32),
@@ -122,7 +112,7 @@ def _native(x, values, scale, offset, *, group: int):
 
 
 def linear(x, values, scale=None, offset=None, *, group: int | None = None):
-    """y = x @ dequantize(values).T, accumulated in float32, in x's dtype.
+    """y = x @ dequantize(values).T in float32 (x and the weight converted exactly), returned in x's dtype.
 
     x [..., I] float32 or bfloat16; values [O, I] float32, bfloat16, int8, int4 or uint4; for integer
     values scale (and optional offset) float32 [O, ceil(I / group)], group defaulting to I (one scale

@@ -1,12 +1,13 @@
 // The inner loops of the native linear layer (matmul.cc): a weight row's codes turned into floats
 // (dequantize), and a tile of R weight rows against T activation rows (dot products over the input
-// dimension, accumulated in float32).
+// dimension, in float32: on Sapphire Rapids without AMX, vdpbf16ps issues at half the rate of
+// vfmadd231ps, so bfloat16 dot products would be slower than float32 FMAs on exact conversions).
 //
 // Every output element is computed by the same sequence of operations whatever the tile it falls in
 // (lane-wise fused multiply-adds over 16 inputs at a time in input order, a masked last step, then one
 // fixed horizontal sum), so a token's output does not depend on how many tokens share the call: the
-// kernel is batch-invariant bit for bit. With AVX-512 (and AVX512-BF16 for bfloat16 activations) the
-// tiles use those instructions; elsewhere a portable version of the same loops runs.
+// kernel is batch-invariant bit for bit. With AVX-512 the tiles use it; elsewhere a portable version of the
+// same loops runs.
 #pragma once
 
 #include <algorithm>
@@ -26,14 +27,6 @@ inline float BF16ToF32(uint16_t h) {
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
-}
-
-inline uint16_t F32ToBF16(float f) {  // round to nearest even; NaN stays NaN
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
 }
 
 // Nibbles [first, first + count) of a packed 4-bit array (two per byte, the low nibble first, as
@@ -59,26 +52,10 @@ inline void UnpackNibbles(const uint8_t* packed, int64_t first, int64_t count, b
   for (; i < count; ++i) out[i] = nibble(i);
 }
 
-#ifdef JAXINFER_AVX512
-// 16 floats -> 16 bfloat16, rounded to nearest even.
-inline __m256i RoundToBF16(__m512 f) {
-#ifdef __AVX512BF16__
-  __m256bh r = _mm512_cvtneps_pbh(f);
-  return reinterpret_cast<__m256i&>(r);
-#else
-  const __m512i bits = _mm512_castps_si512(f);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
-#endif
-}
-#endif
-
-// One row of int8 codes -> code * scale[g] (+ offset[g]) for each group g of `group` inputs, written as
-// float32 (Out = float) or rounded to bfloat16 (Out = uint16_t). offset may be null.
-template <typename Out>
-void DequantizeRow(const int8_t* codes, const float* scale, const float* offset, int64_t in, int64_t group,
-                   Out* out) {
+// One row of int8 codes -> code * scale[g] (+ offset[g], one rounding) for each group g of `group`
+// inputs, as float32. offset may be null.
+inline void DequantizeRow(const int8_t* codes, const float* scale, const float* offset, int64_t in, int64_t group,
+                          float* out) {
   for (int64_t g0 = 0, g = 0; g0 < in; g0 += group, ++g) {
     const int64_t g1 = std::min(in, g0 + group);
 #ifdef JAXINFER_AVX512
@@ -87,21 +64,12 @@ void DequantizeRow(const int8_t* codes, const float* scale, const float* offset,
       const __mmask16 m = g1 - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (g1 - k)) - 1);
       const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, codes + k)));
       const __m512 f = offset ? _mm512_fmadd_ps(v, s, o) : _mm512_mul_ps(v, s);
-      if constexpr (sizeof(Out) == 4) {
-        _mm512_mask_storeu_ps(out + k, m, f);
-      } else {
-        _mm256_mask_storeu_epi16(out + k, m, RoundToBF16(f));
-      }
+      _mm512_mask_storeu_ps(out + k, m, f);
     }
 #else
     for (int64_t k = g0; k < g1; ++k) {
-      const float f = offset ? std::fma(static_cast<float>(codes[k]), scale[g], offset[g])
-                             : static_cast<float>(codes[k]) * scale[g];
-      if constexpr (sizeof(Out) == 4) {
-        out[k] = f;
-      } else {
-        out[k] = F32ToBF16(f);
-      }
+      out[k] = offset ? std::fma(static_cast<float>(codes[k]), scale[g], offset[g])
+                      : static_cast<float>(codes[k]) * scale[g];
     }
 #endif
   }
@@ -109,72 +77,63 @@ void DequantizeRow(const int8_t* codes, const float* scale, const float* offset,
 
 #ifdef JAXINFER_AVX512
 
-// acc += the products of 16 pairs of bfloat16 (a[2i] b[2i] + a[2i+1] b[2i+1] into lane i).
-inline __m512 DotPairs(__m512 acc, __m512i a, __m512i b) {
-#ifdef __AVX512BF16__
-  return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh&>(a), reinterpret_cast<__m512bh&>(b));
-#else
-  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(a, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)),
-                        acc);
-  return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(a, hi)), _mm512_castsi512_ps(_mm512_and_si512(b, hi)),
-                         acc);
-#endif
+// out[i] = the sum of v[i]'s 16 lanes, for 8 vectors at once (a transpose-and-add tree: 23 instructions
+// instead of 8 horizontal sums of ~9). Every vector's lanes are added in the same tree whatever its
+// slot, (l0+l8 + l4+l12) + (l2+l10 + l6+l14) + ..., so a result never depends on its neighbours.
+inline void Reduce8(const __m512* v, float* out) {
+  __m512 s[4], u[2];
+  for (int i = 0; i < 4; ++i) {  // 128-bit blocks: [a0+a2, a1+a3, b0+b2, b1+b3]
+    s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  }
+  for (int i = 0; i < 2; ++i) {  // blocks: one vector each, [a | b | c | d]
+    u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0xDD));
+  }
+  const __m512 h = _mm512_add_ps(_mm512_unpacklo_ps(u[0], u[1]), _mm512_unpackhi_ps(u[0], u[1]));
+  const __m512 t = _mm512_add_ps(h, _mm512_permute_ps(h, 0x4E));  // lane 4i: v[i]; lane 4i + 1: v[4 + i]
+  const __m512i order = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 13, 9, 5, 1, 12, 8, 4, 0);
+  _mm256_storeu_ps(out, _mm512_castps512_ps256(_mm512_permutexvar_ps(order, t)));
 }
 
-// res[t * R + r] = sum_k w[r][k] x[t][k] for k < in. W and X are float (16 per step) or bfloat16
-// (uint16_t, 32 per step, as pairs); the last step is masked, so rows need no padding.
-template <int R, int T, typename E>
-inline void DotTile(const E* const* w, const E* const* x, int64_t in, float* res) {
-  constexpr int64_t kStep = 64 / sizeof(E);
+// res[t * R + r] = sum_k w[r][k] x[t][k] for k < in, 16 inputs per step; the last step is masked, so
+// rows need no padding.
+template <int R, int T>
+inline void DotTile(const float* const* w, const float* const* x, int64_t in, float* res) {
   __m512 acc[T][R];
   for (int t = 0; t < T; ++t)
     for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
-  auto step = [&](int64_t k, auto load) {
-    __m512i wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = load(w[r] + k);
+  auto step = [&](int64_t k, __mmask16 m) {
+    __m512 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_ps(m, w[r] + k);
     for (int t = 0; t < T; ++t) {
-      const __m512i xv = load(x[t] + k);
-      for (int r = 0; r < R; ++r) {
-        if constexpr (sizeof(E) == 4) {
-          acc[t][r] = _mm512_fmadd_ps(_mm512_castsi512_ps(wv[r]), _mm512_castsi512_ps(xv), acc[t][r]);
-        } else {
-          acc[t][r] = DotPairs(acc[t][r], wv[r], xv);
-        }
-      }
+      const __m512 xv = _mm512_maskz_loadu_ps(m, x[t] + k);
+      for (int r = 0; r < R; ++r) acc[t][r] = _mm512_fmadd_ps(wv[r], xv, acc[t][r]);
     }
   };
   int64_t k = 0;
-  for (; k + kStep <= in; k += kStep) step(k, [](const E* p) { return _mm512_loadu_si512(p); });
-  if (k < in) {
-    const int64_t left = in - k;
-    if constexpr (sizeof(E) == 4) {
-      const __mmask16 m = static_cast<__mmask16>((1u << left) - 1);
-      step(k, [m](const E* p) { return _mm512_maskz_loadu_epi32(m, p); });
-    } else {
-      const __mmask32 m = static_cast<__mmask32>((1ull << left) - 1);
-      step(k, [m](const E* p) { return _mm512_maskz_loadu_epi16(m, p); });
-    }
+  for (; k + 16 <= in; k += 16) step(k, 0xFFFF);
+  if (k < in) step(k, static_cast<__mmask16>((1u << (in - k)) - 1));
+  static_assert((T * R) % 4 == 0, "tiles hold a multiple of 4 accumulators");
+  __m512* flat = &acc[0][0];  // row-major [T][R]: res's order
+  for (int i = 0; i + 8 <= T * R; i += 8) Reduce8(flat + i, res + i);
+  if constexpr ((T * R) % 8 == 4) {
+    __m512 last[8] = {flat[T * R - 4], flat[T * R - 3], flat[T * R - 2], flat[T * R - 1]};
+    for (int i = 4; i < 8; ++i) last[i] = _mm512_setzero_ps();
+    float sums[8];
+    Reduce8(last, sums);
+    std::memcpy(res + T * R - 4, sums, 4 * sizeof(float));
   }
-  for (int t = 0; t < T; ++t)
-    for (int r = 0; r < R; ++r) res[t * R + r] = _mm512_reduce_add_ps(acc[t][r]);
 }
 
-#else  // portable: the same contract, in plain loops
+#else  // portable: the same contract in plain loops (not bit-identical to the AVX-512 tiles)
 
-template <int R, int T, typename E>
-inline void DotTile(const E* const* w, const E* const* x, int64_t in, float* res) {
-  auto value = [](E e) {
-    if constexpr (sizeof(E) == 4) {
-      return e;
-    } else {
-      return BF16ToF32(e);
-    }
-  };
+template <int R, int T>
+inline void DotTile(const float* const* w, const float* const* x, int64_t in, float* res) {
   for (int t = 0; t < T; ++t) {
     for (int r = 0; r < R; ++r) {
       float lanes[16] = {};
-      for (int64_t k = 0; k < in; ++k) lanes[k % 16] += value(w[r][k]) * value(x[t][k]);
+      for (int64_t k = 0; k < in; ++k) lanes[k % 16] = std::fma(w[r][k], x[t][k], lanes[k % 16]);
       float sum = 0.f;
       for (float l : lanes) sum += l;
       res[t * R + r] = sum;
