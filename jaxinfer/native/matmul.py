@@ -19,6 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import ManualAxisType
 
 from jaxinfer import native
 
@@ -100,14 +101,23 @@ def reference(x, values, scale=None, offset=None, *, group: int):
 
 def _native(x, values, scale, offset, *, group: int):
     empty = jnp.zeros((0,), jnp.float32)
-    out = jax.ShapeDtypeStruct((x.shape[0], values.shape[0]), jnp.float32)
-    y = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(
+    args = [
         x.astype(jnp.float32),
         values,
         empty if scale is None else scale.astype(jnp.float32),
         empty if offset is None else offset.astype(jnp.float32),
-        group=np.int64(group),
-    )
+    ]
+    # Under shard_map an FFI call needs its operands to vary over the same mesh axes, and says so of its
+    # result: the union of theirs (a weight split over `tensor`, x replicated: y varies over `tensor`).
+    varying = frozenset().union(*(jax.typeof(a).manual_axis_type.varying for a in args))
+    args = [jax.lax.pcast(a, tuple(varying - jax.typeof(a).manual_axis_type.varying), to="varying") for a in args]
+    shape = (x.shape[0], values.shape[0])
+    if varying:
+        mesh = jax.typeof(args[0]).sharding  # x's: a 2-D spec on the shard_map's (abstract) mesh
+        out = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=mesh, manual_axis_type=ManualAxisType(varying=varying))
+    else:
+        out = jax.ShapeDtypeStruct(shape, jnp.float32)
+    y = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(*args, group=np.int64(group))
     return y.astype(x.dtype)
 
 
