@@ -19,8 +19,10 @@
 // Work items are (token block, block of kRowBlock weight rows), spread over XLA's intra-op pool.
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
+#include "matmul_codes.h"
 #include "matmul_tiles.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
@@ -28,6 +30,7 @@
 namespace ffi = xla::ffi;
 using jaxinfer::DequantizeRow;
 using jaxinfer::DotTile;
+using jaxinfer::FloatRows;
 
 namespace {
 
@@ -68,44 +71,96 @@ const float* WeightRow(const Problem& p, int64_t o, float* buf, std::vector<int8
   return buf;
 }
 
-// The tile for t tokens and r rows: 8 rows of 1 or 2 tokens, 4 rows of 3 to 6: res[i * r + j] for token i, row j.
-void Tile(int r, int64_t t, const float* const* w, const float* const* x, int64_t in, float* res) {
-  if (r == 8) {
-    if (t == 1) return DotTile<8, 1>(w, x, in, res);
-    return DotTile<8, 2>(w, x, in, res);
-  }
-  switch (t) {
-    case 3: return DotTile<4, 3>(w, x, in, res);
-    case 4: return DotTile<4, 4>(w, x, in, res);
-    case 5: return DotTile<4, 5>(w, x, in, res);
-    default: return DotTile<4, 6>(w, x, in, res);
+// Tokens [t, t + T) against the R rows of `w` starting at output o, of which the first `valid` are real.
+template <int R, int T, typename Rows>
+void TileToY(const Problem& p, const Rows& w, int64_t t, int64_t o, int64_t valid) {
+  const float* xs[T];
+  for (int i = 0; i < T; ++i) xs[i] = p.x + (t + i) * p.in;
+  float res[T * R];
+  DotTile<R, T>(w, xs, p.in, res);
+  for (int i = 0; i < T; ++i) {
+    for (int64_t j = 0; j < valid; ++j) p.y[(t + i) * p.out + o + j] = res[i * R + j];
   }
 }
 
-// Tokens [t0, t1) against weight rows [o0, o0 + kRowBlock) (fewer at the end).
+// One or two tokens against rows [o0, o0 + valid), 8 rows a tile (missing rows repeat the first).
+template <typename Rows>
+void FewTokens(const Problem& p, const Rows& w, int64_t t0, int64_t t1, int64_t o0, int64_t valid) {
+  if (t1 - t0 == 1) return TileToY<8, 1>(p, w, t0, o0, valid);
+  TileToY<8, 2>(p, w, t0, o0, valid);
+}
+
+// The weights read in the tile itself (matmul_codes.h) for one or two tokens; false where that path
+// does not apply (no AVX-512, float32 weights, groups straddling a 16-input step, odd 4-bit rows).
+bool RunFused(const Problem& p, int64_t t0, int64_t t1, int64_t o0, int64_t valid) {
+#ifdef JAXINFER_AVX512
+  if (t1 - t0 > 2 || p.type == Weights::kF32) return false;
+  auto row = [&](int64_t j) { return o0 + (j < valid ? j : 0); };
+  if (p.type == Weights::kBF16) {
+    jaxinfer::BF16Rows<8> w;
+    for (int j = 0; j < 8; ++j) w.w[j] = static_cast<const uint16_t*>(p.w) + row(j) * p.in;
+    FewTokens(p, w, t0, t1, o0, valid);
+    return true;
+  }
+  int shift = -1;
+  if (p.groups == 1) {
+    shift = 62;
+  } else if (p.group >= 16 && (p.group & (p.group - 1)) == 0) {
+    shift = __builtin_ctzll(p.group);
+  }
+  if (shift < 0 || (p.type != Weights::kS8 && p.in % 2 != 0)) return false;
+  auto fill = [&](auto& w, const auto* codes, int64_t row_bytes) {
+    w.shift = shift;
+    for (int j = 0; j < 8; ++j) {
+      w.w[j] = codes + row(j) * row_bytes;
+      w.scale[j] = p.scale + row(j) * p.groups;
+      w.offset[j] = p.offset ? p.offset + row(j) * p.groups : nullptr;
+    }
+    FewTokens(p, w, t0, t1, o0, valid);
+  };
+  const auto* bytes = static_cast<const uint8_t*>(p.w);
+  if (p.type == Weights::kS8) {
+    jaxinfer::Int8Rows<8> w;
+    fill(w, static_cast<const int8_t*>(p.w), p.in);
+  } else if (p.type == Weights::kS4) {
+    jaxinfer::Int4Rows<8, true> w;
+    fill(w, bytes, p.in / 2);
+  } else {
+    jaxinfer::Int4Rows<8, false> w;
+    fill(w, bytes, p.in / 2);
+  }
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Tokens [t0, t1) against weight rows [o0, o0 + kRowBlock) (fewer at the end): each row turned into
+// float32 once into a scratch row, then tiles of 6 tokens x 4 rows (2 tokens x 8 rows at the end).
 void RunBlock(const Problem& p, int64_t t0, int64_t t1, int64_t o0) {
+  const int64_t valid = std::min(kRowBlock, p.out - o0);
+  if (RunFused(p, t0, t1, o0, valid)) return;
   thread_local std::vector<float> buf;
   thread_local std::vector<int8_t> codes;
   buf.resize(kRowBlock * p.in);
-  const int64_t rows = std::min(kRowBlock, p.out - o0);
-  const float* w[kRowBlock];
+  FloatRows<8> w;
   for (int64_t j = 0; j < kRowBlock; ++j) {  // missing rows repeat row 0; their results are dropped
-    w[j] = j < rows ? WeightRow(p, o0 + j, buf.data() + j * p.in, codes) : w[0];
+    w.w[j] = j < valid ? WeightRow(p, o0 + j, buf.data() + j * p.in, codes) : w.w[0];
   }
-  const float* x = p.x;
-  float res[6 * kRowBlock];
-  for (int64_t t = t0; t < t1;) {
-    const int64_t count = std::min<int64_t>(6, t1 - t);
-    const int r = count <= 2 ? 8 : 4;
-    const float* xs[6];
-    for (int64_t i = 0; i < count; ++i) xs[i] = x + (t + i) * p.in;
-    for (int64_t j0 = 0; j0 < rows; j0 += r) {
-      Tile(r, count, w + j0, xs, p.in, res);
-      for (int64_t i = 0; i < count; ++i) {
-        for (int64_t j = 0; j < r && j0 + j < rows; ++j) p.y[(t + i) * p.out + o0 + j0 + j] = res[i * r + j];
-      }
-    }
-    t += count;
+  const FloatRows<4> lo{{w.w[0], w.w[1], w.w[2], w.w[3]}}, hi{{w.w[4], w.w[5], w.w[6], w.w[7]}};
+  auto four_rows = [&](auto tokens, int64_t t) {
+    TileToY<4, decltype(tokens)::value>(p, lo, t, o0, std::min<int64_t>(4, valid));
+    if (valid > 4) TileToY<4, decltype(tokens)::value>(p, hi, t, o0 + 4, valid - 4);
+  };
+  int64_t t = t0;
+  for (; t + 6 <= t1; t += 6) four_rows(std::integral_constant<int, 6>{}, t);
+  switch (t1 - t) {
+    case 5: return four_rows(std::integral_constant<int, 5>{}, t);
+    case 4: return four_rows(std::integral_constant<int, 4>{}, t);
+    case 3: return four_rows(std::integral_constant<int, 3>{}, t);
+    case 2: return TileToY<8, 2>(p, w, t, o0, valid);
+    case 1: return TileToY<8, 1>(p, w, t, o0, valid);
+    default: return;
   }
 }
 

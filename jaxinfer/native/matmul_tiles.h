@@ -96,16 +96,26 @@ inline void Reduce8(const __m512* v, float* out) {
   _mm256_storeu_ps(out, _mm512_castps512_ps256(_mm512_permutexvar_ps(order, t)));
 }
 
-// res[t * R + r] = sum_k w[r][k] x[t][k] for k < in, 16 inputs per step; the last step is masked, so
-// rows need no padding.
-template <int R, int T>
-inline void DotTile(const float* const* w, const float* const* x, int64_t in, float* res) {
+// R weight rows already in float32 (a row of the weights, or one dequantized into a scratch row).
+template <int R>
+struct FloatRows {
+  const float* w[R];
+  void Begin(int64_t) {}
+  __m512 Load(int r, int64_t k, __mmask16 m) const { return _mm512_maskz_loadu_ps(m, w[r] + k); }
+};
+
+// res[t * R + r] = sum_k w(r, k) x[t][k] for k < in, 16 inputs per step (Rows::Begin(k) starts a step,
+// Rows::Load gives 16 weights as float32, zero where the mask is off); the last step is masked, so rows
+// need no padding.
+template <int R, int T, typename Rows>
+inline void DotTile(Rows w, const float* const* x, int64_t in, float* res) {
   __m512 acc[T][R];
   for (int t = 0; t < T; ++t)
     for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
   auto step = [&](int64_t k, __mmask16 m) {
     __m512 wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_ps(m, w[r] + k);
+    w.Begin(k);
+    for (int r = 0; r < R; ++r) wv[r] = w.Load(r, k, m);
     for (int t = 0; t < T; ++t) {
       const __m512 xv = _mm512_maskz_loadu_ps(m, x[t] + k);
       for (int r = 0; r < R; ++r) acc[t][r] = _mm512_fmadd_ps(wv[r], xv, acc[t][r]);
@@ -128,12 +138,18 @@ inline void DotTile(const float* const* w, const float* const* x, int64_t in, fl
 
 #else  // portable: the same contract in plain loops (not bit-identical to the AVX-512 tiles)
 
-template <int R, int T>
-inline void DotTile(const float* const* w, const float* const* x, int64_t in, float* res) {
+template <int R>
+struct FloatRows {
+  const float* w[R];
+  float Load(int r, int64_t k) const { return w[r][k]; }
+};
+
+template <int R, int T, typename Rows>
+inline void DotTile(const Rows& w, const float* const* x, int64_t in, float* res) {
   for (int t = 0; t < T; ++t) {
     for (int r = 0; r < R; ++r) {
       float lanes[16] = {};
-      for (int64_t k = 0; k < in; ++k) lanes[k % 16] = std::fma(w[r][k], x[t][k], lanes[k % 16]);
+      for (int64_t k = 0; k < in; ++k) lanes[k % 16] = std::fma(w.Load(r, k), x[t][k], lanes[k % 16]);
       float sum = 0.f;
       for (float l : lanes) sum += l;
       res[t * R + r] = sum;
