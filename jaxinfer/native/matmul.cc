@@ -201,7 +201,9 @@ ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer 
   const int64_t row_blocks = (p.out + kRowBlock - 1) / kRowBlock;
   const int64_t token_blocks = (p.n + kTokenBlock - 1) / kTokenBlock;
   const int64_t items = row_blocks * token_blocks;
-  const int64_t helpers = p.n * p.in * p.out / kMacsPerHelper;
+  // The caller works too: one helper fewer than the pool's threads keeps one thread per core (the
+  // caller is a pool thread, or the pool is idle while it waits for this call).
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, p.n * p.in * p.out / kMacsPerHelper);
   auto body = [&](int64_t item) {
     const int64_t tb = item / row_blocks, o0 = (item % row_blocks) * kRowBlock;
     const int64_t t0 = tb * kTokenBlock, t1 = std::min(p.n, t0 + kTokenBlock);
