@@ -91,6 +91,19 @@ def test_each_token_row_is_independent_of_the_batch_bit_for_bit():
         np.testing.assert_array_equal(np.asarray(fn(x[lo:hi], values, scale, offset, group=32)), full[lo:hi])
 
 
+@pytest.mark.parametrize("fmt", ["int4", "uint4"])
+def test_4bit_values_made_inside_jit(fmt):
+    """A 4-bit array XLA computes in the same program (not a parameter) reaches the kernel packed too."""
+    rng = np.random.default_rng(4)
+    _, scale, _, _ = make_weight(rng, fmt, 11, 51, 32, False)
+    lo, hi = CODES[fmt]
+    codes = rng.integers(lo, hi, (11, 51)).astype(np.int8)
+    x = jnp.asarray(rng.standard_normal((3, 51)), jnp.float32)
+    fn = jax.jit(lambda x, c, s: matmul.linear(x, c.astype(getattr(jnp, fmt)), s, group=32))
+    exact = codes * np.repeat(np.asarray(scale, np.float64), 32, axis=1)[:, :51]
+    check(fn(x, jnp.asarray(codes), scale), x, exact)
+
+
 def test_under_shard_map_with_output_channels_split():
     """Per shard, as a tensor-parallel layer calls it: each device's int4 rows (packed per shard, an odd
     input length so rows start mid-byte) against its slice of the output."""
