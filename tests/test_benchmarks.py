@@ -74,6 +74,21 @@ def test_benchmark_attention_tiny(tmp_path):
     assert result["results"][1]["kv_bytes_per_layer"] == 8 * result["results"][0]["kv_bytes_per_layer"]
 
 
+def test_benchmark_matmul_tiny():
+    """One layer and a 64-row lm_head, int4 and bf16, at 3 tokens, XLA in its feature-major layout: every
+    field, and each native path computing what XLA computes on the same weights."""
+    results = load_script("benchmark_matmul").main(
+        ["--layers", "1", "--vocab", "64", "--n", "3", "--repeats", "1", "--xla-feature-major"]
+        + ["--paths", "xla-int4", "native-int4", "xla-bf16", "native-bf16"]
+    )
+    assert sorted(results) == [(3, "native-bf16"), (3, "native-int4"), (3, "xla-bf16"), (3, "xla-int4")]
+    for (_, path), r in results.items():
+        for key in ("ms", "cpu_ms", "gflops", "gbs"):
+            assert math.isfinite(r[key]) and r[key] > 0, (path, key)
+        if path.startswith("native"):
+            assert r["max_rel_diff"] < 1e-2, path  # bf16 outputs round at 2^-9
+
+
 def test_benchmark_prefix_cache_tiny(tmp_path):
     """Two real batch jobs (stories260K) on one shared prompt: the cached one computes far fewer prompt tokens."""
     data = ROOT / "tests" / "data" / "stories260K"

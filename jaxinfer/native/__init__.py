@@ -1,15 +1,22 @@
-"""Native XLA:CPU kernels, compiled on this host on first use and called through the XLA FFI.
+"""Native XLA:CPU kernels, compiled on this host and called through the XLA FFI.
+
+Each kernel is one C++ source here, built into its own shared library (`load_library`): `make install`
+builds them all (`python -m jaxinfer.native`), and a missing one is built on first use.
 
 `paged_context` reads a paged KV cache in place (see paged_context.cc). XLA:CPU cannot: it gathers
 every token's pages into a fresh buffer and transposes them for its batched dots, which made
 attention 20-35% of a decode step on a 2-core host. The TPU path is the Pallas kernel; GPU keeps
 the XLA path.
 
-The shared library is built with the host's C++ compiler (`$CXX`, else `g++`) against the FFI
+`matmul.linear` (jaxinfer/native/matmul.py) is a linear layer with float32, bfloat16, int8 or 4-bit
+weights, which XLA:CPU turns into a slow convert-then-dot.
+
+A shared library is built with the host's C++ compiler (`$CXX`, else `g++`) against the FFI
 headers jaxlib ships (`jax.ffi.include_dir()`), tuned for this CPU (`-march=native`), and cached in
 `native/` of jaxinfer's cache directory (`$JAXINFER_CACHE`, default `~/.cache/jaxinfer`) under a name
-hashed from the source, the jaxlib version, the flags and this CPU, so a change to any of them rebuilds and concurrent
-processes never see a half-written file. `available()` says whether it could be built; the engine's
+hashed from the source (and the headers here), the jaxlib version, the flags and this CPU, so a change
+to any of them rebuilds and concurrent processes never see a half-written file. `available()` says
+whether the attention kernel could be built (`matmul.available()` the linear layer's); the engine's
 `--attention auto` falls back to the XLA path (with one log line saying why) when it cannot.
 """
 
@@ -34,7 +41,8 @@ from jaxinfer.paths import default_cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = pathlib.Path(__file__).with_name("paged_context.cc")
+HERE = pathlib.Path(__file__).parent
+SOURCES = ("paged_context.cc", "matmul.cc")  # every kernel library, in build order
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp-simd", "-fno-math-errno", "-shared", "-fPIC")
 TARGETS = {
     jnp.dtype(jnp.float32): "jaxinfer_paged_context_f32",
@@ -70,13 +78,16 @@ def _cpu_signature() -> str:
         return platform.machine() + platform.processor()
 
 
-def _build(compiler: str) -> pathlib.Path:
+def _build(compiler: str, source: pathlib.Path) -> pathlib.Path:
     import jaxlib
 
+    headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]
     key = hashlib.sha256(
-        "\n".join([SOURCE.read_text(), jaxlib.__version__, compiler, " ".join(FLAGS), _cpu_signature()]).encode()
+        "\n".join(
+            [source.read_text(), *headers, jaxlib.__version__, compiler, " ".join(FLAGS), _cpu_signature()]
+        ).encode()
     ).hexdigest()[:16]
-    out = cache_dir() / f"libjaxinfer_cpu_{key}.so"
+    out = cache_dir() / f"libjaxinfer_{source.stem}_{key}.so"
     if out.exists():
         return out
     try:
@@ -87,15 +98,15 @@ def _build(compiler: str) -> pathlib.Path:
         raise NativeUnavailable(
             f"cannot write the kernel cache {out.parent} ({e.strerror}); set JAXINFER_CACHE"
         ) from None
-    cmd = [compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+    cmd = [compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), str(source), "-o", tmp]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             tail = " ".join(done.stderr.strip().splitlines()[-3:])
-            raise NativeUnavailable(f"{compiler} failed (exit {done.returncode}) building {SOURCE.name}: {tail}")
+            raise NativeUnavailable(f"{compiler} failed (exit {done.returncode}) building {source.name}: {tail}")
         os.replace(tmp, out)  # atomic: another process either sees the whole library or none
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise NativeUnavailable(f"building {SOURCE.name} with {compiler}: {e}") from None
+        raise NativeUnavailable(f"building {source.name} with {compiler}: {e}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -104,23 +115,29 @@ def _build(compiler: str) -> pathlib.Path:
 
 
 @functools.cache
-def load() -> None:
-    """Builds (once per host and version) and registers the native kernels; raises NativeUnavailable."""
+def load_library(source: str) -> ctypes.CDLL:
+    """The library of one kernel source here (built once per host and version); raises NativeUnavailable."""
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
         raise NativeUnavailable(f"no C++ compiler: {compiler!r} is not on PATH (set CXX)")
-    path = _build(compiler)
+    path = _build(compiler, HERE / source)
     try:
-        lib = ctypes.cdll.LoadLibrary(str(path))
+        return ctypes.cdll.LoadLibrary(str(path))
     except OSError as e:
         raise NativeUnavailable(f"cannot load {path}: {e} (delete it to rebuild)") from None
+
+
+@functools.cache
+def load() -> None:
+    """Builds (once per host and version) and registers the paged-attention kernels; raises NativeUnavailable."""
+    lib = load_library("paged_context.cc")
     for target, symbol in SYMBOLS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
 
 
 @functools.cache
 def unavailable_reason() -> str | None:
-    """None when the native kernels are ready on this host, else why not (one line)."""
+    """None when the native paged-attention kernels are ready on this host, else why not (one line)."""
     try:
         load()
     except NativeUnavailable as e:

@@ -1,0 +1,226 @@
+// A linear layer with low-precision weights for XLA:CPU, called through the XLA FFI
+// (jaxinfer/native/matmul.py): y[n, o] = sum_i x[n, i] * W[o, i], accumulated in float32.
+//
+// Why native: XLA:CPU converts a bfloat16 or integer weight to float32 in a separate pass over memory
+// before an f32 dot (bf16 decode ran 8x slower than f32), and its GEMV reads f32 weights. Here each
+// weight row is turned into float32 once per call (and per block of kTokenBlock tokens) into a buffer
+// that stays in cache, then used by every token of the block: at one token the kernel reads each
+// weight byte once, at many it is a dot-product GEMM on AVX-512 FMAs (matmul_tiles.h says why not
+// bfloat16 dot instructions). The caller converts bfloat16 activations to float32 (exactly).
+//
+// Layouts (row-major):
+//   x       [N, I]  float32
+//   values  [O, I]  float32 | bfloat16 | int8 | int4 | uint4 (4-bit: packed two per byte, low
+//                   nibble first, over the whole array, as XLA:CPU stores them)
+//   scale   [O, G]  float32, G = ceil(I / group); integer weights only (else zero-sized)
+//   offset  [O, G]  float32, or zero-sized when absent
+//   y       [N, O]  float32
+// W[o, i] = values[o, i] * scale[o, i / group] + offset[o, i / group] for integer values, in float32.
+// Work items are (token block, block of kRowBlock weight rows), spread over XLA's intra-op pool.
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "matmul_codes.h"
+#include "matmul_tiles.h"
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using jaxinfer::DequantizeRow;
+using jaxinfer::DotTile;
+using jaxinfer::FloatRows;
+
+namespace {
+
+constexpr int64_t kRowBlock = 8;  // weight rows dequantized together; the widest tile
+constexpr int64_t kTokenBlock = 256;  // tokens sharing one dequantized row block (their x stays in L2)
+constexpr int64_t kMacsPerHelper = 1 << 18;  // below this much work per thread, extra threads cost more
+
+enum class Weights { kF32, kBF16, kS8, kS4, kU4 };
+
+struct Problem {
+  int64_t n, in, out, groups, group;
+  const float* x;
+  const void* w;
+  Weights type;
+  const float* scale;   // [out, groups]
+  const float* offset;  // [out, groups] or null
+  float* y;
+};
+
+// Row o of the weights in float32: the row itself when it is stored so, else written into `buf`.
+const float* WeightRow(const Problem& p, int64_t o, float* buf, std::vector<int8_t>& codes) {
+  if (p.type == Weights::kF32) return static_cast<const float*>(p.w) + o * p.in;
+  if (p.type == Weights::kBF16) {  // exact
+    const uint16_t* src = static_cast<const uint16_t*>(p.w) + o * p.in;
+    for (int64_t k = 0; k < p.in; ++k) buf[k] = jaxinfer::BF16ToF32(src[k]);
+    return buf;
+  }
+  const int8_t* row;
+  if (p.type == Weights::kS8) {
+    row = static_cast<const int8_t*>(p.w) + o * p.in;
+  } else {
+    codes.resize(p.in);
+    jaxinfer::UnpackNibbles(static_cast<const uint8_t*>(p.w), o * p.in, p.in, p.type == Weights::kS4, codes.data());
+    row = codes.data();
+  }
+  const int64_t g = o * p.groups;
+  DequantizeRow(row, p.scale + g, p.offset ? p.offset + g : nullptr, p.in, p.group, buf);
+  return buf;
+}
+
+// Tokens [t, t + T) against the R rows of `w` starting at output o, of which the first `valid` are real.
+template <int R, int T, typename Rows>
+void TileToY(const Problem& p, const Rows& w, int64_t t, int64_t o, int64_t valid) {
+  const float* xs[T];
+  for (int i = 0; i < T; ++i) xs[i] = p.x + (t + i) * p.in;
+  float res[T * R];
+  DotTile<R, T>(w, xs, p.in, res);
+  for (int i = 0; i < T; ++i) {
+    for (int64_t j = 0; j < valid; ++j) p.y[(t + i) * p.out + o + j] = res[i * R + j];
+  }
+}
+
+// One or two tokens against rows [o0, o0 + valid), 8 rows a tile (missing rows repeat the first).
+template <typename Rows>
+void FewTokens(const Problem& p, const Rows& w, int64_t t0, int64_t t1, int64_t o0, int64_t valid) {
+  if (t1 - t0 == 1) return TileToY<8, 1>(p, w, t0, o0, valid);
+  TileToY<8, 2>(p, w, t0, o0, valid);
+}
+
+// The weights read in the tile itself (matmul_codes.h) for one or two tokens; false where that path
+// does not apply (no AVX-512, float32 weights, groups straddling a 16-input step, odd 4-bit rows).
+bool RunFused(const Problem& p, int64_t t0, int64_t t1, int64_t o0, int64_t valid) {
+#ifdef JAXINFER_AVX512
+  if (t1 - t0 > 2 || p.type == Weights::kF32) return false;
+  auto row = [&](int64_t j) { return o0 + (j < valid ? j : 0); };
+  if (p.type == Weights::kBF16) {
+    jaxinfer::BF16Rows<8> w;
+    for (int j = 0; j < 8; ++j) w.w[j] = static_cast<const uint16_t*>(p.w) + row(j) * p.in;
+    FewTokens(p, w, t0, t1, o0, valid);
+    return true;
+  }
+  int shift = -1;
+  if (p.groups == 1) {
+    shift = 62;
+  } else if (p.group >= 16 && (p.group & (p.group - 1)) == 0) {
+    shift = __builtin_ctzll(p.group);
+  }
+  if (shift < 0 || (p.type != Weights::kS8 && p.in % 2 != 0)) return false;
+  auto fill = [&](auto& w, const auto* codes, int64_t row_bytes) {
+    w.shift = shift;
+    for (int j = 0; j < 8; ++j) {
+      w.w[j] = codes + row(j) * row_bytes;
+      w.scale[j] = p.scale + row(j) * p.groups;
+      w.offset[j] = p.offset ? p.offset + row(j) * p.groups : nullptr;
+    }
+    FewTokens(p, w, t0, t1, o0, valid);
+  };
+  const auto* bytes = static_cast<const uint8_t*>(p.w);
+  if (p.type == Weights::kS8) {
+    jaxinfer::Int8Rows<8> w;
+    fill(w, static_cast<const int8_t*>(p.w), p.in);
+  } else if (p.type == Weights::kS4) {
+    jaxinfer::Int4Rows<8, true> w;
+    fill(w, bytes, p.in / 2);
+  } else {
+    jaxinfer::Int4Rows<8, false> w;
+    fill(w, bytes, p.in / 2);
+  }
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Tokens [t0, t1) against weight rows [o0, o0 + kRowBlock) (fewer at the end): each row turned into
+// float32 once into a scratch row, then tiles of 6 tokens x 4 rows (2 tokens x 8 rows at the end).
+void RunBlock(const Problem& p, int64_t t0, int64_t t1, int64_t o0) {
+  const int64_t valid = std::min(kRowBlock, p.out - o0);
+  if (RunFused(p, t0, t1, o0, valid)) return;
+  thread_local std::vector<float> buf;
+  thread_local std::vector<int8_t> codes;
+  buf.resize(kRowBlock * p.in);
+  FloatRows<8> w;
+  for (int64_t j = 0; j < kRowBlock; ++j) {  // missing rows repeat row 0; their results are dropped
+    w.w[j] = j < valid ? WeightRow(p, o0 + j, buf.data() + j * p.in, codes) : w.w[0];
+  }
+  const FloatRows<4> lo{{w.w[0], w.w[1], w.w[2], w.w[3]}}, hi{{w.w[4], w.w[5], w.w[6], w.w[7]}};
+  auto four_rows = [&](auto tokens, int64_t t) {
+    TileToY<4, decltype(tokens)::value>(p, lo, t, o0, std::min<int64_t>(4, valid));
+    if (valid > 4) TileToY<4, decltype(tokens)::value>(p, hi, t, o0 + 4, valid - 4);
+  };
+  int64_t t = t0;
+  for (; t + 6 <= t1; t += 6) four_rows(std::integral_constant<int, 6>{}, t);
+  switch (t1 - t) {
+    case 5: return four_rows(std::integral_constant<int, 5>{}, t);
+    case 4: return four_rows(std::integral_constant<int, 4>{}, t);
+    case 3: return four_rows(std::integral_constant<int, 3>{}, t);
+    case 2: return TileToY<8, 2>(p, w, t, o0, valid);
+    case 1: return TileToY<8, 1>(p, w, t, o0, valid);
+    default: return;
+  }
+}
+
+ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values, ffi::Buffer<ffi::F32> scale,
+                  ffi::Buffer<ffi::F32> offset, int64_t group, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = values.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || wd[1] != xd[1] || yd[0] != xd[0] || yd[1] != wd[0]) {
+    return ffi::Error::InvalidArgument("linear: x must be [N, I], values [O, I] and y [N, O]");
+  }
+  Problem p{xd[0], xd[1], wd[0], 0, group, x.typed_data(), values.untyped_data(), Weights::kF32,
+            nullptr, nullptr, y->typed_data()};
+  switch (values.element_type()) {
+    case ffi::DataType::F32: p.type = Weights::kF32; break;
+    case ffi::DataType::BF16: p.type = Weights::kBF16; break;
+    case ffi::DataType::S8: p.type = Weights::kS8; break;
+    case ffi::DataType::S4: p.type = Weights::kS4; break;
+    case ffi::DataType::U4: p.type = Weights::kU4; break;
+    default: return ffi::Error::InvalidArgument("linear: values must be float32, bfloat16, int8, int4 or uint4");
+  }
+  const bool quantized = p.type != Weights::kF32 && p.type != Weights::kBF16;
+  if (quantized) {
+    if (group < 1) return ffi::Error::InvalidArgument("linear: group must be >= 1");
+    p.groups = (p.in + group - 1) / group;
+    auto sd = scale.dimensions();
+    if (sd.size() != 2 || sd[0] != p.out || sd[1] != p.groups) {
+      return ffi::Error::InvalidArgument("linear: scale must be [O, ceil(I / group)]");
+    }
+    p.scale = scale.typed_data();
+    if (offset.element_count() != 0) {
+      auto od = offset.dimensions();
+      if (od.size() != 2 || od[0] != p.out || od[1] != p.groups) {
+        return ffi::Error::InvalidArgument("linear: offset must be zero-sized or of scale's shape");
+      }
+      p.offset = offset.typed_data();
+    }
+  }
+  if (p.n == 0 || p.out == 0) return ffi::Error::Success();
+  const int64_t row_blocks = (p.out + kRowBlock - 1) / kRowBlock;
+  const int64_t token_blocks = (p.n + kTokenBlock - 1) / kTokenBlock;
+  const int64_t items = row_blocks * token_blocks;
+  // The caller works too: one helper fewer than the pool's threads keeps one thread per core (the
+  // caller is a pool thread, or the pool is idle while it waits for this call).
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, p.n * p.in * p.out / kMacsPerHelper);
+  auto body = [&](int64_t item) {
+    const int64_t tb = item / row_blocks, o0 = (item % row_blocks) * kRowBlock;
+    const int64_t t0 = tb * kTokenBlock, t1 = std::min(p.n, t0 + kTokenBlock);
+    RunBlock(p, t0, t1, o0);
+  };
+  jaxinfer::ParallelFor(pool, items, helpers, body);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferLinear, Linear,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("group")
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,90 @@
+// Weight rows read straight from their storage inside the dot tile (matmul_tiles.h's Rows), for calls
+// with one or two tokens: there a round trip through a float32 scratch row costs as much as the dot.
+// Each Load gives exactly the float32 values DequantizeRow would write (the same fma(code, scale,
+// offset) or code * scale), so the result does not depend on which path a call takes.
+//
+// Integer rows need every 16-input step inside one group: `shift` is log2(group) for a power-of-two
+// group of at least 16, or 62 for one group per row. 4-bit rows must start on a byte (even I).
+#pragma once
+
+#include "matmul_tiles.h"
+
+#ifdef JAXINFER_AVX512
+
+namespace jaxinfer {
+
+template <int R>
+struct BF16Rows {
+  const uint16_t* w[R];
+  void Begin(int64_t) {}
+  __m512 Load(int r, int64_t k, __mmask16 m) const {  // exact: a bfloat16 is the top half of a float32
+    const __m512i h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, w[r] + k));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+  }
+};
+
+// Per row: its codes and its groups' scales and offsets (offset null when absent, for every row).
+template <int R, typename Code>
+struct QuantRows {
+  const Code* w[R];
+  const float* scale[R];
+  const float* offset[R];
+  int shift;
+
+  void Begin(int64_t) {}
+
+  __m512 Dequantize(int r, int64_t k, __m512 codes) const {
+    const int64_t g = k >> shift;
+    const __m512 s = _mm512_set1_ps(scale[r][g]);
+    return offset[r] ? _mm512_fmadd_ps(codes, s, _mm512_set1_ps(offset[r][g])) : _mm512_mul_ps(codes, s);
+  }
+};
+
+template <int R>
+struct Int8Rows : QuantRows<R, int8_t> {
+  __m512 Load(int r, int64_t k, __mmask16 m) const {
+    const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, this->w[r] + k)));
+    const __m512 f = this->Dequantize(r, k, c);
+    return m == 0xFFFF ? f : _mm512_maskz_mov_ps(m, f);  // offset-only lanes past the row end -> 0
+  }
+};
+
+// 4-bit codes: each nibble indexes a 16-float table of its group's dequantized values, built from the
+// codes 0..15 or, signed, 0..7, -8..-1 (two's-complement nibble order) once per row and group. The 8
+// bytes of a step are broadcast to every 64-bit lane and vpmultishiftqb moves nibble i to the low bits
+// of 32-bit lane i (vpermps reads only an index's low 4 bits): two shuffles per 16 weights.
+template <int R, bool kSigned>
+struct Int4Rows : QuantRows<R, uint8_t> {
+  __m512 table[R];
+  int64_t group = -1;
+
+  void Begin(int64_t k) {
+    if ((k >> this->shift) == group) return;
+    group = k >> this->shift;
+    const __m512 codes = kSigned ? _mm512_set_ps(-1, -2, -3, -4, -5, -6, -7, -8, 7, 6, 5, 4, 3, 2, 1, 0)
+                                 : _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int r = 0; r < R; ++r) table[r] = this->Dequantize(r, k, codes);
+  }
+
+  __m512 Load(int r, int64_t k, __mmask16 m) const {
+    const uint8_t* p = this->w[r] + k / 2;
+    __m512i bytes;
+    if (m == 0xFFFF) {
+      int64_t eight;
+      std::memcpy(&eight, p, sizeof eight);
+      bytes = _mm512_set1_epi64(eight);
+    } else {  // the row's last step: read only its own bytes
+      const auto valid = static_cast<__mmask16>((1u << ((_mm_popcnt_u32(m) + 1) / 2)) - 1);
+      bytes = _mm512_broadcastq_epi64(_mm_maskz_loadu_epi8(valid, p));
+    }
+    // 64-bit lane q: byte 0 <- bits 8q.. (nibble 2q), byte 4 <- bits 8q + 4.. (nibble 2q + 1)
+    const __m512i at = _mm512_set_epi64(0x3C00000038ll, 0x3400000030ll, 0x2C00000028ll, 0x2400000020ll,
+                                        0x1C00000018ll, 0x1400000010ll, 0x0C00000008ll, 0x0400000000ll);
+    const __m512 f = _mm512_permutexvar_ps(_mm512_multishift_epi64_epi8(at, bytes), table[r]);
+    return m == 0xFFFF ? f : _mm512_maskz_mov_ps(m, f);
+  }
+};
+
+}  // namespace jaxinfer
+
+#endif

@@ -1,0 +1,162 @@
+// The inner loops of the native linear layer (matmul.cc): a weight row's codes turned into floats
+// (dequantize), and a tile of R weight rows against T activation rows (dot products over the input
+// dimension, in float32: on Sapphire Rapids without AMX, vdpbf16ps issues at half the rate of
+// vfmadd231ps, so bfloat16 dot products would be slower than float32 FMAs on exact conversions).
+//
+// Every output element is computed by the same sequence of operations whatever the tile it falls in
+// (lane-wise fused multiply-adds over 16 inputs at a time in input order, a masked last step, then one
+// fixed horizontal sum), so a token's output does not depend on how many tokens share the call: the
+// kernel is batch-invariant bit for bit. With AVX-512 the tiles use it; elsewhere a portable version of the
+// same loops runs.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define JAXINFER_AVX512 1
+#endif
+
+namespace jaxinfer {
+
+inline float BF16ToF32(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Nibbles [first, first + count) of a packed 4-bit array (two per byte, the low nibble first, as
+// XLA:CPU stores int4/uint4) as int8 codes: -8..7 when is_signed, else 0..15.
+inline void UnpackNibbles(const uint8_t* packed, int64_t first, int64_t count, bool is_signed, int8_t* out) {
+  auto nibble = [&](int64_t i) {
+    const int64_t a = first + i;
+    const int v = (packed[a >> 1] >> ((a & 1) * 4)) & 0xF;
+    return static_cast<int8_t>(is_signed ? (v ^ 8) - 8 : v);
+  };
+  int64_t i = 0;
+  if (first & 1) out[i] = nibble(i), ++i;
+#ifdef JAXINFER_AVX512
+  const uint8_t* p = packed + ((first + i) >> 1);
+  const __m256i low = _mm256_set1_epi16(0x0F), high = _mm256_set1_epi16(0xF0), eight = _mm256_set1_epi8(8);
+  for (; i + 32 <= count; i += 32, p += 16) {  // 16 bytes -> 32 codes, in order
+    const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    __m256i n = _mm256_or_si256(_mm256_and_si256(b, low), _mm256_slli_epi16(_mm256_and_si256(b, high), 4));
+    if (is_signed) n = _mm256_sub_epi8(_mm256_xor_si256(n, eight), eight);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), n);
+  }
+#endif
+  for (; i < count; ++i) out[i] = nibble(i);
+}
+
+// One row of int8 codes -> code * scale[g] (+ offset[g], one rounding) for each group g of `group`
+// inputs, as float32. offset may be null.
+inline void DequantizeRow(const int8_t* codes, const float* scale, const float* offset, int64_t in, int64_t group,
+                          float* out) {
+  for (int64_t g0 = 0, g = 0; g0 < in; g0 += group, ++g) {
+    const int64_t g1 = std::min(in, g0 + group);
+#ifdef JAXINFER_AVX512
+    const __m512 s = _mm512_set1_ps(scale[g]), o = _mm512_set1_ps(offset ? offset[g] : 0.f);
+    for (int64_t k = g0; k < g1; k += 16) {
+      const __mmask16 m = g1 - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (g1 - k)) - 1);
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, codes + k)));
+      const __m512 f = offset ? _mm512_fmadd_ps(v, s, o) : _mm512_mul_ps(v, s);
+      _mm512_mask_storeu_ps(out + k, m, f);
+    }
+#else
+    for (int64_t k = g0; k < g1; ++k) {
+      out[k] = offset ? std::fma(static_cast<float>(codes[k]), scale[g], offset[g])
+                      : static_cast<float>(codes[k]) * scale[g];
+    }
+#endif
+  }
+}
+
+#ifdef JAXINFER_AVX512
+
+// out[i] = the sum of v[i]'s 16 lanes, for 8 vectors at once (a transpose-and-add tree: 23 instructions
+// instead of 8 horizontal sums of ~9). Every vector's lanes are added in the same tree whatever its
+// slot, (l0+l8 + l4+l12) + (l2+l10 + l6+l14) + ..., so a result never depends on its neighbours.
+inline void Reduce8(const __m512* v, float* out) {
+  __m512 s[4], u[2];
+  for (int i = 0; i < 4; ++i) {  // 128-bit blocks: [a0+a2, a1+a3, b0+b2, b1+b3]
+    s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  }
+  for (int i = 0; i < 2; ++i) {  // blocks: one vector each, [a | b | c | d]
+    u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0xDD));
+  }
+  const __m512 h = _mm512_add_ps(_mm512_unpacklo_ps(u[0], u[1]), _mm512_unpackhi_ps(u[0], u[1]));
+  const __m512 t = _mm512_add_ps(h, _mm512_permute_ps(h, 0x4E));  // lane 4i: v[i]; lane 4i + 1: v[4 + i]
+  const __m512i order = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 13, 9, 5, 1, 12, 8, 4, 0);
+  _mm256_storeu_ps(out, _mm512_castps512_ps256(_mm512_permutexvar_ps(order, t)));
+}
+
+// R weight rows already in float32 (a row of the weights, or one dequantized into a scratch row).
+template <int R>
+struct FloatRows {
+  const float* w[R];
+  void Begin(int64_t) {}
+  __m512 Load(int r, int64_t k, __mmask16 m) const { return _mm512_maskz_loadu_ps(m, w[r] + k); }
+};
+
+// res[t * R + r] = sum_k w(r, k) x[t][k] for k < in, 16 inputs per step (Rows::Begin(k) starts a step,
+// Rows::Load gives 16 weights as float32, zero where the mask is off); the last step is masked, so rows
+// need no padding.
+template <int R, int T, typename Rows>
+inline void DotTile(Rows w, const float* const* x, int64_t in, float* res) {
+  __m512 acc[T][R];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
+  auto step = [&](int64_t k, __mmask16 m) {
+    __m512 wv[R];
+    w.Begin(k);
+    for (int r = 0; r < R; ++r) wv[r] = w.Load(r, k, m);
+    for (int t = 0; t < T; ++t) {
+      const __m512 xv = _mm512_maskz_loadu_ps(m, x[t] + k);
+      for (int r = 0; r < R; ++r) acc[t][r] = _mm512_fmadd_ps(wv[r], xv, acc[t][r]);
+    }
+  };
+  int64_t k = 0;
+  for (; k + 16 <= in; k += 16) step(k, 0xFFFF);
+  if (k < in) step(k, static_cast<__mmask16>((1u << (in - k)) - 1));
+  static_assert((T * R) % 4 == 0, "tiles hold a multiple of 4 accumulators");
+  __m512* flat = &acc[0][0];  // row-major [T][R]: res's order
+  for (int i = 0; i + 8 <= T * R; i += 8) Reduce8(flat + i, res + i);
+  if constexpr ((T * R) % 8 == 4) {
+    __m512 last[8] = {flat[T * R - 4], flat[T * R - 3], flat[T * R - 2], flat[T * R - 1]};
+    for (int i = 4; i < 8; ++i) last[i] = _mm512_setzero_ps();
+    float sums[8];
+    Reduce8(last, sums);
+    std::memcpy(res + T * R - 4, sums, 4 * sizeof(float));
+  }
+}
+
+#else  // portable: the same contract in plain loops (not bit-identical to the AVX-512 tiles)
+
+template <int R>
+struct FloatRows {
+  const float* w[R];
+  float Load(int r, int64_t k) const { return w[r][k]; }
+};
+
+template <int R, int T, typename Rows>
+inline void DotTile(const Rows& w, const float* const* x, int64_t in, float* res) {
+  for (int t = 0; t < T; ++t) {
+    for (int r = 0; r < R; ++r) {
+      float lanes[16] = {};
+      for (int64_t k = 0; k < in; ++k) lanes[k % 16] = std::fma(w.Load(r, k), x[t][k], lanes[k % 16]);
+      float sum = 0.f;
+      for (float l : lanes) sum += l;
+      res[t * R + r] = sum;
+    }
+  }
+}
+
+#endif
+
+}  // namespace jaxinfer

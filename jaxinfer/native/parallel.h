@@ -1,0 +1,52 @@
+// Work shared between the calling thread and XLA's intra-op thread pool (the FFI's ThreadPool
+// context), used by every native kernel here.
+//
+// Items are claimed from an atomic counter, so the caller never waits for a task that has not started
+// (a pool thread may be busy elsewhere, or be the caller itself); it only waits for items already
+// claimed. The state outlives the call for late tasks, which find no items left and return without
+// touching the kernel's buffers.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace jaxinfer {
+
+struct SharedWork {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  std::mutex mu;
+  std::condition_variable cv;
+};
+
+// Runs body(item) for item in [0, items) on the caller plus at most `helpers` pool threads.
+template <typename Body>
+void ParallelFor(xla::ffi::ThreadPool& pool, int64_t items, int64_t helpers, Body body) {
+  if (items <= 0) return;
+  helpers = std::clamp<int64_t>(helpers, 0, std::min<int64_t>(pool.num_threads(), items - 1));
+  if (helpers == 0) {
+    for (int64_t i = 0; i < items; ++i) body(i);
+    return;
+  }
+  auto run = [items, body](SharedWork* st) {
+    int64_t finished = 0;
+    for (int64_t i; (i = st->next.fetch_add(1)) < items; ++finished) body(i);
+    if (finished && st->done.fetch_add(finished) + finished == items) {
+      std::lock_guard<std::mutex> lock(st->mu);
+      st->cv.notify_all();
+    }
+  };
+  auto state = std::make_shared<SharedWork>();
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state, run] { run(state.get()); });
+  run(state.get());
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == items; });
+}
+
+}  // namespace jaxinfer
