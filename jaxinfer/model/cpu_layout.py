@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.model.params import flatten, set_path
-from jaxinfer.model.projections import declare_weight
-from jaxinfer.quant.arrays import materialize
+from jaxinfer.model.projections import TokenMajor, declare_weight
+from jaxinfer.native import matmul
+from jaxinfer.quant.arrays import QWeight, materialize
 from jaxinfer.quant.spec import NONE, QuantSpec
 
 FEATURE_MAJOR_TOKENS = 64  # steps of at most this many tokens per row run feature-major
@@ -43,6 +44,7 @@ class OutputMajor:
 
     feature_major: bool = False
     quant: QuantSpec = NONE
+    native: bool = False  # quantized and bfloat16 weights through the native linear layer (`jaxinfer.native.matmul`)
 
     @property
     def norm_axis(self) -> int:
@@ -56,12 +58,28 @@ class OutputMajor:
 
     def apply(self, x, w, inputs: int):
         n_out = math.prod(w.shape[: w.ndim - inputs])
+        flat = native_operands(w, n_out, inputs) if self.native else None
+        if flat is not None:
+            if self.feature_major:  # x [in, N] -> [out, N]
+                return matmul.linear(x.T, *flat[:3], group=flat[3]).T
+            b, t = x.shape[:2]
+            y = matmul.linear(x.reshape(b, t, -1), *flat[:3], group=flat[3])
+            return y.reshape((b, t) + w.shape[: w.ndim - inputs])
         w2 = materialize(w, x.dtype).reshape(n_out, -1)
         if self.feature_major:
             return w2 @ x  # [out, N]
         b, t = x.shape[:2]
         y = jnp.einsum("bti,oi->bto", x.reshape(b, t, -1), w2)
         return y.reshape((b, t) + w.shape[: w.ndim - inputs])
+
+    def vocab_logits(self, x, head, output_major: bool):
+        """x [B, N, E] against the vocabulary head -> float32 logits [B, N, V]: `head` is the embedding
+        table [V, E] (tied, `output_major`) or an lm_head [E, V]."""
+        if self.native and (isinstance(head, QWeight) or head.dtype == jnp.bfloat16):
+            table = head if output_major else head.T
+            flat = native_operands(table, table.shape[0], 1)
+            return matmul.linear(x.astype(jnp.float32), *flat[:3], group=flat[3])
+        return TokenMajor().vocab_logits(x, head, output_major)
 
     def enter(self, x):
         return to_feature_major(x) if self.feature_major else x
@@ -74,6 +92,20 @@ class OutputMajor:
 
     def from_heads(self, out):
         return to_feature_major(out) if self.feature_major else out
+
+
+def native_operands(w, n_out: int, inputs: int):
+    """(values [O, I], scale, offset, group) of an output-major weight for `matmul.linear`, or None where
+    XLA's own dot serves as well (float32) or the groups do not flatten into one run along the whole
+    input (several input axes, the last not a whole number of groups: none of the formats made here)."""
+    if not isinstance(w, QWeight):
+        return (w.reshape(n_out, -1), None, None, None) if w.dtype == jnp.bfloat16 else None
+    length = w.codes.shape[-1]
+    group = min(w.quant.group, length)
+    if inputs > 1 and length % group:
+        return None
+    offset = None if w.offset is None else w.offset.reshape(n_out, -1)
+    return w.codes.reshape(n_out, -1), w.scale.reshape(n_out, -1), offset, group
 
 
 def weight_kind(leaf_name: str) -> str:

@@ -20,7 +20,8 @@ from jaxinfer.model.attention import DenseCausal
 from jaxinfer.model.layout import ModelLayout
 from jaxinfer.model.llama import Llama
 from jaxinfer.model.projections import TokenMajor
-from jaxinfer.platform import pallas_interpret
+from jaxinfer.native import matmul
+from jaxinfer.platform import mesh_platform, pallas_interpret
 from jaxinfer.quant.spec import NONE, QuantSpec
 from jaxinfer.sharding import ceil_to, logical_sharding
 
@@ -44,7 +45,8 @@ class ShardedModel:
         """The Flax module for this model's layer loop: `unrolled` params use the CPU layout's
         output-major projections (`jaxinfer.model.cpu_layout`), `scan` params the checkpoint's."""
         if self.layer_loop == "unrolled":
-            proj = cpu_layout.OutputMajor(quant=self.quant)
+            native = self.mesh.devices.size == 1 and mesh_platform(self.mesh) == "cpu" and matmul.available()
+            proj = cpu_layout.OutputMajor(quant=self.quant, native=native)
         else:
             proj = TokenMajor(quant=self.quant)
         return Llama(self.config, self.layout, self.dtype, self.layer_loop, proj)

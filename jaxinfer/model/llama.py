@@ -25,7 +25,7 @@ from jaxinfer.model.attention import MASK_VALUE
 from jaxinfer.model.layout import ModelLayout
 from jaxinfer.model.projections import TokenMajor, declare, declare_weight
 from jaxinfer.model.rope import apply_rope, inverse_frequencies
-from jaxinfer.quant.arrays import QWeight, materialize
+from jaxinfer.quant.arrays import QWeight
 
 
 class RMSNorm(nn.Module):
@@ -162,14 +162,14 @@ class Llama(nn.Module):
         if c.head_vocab:
             return self._reduced_head(x, hidden, cache, on_hidden)
         if c.tie_embeddings:
-            head = table.T
+            head, output_major = table, True
         else:
             head = declare_weight(self, "lm_head", (c.hidden_size, lay.vocab), ("embed", "vocab"), self.dtype, quant)
-        dense = materialize(head, x.dtype)
-        logits = jnp.einsum("bte,ev->btv", x, dense, preferred_element_type=jnp.float32)[..., : c.vocab_size]
+            output_major = False
+        logits = self.projections.vocab_logits(x, head, output_major)[..., : c.vocab_size]
         if on_hidden is None:
             return logits, cache
-        return logits, cache, on_hidden(hidden, head)
+        return logits, cache, on_hidden(hidden, head.T if output_major else head)  # [E, V]
 
     def _reduced_head(self, x, hidden, cache, on_hidden):
         """The head of a reduced-vocabulary draft: x [B, N, E] -> logits over the full vocabulary [B, N, V],

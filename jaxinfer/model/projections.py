@@ -89,6 +89,14 @@ class TokenMajor:
         w2 = materialize(w, x.dtype).reshape(n_in, -1)
         return (x.reshape(b, t, n_in) @ w2).reshape((b, t) + w.shape[inputs:])
 
+    def vocab_logits(self, x, head, output_major: bool):
+        """x [B, N, E] against the vocabulary head -> float32 logits [B, N, V]: `head` is the embedding
+        table [V, E] (tied, `output_major`) or an lm_head [E, V]."""
+        dense = materialize(head, x.dtype)
+        return jnp.einsum(
+            "bne,ve->bnv" if output_major else "bne,ev->bnv", x, dense, preferred_element_type=jnp.float32
+        )
+
     def enter(self, x):
         """[B, T, E] -> this layout's activations."""
         return x

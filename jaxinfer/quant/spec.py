@@ -37,14 +37,15 @@ class WeightQuant:
     kind: str  # int8 | int4 | uint4
     group: int  # elements per group along the last contraction axis; >= that axis: one group per row
     offset: bool = False
-    # 4-bit codes in XLA's 4-bit types (TPU and GPU hold them two per byte), or one per byte (int8 /
-    # uint8) where XLA keeps 4-bit arrays unpacked anyway and its layouts for them disagree (CPU)
+    # 4-bit codes in XLA's 4-bit types (TPU and GPU hold them two per byte), or one per byte as int8
+    # (CPU: arrays placed from the host and compiled steps disagree on XLA:CPU's int4 layouts, and the
+    # native linear layer reads int8 codes 0..15 with an offset exactly as uint4 ones)
     narrow: bool = True
 
     @property
     def dtype(self):
         if not self.narrow and self.kind in ("int4", "uint4"):
-            return jnp.dtype(jnp.int8 if self.kind == "int4" else jnp.uint8)
+            return jnp.dtype(jnp.int8)
         return jnp.dtype(KINDS[self.kind])
 
     def groups(self, length: int) -> int:
