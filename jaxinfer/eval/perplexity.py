@@ -1,7 +1,7 @@
 """Perplexity of a model on a text, scored through the serving engine's paged KV cache.
 
     python -m jaxinfer.eval.perplexity [--model M] [--dtype float32] [--mesh 1x1] [--text FILE]
-                                       [--window 1024] [--stride 512] [--quantize int8] [--kv-dtype int8]
+                                       [--window 1024] [--stride 512] [--quantize int8|int4|gguf] [--kv-dtype int8]
 
 The text's tokens are cut into windows of at most `window` tokens, each starting `stride` tokens after
 the one before (the sliding-window recipe of Hugging Face's perplexity guide): every token is scored
@@ -10,9 +10,9 @@ is context only. Each window is one engine request asking for prompt logprobs, p
 `prefill_chunk` tokens, so later chunks attend to K/V read back from the paged cache: the engine's KV
 dtype and the model's weight format are both in the number. perplexity = exp(mean negative log-likelihood).
 
-Options the engine or loader gain later pass through unchanged: `evaluate(..., engine_overrides={...},
-**load_kwargs)` (e.g. `quantize="int8"` for `load_model`, `kv_dtype="int8"` for `EngineConfig`);
-`supports_load_option` / `supports_engine_option` say whether this build has them.
+Loader and engine options pass through unchanged: `evaluate(..., engine_overrides={...}, **load_kwargs)`
+(e.g. `quant=quant_spec("int8")` for `load_model`, `kv_dtype="int8"` for `EngineConfig`);
+`supports_load_option` / `supports_engine_option` say whether this build has one.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def check_options(window: int | None, stride: int | None, prefill_chunk: int = 1
 
 
 def supports_load_option(name: str) -> bool:
-    """Whether `jaxinfer.checkpoint.load.load_model` takes keyword `name` (e.g. "quantize")."""
+    """Whether `jaxinfer.checkpoint.load.load_model` takes keyword `name` (e.g. "quant")."""
     from jaxinfer.checkpoint.load import load_model
 
     return name in inspect.signature(load_model).parameters
@@ -174,7 +174,7 @@ def evaluate(
     **load_kwargs,
 ) -> Perplexity:
     """Loads `spec` (any `--model`; None: the embedded SmolLM2) onto `mesh` with `load_kwargs` passed to
-    `load_model` (layer_loop, quantize, ...), tokenizes `text` as the model's tokenizer does by default
+    `load_model` (layer_loop, quant, ...), tokenizes `text` as the model's tokenizer does by default
     (BOS where the model uses one) and scores it (`score`)."""
     from jaxinfer.checkpoint.load import load_model
     from jaxinfer.tokenizer import TokenizerError, load_tokenizer
@@ -191,6 +191,17 @@ def evaluate(
     return score(model, ids, window, stride, prefill_chunk, max_slots, overrides)
 
 
+def quant_from_flags(mode: str, group: int):
+    """The `QuantSpec` of `--quantize MODE --quantize-group GROUP` (gguf: the model file's own blocks)."""
+    from jaxinfer.quant.spec import MODES, QuantSpec, quant_spec
+
+    if mode == "gguf":
+        return QuantSpec("gguf")
+    if mode not in MODES:
+        raise ConfigError(f"--quantize {mode!r}: must be one of {', '.join(MODES + ('gguf',))}")
+    return quant_spec(mode, group)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxinfer.eval.perplexity", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="any --model of jaxinfer.run (default: the embedded SmolLM2)")
@@ -204,10 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-slots", type=int, default=4, help="windows scored together")
     p.add_argument("--attention", default="auto", choices=["auto", "pallas", "xla", "native"])
     p.add_argument("--layer-loop", default="auto", choices=["auto", "scan", "unrolled"])
-    q = p.add_argument_group("passed through to load_model / EngineConfig where this build has them")
-    q.add_argument("--quantize", default=None, help="weight quantization (load_model's quantize=)")
-    q.add_argument("--quantize-group", type=int, default=None, help="int4 group size (load_model's quantize_group=)")
-    q.add_argument("--kv-dtype", default=None, help="KV cache dtype (EngineConfig's kv_dtype)")
+    q = p.add_argument_group("quantization")
+    q.add_argument(
+        "--quantize", default="none", help="weights: none, int8, int4, or gguf (a .gguf file's own blocks, as stored)"
+    )
+    q.add_argument("--quantize-group", type=int, default=128, help="int4: weights per scale and offset")
+    q.add_argument("--kv-dtype", default=None, help="KV cache dtype (where this build's EngineConfig has kv_dtype)")
     p.add_argument("--json", default=None, help="also write the result as JSON to this file")
     return p
 
@@ -223,9 +236,8 @@ def main(argv=None) -> dict:
             raise ConfigError(f"--text {text_path}: no such file" + ("" if args.text else " (give --text FILE)"))
         text = text_path.read_text(encoding="utf-8")
         check_options(args.window, args.stride, args.prefill_chunk, args.max_slots)
-        load_kwargs = {k: getattr(args, k) for k in ("quantize", "quantize_group") if getattr(args, k) is not None}
+        quant = quant_from_flags(args.quantize, args.quantize_group)
         engine = {"attention": args.attention} | ({"kv_dtype": args.kv_dtype} if args.kv_dtype else {})
-        _require("load_model", load_kwargs, supports_load_option)
         _require("EngineConfig", engine, supports_engine_option)
         from jaxinfer.bootstrap import check_paths, resolve_mesh
         from jaxinfer.sharding import make_mesh
@@ -244,9 +256,10 @@ def main(argv=None) -> dict:
             args.max_slots,
             engine,
             layer_loop=args.layer_loop,
-            **load_kwargs,
+            quant=quant,
         )
-    report = dict(text=str(text_path), model=args.model, dtype=args.dtype, mesh=args.mesh, **load_kwargs)
+    report = dict(text=str(text_path), model=args.model, dtype=args.dtype, mesh=args.mesh, quantize=args.quantize)
+    report |= {"quantize_group": args.quantize_group} if args.quantize == "int4" else {}
     report |= ({"kv_dtype": args.kv_dtype} if args.kv_dtype else {}) | result.summary()
     print(
         f"perplexity {result.perplexity:.4f} over {result.tokens} tokens ({result.windows} windows of up to "
