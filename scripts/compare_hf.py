@@ -20,99 +20,42 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import peer_systems  # noqa: E402
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--model", default=None, help="a Hugging Face Llama directory (default: the embedded SmolLM2)")
-    p.add_argument("--mesh", default="1x1")
-    p.add_argument(
-        "--attention",
-        default="auto",
-        choices=["auto", "native", "xla"],
-        help="jaxinfer's attention path (auto: the native C++ kernel on CPU where it builds)",
-    )
-    p.add_argument("--json", default=None)
+    peer_systems.add_benchmark_args(p)
     args = p.parse_args(argv)
 
     from jaxinfer.sharding import ensure_host_devices, parse_mesh
 
     ensure_host_devices(parse_mesh(args.mesh).size)
     import jax
-    import numpy as np
     import torch
     import transformers
 
-    from jaxinfer.checkpoint.default_model import smollm2_gguf_path
     from jaxinfer.checkpoint.load import load_model
-    from jaxinfer.engine.engine import Engine, EngineConfig
-    from jaxinfer.engine.requests import Request, SamplingParams
     from jaxinfer.perf import write_report
     from jaxinfer.sharding import make_mesh
-    from jaxinfer.tokenizer import load_tokenizer
 
-    torch.set_num_threads(os.cpu_count() or 1)
     model = load_model(args.model, make_mesh(args.mesh), "float32")
-    if args.model is None:
-        gguf = smollm2_gguf_path()
-        tok = load_tokenizer(gguf)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(
-            os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype=torch.float32
-        )
-        text = (
-            "The history of astronomy is long. Ancient peoples watched the sky to keep time and tell stories "
-            "about the planets, the moon and the stars. "
-        ) * 8
-        base = tok.encode(text, add_bos=False)
-    else:
-        tok = None  # token ids in and out: the engine needs no tokenizer
-        hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-        size = max(args.batch) + args.prompt_tokens
-        base = np.random.default_rng(0).integers(0, model.config.vocab_size, size).tolist()
-    hf.eval()
+    hf, tok = peer_systems.reference_model(args.model)
+    source = peer_systems.prompt_source(tok, model.config.vocab_size, max(args.batch) + args.prompt_tokens)
     rows = []
     for batch in args.batch:
-        prompts = [base[i : i + args.prompt_tokens] for i in range(batch)]
-        # the step budget fits the whole batch's prompts, as transformers prefills the batch in one call
-        engine = Engine(
-            model,
-            tok,
-            EngineConfig(
-                max_slots=max(batch, model.mesh.shape["data"]),
-                max_context=args.prompt_tokens + args.new_tokens + 8,
-                prefill_chunk=args.prompt_tokens,
-                max_step_tokens=max(batch, batch * args.prompt_tokens),
-                attention=args.attention,
-                prefix_cache=False,  # transformers recomputes every prompt in every repetition; so do we
-            ),
-        )
-        engine.warmup()
+        prompts = peer_systems.batch_prompts(source, batch, args.prompt_tokens)
+        engine = peer_systems.jaxinfer_engine(model, batch, args.prompt_tokens, args.new_tokens, args.attention)
         ours_rates, hf_rates = [], []
         for rep in range(args.repeats + 1):  # first round warms both up and is not counted
-            reqs = [
-                Request(f"{rep}-{i}", p, SamplingParams(max_tokens=args.new_tokens, ignore_eos=True))
-                for i, p in enumerate(prompts)
-            ]
             start = time.perf_counter()
-            ours = [r.token_ids for r in engine.generate(reqs)]
+            ours = peer_systems.jaxinfer_generate(engine, prompts, args.new_tokens, str(rep))
             ours_time = time.perf_counter() - start
-            x = torch.tensor(prompts)
             start = time.perf_counter()
-            with torch.no_grad():
-                out = hf.generate(
-                    x,
-                    attention_mask=torch.ones_like(x),
-                    max_new_tokens=args.new_tokens,
-                    min_new_tokens=args.new_tokens,
-                    do_sample=False,
-                    pad_token_id=0,
-                )
+            theirs = peer_systems.hf_generate(hf, prompts, args.new_tokens)
             hf_time = time.perf_counter() - start
-            theirs = out[:, args.prompt_tokens :].tolist()
             if rep:
                 ours_rates.append(batch * args.new_tokens / ours_time)
                 hf_rates.append(batch * args.new_tokens / hf_time)
