@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--quantize", default="none", help="weights: none, int8, int4, or gguf (a .gguf file's own blocks, as stored)"
     )
     q.add_argument("--quantize-group", type=int, default=128, help="int4: weights per scale and offset")
-    q.add_argument("--kv-dtype", default=None, help="KV cache dtype (where this build's EngineConfig has kv_dtype)")
+    q.add_argument("--kv-dtype", default="auto", help="KV cache dtype: auto (the model dtype), float32, bfloat16, int8 or fp8_e4m3")
     p.add_argument("--json", default=None, help="also write the result as JSON to this file")
     return p
 
