@@ -20,7 +20,10 @@
 //   page_table  i32 [S, W]
 //   seq, limit  i32 [T]
 //   m, l        f32 [T, Hk, G];  acc f32 [T, Hk, G, D]
-// Attribute page_size: tokens per page (the rows of an int8 page are more).
+// Attribute page_size: tokens per page (an int8 page has more rows).
+// 8-bit pages are widened to float32 (int8: times their scales) once per page and run of tokens, then
+// read as float32 pages: converting each element for every query head that reads it made int8 pages
+// 1.75x slower than float32 ones here (decode, GQA 3).
 // Out-of-range page ids, sequence ids and limits are clamped (never read outside the cache).
 #include <algorithm>
 #include <array>
@@ -44,29 +47,19 @@ namespace {
 constexpr int kMaxGroup = 16;  // query heads per KV head handled in one pass
 constexpr int64_t kRunTokens = 8;  // query tokens of one sequence sharing each page read
 
-// How a stored element becomes a float: one codec per cache dtype. Scaled codecs (int8) also carry a
-// float32 scale per (token, combined head), read from the page's trailer rows.
-struct F32 {
-  using T = float;
-  static constexpr bool kScaled = false;
-  static float Get(const T* p, int64_t i) { return p[i]; }
-};
-struct BF16 {
-  using T = uint16_t;
-  static constexpr bool kScaled = false;
-  static float Get(const T* p, int64_t i) {
-    uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-  }
-};
+inline float Load(const float* p, int64_t i) { return p[i]; }
+inline float Load(const uint16_t* p, int64_t i) {
+  uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
 
 // The 256 values of an 8-bit float with `mbits` mantissa bits and exponent bias `bias`; `fn`: no
 // infinities, the all-ones pattern is NaN (e4m3fn), else IEEE-style (e5m2: all-ones exponent = inf/NaN).
 std::array<float, 256> Fp8Table(int mbits, int bias, bool fn) {
   std::array<float, 256> t{};
-  const int ebits = 7 - mbits, emax = (1 << ebits) - 1, mmax = (1 << mbits) - 1;
+  const int emax = (1 << (7 - mbits)) - 1, mmax = (1 << mbits) - 1;
   for (int b = 0; b < 256; ++b) {
     const int e = (b >> mbits) & emax, m = b & mmax;
     float v;
@@ -85,22 +78,6 @@ std::array<float, 256> Fp8Table(int mbits, int bias, bool fn) {
 }
 const std::array<float, 256> kE4M3 = Fp8Table(3, 7, true);
 const std::array<float, 256> kE5M2 = Fp8Table(2, 15, false);
-
-struct E4M3 {
-  using T = uint8_t;
-  static constexpr bool kScaled = false;
-  static float Get(const T* p, int64_t i) { return kE4M3[p[i]]; }
-};
-struct E5M2 {
-  using T = uint8_t;
-  static constexpr bool kScaled = false;
-  static float Get(const T* p, int64_t i) { return kE5M2[p[i]]; }
-};
-struct I8 {
-  using T = int8_t;
-  static constexpr bool kScaled = true;
-  static float Get(const T* p, int64_t i) { return static_cast<float>(p[i]); }
-};
 
 // exp(x) for finite x <= 0 (a score minus the running max), in plain arithmetic the compiler can
 // vectorise (glibc's vector expf needs -ffast-math, which would also assume away the -inf the online
@@ -128,26 +105,61 @@ struct Shape {
   int64_t rows;  // rows of one page in the cache: `page` tokens, plus the int8 scale trailer
 };
 
-// The float32 scale of token k, combined head c, of an int8 page starting at `base`.
-inline float TokenScale(const Shape& s, const int8_t* base, int64_t k, int64_t c) {
-  uint32_t bits = 0;
-  for (int64_t b = 0; b < 4; ++b) {
-    const int64_t f = b * s.page + k;
-    const int64_t at = ((s.page + f / s.dim) * 2 * s.kv_heads + c) * s.dim + f % s.dim;
-    bits |= static_cast<uint32_t>(static_cast<uint8_t>(base[at])) << (8 * b);
+// How a cache dtype is read. Float32 and bfloat16 pages are read in place (`Load`); 8-bit pages are
+// first widened: keys [0, n) of the page at `base` to float32 [n, 2*Hk, D] in `out` (`bits`: scratch of
+// 2*Hk*page words).
+template <typename Stored>
+struct InPlace {
+  using T = Stored;
+  static constexpr bool kWide = false;
+};
+struct Int8 {
+  using T = int8_t;
+  static constexpr bool kWide = true;
+  static void Widen(const Shape& s, const int8_t* base, int64_t n, float* out, uint32_t* bits) {
+    const int64_t heads = 2 * s.kv_heads;
+    for (int64_t c = 0; c < heads; ++c) {  // scales: byte b of key k at flat b*page + k of head c's trailer
+      uint32_t* w = bits + c * s.page;
+      std::fill(w, w + n, 0u);
+      for (int64_t b = 0; b < 4; ++b) {
+        int64_t lane = b * s.page % s.dim;
+        const auto* at = reinterpret_cast<const uint8_t*>(base) + ((s.page + b * s.page / s.dim) * heads + c) * s.dim;
+        for (int64_t k = 0; k < n; ++k) {
+          w[k] |= static_cast<uint32_t>(at[lane]) << (8 * b);
+          if (++lane == s.dim) {  // the next trailer row of this head
+            lane = 0;
+            at += heads * s.dim;
+          }
+        }
+      }
+    }
+    for (int64_t k = 0; k < n; ++k) {
+      for (int64_t c = 0; c < heads; ++c) {
+        float scale;
+        std::memcpy(&scale, bits + c * s.page + k, sizeof scale);
+        const int8_t* in = base + (k * heads + c) * s.dim;
+        float* o = out + (k * heads + c) * s.dim;
+#pragma omp simd
+        for (int64_t d = 0; d < s.dim; ++d) o[d] = static_cast<float>(in[d]) * scale;
+      }
+    }
   }
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return scale;
-}
+};
+template <const std::array<float, 256>& kTable>
+struct Fp8 {
+  using T = uint8_t;
+  static constexpr bool kWide = true;
+  static void Widen(const Shape& s, const uint8_t* base, int64_t n, float* out, uint32_t*) {
+    const int64_t count = n * 2 * s.kv_heads * s.dim;
+    for (int64_t i = 0; i < count; ++i) out[i] = kTable[base[i]];
+  }
+};
 
 // One query token, all its heads, against keys [0, n) of one page at `base` (a page holds every
 // head's K and V of `page` positions contiguously): updates the token's online-softmax state.
-// `kscale`, `vscale` [page * Hk]: per-key scales of scaled codecs (unused otherwise).
-template <typename Codec>
-void AttendPage(const Shape& s, const float* q, const typename Codec::T* base, int64_t n, float* m, float* l,
-                float* acc, float* scores, const float* kscale, const float* vscale) {
-  using KV = typename Codec::T;
+template <typename KV>
+void AttendPage(const Shape& s, const float* q, const KV* base, int64_t n, float* m, float* l, float* acc,
+                float* scores) {
   const int64_t rows = s.kv_heads * s.group, d_n = s.dim;
   const int64_t row_stride = 2 * s.kv_heads * d_n;  // one position of a page
   for (int64_t r = 0; r < rows; ++r) {
@@ -159,8 +171,7 @@ void AttendPage(const Shape& s, const float* q, const typename Codec::T* base, i
       const KV* key = base + k * row_stride + 2 * h * d_n;
       float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t d = 0; d < d_n; ++d) dot += qr[d] * Codec::Get(key, d);
-      if constexpr (Codec::kScaled) dot *= kscale[h * s.page + k];
+      for (int64_t d = 0; d < d_n; ++d) dot += qr[d] * Load(key, d);
       sc[k] = dot;
       block_max = std::max(block_max, dot);
     }
@@ -179,19 +190,19 @@ void AttendPage(const Shape& s, const float* q, const typename Codec::T* base, i
     for (int64_t d = 0; d < d_n; ++d) ar[d] *= scale;
     for (int64_t k = 0; k < n; ++k) {
       const KV* value = base + k * row_stride + (2 * h + 1) * d_n;
-      float p = sc[k];
-      if constexpr (Codec::kScaled) p *= vscale[h * s.page + k];
+      const float p = sc[k];
 #pragma omp simd
-      for (int64_t d = 0; d < d_n; ++d) ar[d] += p * Codec::Get(value, d);
+      for (int64_t d = 0; d < d_n; ++d) ar[d] += p * Load(value, d);
     }
   }
 }
 
 // A run of consecutive query tokens of one sequence (a prefill chunk, or one decode token): each
 // page is read from memory once for the whole run and used by every token that sees it.
-template <typename Codec>
-void AttendRun(const Shape& s, const float* q, const typename Codec::T* kv, const int32_t* pages, const int32_t* limits,
-               int64_t count, float* m, float* l, float* acc, float* scores, float* kscale, float* vscale) {
+template <typename Format>
+void AttendRun(const Shape& s, const float* q, const typename Format::T* kv, const int32_t* pages,
+               const int32_t* limits, int64_t count, float* m, float* l, float* acc, float* scores, float* wide,
+               uint32_t* bits) {
   const int64_t per_token = s.kv_heads * s.group;
   std::fill(m, m + count * per_token, -std::numeric_limits<float>::infinity());
   std::fill(l, l + count * per_token, 0.f);
@@ -199,21 +210,17 @@ void AttendRun(const Shape& s, const float* q, const typename Codec::T* kv, cons
   const int32_t longest = *std::max_element(limits, limits + count);
   for (int64_t start = 0; start < longest; start += s.page) {
     const int64_t pid = std::clamp<int64_t>(pages[start / s.page], 0, s.pages - 1);
-    const typename Codec::T* base = kv + pid * s.rows * 2 * s.kv_heads * s.dim;
-    if constexpr (Codec::kScaled) {  // this page's scales, once for every token of the run
-      const int64_t n = std::min<int64_t>(s.page, longest - start);
-      for (int64_t h = 0; h < s.kv_heads; ++h) {
-        for (int64_t k = 0; k < n; ++k) {
-          kscale[h * s.page + k] = TokenScale(s, base, k, 2 * h);
-          vscale[h * s.page + k] = TokenScale(s, base, k, 2 * h + 1);
-        }
-      }
-    }
+    const typename Format::T* base = kv + pid * s.rows * 2 * s.kv_heads * s.dim;
+    if constexpr (Format::kWide) Format::Widen(s, base, std::min<int64_t>(s.page, longest - start), wide, bits);
     for (int64_t i = 0; i < count; ++i) {
       const int64_t n = std::min<int64_t>(s.page, limits[i] - start);
       if (n <= 0) continue;
       const int64_t o = i * per_token;
-      AttendPage<Codec>(s, q + o * s.dim, base, n, m + o, l + o, acc + o * s.dim, scores, kscale, vscale);
+      if constexpr (Format::kWide) {
+        AttendPage<float>(s, q + o * s.dim, wide, n, m + o, l + o, acc + o * s.dim, scores);
+      } else {
+        AttendPage<typename Format::T>(s, q + o * s.dim, base, n, m + o, l + o, acc + o * s.dim, scores);
+      }
     }
   }
 }
@@ -229,12 +236,12 @@ struct Shared {
   std::condition_variable cv;
 };
 
-template <typename Codec, ffi::DataType kType>
+template <typename Format, ffi::DataType kType>
 ffi::Error PagedContext(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kv_pages,
                         ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> seq,
                         ffi::Buffer<ffi::S32> limit, int64_t page_size, ffi::ResultBuffer<ffi::F32> m,
                         ffi::ResultBuffer<ffi::F32> l, ffi::ResultBuffer<ffi::F32> acc) {
-  using KV = typename Codec::T;
+  using KV = typename Format::T;
   auto qd = q.dimensions(), kd = kv_pages.dimensions(), td = page_table.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || td.size() != 2) {
     return ffi::Error::InvalidArgument("paged_context: q must be rank 4, kv_pages rank 4, page_table rank 2");
@@ -243,7 +250,7 @@ ffi::Error PagedContext(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyB
   if (kd[2] != 2 * s.kv_heads || kd[3] != s.dim || s.group > kMaxGroup || s.pages < 1 || s.slots < 1) {
     return ffi::Error::InvalidArgument("paged_context: kv_pages must be [P, page, 2*Hk, D] matching q [T, Hk, G<=16, D]");
   }
-  const int64_t trailer = Codec::kScaled ? (4 * s.page + s.dim - 1) / s.dim : 0;
+  const int64_t trailer = std::is_same_v<KV, int8_t> ? (4 * s.page + s.dim - 1) / s.dim : 0;
   if (s.page < 1 || s.rows != s.page + trailer) {
     return ffi::Error::InvalidArgument("paged_context: page_size does not match the rows of kv_pages");
   }
@@ -271,13 +278,14 @@ ffi::Error PagedContext(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyB
 
   auto run_rows = [=, &runs, &seqs, &limits](Shared* st) {
     std::vector<float> scores(per_token * s.page);
-    std::vector<float> kscale(Codec::kScaled ? s.kv_heads * s.page : 0), vscale(kscale.size());
+    std::vector<float> wide(Format::kWide ? s.page * 2 * s.kv_heads * s.dim : 0);  // one widened page
+    std::vector<uint32_t> bits(Format::kWide ? 2 * s.kv_heads * s.page : 0);
     int64_t finished = 0;
     for (int64_t r; (r = st->next.fetch_add(1)) < rows; ++finished) {
       const int64_t t = runs[r], o = t * per_token;
-      AttendRun<Codec>(s, qp + o * s.dim, kvp, tp + static_cast<int64_t>(seqs[t]) * s.width, limits.data() + t,
-                       runs[r + 1] - t, mp + o, lp_out + o, ap + o * s.dim, scores.data(), kscale.data(),
-                       vscale.data());
+      AttendRun<Format>(s, qp + o * s.dim, kvp, tp + static_cast<int64_t>(seqs[t]) * s.width, limits.data() + t,
+                        runs[r + 1] - t, mp + o, lp_out + o, ap + o * s.dim, scores.data(), wide.data(),
+                        bits.data());
     }
     if (finished && st->done.fetch_add(finished) + finished == rows) {
       std::lock_guard<std::mutex> lock(st->mu);
@@ -309,10 +317,12 @@ ffi::Error PagedContext(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyB
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferPagedContextF32, (PagedContext<F32, ffi::DataType::F32>), JAXINFER_BINDING);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferPagedContextBF16, (PagedContext<BF16, ffi::DataType::BF16>), JAXINFER_BINDING);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferPagedContextS8, (PagedContext<I8, ffi::DataType::S8>), JAXINFER_BINDING);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferPagedContextF8E4M3FN, (PagedContext<E4M3, ffi::DataType::F8E4M3FN>),
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferPagedContextF32, (PagedContext<InPlace<float>, ffi::DataType::F32>),
                               JAXINFER_BINDING);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferPagedContextF8E5M2, (PagedContext<E5M2, ffi::DataType::F8E5M2>),
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferPagedContextBF16, (PagedContext<InPlace<uint16_t>, ffi::DataType::BF16>),
+                              JAXINFER_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferPagedContextS8, (PagedContext<Int8, ffi::DataType::S8>), JAXINFER_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferPagedContextF8E4M3FN, (PagedContext<Fp8<kE4M3>, ffi::DataType::F8E4M3FN>),
+                              JAXINFER_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferPagedContextF8E5M2, (PagedContext<Fp8<kE5M2>, ffi::DataType::F8E5M2>),
                               JAXINFER_BINDING);
