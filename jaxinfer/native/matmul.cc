@@ -2,11 +2,12 @@
 // (jaxinfer/native/matmul.py): y[n, o] = sum_i x[n, i] * W[o, i], accumulated in float32.
 //
 // Why native: XLA:CPU converts a bfloat16 or integer weight to float32 in a separate pass over memory
-// before an f32 dot (bf16 decode ran 8x slower than f32), and its GEMV reads f32 weights. Here each
-// weight row is turned into float32 once per call (and per block of kTokenBlock tokens) into a buffer
-// that stays in cache, then used by every token of the block: at one token the kernel reads each
-// weight byte once, at many it is a dot-product GEMM on AVX-512 FMAs (matmul_tiles.h says why not
-// bfloat16 dot instructions). The caller converts bfloat16 activations to float32 (exactly).
+// before an f32 dot (bf16 decode ran 8x slower than f32). Here each weight byte is read once per call
+// (per block of kTokenBlock tokens): for one or two tokens the dot tile decodes the weights in
+// registers (matmul_codes.h), for more each block of 8 rows is decoded once into a float32 scratch
+// that stays in cache and serves every token of the block, in dot-product tiles of AVX-512 FMAs
+// (matmul_tiles.h says why not bfloat16 dot instructions). The caller converts bfloat16 activations
+// to float32 (exactly). Both ways give bit-identical results (the same decoded values, the same sums).
 //
 // Layouts (row-major):
 //   x       [N, I]  float32
@@ -36,7 +37,9 @@ namespace {
 
 constexpr int64_t kRowBlock = 8;  // weight rows dequantized together; the widest tile
 constexpr int64_t kTokenBlock = 256;  // tokens sharing one dequantized row block (their x stays in L2)
-constexpr int64_t kMacsPerHelper = 1 << 18;  // below this much work per thread, extra threads cost more
+// Work per extra thread: 2^18 multiply-adds is a few microseconds of one core, about what handing a task
+// to a pool thread and waking it costs (an estimate: the shared 2-core host gave no clean measurement).
+constexpr int64_t kMacsPerHelper = 1 << 18;
 
 enum class Weights { kF32, kBF16, kS8, kS4, kU4 };
 
@@ -50,7 +53,8 @@ struct Problem {
   float* y;
 };
 
-// Row o of the weights in float32: the row itself when it is stored so, else written into `buf`.
+// Row o of the weights in float32: the row itself when it is stored so, else written into `buf` (the
+// values the readers of WithCodeRows give, for any group and alignment).
 const float* WeightRow(const Problem& p, int64_t o, float* buf, std::vector<int8_t>& codes) {
   if (p.type == Weights::kF32) return static_cast<const float*>(p.w) + o * p.in;
   if (p.type == Weights::kBF16) {  // exact
@@ -90,16 +94,18 @@ void FewTokens(const Problem& p, const Rows& w, int64_t t0, int64_t t1, int64_t 
   TileToY<8, 2>(p, w, t0, o0, valid);
 }
 
-// The weights read in the tile itself (matmul_codes.h) for one or two tokens; false where that path
-// does not apply (no AVX-512, float32 weights, groups straddling a 16-input step, odd 4-bit rows).
-bool RunFused(const Problem& p, int64_t t0, int64_t t1, int64_t o0, int64_t valid) {
+// visit(rows) with weight rows [o0, o0 + 8) as a reader that decodes them in registers (matmul_codes.h;
+// missing rows repeat the first), or false where there is none: no AVX-512 (for 4-bit rows: no
+// AVX512-VBMI), float32 weights, groups straddling a 16-input step, 4-bit rows not starting on a byte.
+template <typename Visit>
+bool WithCodeRows(const Problem& p, int64_t o0, int64_t valid, Visit visit) {
 #ifdef JAXINFER_AVX512
-  if (t1 - t0 > 2 || p.type == Weights::kF32) return false;
+  if (p.type == Weights::kF32) return false;
   auto row = [&](int64_t j) { return o0 + (j < valid ? j : 0); };
   if (p.type == Weights::kBF16) {
     jaxinfer::BF16Rows<8> w;
     for (int j = 0; j < 8; ++j) w.w[j] = static_cast<const uint16_t*>(p.w) + row(j) * p.in;
-    FewTokens(p, w, t0, t1, o0, valid);
+    visit(w);
     return true;
   }
   int shift = -1;
@@ -109,6 +115,9 @@ bool RunFused(const Problem& p, int64_t t0, int64_t t1, int64_t o0, int64_t vali
     shift = __builtin_ctzll(p.group);
   }
   if (shift < 0 || (p.type != Weights::kS8 && p.in % 2 != 0)) return false;
+#ifndef __AVX512VBMI__
+  if (p.type != Weights::kS8) return false;
+#endif
   auto fill = [&](auto& w, const auto* codes, int64_t row_bytes) {
     w.shift = shift;
     for (int j = 0; j < 8; ++j) {
@@ -116,19 +125,22 @@ bool RunFused(const Problem& p, int64_t t0, int64_t t1, int64_t o0, int64_t vali
       w.scale[j] = p.scale + row(j) * p.groups;
       w.offset[j] = p.offset ? p.offset + row(j) * p.groups : nullptr;
     }
-    FewTokens(p, w, t0, t1, o0, valid);
+    visit(w);
   };
-  const auto* bytes = static_cast<const uint8_t*>(p.w);
+  [[maybe_unused]] const auto* bytes = static_cast<const uint8_t*>(p.w);
   if (p.type == Weights::kS8) {
     jaxinfer::Int8Rows<8> w;
     fill(w, static_cast<const int8_t*>(p.w), p.in);
-  } else if (p.type == Weights::kS4) {
+  }
+#ifdef __AVX512VBMI__
+  if (p.type == Weights::kS4) {
     jaxinfer::Int4Rows<8, true> w;
     fill(w, bytes, p.in / 2);
-  } else {
+  } else if (p.type == Weights::kU4) {
     jaxinfer::Int4Rows<8, false> w;
     fill(w, bytes, p.in / 2);
   }
+#endif
   return true;
 #else
   return false;
@@ -136,16 +148,31 @@ bool RunFused(const Problem& p, int64_t t0, int64_t t1, int64_t o0, int64_t vali
 }
 
 // Tokens [t0, t1) against weight rows [o0, o0 + kRowBlock) (fewer at the end): each row turned into
-// float32 once into a scratch row, then tiles of 6 tokens x 4 rows (2 tokens x 8 rows at the end).
+// float32 once into a scratch row (by the same readers, else WeightRow), then tiles of 6 tokens x 4
+// rows (2 tokens x 8 rows at the end).
 void RunBlock(const Problem& p, int64_t t0, int64_t t1, int64_t o0) {
   const int64_t valid = std::min(kRowBlock, p.out - o0);
-  if (RunFused(p, t0, t1, o0, valid)) return;
+  // One or two tokens: the tile reads the weights itself.
+  if (t1 - t0 <= 2 && WithCodeRows(p, o0, valid, [&](const auto& w) { FewTokens(p, w, t0, t1, o0, valid); })) {
+    return;
+  }
   thread_local std::vector<float> buf;
   thread_local std::vector<int8_t> codes;
   buf.resize(kRowBlock * p.in);
   FloatRows<8> w;
+  // 4-bit rows through their tables (measured faster than unpacking nibbles to bytes first); bfloat16
+  // and int8 rows one at a time (WeightRow: faster than the readers' 8 rows side by side).
+  const bool four_bit = p.type == Weights::kS4 || p.type == Weights::kU4;
+  const bool decoded = four_bit && WithCodeRows(p, o0, valid, [&](const auto& rows) {
+    jaxinfer::DecodeRows(rows, p.in, valid, buf.data());
+    for (int64_t j = 0; j < valid; ++j) w.w[j] = buf.data() + j * p.in;
+  });
   for (int64_t j = 0; j < kRowBlock; ++j) {  // missing rows repeat row 0; their results are dropped
-    w.w[j] = j < valid ? WeightRow(p, o0 + j, buf.data() + j * p.in, codes) : w.w[0];
+    if (j >= valid) {
+      w.w[j] = w.w[0];
+    } else if (!decoded) {
+      w.w[j] = WeightRow(p, o0 + j, buf.data() + j * p.in, codes);
+    }
   }
   const FloatRows<4> lo{{w.w[0], w.w[1], w.w[2], w.w[3]}}, hi{{w.w[4], w.w[5], w.w[6], w.w[7]}};
   auto four_rows = [&](auto tokens, int64_t t) {

@@ -9,6 +9,13 @@
 
 #include "matmul_tiles.h"
 
+namespace jaxinfer {
+// Rows [0, valid) of a reader written out as float32 rows of `in` into out (row j at out + j * in).
+// Declared for every build, defined with the readers (only an AVX-512 build has any to pass).
+template <typename Rows>
+void DecodeRows(Rows w, int64_t in, int64_t valid, float* out);
+}  // namespace jaxinfer
+
 #ifdef JAXINFER_AVX512
 
 namespace jaxinfer {
@@ -16,7 +23,7 @@ namespace jaxinfer {
 template <int R>
 struct BF16Rows {
   const uint16_t* w[R];
-  void Begin(int64_t) {}
+  int64_t Begin(int64_t) { return INT64_MAX; }
   __m512 Load(int r, int64_t k, __mmask16 m) const {  // exact: a bfloat16 is the top half of a float32
     const __m512i h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, w[r] + k));
     return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
@@ -31,7 +38,7 @@ struct QuantRows {
   const float* offset[R];
   int shift;
 
-  void Begin(int64_t) {}
+  int64_t Begin(int64_t) { return INT64_MAX; }
 
   __m512 Dequantize(int r, int64_t k, __m512 codes) const {
     const int64_t g = k >> shift;
@@ -49,6 +56,8 @@ struct Int8Rows : QuantRows<R, int8_t> {
   }
 };
 
+#ifdef __AVX512VBMI__  // vpmultishiftqb (Ice Lake and later); without it 4-bit rows take the scratch path
+
 // 4-bit codes: each nibble indexes a 16-float table of its group's dequantized values, built from the
 // codes 0..15 or, signed, 0..7, -8..-1 (two's-complement nibble order) once per row and group. The 8
 // bytes of a step are broadcast to every 64-bit lane and vpmultishiftqb moves nibble i to the low bits
@@ -56,14 +65,12 @@ struct Int8Rows : QuantRows<R, int8_t> {
 template <int R, bool kSigned>
 struct Int4Rows : QuantRows<R, uint8_t> {
   __m512 table[R];
-  int64_t group = -1;
 
-  void Begin(int64_t k) {
-    if ((k >> this->shift) == group) return;
-    group = k >> this->shift;
+  int64_t Begin(int64_t k) {  // the tables of k's group, good until the group ends
     const __m512 codes = kSigned ? _mm512_set_ps(-1, -2, -3, -4, -5, -6, -7, -8, 7, 6, 5, 4, 3, 2, 1, 0)
                                  : _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     for (int r = 0; r < R; ++r) table[r] = this->Dequantize(r, k, codes);
+    return this->shift >= 62 ? INT64_MAX : ((k >> this->shift) + 1) << this->shift;
   }
 
   __m512 Load(int r, int64_t k, __mmask16 m) const {
@@ -84,6 +91,26 @@ struct Int4Rows : QuantRows<R, uint8_t> {
     return m == 0xFFFF ? f : _mm512_maskz_mov_ps(m, f);
   }
 };
+
+#endif  // __AVX512VBMI__
+
+template <typename Rows>
+void DecodeRows(Rows w, int64_t in, int64_t valid, float* out) {
+  const int64_t full = in / 16 * 16;
+  for (int64_t k = 0; k < full;) {
+    const int64_t end = std::min(full, w.Begin(k));
+    for (; k < end; k += 16) {
+      for (int64_t j = 0; j < valid; ++j) _mm512_storeu_ps(out + j * in + k, w.Load(static_cast<int>(j), k, 0xFFFF));
+    }
+  }
+  if (full < in) {
+    w.Begin(full);
+    const auto m = static_cast<__mmask16>((1u << (in - full)) - 1);
+    for (int64_t j = 0; j < valid; ++j) {
+      _mm512_mask_storeu_ps(out + j * in + full, m, w.Load(static_cast<int>(j), full, m));
+    }
+  }
+}
 
 }  // namespace jaxinfer
 
