@@ -31,6 +31,8 @@ softmax in float32. It is jittable (no data-dependent Python control flow), and 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -40,6 +42,9 @@ from pallas_kernels.ragged_paged_attention.validate import validate_static
 _HI = jax.lax.Precision.HIGHEST
 
 
+# Jitted: one compile per shape. Run op by op (eagerly, under the vmap) it dispatches and compiles
+# every small op on its own, which costs seconds per new shape.
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap"))
 def ragged_paged_attention_reference(
     queries,  # [T, Hq, D]
     kv_pages,  # [P, page_size, 2*Hk, D]
