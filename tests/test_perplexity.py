@@ -92,7 +92,6 @@ def test_cli_equals_dense_forward(stories, data_dir, tmp_path, capsys):
         (["--model", STORIES, "--window", "600"], "--window 600 must be below the model's limit of 512 positions"),
     ]
     + [
-        (["--quantize", "int9"], "--quantize 'int9': must be one of none, int8, int4, gguf"),
         (["--model", STORIES, "--quantize", "int4"], "--quantize-group 128: does not divide the MLP dimension"),
     ]
     + ([] if supports_engine_option("kv_dtype") else [(["--kv-dtype", "int8"], "EngineConfig has no 'kv_dtype'")]),

@@ -28,6 +28,7 @@ import time
 import numpy as np
 
 from jaxinfer.config import ConfigError
+from jaxinfer.quant.flags import add_quant_args, spec_from_args
 
 # the fixed public-domain English text of the quality tests (its README says what it is), in a checkout
 DEFAULT_TEXT = pathlib.Path(__file__).resolve().parents[2] / "tests" / "data" / "perplexity_text.txt"
@@ -191,17 +192,6 @@ def evaluate(
     return score(model, ids, window, stride, prefill_chunk, max_slots, overrides)
 
 
-def quant_from_flags(mode: str, group: int):
-    """The `QuantSpec` of `--quantize MODE --quantize-group GROUP` (gguf: the model file's own blocks)."""
-    from jaxinfer.quant.spec import MODES, QuantSpec, quant_spec
-
-    if mode == "gguf":
-        return QuantSpec("gguf")
-    if mode not in MODES:
-        raise ConfigError(f"--quantize {mode!r}: must be one of {', '.join(MODES + ('gguf',))}")
-    return quant_spec(mode, group)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxinfer.eval.perplexity", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="any --model of jaxinfer.run (default: the embedded SmolLM2)")
@@ -215,12 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-slots", type=int, default=4, help="windows scored together")
     p.add_argument("--attention", default="auto", choices=["auto", "pallas", "xla", "native"])
     p.add_argument("--layer-loop", default="auto", choices=["auto", "scan", "unrolled"])
-    q = p.add_argument_group("quantization")
-    q.add_argument(
-        "--quantize", default="none", help="weights: none, int8, int4, or gguf (a .gguf file's own blocks, as stored)"
+    add_quant_args(p)
+    p.add_argument(
+        "--kv-dtype", default="auto", help="KV cache dtype: auto (the model dtype), float32, bfloat16, int8 or fp8_e4m3"
     )
-    q.add_argument("--quantize-group", type=int, default=128, help="int4: weights per scale and offset")
-    q.add_argument("--kv-dtype", default="auto", help="KV cache dtype: auto (the model dtype), float32, bfloat16, int8 or fp8_e4m3")
     p.add_argument("--json", default=None, help="also write the result as JSON to this file")
     return p
 
@@ -236,7 +224,7 @@ def main(argv=None) -> dict:
             raise ConfigError(f"--text {text_path}: no such file" + ("" if args.text else " (give --text FILE)"))
         text = text_path.read_text(encoding="utf-8")
         check_options(args.window, args.stride, args.prefill_chunk, args.max_slots)
-        quant = quant_from_flags(args.quantize, args.quantize_group)
+        quant = spec_from_args(args)
         engine = {"attention": args.attention} | ({"kv_dtype": args.kv_dtype} if args.kv_dtype else {})
         _require("EngineConfig", engine, supports_engine_option)
         from jaxinfer.bootstrap import check_paths, resolve_mesh
@@ -259,7 +247,7 @@ def main(argv=None) -> dict:
             quant=quant,
         )
     report = dict(text=str(text_path), model=args.model, dtype=args.dtype, mesh=args.mesh, quantize=args.quantize)
-    report |= {"quantize_group": args.quantize_group} if args.quantize == "int4" else {}
+    report |= {"quantize_group": args.quantize_group} if args.quantize_group else {}
     report |= ({"kv_dtype": args.kv_dtype} if args.kv_dtype else {}) | result.summary()
     print(
         f"perplexity {result.perplexity:.4f} over {result.tokens} tokens ({result.windows} windows of up to "

@@ -21,8 +21,9 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--quantize-group",
         type=int,
-        default=128,
-        help="int4: weights per group along each weight's input axis (default: 128)",
+        default=None,
+        help="weights per scale along each weight's input axis: int4 (default 128), int8 (default: one scale "
+        "per output channel)",
     )
     g.add_argument(
         "--quantize-embeddings",

@@ -103,23 +103,27 @@ class QuantSpec:
 NONE = QuantSpec()
 
 
-def quant_spec(mode: str, group: int = 128, embeddings: bool = True) -> QuantSpec:
-    """The spec `--quantize MODE --quantize-group GROUP [--no-quantize-embeddings]` asks for.
+def quant_spec(mode: str, group: int | None = None, embeddings: bool = True) -> QuantSpec:
+    """The spec `--quantize MODE [--quantize-group GROUP] [--no-quantize-embeddings]` asks for.
 
-    int8: symmetric, one scale per output channel (one group spanning the whole input). int4:
-    asymmetric 4-bit codes (uint4 with a per-group offset, as GGUF's Q4_1 and AWQ store them), groups
-    of `group`. Embeddings (the table and an untied lm_head) are quantized to int8 per channel in both
+    int8: symmetric, one scale per output channel (one group spanning the whole input), or per group
+    of `group` when one is given (as GGUF's Q8_0 with 32). int4: asymmetric 4-bit codes (uint4 with a
+    per-group offset, as GGUF's Q4_1 and AWQ store them), groups of `group` (default 128). Embeddings
+    (the table and an untied lm_head) are quantized to int8 per channel in both
     modes unless `embeddings` is False: they are read once per token like every other weight, and a
     4-bit vocabulary head costs small models most of their int4 quality loss.
     """
     if mode not in MODES:
         raise ConfigError(f"--quantize {mode!r}: must be one of {', '.join(MODES)}")
-    if not isinstance(group, int) or group < 2 or group % 2:
+    if group is not None and (not isinstance(group, int) or group < 2 or group % 2):
         raise ConfigError(f"--quantize-group {group!r}: must be an even integer >= 2")
     if mode == "none":
         return NONE
     per_channel = WeightQuant("int8", 1 << 30)
-    body = per_channel if mode == "int8" else WeightQuant("uint4", group, offset=True)
+    if mode == "int8":
+        body = per_channel if group is None else WeightQuant("int8", group)
+    else:
+        body = WeightQuant("uint4", group or 128, offset=True)
     weights = [(n, body) for n in PROJECTIONS]
     if embeddings:
         weights += [(n, per_channel) for n in EMBEDDINGS]
