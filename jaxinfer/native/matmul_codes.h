@@ -16,7 +16,7 @@ namespace jaxinfer {
 template <int R>
 struct BF16Rows {
   const uint16_t* w[R];
-  void Begin(int64_t) {}
+  int64_t Begin(int64_t) { return INT64_MAX; }
   __m512 Load(int r, int64_t k, __mmask16 m) const {  // exact: a bfloat16 is the top half of a float32
     const __m512i h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, w[r] + k));
     return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
@@ -31,7 +31,7 @@ struct QuantRows {
   const float* offset[R];
   int shift;
 
-  void Begin(int64_t) {}
+  int64_t Begin(int64_t) { return INT64_MAX; }
 
   __m512 Dequantize(int r, int64_t k, __m512 codes) const {
     const int64_t g = k >> shift;
@@ -56,14 +56,12 @@ struct Int8Rows : QuantRows<R, int8_t> {
 template <int R, bool kSigned>
 struct Int4Rows : QuantRows<R, uint8_t> {
   __m512 table[R];
-  int64_t group = -1;
 
-  void Begin(int64_t k) {
-    if ((k >> this->shift) == group) return;
-    group = k >> this->shift;
+  int64_t Begin(int64_t k) {  // the tables of k's group, good until the group ends
     const __m512 codes = kSigned ? _mm512_set_ps(-1, -2, -3, -4, -5, -6, -7, -8, 7, 6, 5, 4, 3, 2, 1, 0)
                                  : _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     for (int r = 0; r < R; ++r) table[r] = this->Dequantize(r, k, codes);
+    return this->shift >= 62 ? INT64_MAX : ((k >> this->shift) + 1) << this->shift;
   }
 
   __m512 Load(int r, int64_t k, __mmask16 m) const {

@@ -100,32 +100,48 @@ inline void Reduce8(const __m512* v, float* out) {
 template <int R>
 struct FloatRows {
   const float* w[R];
-  void Begin(int64_t) {}
+  int64_t Begin(int64_t) { return INT64_MAX; }
   __m512 Load(int r, int64_t k, __mmask16 m) const { return _mm512_maskz_loadu_ps(m, w[r] + k); }
 };
 
-// res[t * R + r] = sum_k w(r, k) x[t][k] for k < in, 16 inputs per step (Rows::Begin(k) starts a step,
-// Rows::Load gives 16 weights as float32, zero where the mask is off); the last step is masked, so rows
-// need no padding.
+// acc[t][r] += w(r, k) x[t][k] over the 16-input steps from k while they end by `end` (masked by m, for
+// the last one): returns where it stopped. The accumulators live in a local copy for the loop, which the
+// compiler keeps in registers (a reference into the caller's array it would store back every step).
+template <int R, int T, typename Rows>
+__attribute__((always_inline)) inline int64_t Steps(const Rows& w, const float* const* x, int64_t k, int64_t end,
+                                                    __mmask16 m, __m512 (&acc)[T][R]) {
+  __m512 a[T][R];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) a[t][r] = acc[t][r];
+  for (; k < end; k += 16) {
+    __m512 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = w.Load(r, k, m);
+    for (int t = 0; t < T; ++t) {
+      const __m512 xv = _mm512_maskz_loadu_ps(m, x[t] + k);
+      for (int r = 0; r < R; ++r) a[t][r] = _mm512_fmadd_ps(wv[r], xv, a[t][r]);
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = a[t][r];
+  return k;
+}
+
+// res[t * R + r] = sum_k w(r, k) x[t][k] for k < in, 16 inputs per step (Rows::Begin(k) prepares the
+// steps from k up to the input it returns, Rows::Load gives 16 weights as float32, zero where the mask
+// is off); the last step is masked, so rows need no padding.
 template <int R, int T, typename Rows>
 inline void DotTile(Rows w, const float* const* x, int64_t in, float* res) {
   __m512 acc[T][R];
   for (int t = 0; t < T; ++t)
     for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
-  auto step = [&](int64_t k, __mmask16 m) {
-    __m512 wv[R];
-    w.Begin(k);
-    for (int r = 0; r < R; ++r) wv[r] = w.Load(r, k, m);
-    for (int t = 0; t < T; ++t) {
-      const __m512 xv = _mm512_maskz_loadu_ps(m, x[t] + k);
-      for (int r = 0; r < R; ++r) acc[t][r] = _mm512_fmadd_ps(wv[r], xv, acc[t][r]);
-    }
-  };
-  int64_t k = 0;
-  for (; k + 16 <= in; k += 16) step(k, 0xFFFF);
-  if (k < in) step(k, static_cast<__mmask16>((1u << (in - k)) - 1));
+  const int64_t full = in / 16 * 16;
+  for (int64_t k = 0; k < full;) k = Steps(w, x, k, std::min(full, w.Begin(k)), 0xFFFF, acc);
+  if (full < in) {  // the masked last step
+    w.Begin(full);
+    Steps(w, x, full, in, static_cast<__mmask16>((1u << (in - full)) - 1), acc);
+  }
   static_assert((T * R) % 4 == 0, "tiles hold a multiple of 4 accumulators");
-  __m512* flat = &acc[0][0];  // row-major [T][R]: res's order
+  const __m512* flat = &acc[0][0];  // row-major [T][R]: res's order
   for (int i = 0; i + 8 <= T * R; i += 8) Reduce8(flat + i, res + i);
   if constexpr ((T * R) % 8 == 4) {
     __m512 last[8] = {flat[T * R - 4], flat[T * R - 3], flat[T * R - 2], flat[T * R - 1]};
