@@ -50,7 +50,8 @@ struct Problem {
   float* y;
 };
 
-// Row o of the weights in float32: the row itself when it is stored so, else written into `buf`.
+// Row o of the weights in float32: the row itself when it is stored so, else written into `buf` (the
+// values the readers of WithCodeRows give, for any group and alignment).
 const float* WeightRow(const Problem& p, int64_t o, float* buf, std::vector<int8_t>& codes) {
   if (p.type == Weights::kF32) return static_cast<const float*>(p.w) + o * p.in;
   if (p.type == Weights::kBF16) {  // exact
@@ -90,16 +91,18 @@ void FewTokens(const Problem& p, const Rows& w, int64_t t0, int64_t t1, int64_t 
   TileToY<8, 2>(p, w, t0, o0, valid);
 }
 
-// The weights read in the tile itself (matmul_codes.h) for one or two tokens; false where that path
-// does not apply (no AVX-512, float32 weights, groups straddling a 16-input step, odd 4-bit rows).
-bool RunFused(const Problem& p, int64_t t0, int64_t t1, int64_t o0, int64_t valid) {
+// visit(rows) with weight rows [o0, o0 + 8) as a reader that decodes them in registers (matmul_codes.h;
+// missing rows repeat the first), or false where there is none: no AVX-512, float32 weights, groups
+// straddling a 16-input step, 4-bit rows not starting on a byte.
+template <typename Visit>
+bool WithCodeRows(const Problem& p, int64_t o0, int64_t valid, Visit visit) {
 #ifdef JAXINFER_AVX512
-  if (t1 - t0 > 2 || p.type == Weights::kF32) return false;
+  if (p.type == Weights::kF32) return false;
   auto row = [&](int64_t j) { return o0 + (j < valid ? j : 0); };
   if (p.type == Weights::kBF16) {
     jaxinfer::BF16Rows<8> w;
     for (int j = 0; j < 8; ++j) w.w[j] = static_cast<const uint16_t*>(p.w) + row(j) * p.in;
-    FewTokens(p, w, t0, t1, o0, valid);
+    visit(w);
     return true;
   }
   int shift = -1;
@@ -116,7 +119,7 @@ bool RunFused(const Problem& p, int64_t t0, int64_t t1, int64_t o0, int64_t vali
       w.scale[j] = p.scale + row(j) * p.groups;
       w.offset[j] = p.offset ? p.offset + row(j) * p.groups : nullptr;
     }
-    FewTokens(p, w, t0, t1, o0, valid);
+    visit(w);
   };
   const auto* bytes = static_cast<const uint8_t*>(p.w);
   if (p.type == Weights::kS8) {
@@ -136,16 +139,31 @@ bool RunFused(const Problem& p, int64_t t0, int64_t t1, int64_t o0, int64_t vali
 }
 
 // Tokens [t0, t1) against weight rows [o0, o0 + kRowBlock) (fewer at the end): each row turned into
-// float32 once into a scratch row, then tiles of 6 tokens x 4 rows (2 tokens x 8 rows at the end).
+// float32 once into a scratch row (by the same readers, else WeightRow), then tiles of 6 tokens x 4
+// rows (2 tokens x 8 rows at the end).
 void RunBlock(const Problem& p, int64_t t0, int64_t t1, int64_t o0) {
   const int64_t valid = std::min(kRowBlock, p.out - o0);
-  if (RunFused(p, t0, t1, o0, valid)) return;
+  // One or two tokens: the tile reads the weights itself.
+  if (t1 - t0 <= 2 && WithCodeRows(p, o0, valid, [&](const auto& w) { FewTokens(p, w, t0, t1, o0, valid); })) {
+    return;
+  }
   thread_local std::vector<float> buf;
   thread_local std::vector<int8_t> codes;
   buf.resize(kRowBlock * p.in);
   FloatRows<8> w;
+  // 4-bit rows through their tables (measured faster than unpacking nibbles to bytes first); bfloat16
+  // and int8 rows one at a time (WeightRow: faster than the readers' 8 rows side by side).
+  const bool four_bit = p.type == Weights::kS4 || p.type == Weights::kU4;
+  const bool decoded = four_bit && WithCodeRows(p, o0, valid, [&](const auto& rows) {
+    jaxinfer::DecodeRows(rows, p.in, valid, buf.data());
+    for (int64_t j = 0; j < valid; ++j) w.w[j] = buf.data() + j * p.in;
+  });
   for (int64_t j = 0; j < kRowBlock; ++j) {  // missing rows repeat row 0; their results are dropped
-    w.w[j] = j < valid ? WeightRow(p, o0 + j, buf.data() + j * p.in, codes) : w.w[0];
+    if (j >= valid) {
+      w.w[j] = w.w[0];
+    } else if (!decoded) {
+      w.w[j] = WeightRow(p, o0 + j, buf.data() + j * p.in, codes);
+    }
   }
   const FloatRows<4> lo{{w.w[0], w.w[1], w.w[2], w.w[3]}}, hi{{w.w[4], w.w[5], w.w[6], w.w[7]}};
   auto four_rows = [&](auto tokens, int64_t t) {

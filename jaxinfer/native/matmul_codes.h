@@ -83,6 +83,25 @@ struct Int4Rows : QuantRows<R, uint8_t> {
   }
 };
 
+// Rows [0, valid) of a reader written out as float32 rows of `in` into out (row j at out + j * in).
+template <typename Rows>
+void DecodeRows(Rows w, int64_t in, int64_t valid, float* out) {
+  const int64_t full = in / 16 * 16;
+  for (int64_t k = 0; k < full;) {
+    const int64_t end = std::min(full, w.Begin(k));
+    for (; k < end; k += 16) {
+      for (int64_t j = 0; j < valid; ++j) _mm512_storeu_ps(out + j * in + k, w.Load(static_cast<int>(j), k, 0xFFFF));
+    }
+  }
+  if (full < in) {
+    w.Begin(full);
+    const auto m = static_cast<__mmask16>((1u << (in - full)) - 1);
+    for (int64_t j = 0; j < valid; ++j) {
+      _mm512_mask_storeu_ps(out + j * in + full, m, w.Load(static_cast<int>(j), full, m));
+    }
+  }
+}
+
 }  // namespace jaxinfer
 
 #endif
