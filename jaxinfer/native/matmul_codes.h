@@ -9,6 +9,13 @@
 
 #include "matmul_tiles.h"
 
+namespace jaxinfer {
+// Rows [0, valid) of a reader written out as float32 rows of `in` into out (row j at out + j * in).
+// Declared for every build, defined with the readers (only an AVX-512 build has any to pass).
+template <typename Rows>
+void DecodeRows(Rows w, int64_t in, int64_t valid, float* out);
+}  // namespace jaxinfer
+
 #ifdef JAXINFER_AVX512
 
 namespace jaxinfer {
@@ -83,7 +90,6 @@ struct Int4Rows : QuantRows<R, uint8_t> {
   }
 };
 
-// Rows [0, valid) of a reader written out as float32 rows of `in` into out (row j at out + j * in).
 template <typename Rows>
 void DecodeRows(Rows w, int64_t in, int64_t valid, float* out) {
   const int64_t full = in / 16 * 16;
