@@ -1,7 +1,7 @@
 """The native CPU linear layer (jaxinfer.native.matmul) against a float64 numpy oracle, for every weight
 format: float32, bfloat16, per-channel int8, grouped int4 / uint4 with and without offset, with ragged
 last groups and odd sizes (4-bit rows starting mid-byte); inside jit, under shard_map on a 2-device
-mesh, batch-invariant bit for bit; the XLA fallback; and the portable (non-AVX-512) build."""
+mesh, batch-invariant bit for bit; the XLA fallback; and the builds without AVX-512 and without AVX512-VBMI."""
 
 import os
 import re
@@ -160,25 +160,34 @@ def test_wrong_arguments_are_one_line(args, message):
         matmul.linear(x, values, scale, group=args.get("group"))
 
 
-PORTABLE = """
-import numpy as np, jax, jax.numpy as jnp
+VARIANTS = """
+import jax, jax.numpy as jnp, numpy as np
 from jaxinfer import native
 from jaxinfer.native import matmul
-native.FLAGS = (*native.FLAGS, "-mno-avx512f")
 rng = np.random.default_rng(0)
-codes = rng.integers(-8, 8, (9, 41)); scale = rng.uniform(0.01, 0.1, (9, 2)).astype(np.float32)
-x = rng.standard_normal((3, 41)).astype(np.float32)
-y = matmul.linear(jnp.asarray(x), jnp.asarray(codes, jnp.int4), jnp.asarray(scale), group=32)
-exact = codes * np.repeat(scale.astype(np.float64), 32, axis=1)[:, :41]
-print(matmul.available(), np.abs(np.asarray(y, np.float64) - x.astype(np.float64) @ exact.T).max())
+codes = rng.integers(-8, 8, (9, 42)); scale = rng.uniform(0.01, 0.1, (9, 2)).astype(np.float32)
+exact = codes * np.repeat(scale.astype(np.float64), 32, axis=1)[:, :42]
+base = native.FLAGS
+for flag in ("-mno-avx512f", "-mno-avx512vbmi"):  # no AVX-512 at all; AVX-512 without vpmultishiftqb
+    native.FLAGS = (*base, flag)
+    native.load_library.cache_clear()
+    lib = native.load_library("matmul.cc")
+    matmul.TARGET = "jaxinfer_linear" + flag.replace("-", "_")
+    jax.ffi.register_ffi_target(matmul.TARGET, jax.ffi.pycapsule(lib.JaxinferLinear), platform="cpu")
+    for n in (1, 3):  # the in-register readers and the scratch path
+        x = rng.standard_normal((n, 42)).astype(np.float32)
+        y = matmul.linear(jnp.asarray(x), jnp.asarray(codes, jnp.int4), jnp.asarray(scale), group=32)
+        print(flag, n, np.abs(np.asarray(y, np.float64) - x.astype(np.float64) @ exact.T).max())
 """
 
 
-def test_portable_build_without_avx512():
-    """The same source built with -mno-avx512f (its plain-loop tiles), in a fresh process; the library is
-    cached under its own name (the flags are part of it), so only the first run compiles."""
+def test_builds_without_avx512_and_without_vbmi():
+    """The same source built with -mno-avx512f (its plain loops) and with -mno-avx512vbmi (AVX-512 but no
+    4-bit readers), each loaded in a fresh process under its own target; the libraries are cached under
+    their own names (the flags are part of them), so only the first run compiles."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", PORTABLE], capture_output=True, text=True, timeout=120, cwd=root)
+    out = subprocess.run([sys.executable, "-c", VARIANTS], capture_output=True, text=True, timeout=180, cwd=root)
     assert out.returncode == 0, out.stderr[-2000:]
-    available, err = out.stdout.split()[-2:]
-    assert available == "True" and float(err) < 1e-5, out.stdout
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith("-mno")]
+    assert [r[:2] for r in rows] == [[f, n] for f in ("-mno-avx512f", "-mno-avx512vbmi") for n in ("1", "3")]
+    assert all(float(r[2]) < 1e-5 for r in rows), rows

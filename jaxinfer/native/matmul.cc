@@ -2,11 +2,12 @@
 // (jaxinfer/native/matmul.py): y[n, o] = sum_i x[n, i] * W[o, i], accumulated in float32.
 //
 // Why native: XLA:CPU converts a bfloat16 or integer weight to float32 in a separate pass over memory
-// before an f32 dot (bf16 decode ran 8x slower than f32), and its GEMV reads f32 weights. Here each
-// weight row is turned into float32 once per call (and per block of kTokenBlock tokens) into a buffer
-// that stays in cache, then used by every token of the block: at one token the kernel reads each
-// weight byte once, at many it is a dot-product GEMM on AVX-512 FMAs (matmul_tiles.h says why not
-// bfloat16 dot instructions). The caller converts bfloat16 activations to float32 (exactly).
+// before an f32 dot (bf16 decode ran 8x slower than f32). Here each weight byte is read once per call
+// (per block of kTokenBlock tokens): for one or two tokens the dot tile decodes the weights in
+// registers (matmul_codes.h), for more each block of 8 rows is decoded once into a float32 scratch
+// that stays in cache and serves every token of the block, in dot-product tiles of AVX-512 FMAs
+// (matmul_tiles.h says why not bfloat16 dot instructions). The caller converts bfloat16 activations
+// to float32 (exactly). Both ways give bit-identical results (the same decoded values, the same sums).
 //
 // Layouts (row-major):
 //   x       [N, I]  float32
@@ -36,7 +37,9 @@ namespace {
 
 constexpr int64_t kRowBlock = 8;  // weight rows dequantized together; the widest tile
 constexpr int64_t kTokenBlock = 256;  // tokens sharing one dequantized row block (their x stays in L2)
-constexpr int64_t kMacsPerHelper = 1 << 18;  // below this much work per thread, extra threads cost more
+// Work per extra thread: 2^18 multiply-adds is a few microseconds of one core, about what handing a task
+// to a pool thread and waking it costs (an estimate: the shared 2-core host gave no clean measurement).
+constexpr int64_t kMacsPerHelper = 1 << 18;
 
 enum class Weights { kF32, kBF16, kS8, kS4, kU4 };
 
@@ -92,8 +95,8 @@ void FewTokens(const Problem& p, const Rows& w, int64_t t0, int64_t t1, int64_t 
 }
 
 // visit(rows) with weight rows [o0, o0 + 8) as a reader that decodes them in registers (matmul_codes.h;
-// missing rows repeat the first), or false where there is none: no AVX-512, float32 weights, groups
-// straddling a 16-input step, 4-bit rows not starting on a byte.
+// missing rows repeat the first), or false where there is none: no AVX-512 (for 4-bit rows: no
+// AVX512-VBMI), float32 weights, groups straddling a 16-input step, 4-bit rows not starting on a byte.
 template <typename Visit>
 bool WithCodeRows(const Problem& p, int64_t o0, int64_t valid, Visit visit) {
 #ifdef JAXINFER_AVX512
@@ -112,6 +115,9 @@ bool WithCodeRows(const Problem& p, int64_t o0, int64_t valid, Visit visit) {
     shift = __builtin_ctzll(p.group);
   }
   if (shift < 0 || (p.type != Weights::kS8 && p.in % 2 != 0)) return false;
+#ifndef __AVX512VBMI__
+  if (p.type != Weights::kS8) return false;
+#endif
   auto fill = [&](auto& w, const auto* codes, int64_t row_bytes) {
     w.shift = shift;
     for (int j = 0; j < 8; ++j) {
@@ -121,17 +127,20 @@ bool WithCodeRows(const Problem& p, int64_t o0, int64_t valid, Visit visit) {
     }
     visit(w);
   };
-  const auto* bytes = static_cast<const uint8_t*>(p.w);
+  [[maybe_unused]] const auto* bytes = static_cast<const uint8_t*>(p.w);
   if (p.type == Weights::kS8) {
     jaxinfer::Int8Rows<8> w;
     fill(w, static_cast<const int8_t*>(p.w), p.in);
-  } else if (p.type == Weights::kS4) {
+  }
+#ifdef __AVX512VBMI__
+  if (p.type == Weights::kS4) {
     jaxinfer::Int4Rows<8, true> w;
     fill(w, bytes, p.in / 2);
-  } else {
+  } else if (p.type == Weights::kU4) {
     jaxinfer::Int4Rows<8, false> w;
     fill(w, bytes, p.in / 2);
   }
+#endif
   return true;
 #else
   return false;

@@ -56,6 +56,8 @@ struct Int8Rows : QuantRows<R, int8_t> {
   }
 };
 
+#ifdef __AVX512VBMI__  // vpmultishiftqb (Ice Lake and later); without it 4-bit rows take the scratch path
+
 // 4-bit codes: each nibble indexes a 16-float table of its group's dequantized values, built from the
 // codes 0..15 or, signed, 0..7, -8..-1 (two's-complement nibble order) once per row and group. The 8
 // bytes of a step are broadcast to every 64-bit lane and vpmultishiftqb moves nibble i to the low bits
@@ -89,6 +91,8 @@ struct Int4Rows : QuantRows<R, uint8_t> {
     return m == 0xFFFF ? f : _mm512_maskz_mov_ps(m, f);
   }
 };
+
+#endif  // __AVX512VBMI__
 
 template <typename Rows>
 void DecodeRows(Rows w, int64_t in, int64_t valid, float* out) {
