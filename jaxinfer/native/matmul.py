@@ -127,7 +127,8 @@ def linear(x, values, scale=None, offset=None, *, group: int | None = None):
     x [..., I] float32 or bfloat16; values [O, I] float32, bfloat16, int8, int4 or uint4; for integer
     values scale (and optional offset) float32 [O, ceil(I / group)], group defaulting to I (one scale
     per output channel). Returns [..., O]. The native kernel runs on CPU; elsewhere, or when it cannot
-    be built here, `reference` does. Each row of y depends only on its own row of x.
+    be built here, `reference` does. Natively, each row of y is a function of its own row of x alone, bit
+    for bit, whatever the other rows (batch-invariant).
     """
     group = _check(x, values, scale, offset, group)
     lead = x.shape[:-1]
