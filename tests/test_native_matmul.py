@@ -4,6 +4,7 @@ last groups and odd sizes (4-bit rows starting mid-byte); inside jit, under shar
 mesh, batch-invariant bit for bit; the XLA fallback; and the builds without AVX-512 and without AVX512-VBMI."""
 
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -181,6 +182,7 @@ for flag in ("-mno-avx512f", "-mno-avx512vbmi"):  # no AVX-512 at all; AVX-512 w
 """
 
 
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 compiler flags")
 def test_builds_without_avx512_and_without_vbmi():
     """The same source built with -mno-avx512f (its plain loops) and with -mno-avx512vbmi (AVX-512 but no
     4-bit readers), each loaded in a fresh process under its own target; the libraries are cached under
