@@ -8,7 +8,8 @@ memory analysis (argument / output / temp / generated-code bytes) and cost analy
 (flops, bytes accessed and XLA's 'optimal_seconds' estimate). Shapes are Llama-3-8B
 (32 q heads, 8 kv heads, head_dim 128, bf16, page 16):
 
-* ragged paged attention, decode: 64 sequences x 1 token at context 2048;
+* ragged paged attention, decode: 64 sequences x 1 token at context 2048 (also with an int8 KV cache,
+  its per-token scales in each page);
 * ragged paged attention, prefill: one 512-token chunk at the end of a 2048 context;
 * flash attention, prefill: a 512-token chunk at offset 1536 over 2048 keys;
 * the plain-JAX reference for the decode shape, for comparison with the kernel.
@@ -41,6 +42,7 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.flash_attention import flash_attention  # noqa: E402
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention, ragged_paged_attention_reference  # noqa: E402
+from pallas_kernels.ragged_paged_attention.quantized import page_rows  # noqa: E402
 
 TOPOLOGIES = ("v5e:2x4", "v5p:2x2x1", "v6e:2x4")
 COST_KEYS = ("flops", "transcendentals", "bytes accessed", "optimal_seconds")
@@ -92,10 +94,10 @@ def configs(small: bool):
     qs, kvs, rep = P(None, "tensor", None), P(None, None, "tensor", None), P()
     sm = D**-0.5
 
-    def rpa_specs(T, S):
+    def rpa_specs(T, S, kv_dtype=dt):  # int8: each page has its scale rows (pallas_kernels/.../quantized.py)
         return [
             ((T, Hq, D), dt, qs),
-            ((S * pps + 1, page, 2 * Hk, D), dt, kvs),
+            ((S * pps + 1, page_rows(page, D, kv_dtype), 2 * Hk, D), kv_dtype, kvs),
             ((S,), i32, rep),
             ((S, pps), i32, rep),
             ((S + 1,), i32, rep),
@@ -113,6 +115,7 @@ def configs(small: bool):
     ]
     return [
         ("rpa_decode", rpa, rpa_specs(n_dec, n_dec), qs),
+        ("rpa_decode_int8_kv", rpa, rpa_specs(n_dec, n_dec, jnp.int8), qs),
         ("rpa_decode_reference", ref, rpa_specs(n_dec, n_dec), qs),
         ("rpa_prefill_chunk", rpa, rpa_specs(chunk, n_pre), qs),
         ("flash_prefill_chunk", lambda q, k, v, o: flash_attention(q, k, v, sm_scale=sm, q_offset=o), fa, fa_spec),
@@ -130,7 +133,8 @@ def _fmt(r):
 
 def decode_step(topology: str, small: bool) -> dict:
     """Compiles the engine's whole decode step (every layer, cache write, sampling) for `topology` with
-    the Pallas kernel and with the XLA attention path; returns memory and cost estimates of each.
+    the Pallas kernel, with it over an int8 KV cache (`--kv-dtype int8`) and with the XLA attention path;
+    returns memory and cost estimates of each.
 
     Llama-3-8B in bf16 with 64 slots at 2k context (the tiny preset with 8 slots at 128 with `small`),
     on the topology's preset mesh, compiled through `jaxinfer.compilation` exactly as the engine runs it.
@@ -153,10 +157,17 @@ def decode_step(topology: str, small: bool) -> dict:
     slots, context = (8, 128) if small else (64, 2048)
     layout = plan_layout(config, spec.tensor, quiet=True)
     out = {}
-    for kind in ("pallas", "xla"):
-        engine = EngineConfig(max_slots=slots, max_context=context, prefill_chunk=slots // spec.data, attention=kind)
+    for kind in ("pallas", "pallas_int8_kv", "xla"):
+        attention, kv_dtype = ("pallas", "int8") if kind == "pallas_int8_kv" else (kind, "auto")
+        engine = EngineConfig(
+            max_slots=slots,
+            max_context=context,
+            prefill_chunk=slots // spec.data,
+            attention=attention,
+            kv_dtype=kv_dtype,
+        )
         pages = slots // spec.data * pages_needed(context, engine.page_size)
-        policy = platforms.resolve("tpu", attention=kind)
+        policy = platforms.resolve("tpu", attention=attention)
         specs = aot_compile.step_specs(config, layout, mesh, jax.numpy.bfloat16, engine, pages, policy)
         try:
             (r,) = aot_compile.compile_buckets(specs, buckets=[slots // spec.data])
@@ -196,7 +207,7 @@ def main(argv=None) -> dict:
             if r["ok"]:
                 est = r["estimated_seconds"]
                 print(
-                    f"  whole decode step, {kind:9s} compiled OK in {r['compile_s']:.1f}s  temp "
+                    f"  whole decode step, {kind:14s} compiled OK in {r['compile_s']:.1f}s  temp "
                     f"{r['memory']['temp'] / 2**20:.1f} MiB  args {r['memory']['argument'] / 2**30:.2f} GiB  "
                     f"cost-model estimate {est * 1e3:.3f} ms (not a measured speed; Pallas calls count "
                     "their own CostEstimate)"
@@ -204,7 +215,7 @@ def main(argv=None) -> dict:
                     else "  cost-model estimate n/a"
                 )
             else:
-                print(f"  whole decode step, {kind:9s} FAILED: {r['error']}")
+                print(f"  whole decode step, {kind:14s} FAILED: {r['error']}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

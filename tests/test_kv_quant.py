@@ -30,13 +30,12 @@ FP8 = {"float8_e4m3fn": ml_dtypes.float8_e4m3fn, "float8_e5m2": ml_dtypes.float8
 def pack_int8(values, scales):
     """numpy, from the format's description (quantized.py's docstring): int8 values [P, page, C, D] and
     float32 scales [P, page, C] -> int8 pages [P, page + E, C, D], E = ceil(4 page / D) rows in which
-    byte b (least significant first) of token t's scale of head c sits at flat position b*page + t."""
+    token t's scale of head c is bytes 4t .. 4t+3 (least significant first) of the head's trailer."""
     n, page, c, d = values.shape
     e = -(-4 * page // d)
     trailer = np.zeros((n, c, e * d), np.uint8)
-    raw = np.ascontiguousarray(scales, np.float32).view(np.uint32)
-    for b in range(4):
-        trailer[:, :, b * page : (b + 1) * page] = ((raw >> (8 * b)) & 0xFF).astype(np.uint8).transpose(0, 2, 1)
+    raw = np.ascontiguousarray(scales, "<f4").transpose(0, 2, 1)  # [P, C, page], little-endian
+    trailer[:, :, : 4 * page] = np.ascontiguousarray(raw).view(np.uint8).reshape(n, c, 4 * page)
     out = np.zeros((n, page + e, c, d), np.int8)
     out[:, :page] = values
     out[:, page:] = trailer.reshape(n, c, e, d).transpose(0, 2, 1, 3).view(np.int8)

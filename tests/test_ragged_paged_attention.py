@@ -252,7 +252,12 @@ def test_compile_script_small(tmp_path):
     for name, r in res["v5e:2x2"].items():
         assert r["ok"], (name, r)
         assert r["cost"]["flops"] > 0 and r["cost"]["bytes accessed"] > 0
-    for kind in ("pallas", "xla"):  # the engine's whole decode step, with the kernel and without
+    for kind in ("pallas", "pallas_int8_kv", "xla"):  # the engine's whole decode step, with the kernel and without
         assert step[kind]["ok"], step[kind]
         assert step[kind]["memory"]["argument"] > 0
     assert step["pallas"]["mosaic_kernel_in_step"] and not step["xla"]["mosaic_kernel_in_step"]
+    assert step["pallas_int8_kv"]["mosaic_kernel_in_step"]
+    # an int8 cache is smaller than the bfloat16 one (its values at 1 byte, plus one scale row per page), and costs
+    # no cache-sized temporary (a relayout copy of it would)
+    int8, bf16 = step["pallas_int8_kv"]["memory"], step["pallas"]["memory"]
+    assert int8["argument"] < bf16["argument"] and int8["temp"] <= bf16["temp"] * 1.1

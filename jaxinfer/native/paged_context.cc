@@ -15,8 +15,8 @@
 //   q           f32 [T, Hk, G, D]   (scaled by the softmax scale already)
 //   kv_pages    f32|bf16|f8e4m3fn|f8e5m2 [P, page, 2*Hk, D]   K of head h at 2h, V at 2h+1
 //               int8 [P, page + E, 2*Hk, D]: values, then E rows of per-(token, head) float32 scales
-//               (pallas_kernels/ragged_paged_attention/quantized.py: byte b of token t's scale for
-//               combined head c at flat position b*page + t of head c's trailer rows)
+//               (pallas_kernels/ragged_paged_attention/quantized.py: token t's scale for combined
+//               head c in bytes 4t .. 4t+3, least significant first, of head c's trailer rows)
 //   page_table  i32 [S, W]
 //   seq, limit  i32 [T]
 //   m, l        f32 [T, Hk, G];  acc f32 [T, Hk, G, D]
@@ -118,19 +118,12 @@ struct Int8 {
   static constexpr bool kWide = true;
   static void Widen(const Shape& s, const int8_t* base, int64_t n, float* out, uint32_t* bits) {
     const int64_t heads = 2 * s.kv_heads;
-    for (int64_t c = 0; c < heads; ++c) {  // scales: byte b of key k at flat b*page + k of head c's trailer
-      uint32_t* w = bits + c * s.page;
-      std::fill(w, w + n, 0u);
-      for (int64_t b = 0; b < 4; ++b) {
-        int64_t lane = b * s.page % s.dim;
-        const auto* at = reinterpret_cast<const uint8_t*>(base) + ((s.page + b * s.page / s.dim) * heads + c) * s.dim;
-        for (int64_t k = 0; k < n; ++k) {
-          w[k] |= static_cast<uint32_t>(at[lane]) << (8 * b);
-          if (++lane == s.dim) {  // the next trailer row of this head
-            lane = 0;
-            at += heads * s.dim;
-          }
-        }
+    for (int64_t c = 0; c < heads; ++c) {  // scales: key k's in bytes 4k .. 4k+3 of head c's trailer
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t f = 4 * k;  // D is a multiple of 4: the four bytes share one row
+        const auto* at = reinterpret_cast<const uint8_t*>(base) + ((s.page + f / s.dim) * heads + c) * s.dim + f % s.dim;
+        bits[c * s.page + k] = static_cast<uint32_t>(at[0]) | static_cast<uint32_t>(at[1]) << 8 |
+                               static_cast<uint32_t>(at[2]) << 16 | static_cast<uint32_t>(at[3]) << 24;
       }
     }
     for (int64_t k = 0; k < n; ++k) {
@@ -251,7 +244,7 @@ ffi::Error PagedContext(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyB
     return ffi::Error::InvalidArgument("paged_context: kv_pages must be [P, page, 2*Hk, D] matching q [T, Hk, G<=16, D]");
   }
   const int64_t trailer = std::is_same_v<KV, int8_t> ? (4 * s.page + s.dim - 1) / s.dim : 0;
-  if (s.page < 1 || s.rows != s.page + trailer) {
+  if (s.page < 1 || s.rows != s.page + trailer || (trailer && s.dim % 4)) {
     return ffi::Error::InvalidArgument("paged_context: page_size does not match the rows of kv_pages");
   }
   const float* qp = q.typed_data();

@@ -55,8 +55,9 @@ Mosaic's 32-row tiling on every call (AOT compiles for v5e with 2Hk = 4). K and 
 read page by page from the f32 slabs and concatenated; their values (integers up to 127, or fp8)
 are exact in bfloat16, so the MXU runs at the queries' dtype. The int8 scales multiply the
 [rows, Bk] score and probability tiles, one lane per key: head c's trailer holds byte b of token
-t at flat position b*page_size + t, so lane rotations and ORs rebuild each page's float32 bits,
-and a lane concatenation of the pages gives the block's [1, Bk] row. Per-tensor ``k_scale`` /
+t at lane 4t + b, so four small 0/1 matmuls per trailer row gather the bytes of each token to its
+own lane, ORs rebuild the float32 bits, and a lane concatenation of the pages gives the block's
+[1, Bk] row. Per-tensor ``k_scale`` /
 ``v_scale`` (any KV dtype, as in JAX's kernel) multiply the scores and the P@V product.
 
 Caveats (seen in AOT compiles for v5e): the wrapper views the cache as
@@ -226,22 +227,26 @@ def _kernel(
         return k, v
 
     def token_scales(c):
-        """int8: the [1, bk] row of float32 scales of combined head c over the block's keys."""
-        trailer = {}  # row e of head c's trailer in every page: [nb, D], bytes as -128..127
+        """int8: the [1, bk] row of float32 scales of combined head c over the block's keys.
 
-        def byte(b):  # [nb, page_size]: byte b of each token's scale (flat positions b*page_size + t)
-            pieces, f = [], b * page_size
-            while f < (b + 1) * page_size:
-                e, lane = divmod(f, D)
-                if e not in trailer:
-                    trailer[e] = scratch[0][:, page_size + e, c, :].astype(jnp.int32) & 0xFF
-                n = min(D - lane, (b + 1) * page_size - f)
-                row = trailer[e] if lane == 0 else pltpu.roll(trailer[e], D - lane, 1)  # lane -> lane 0
-                pieces.append(row[:, :n])
-                f += n
-            return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=1)
-
-        word = byte(0) | (byte(1) << 8) | (byte(2) << 16) | (byte(3) << 24)
+        Trailer row e of head c holds the bytes of tokens [e*D/4, (e+1)*D/4), byte b of token t at lane
+        4t + b. One small matmul per byte with a 0/1 matrix moves lane 4t + b to lane t (exact: one
+        nonzero term of at most 8 bits), then the bytes are ORed into float32 bits."""
+        per_row = D // 4
+        parts = [[] for _ in range(4)]  # per byte: [nb, n] pieces over the trailer rows
+        for e in range(-(-page_size // per_row)):
+            n = min(per_row, page_size - e * per_row)  # tokens in this row
+            row = scratch[0][:, page_size + e, c, :]  # [nb, D]: bytes as -128..127
+            lane = lax.broadcasted_iota(jnp.int32, (D, n), 0)
+            token = lax.broadcasted_iota(jnp.int32, (D, n), 1)
+            for b in range(4):
+                pick = (lane == 4 * token + b).astype(jnp.float32)  # [D, n]
+                parts[b].append(jnp.dot(row, pick, preferred_element_type=jnp.float32))
+        word = None
+        for b in range(4):
+            piece = parts[b][0] if len(parts[b]) == 1 else jnp.concatenate(parts[b], axis=1)  # [nb, page]
+            byte = piece.astype(jnp.int32) & 0xFF
+            word = byte if word is None else word | (byte << (8 * b))
         scales = pltpu.bitcast(word, jnp.float32)  # [nb, page_size]
         return scales if nb == 1 else jnp.concatenate([scales[j : j + 1] for j in range(nb)], axis=1)
 

@@ -6,7 +6,10 @@ pages do (combined head 2h is K of kv head h, 2h+1 its V); the vector x of one (
 stored as round(x / s), s = max|x| / 127 (symmetric; a zero vector has s = 0). The E =
 ceil(4 * page_size / D) trailing rows ("the trailer") hold the scales s as float32 bit patterns, each
 combined head in its own row(s): byte b (least significant first) of token t's scale sits at flat
-position f = b * page_size + t of its head's trailer, i.e. row page_size + f // D, lane f % D.
+position f = 4 * t + b of its head's trailer, i.e. row page_size + f // D, lane f % D (D a multiple of
+4, so a token's four bytes share one row: writing a token's scales is one [2Hk, 4] window per token,
+a scatter XLA does in place, where four single bytes per head made XLA:TPU copy the whole cache into
+another layout for an element scatter).
 
 Why in the page: one page is still one contiguous [page_size + E, 2Hk, D] block, so the cache stays one
 array per layer (same sharding, donation and page tables as the float cache) and the Pallas kernel
@@ -91,7 +94,7 @@ def _from_bytes(parts):
 def token_scales(pages, page_ids, offsets, page_size: int):
     """int8 pages [P, rows, C, D]; page_ids, offsets [T] -> float32 [T, C]: the scales of T tokens."""
     d = pages.shape[-1]
-    flat = jnp.arange(4)[None, :] * page_size + offsets[:, None]  # [T, 4] trailer positions of the bytes
+    flat = 4 * offsets[:, None] + jnp.arange(4)[None, :]  # [T, 4] trailer positions of the bytes
     parts = pages[page_ids[:, None], page_size + flat // d, :, flat % d]  # [T, 4, C]
     return _from_bytes(jnp.moveaxis(parts, 1, -1))
 
@@ -100,8 +103,7 @@ def unpack_scales(trailer, page_size: int):
     """trailer int8 [..., E, C, D] -> float32 scales [..., page_size, C] (see the module docstring)."""
     *lead, e, c, d = trailer.shape
     flat = jnp.moveaxis(trailer, -2, -3).reshape(*lead, c, e * d)[..., : 4 * page_size]  # [..., C, 4 * page]
-    parts = flat.reshape(*lead, c, 4, page_size)
-    return jnp.swapaxes(_from_bytes(jnp.moveaxis(parts, -2, -1)), -1, -2)  # [..., page, C]
+    return jnp.swapaxes(_from_bytes(flat.reshape(*lead, c, page_size, 4)), -1, -2)  # [..., page, C]
 
 
 def dequantize_pages(pages, k_scale: float | None = None, v_scale: float | None = None):
@@ -133,11 +135,22 @@ def write_tokens(pages, page_ids, offsets, kv, *, prefix=(), k_scale=None, v_sca
         values = jnp.stack([k, v], axis=2).reshape(kv.shape)
     elif is_int8(dtype):
         values, scale = quantize_int8(kv)  # [T, C, D], [T, C]
-        t, c, d = kv.shape
-        flat = jnp.arange(4)[None, None, :] * page + offsets[:, None, None]  # [T, 1, 4] flat trailer byte
-        heads = jnp.broadcast_to(jnp.arange(c)[None, :, None], (t, c, 4))
-        at = prefix + (page_ids[:, None, None], page + flat // d, heads, jnp.broadcast_to(flat % d, (t, c, 4)))
-        pages = pages.at[at].set(_scale_bytes(scale), mode="drop")
+        pages = _write_scales(pages, prefix, page_ids, offsets, page, _scale_bytes(scale))
     else:
         values = kv.astype(dtype)
     return pages.at[prefix + (page_ids, offsets)].set(values, mode="drop")
+
+
+def _write_scales(pages, prefix, page_ids, offsets, page_size: int, scale_bytes):
+    """Writes each token's [C, 4] scale bytes as one window at (prefix..., page, trailer row, all heads,
+    lanes 4t .. 4t + 3); a page id out of range drops the window."""
+    d, nd = pages.shape[-1], pages.ndim
+    flat = 4 * offsets  # the token's byte 0 in its heads' trailers
+    lead = [jnp.broadcast_to(jnp.asarray(i, jnp.int32), page_ids.shape) for i in prefix]
+    at = jnp.stack(lead + [page_ids, page_size + flat // d, flat % d], axis=-1)  # [T, len(prefix) + 3]
+    dims = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(1, 2),  # updates [T, C, 4]: a window over (heads, lanes)
+        inserted_window_dims=tuple(range(nd - 2)),  # the leading axes, pages and rows: one index each
+        scatter_dims_to_operand_dims=tuple(range(nd - 2)) + (nd - 1,),  # ..., page, row, first lane
+    )
+    return jax.lax.scatter(pages, at, scale_bytes, dims, mode=jax.lax.GatherScatterMode.FILL_OR_DROP)

@@ -68,6 +68,8 @@ def validate_static(
         raise ValueError(f"kv_pages dtype {kv_pages.dtype} must be one of {', '.join(str(t) for t in KV_DTYPES)}")
     if is_int8(kv_pages.dtype):
         page_size_of(kv_pages)  # raises when the rows are no page_size + scale trailer
+        if d % 4:
+            raise ValueError(f"int8 kv_pages: head_dim {d} must be a multiple of 4 (a scale's bytes share a row)")
     if sliding_window is not None and (not isinstance(sliding_window, numbers.Integral) or sliding_window <= 0):
         raise ValueError(f"sliding_window={sliding_window!r} must be a positive int or None")
     if soft_cap is not None and (soft_cap == 0.0 or not math.isfinite(soft_cap)):
