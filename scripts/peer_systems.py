@@ -135,9 +135,13 @@ def ctranslate2_generator(hf, quantization: str = "int8"):
     except ImportError:
         return None
 
+    plain = copy.deepcopy(hf)  # the converter takes the model apart as it goes
+    if getattr(plain.config, "quantization_config", None) is not None:
+        del plain.config.quantization_config  # a GGUF file's (the weights are float now); CTranslate2 refuses it
+
     class _Converter(TransformersConverter):  # the model already in memory; an id vocabulary
         def load_model(self, model_class, path, **kwargs):
-            return copy.deepcopy(hf)  # the converter takes the model apart as it goes
+            return plain
 
         def load_tokenizer(self, tokenizer_class, path, **kwargs):
             c = hf.config
@@ -145,7 +149,7 @@ def ctranslate2_generator(hf, quantization: str = "int8"):
             return _IdVocabulary(c.vocab_size, c.bos_token_id, eos)
 
     with tempfile.TemporaryDirectory() as tmp:
-        hf.config.save_pretrained(tmp)  # the converter reads the architecture from config.json
+        plain.config.save_pretrained(tmp)  # the converter reads the architecture from config.json
         out = _Converter(tmp).convert(os.path.join(tmp, "ct2"), quantization=quantization)
         return ctranslate2.Generator(out, device="cpu", compute_type=quantization, intra_threads=os.cpu_count() or 1)
 
