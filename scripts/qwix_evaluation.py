@@ -11,7 +11,8 @@ docs/QWIX_EVALUATION.md. Needs `pip install qwix` (not a dependency of jaxinfer)
    qwix int8 with dynamic int8 activations, and two hand-written int8 forms: the dot XLA:CPU runs (its
    operand types, from the optimized HLO), the relative error, and the time per call (alternating, medians);
 3. with --tpu: the same matmuls AOT-compiled for TPU v5e:2x4 (weight split over 8 chips along `out`):
-   whether each compiles, the fused dot's operand types and the argument bytes per chip.
+   whether each compiles, the fused dot's operand types and the argument bytes per chip; and SmolLM2's
+   architecture (abstract weights) float and qwix-quantized, compiled whole for v5e:2x4.
 """
 
 from __future__ import annotations
@@ -213,6 +214,68 @@ def tpu_compile(shape: str) -> list[dict]:
     return rows
 
 
+def tpu_model(preset: str) -> list[dict]:
+    """`preset` (abstract weights) in bfloat16 with einsum projections and unrolled layers, float and qwix-
+    quantized (layers only: the tied table stays float), compiled for TPU v5e:2x4 as data 2 x tensor 4;
+    every leaf, scales included, sharded through jaxinfer's LOGICAL_RULES from the names qwix keeps."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import qwix
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from jaxinfer.config import get_preset
+    from jaxinfer.model.attention import DenseCausal
+    from jaxinfer.model.layout import plan_layout
+    from jaxinfer.model.llama import Llama
+    from jaxinfer.sharding import logical_sharding
+
+    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x4").devices
+    mesh = Mesh(np.array(devices).reshape(2, 1, 4), ("data", "sequence", "tensor"))
+    config = get_preset(preset)
+    base = Llama(config, plan_layout(config, 4, quiet=True), jnp.bfloat16, "unrolled", einsum_projections())
+    zeros = jnp.zeros((2, 1), jnp.int32)
+    rows_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    tokens = jax.ShapeDtypeStruct((2, 1), jnp.int32, sharding=rows_sharding)
+
+    def place(leaf):
+        if isinstance(leaf, nn.LogicallyPartitioned):
+            v = leaf.value
+            return jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=logical_sharding(mesh, leaf.names, v.shape))
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+
+    rows = []
+    for qtype, tile in ((None, None), (jnp.int8, None), (jnp.int4, 64)):
+        module = base
+        if qtype is not None:
+            rules = [qwix.QuantizationRule(module_path=r"layers_\d+/.*", weight_qtype=qtype, tile_size=tile)]
+            module = qwix.quantize_model(base, qwix.PtqProvider(rules))
+        init = lambda m=module: m.init(jax.random.key(0), zeros, zeros, DenseCausal(zeros))  # noqa: E731
+        params = jax.tree.map(
+            place, jax.eval_shape(init)["params"], is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+        )
+
+        def forward(params, tokens, positions, module=module):
+            return module.apply({"params": params}, tokens, positions, DenseCausal(positions))[0]
+
+        row = {"model": preset, "weights": "bfloat16" if qtype is None else f"{jnp.dtype(qtype).name} tile {tile}"}
+        k = params["layers_0"]["attn"]["k"]
+        row["k_leaf"] = str(jax.tree.map(lambda s: (s.shape, str(s.dtype), tuple(s.sharding.spec)), k))
+        try:
+            mem = jax.jit(forward).lower(params, tokens, tokens).compile().memory_analysis()
+            row["argument_mib_per_chip"] = mem.argument_size_in_bytes / 2**20
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        rows.append(row)
+        print(
+            f"  {preset} {row['weights']:12s} " + (row.get("error") or f"{row['argument_mib_per_chip']:.1f} MiB/chip")
+        )
+        print(f"    k: {row['k_leaf']}")
+    return rows
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
@@ -238,6 +301,7 @@ def main(argv=None) -> dict:
     if args.tpu:
         print("TPU v5e:2x4 (AOT):")
         result["tpu"] = tpu_compile(args.shapes[0])
+        result["tpu_model"] = tpu_model("smollm2-135m")
     print("coverage:")
     result["coverage"] = [row for preset in args.models for row in coverage(preset)]
     print("CPU matmuls:")
