@@ -146,8 +146,8 @@ def score(
         max_step_tokens=budget,
         min_bucket=budget,  # one step shape, one compile
         prefix_cache=False,  # windows overlap; every token must be computed (prompt logprobs need it anyway)
-        **overrides,
     )
+    config = dataclasses.replace(config, **overrides)
     engine = Engine(model, None, config)
     compile_s = engine.warmup()
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, ignore_eos=True)
