@@ -49,7 +49,6 @@ def stories(data_dir):
 # changes here; tests within a module keep their file order, which the server modules rely on.
 LONGEST_MODULES_FIRST = [
     "test_readme.py",
-    "test_perplexity.py",
     "test_engine_kernel_attention.py",
     "test_benchmarks.py",
     "test_multihost.py",

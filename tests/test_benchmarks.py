@@ -156,18 +156,14 @@ def test_compare_peers_tiny(tmp_path):
         + ["--repeats", "1", "--json", str(out)]
     )
     assert json.loads(out.read_text()) == result
-    # jaxinfer int4 is not required yet: its engine warm-up fails on CPU (uint4 parameter layouts), reported
-    expected = {f"jaxinfer {d}" for d in ("float32", "bfloat16", "int8")}
+    expected = {f"jaxinfer {d}" for d in ("float32", "bfloat16", "int8", "int4")}
     expected |= {"transformers float32", "transformers bfloat16"}
     if importlib.util.find_spec("ctranslate2") is not None:
         expected.add("ctranslate2 int8")
     assert result["unavailable"]["jaxinfer gguf"] == f"--model {tmp_path / 'tiny'} is not a GGUF file"
     (row,) = result["results"]
-    systems = set(load_script("compare_peers").SYSTEMS)  # every one measured or unavailable, not both
-    assert set(row["systems"]) | set(result["unavailable"]) == systems and not set(row["systems"]) & set(
-        result["unavailable"]
-    )
-    assert expected <= set(row["systems"]) and row["reference"] == "transformers float32"
+    assert set(row["systems"]) == expected and row["reference"] == "transformers float32"
+    assert set(result["unavailable"]) == set(load_script("compare_peers").SYSTEMS) - expected  # the rest, each
     for name, r in row["systems"].items():
         assert len(r["runs"]) == 1 and math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0, name
         assert r.get("recompiles_after_warmup", 0) == 0, name
