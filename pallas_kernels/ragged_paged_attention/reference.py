@@ -44,7 +44,7 @@ _HI = jax.lax.Precision.HIGHEST
 
 # Jitted: one compile per shape. Run op by op (eagerly, under the vmap) it dispatches and compiles
 # every small op on its own, which costs seconds per new shape.
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "k_scale", "v_scale"))
 def ragged_paged_attention_reference(
     queries,  # [T, Hq, D]
     kv_pages,  # [P, page_size, 2*Hk, D]
