@@ -170,7 +170,12 @@ def main(argv=None) -> dict:
     peer_systems.add_benchmark_args(p)
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS, metavar="SYSTEM")
     p.add_argument("--quant-dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--quantize-group", type=int, default=128, help="int4: weights per scale and offset")
+    p.add_argument(
+        "--quantize-group",
+        type=int,
+        default=None,
+        help="weights per scale of jaxinfer int8 and int4 (default as --quantize-group: int8 per channel, int4 128)",
+    )
     args = p.parse_args(argv)
 
     from jaxinfer.sharding import ensure_host_devices, parse_mesh
