@@ -45,9 +45,8 @@ def cached():
 
 def requests() -> list[dict]:
     """24 requests: prompts of 4 to ~30 tokens (every opening at every length), 8 to 46 new tokens, half greedy
-    and half seeded sampling. Every step of a cluster costs over a hundred gloo messages (each collective of
-    the step goes through gloo, the tensor axis's within a process too), so the batch is as small as still
-    preempts: 13 preemptions in 239 steps (40 requests: 16 in 385)."""
+    and half seeded sampling. Every step of a cluster costs over a hundred gloo messages (measured with
+    strace), so the batch is as small as still preempts: 13 preemptions in 239 steps (40 requests: 16 in 385)."""
     out = []
     for i in range(24):
         line = {"id": str(i), "prompt": ", ".join([OPENINGS[i % 4]] * (1 + i % 5)), "max_tokens": 8 + (i * 7) % 41}
