@@ -34,7 +34,7 @@ def test_benchmark_decode_tiny(tmp_path):
 
 def test_compare_hf_tiny(tmp_path):
     """On a random-weight tiny Llama saved by transformers (SmolLM2's own greedy parity with transformers is
-    tests/test_engine_vs_transformers.py's)."""
+    tests/test_reference_models.py's)."""
     import pytest
 
     pytest.importorskip("transformers")

@@ -20,6 +20,7 @@ from jaxinfer.engine.requests import Request, SamplingParams
 from jaxinfer.sampling import PenaltyRows, SamplingArrays, penalize, sample
 from jaxinfer.sharding import make_mesh
 from jaxinfer.tokenizer import load_tokenizer
+from tests.dense_greedy import fitting_window
 from tests.test_sampling import chi_square_p
 
 
@@ -93,7 +94,8 @@ def test_sampled_distribution_follows_the_adjusted_logits():
     assert int(greedy[0]) == int(np.argmax(adjusted)) != int(np.argmax(logits))
 
 
-def penalized_greedy_dense(model, prompt, params: SamplingParams, window=128) -> list[int]:
+def penalized_greedy_dense(model, prompt, params: SamplingParams) -> list[int]:
+    window = fitting_window([len(prompt) + params.max_tokens])
     ids, out = list(prompt), []
     for _ in range(params.max_tokens):
         tokens = np.zeros((1, window), np.int32)

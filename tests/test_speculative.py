@@ -116,6 +116,9 @@ def tiny_vocab_model(mesh, vocab=6):
 
 PROMPT = [1, 2, 3, 1, 2, 3, 1, 2]  # n-gram lookup proposes 3, 1, 2, 3
 DRAWS = 20_000
+# draws under the wrong rule: it fails with a p-value that underflows to 0 already at 500 draws (measured),
+# so a tenth of DRAWS shows the test would catch it; with all DRAWS it could only fail harder
+WRONG_DRAWS = DRAWS // 10
 
 
 def tiny_vocab_engine(model):
@@ -135,10 +138,10 @@ def tiny_vocab_engine(model):
     return engine
 
 
-def generate_draws(engine):
-    """The first three tokens of DRAWS seeded requests (one seed each)."""
+def generate_draws(engine, draws=DRAWS):
+    """The first three tokens of `draws` seeded requests (one seed each)."""
     params = lambda seed: SamplingParams(max_tokens=3, temperature=1.0, seed=seed, ignore_eos=True)
-    results = engine.generate(Request(f"d{i}", list(PROMPT), params(i)) for i in range(DRAWS))
+    results = engine.generate(Request(f"d{i}", list(PROMPT), params(i)) for i in range(draws))
     return np.array([r.token_ids for r in results])
 
 
@@ -169,7 +172,8 @@ def chi_square_p(samples, joint, vocab):
 
 def test_sampled_tokens_follow_the_models_distribution(monkeypatch):
     """20,000 seeded draws of three tokens with n-gram speculation match the model's exact joint
-    distribution (chi-square p > 0.01); accepting every proposal instead fails the same test."""
+    distribution (chi-square p > 0.01); accepting every proposal instead fails the same test, even on a
+    tenth of the draws."""
     model = tiny_vocab_model(make_mesh("1x1"))
     joint = exact_distribution(model, 6)
     engine = tiny_vocab_engine(model)
@@ -188,7 +192,7 @@ def test_sampled_tokens_follow_the_models_distribution(monkeypatch):
             yield window
 
     monkeypatch.setattr(engine_module, "read_samples", accept_everything)
-    wrong = generate_draws(engine)
+    wrong = generate_draws(engine, WRONG_DRAWS)
     assert chi_square_p(wrong, joint, 6) < 1e-6
 
 

@@ -36,6 +36,7 @@ class Sequence:
 
     def __init__(self, request: Request, seed: int):
         self.request = request
+        self.prompt_len = len(request.prompt_ids)  # read several times per sequence per step
         self.seed = seed
         self.generated: list[int] = []
         self.inflight = 0  # tokens sampled on device, not yet read back (at most 2: steps n and n+1)
@@ -65,7 +66,7 @@ class Sequence:
     @property
     def known(self) -> int:
         """Tokens the host has: prompt and generated (read back)."""
-        return len(self.request.prompt_ids) + len(self.generated)
+        return self.prompt_len + len(self.generated)
 
     @property
     def total(self) -> int:
@@ -74,7 +75,7 @@ class Sequence:
 
     def known_tokens(self, start: int, stop: int) -> list[int]:
         """Token ids at positions [start, stop) that the host has (prompt, then generated)."""
-        n = len(self.request.prompt_ids)
+        n = self.prompt_len
         head = list(self.request.prompt_ids[start : min(stop, n)])
         return head + self.generated[max(start - n, 0) : max(stop - n, 0)] if stop > n else head
 
@@ -238,8 +239,8 @@ class Scheduler:
         return next(b for b in self.buckets if b >= used)
 
     def _admit(self) -> None:
+        load = [sum(s is not None for s in shard) for shard in self.slots]  # running requests per shard
         while self.waiting and not self.waiting[0].inflight:  # a preempted request's last token may be in flight
-            load = [sum(s is not None for s in shard) for shard in self.slots]
             shard = self.prefix.route(self.waiting[0], load, self.limits.slots_per_shard, self.limits.route_imbalance)
             if shard is None:
                 return
@@ -247,6 +248,7 @@ class Scheduler:
             seq.shard = shard
             seq.slot = self.slots[seq.shard].index(None)
             self.slots[seq.shard][seq.slot] = seq
+            load[shard] += 1
             self.admitted.append(seq)
 
     def _preempt_youngest(self, shard: int) -> Sequence:
@@ -270,9 +272,9 @@ class Scheduler:
         )
         return self.proposer(seq, room) if room > 0 and self.proposer is not None else []
 
-    def _done_by_length(self, seq: Sequence) -> bool:
+    def _done_by_length(self, seq: Sequence, total: int) -> bool:
         produced = len(seq.generated) + seq.inflight
-        return produced >= seq.request.params.max_tokens or seq.total >= self.limits.max_context
+        return produced >= seq.request.params.max_tokens or total >= self.limits.max_context
 
     def _schedule_shard(self, shard: int, budget: int) -> list[Chunk]:
         """Decodes first, then prefill chunks, oldest request first within each."""
@@ -284,25 +286,29 @@ class Scheduler:
                 self.prefix.adopt(seq)  # before sorting decodes from prefills: it may leave one token to run
                 if synced:  # adopted pages are taken to hold the draft's K/V too (steps that wrote them followed)
                     seq.draft_valid = seq.num_computed
-        decodes = [s for s in running if s.total - s.num_computed == 1]
-        prefills = [s for s in running if s.total - s.num_computed > 1]
+        decodes, prefills = [], []
+        for seq in running:
+            left = seq.total - seq.num_computed
+            if left >= 1:
+                (decodes if left == 1 else prefills).append(seq)
         plan: list[Chunk] = []
         pending: set[bytes] = set()  # content keys of the pages this step's prompt chunks fill
         for seq in decodes + prefills:
             if self.slots[shard][seq.slot] is not seq or budget == 0:
                 continue
-            decoding = seq.total - seq.num_computed == 1
-            if decoding and self._done_by_length(seq):
+            total = seq.total  # fixed while the shard is planned (a preempted one leaves its slot)
+            decoding = total - seq.num_computed == 1
+            if decoding and self._done_by_length(seq, total):
                 continue  # finished by length; collected when its last token is read back
             if decoding and seq.inflight and (seq.speculate or seq.verifying):
                 continue  # its next tokens (or where they start) are still on their way back
             if not decoding and self.prefix.waits_for(seq, pending):
                 continue
-            count = min(seq.total - seq.num_computed, budget, self.limits.prefill_chunk)
+            count = min(total - seq.num_computed, budget, self.limits.prefill_chunk)
             proposals = tuple(self._proposals(seq, budget - 1)) if decoding and seq.speculate else ()
             count += len(proposals)
             reach = seq.num_computed + count
-            samples = int(reach == seq.total + len(proposals)) + len(proposals)
+            samples = int(reach == total + len(proposals)) + len(proposals)
             propose = bool(samples and seq.speculate and self.limits.draft_tokens)
             if propose:  # the draft writes its K/V at the K positions after the window's last sample
                 reach = min(reach + self.limits.draft_tokens, self.limits.max_context)
