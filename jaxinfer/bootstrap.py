@@ -280,14 +280,10 @@ def mesh_spec(flag: str | None):
 
 
 def resolve_mesh(flag: str | None):
-    """--mesh -> a `MeshSpec` (host devices set up for it on a CPU-only machine); a sequence axis the
-    engine cannot use yet is refused here, before any model is loaded."""
-    from jaxinfer.engine.config import refuse_sequence_axis
+    """--mesh -> a `MeshSpec` (host devices set up for it on a CPU-only machine)."""
     from jaxinfer.sharding import ensure_host_devices
 
     spec = mesh_spec(flag)
-    if spec is not None:
-        refuse_sequence_axis(spec.sequence, flag)
     ensure_host_devices(spec.size if spec else 1)
     return spec
 

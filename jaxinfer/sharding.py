@@ -23,7 +23,7 @@ MESH_AXES = ("data", "sequence", "tensor")
 
 # logical axis -> mesh axis (None = replicated). The single source of sharding truth: parameter
 # shardings, the cache, step inputs and every `shard_map` spec derive from it.
-LOGICAL_RULES: dict[str, str | None] = {
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     # parameters
     "layers": None,
     "vocab": "tensor",
@@ -42,9 +42,9 @@ LOGICAL_RULES: dict[str, str | None] = {
     "batch": "data",
     "length": "sequence",
     "act_heads": "tensor",
-    # paged KV cache: each data shard owns its pages; KV heads split like the weights
+    # paged KV cache: each (data, sequence) shard owns a block of pages; KV heads split like the weights
     "cache_layers": None,
-    "cache_pages": "data",
+    "cache_pages": ("data", "sequence"),
     "cache_page_tokens": None,
     "cache_kv_heads": "tensor",
     "cache_head_dim": None,
@@ -202,10 +202,10 @@ def logical_to_mesh_axes(logical: Sequence[str | None]) -> tuple[str | None, ...
         if name not in LOGICAL_RULES:
             raise KeyError(f"logical axis {name!r} has no entry in LOGICAL_RULES")
         axis = LOGICAL_RULES[name]
-        if axis is not None and axis in used:
-            raise MeshError(f"logical axes {used[axis]!r} and {name!r} both map to mesh axis {axis!r}")
-        if axis is not None:
-            used[axis] = name
+        for a in (axis,) if isinstance(axis, str) else axis or ():
+            if a in used:
+                raise MeshError(f"logical axes {used[a]!r} and {name!r} both map to mesh axis {a!r}")
+            used[a] = name
         out.append(axis)
     return tuple(out)
 
@@ -229,9 +229,12 @@ def logical_sharding(mesh, logical: Sequence[str | None], shape: Sequence[int] |
     for i, axis in enumerate(axes):
         if axis is None:
             continue
-        size = mesh.shape[axis]
-        if size == 1 or (shape is not None and shape[i] % size):
+        kept = tuple(a for a in ((axis,) if isinstance(axis, str) else axis) if mesh.shape[a] > 1)
+        size = math.prod(mesh.shape[a] for a in kept)
+        if not kept or (shape is not None and shape[i] % size):
             axes[i] = None
+        else:
+            axes[i] = kept[0] if len(kept) == 1 else kept
     return NamedSharding(mesh, PartitionSpec(*axes))
 
 

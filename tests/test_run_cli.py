@@ -41,7 +41,11 @@ def errors(stderr):
         (["--mesh", "2x"], "--mesh '2x': expected DATAxTENSOR"),
         (["--mesh", "data=2,model=4"], "unknown axis 'model'"),
         (["--model", "/nonexistent/model.gguf"], "/nonexistent/model.gguf: no such file or directory"),
-        (["--mesh", "1x2x4"], "--mesh 1x2x4: sequence=2 is not supported by the serving engine yet"),
+        (
+            [*STORIES, "--mesh", "1x2x4", "--kv-pages", "3"],  # the last --mesh wins
+            "--kv-pages 3 is below the 4 pages per shard one request of --max-context 128 needs "
+            "(its 8 pages over 2 sequence shards)",
+        ),
         (["--input", "missing.jsonl"], "--input missing.jsonl: no such file"),
         (["--tokenizer", "/nonexistent/tok.model"], "--tokenizer /nonexistent/tok.model: no such file or directory"),
     ],

@@ -123,7 +123,8 @@ def check_invariants(sched: Scheduler, finished: tuple = ()) -> None:
         assert all(0 <= p < pool.num_pages for p in held)
         refs = [pool.refcount(p) for p in range(pool.num_pages)]
         assert refs == [held.get(p, 0) for p in range(pool.num_pages)], f"shard {d}: refcounts != live references"
-        free, cached = pool._free, list(pool._lru)  # no page may be both free (or cached) and held
+        free = [p for stripe in pool._free for p in stripe]  # no page may be both free (or cached) and held
+        cached = [p for stripe in pool._lru for p in stripe]
         assert len(set(free)) == len(free) == pool.free and len(cached) == pool.cached
         assert set(free).isdisjoint(held), f"shard {d}: pages both free and held: {set(free) & set(held)}"
         assert set(cached).isdisjoint(held) and set(cached).isdisjoint(free)

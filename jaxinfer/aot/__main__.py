@@ -100,7 +100,6 @@ def run(args) -> int:
     from jaxinfer.compilation.cache import persistent_cache_bypassed
     from jaxinfer.compilation.step_store import StepStore
     from jaxinfer.config import ConfigError
-    from jaxinfer.engine.config import refuse_sequence_axis
     from jaxinfer.model.layout import plan_layout
     from jaxinfer.model.params import abstract_params
     from jaxinfer.quant.spec import check_fits
@@ -108,7 +107,6 @@ def run(args) -> int:
 
     check_paths(args)
     tgt, spec = target.resolve(args.topology, args.mesh, args.device_memory_gib)
-    refuse_sequence_axis(spec.sequence, args.mesh or "")
     if args.out:
         from jaxinfer.compilation.cache import use_compile_cache
 

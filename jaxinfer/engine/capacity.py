@@ -9,19 +9,25 @@ from jaxinfer.kv_cache import CacheShape, device_memory, local_device, model_cac
 from jaxinfer.sharding import per_device_bytes
 
 
-def resolve_pages(config, model, one_page: CacheShape, pages_per_slot: int, data: int, other_bytes: int = 0) -> int:
-    """`one_page`: the bytes of one page of every cache (the draft's included); `other_bytes`: device bytes
-    besides the target's weights already placed (a draft's weights)."""
+def resolve_pages(
+    config, model, one_page: CacheShape, pages_per_slot: int, data: int, other_bytes: int = 0, sequence: int = 1
+) -> int:
+    """Pages per (data, sequence) shard, i.e. per device's share of the cache. `one_page`: the bytes of one
+    page of every cache (the draft's included); `other_bytes`: device bytes besides the target's weights
+    already placed (a draft's weights). A request's pages are dealt over the `sequence` shards, so it needs
+    ceil(pages_per_slot / sequence) of each shard's."""
     c, m = config, model
+    per_shard = -(-pages_per_slot // sequence)
+    spread = f" (its {pages_per_slot} pages over {sequence} sequence shards)" if sequence > 1 else ""
     if c.kv_pages is not None:
-        if c.kv_pages < pages_per_slot:
+        if c.kv_pages < per_shard:
             raise ConfigError(
-                f"--kv-pages {c.kv_pages} is below the {pages_per_slot} pages one "
-                f"request of --max-context {c.max_context} needs"
+                f"--kv-pages {c.kv_pages} is below the {per_shard} pages per shard one "
+                f"request of --max-context {c.max_context} needs{spread}"
             )
         return c.kv_pages
     if c.kv_memory_fraction is None:
-        return (c.max_slots // data) * pages_per_slot
+        return (c.max_slots // data) * per_shard
     try:
         limit, in_use = device_memory(local_device(m.mesh.devices.flat))
     except ValueError as e:
@@ -29,10 +35,10 @@ def resolve_pages(config, model, one_page: CacheShape, pages_per_slot: int, data
     if in_use is None:  # host devices: what this engine put there so far is its weights
         in_use = per_device_bytes(m.params) + other_bytes
     pages = pages_for_memory_fraction(limit, c.kv_memory_fraction, in_use, one_page, m.mesh.shape["tensor"])
-    if pages < pages_per_slot:
+    if pages < per_shard:
         raise ConfigError(
-            f"--kv-memory-fraction {c.kv_memory_fraction} leaves room for {pages} pages, "
-            f"below the {pages_per_slot} one request needs"
+            f"--kv-memory-fraction {c.kv_memory_fraction} leaves room for {pages} pages per shard, "
+            f"below the {per_shard} one request needs{spread}"
         )
     return pages
 

@@ -102,19 +102,9 @@ def check_kv_dtype(value) -> None:
         raise ConfigError(f"--kv-dtype {value} must be one of " + ", ".join(KV_DTYPES))
 
 
-def refuse_sequence_axis(sequence: int, mesh_flag: str = "") -> None:
-    """The engine keeps whole KV shards per data shard and splits heads over tensor; until sequence
-    parallelism exists, a `sequence` axis would only repeat every step, so it is refused."""
-    if sequence > 1:
-        flag = f"--mesh {mesh_flag}" if mesh_flag else "--mesh"
-        raise ConfigError(
-            f"{flag}: sequence={sequence} is not supported by the serving engine yet (it would "
-            "compute every step and store the KV cache once per sequence shard); use DATAxTENSOR, "
-            "e.g. 2x4"
-        )
-
-
-def token_buckets(budget: int, smallest: int) -> tuple[int, ...]:
+def token_buckets(budget: int, smallest: int, multiple: int = 1) -> tuple[int, ...]:
     """Token counts per data shard that steps are padded to (one compiled step each): powers of two
-    from `smallest` (the platform's smallest bucket) up to the step's token `budget`, plus the budget."""
-    return tuple(sorted({min(max(smallest, 2**i), budget) for i in range(budget.bit_length() + 1)} | {budget}))
+    from `smallest` (the platform's smallest bucket) up to the step's token `budget`, plus the budget,
+    each rounded up to a multiple of `multiple` (the sequence shards, which split a step's tokens)."""
+    sizes = {min(max(smallest, 2**i), budget) for i in range(budget.bit_length() + 1)} | {budget}
+    return tuple(sorted({-(-b // multiple) * multiple for b in sizes}))

@@ -28,7 +28,7 @@ from jaxinfer import platform as platforms
 from jaxinfer.config import ConfigError
 from jaxinfer.engine import compile_counter
 from jaxinfer.engine.capacity import page_shapes, resolve_pages
-from jaxinfer.engine.config import EngineConfig, refuse_sequence_axis, token_buckets
+from jaxinfer.engine.config import EngineConfig, token_buckets
 from jaxinfer.engine.draft_step import Draft
 from jaxinfer.engine.executables import StartupReport, compile_pipelined
 from jaxinfer.engine.output import OutputStream
@@ -60,8 +60,7 @@ class Engine:
         draft: ShardedModel | None = None,
     ):
         mesh = model.mesh
-        refuse_sequence_axis(mesh.shape["sequence"])
-        self.data = mesh.shape["data"]
+        self.data, self.sequence = mesh.shape["data"], mesh.shape["sequence"]
         config.validate(self.data, model.config.max_position_embeddings)
         self.platform = platform or platforms.for_mesh(mesh, config.attention, config.layer_loop, config.min_bucket)
         for which, m in (("model", model), ("draft model", draft)):
@@ -72,14 +71,15 @@ class Engine:
                 )
         self.model, self.tokenizer, self.config, self.draft = model, tokenizer, config, draft
         slots = config.max_slots // self.data
-        pages_per_slot = pages_needed(config.max_context, config.page_size)
+        # a slot's page table: pages_per_slot rounded up so each sequence shard gets as many columns
+        pages_per_slot = -(-pages_needed(config.max_context, config.page_size) // self.sequence) * self.sequence
         kv_dtype = config.cache_dtype(model.dtype)
         one_page, draft_page, both = page_shapes(model, draft, self.data, config.page_size, kv_dtype)
-        pages = resolve_pages(
-            config, model, both, pages_per_slot, self.data, per_device_bytes(draft.params) if draft else 0
-        )
+        other = per_device_bytes(draft.params) if draft else 0
+        per_device = resolve_pages(config, model, both, pages_per_slot, self.data, other, self.sequence)
+        pages = per_device * self.sequence  # a data shard's pages, dealt over its sequence shards (`pages`)
         self.cache_shape = dataclasses.replace(one_page, pages_per_shard=pages)
-        self.buckets = token_buckets(config.step_budget(self.data), self.platform.min_bucket)
+        self.buckets = token_buckets(config.step_budget(self.data), self.platform.min_bucket, self.sequence)
         k = config.num_speculative_tokens if config.speculative != "none" else 0
         self.speculation = (
             Speculation(config.speculative, k, self.buckets, self.data, config.speculative_adaptive) if k else None
@@ -95,6 +95,7 @@ class Engine:
                 buckets=self.buckets,
                 prefix_cache=config.prefix_cache,
                 draft_tokens=k if draft is not None else 0,
+                sequence_shards=self.sequence,
             ),
             cache_salt=model_salt(model.config, str(np.dtype(model.dtype))),
             proposer=self.speculation.proposer if self.speculation else None,
@@ -133,8 +134,8 @@ class Engine:
         log.info(
             "KV cache: %d pages/shard x %d shards of %d tokens = %.1f MiB, %s, %.0f bytes per token; %d slots; "
             "buckets %s; attention %s; prefix cache %s; speculation %s",
-            pages,
-            self.data,
+            per_device,
+            self.data * self.sequence,
             config.page_size,
             self.cache_shape.total_bytes / 2**20,
             kv_dtype,

@@ -8,7 +8,13 @@ Every page is in exactly one of three states:
           finds the free list short.
 A full page's key is a hash chain over the token ids of its page and every page before it, seeded
 with the model's identity (`chain_keys`), so equal keys mean equal K/V. Page ids are local to the
-shard (0 .. num_pages-1).
+data shard (0 .. num_pages-1).
+
+Sequence parallelism splits a data shard's pages into `stripes` equal blocks, one per sequence shard
+(block s holds ids s * per_stripe .. (s+1) * per_stripe - 1 and lives on sequence shard s). Page j of a
+sequence (its j-th page, tokens j * page_size ..) comes from stripe j % stripes, so a request's pages
+are dealt round-robin over the sequence shards; a prefix-cache hit keeps that, as page j's content key
+is only ever looked up for page j. With one stripe (no sequence axis) every page is alike.
 """
 
 from __future__ import annotations
@@ -38,27 +44,34 @@ class OutOfPages(Exception):
 
 
 class PagePool:
-    def __init__(self, num_pages: int):
-        self.num_pages = num_pages
-        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
+    def __init__(self, num_pages: int, stripes: int = 1):
+        if num_pages % stripes:
+            raise ValueError(f"num_pages {num_pages} must be a multiple of stripes {stripes}")
+        self.num_pages, self.stripes = num_pages, stripes
+        self.per_stripe = num_pages // stripes
+        # per stripe, its free pages (pop() hands out low ids first) and its cached pages, oldest first
+        self._free = [list(range((s + 1) * self.per_stripe - 1, s * self.per_stripe - 1, -1)) for s in range(stripes)]
+        self._lru: list[collections.OrderedDict[int, None]] = [collections.OrderedDict() for _ in range(stripes)]
         self._refs = [0] * num_pages
         self._key_of: dict[int, bytes] = {}  # page -> content key, for every indexed page (in use or cached)
         self._page_of: dict[bytes, int] = {}  # content key -> page
-        self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached pages, oldest first
         self.evictions = 0
 
     @property
     def free(self) -> int:
-        return len(self._free)
+        return sum(len(f) for f in self._free)
 
     @property
     def cached(self) -> int:
         """Pages no sequence uses that the prefix cache keeps resident."""
-        return len(self._lru)
+        return sum(len(lru) for lru in self._lru)
 
     @property
     def used(self) -> int:
-        return self.num_pages - len(self._free) - len(self._lru)
+        return self.num_pages - self.free - self.cached
+
+    def stripe_of(self, page: int) -> int:
+        return page // self.per_stripe
 
     def refcount(self, page: int) -> int:
         return self._refs[page]
@@ -66,17 +79,23 @@ class PagePool:
     def key_of(self, page: int) -> bytes | None:
         return self._key_of.get(page)
 
-    def allocate(self, count: int) -> list[int]:
-        """`count` pages, each with one reference: free ones first, then cached ones evicted least
-        recently used first; OutOfPages (taking nothing) when too few are free or cached."""
-        if count > len(self._free) + len(self._lru):
-            raise OutOfPages(f"need {count} pages, {len(self._free)} free and {len(self._lru)} cached")
-        while len(self._free) < count:
-            page, _ = self._lru.popitem(last=False)
-            del self._page_of[self._key_of.pop(page)]
-            self._free.append(page)
-            self.evictions += 1
-        pages = [self._free.pop() for _ in range(count)]
+    def allocate(self, count: int, first: int = 0) -> list[int]:
+        """Pages `first` .. `first + count - 1` of a sequence (page j from stripe j % stripes), each with one
+        reference: free ones first, then cached ones evicted least recently used first; OutOfPages (taking
+        nothing) when a stripe has too few free and cached pages."""
+        need = [len(range((s - first) % self.stripes, count, self.stripes)) for s in range(self.stripes)]
+        for s, n in enumerate(need):
+            if n > len(self._free[s]) + len(self._lru[s]):
+                where = f" of stripe {s}" if self.stripes > 1 else ""
+                raise OutOfPages(f"need {n} pages{where}, {len(self._free[s])} free and {len(self._lru[s])} cached")
+        for s, n in enumerate(need):
+            free, lru = self._free[s], self._lru[s]
+            while len(free) < n:
+                page, _ = lru.popitem(last=False)
+                del self._page_of[self._key_of.pop(page)]
+                free.append(page)
+                self.evictions += 1
+        pages = [self._free[(first + i) % self.stripes].pop() for i in range(count)]
         for p in pages:
             self._refs[p] = 1
         return pages
@@ -85,9 +104,10 @@ class PagePool:
         """One more reference to each of `pages`, which are in use or cached (a cached page is in use again)."""
         for p in pages:
             if self._refs[p] == 0:
-                if p not in self._lru:
+                lru = self._lru[self.stripe_of(p)]
+                if p not in lru:
                     raise AssertionError(f"page {p} is free; only pages in use or cached can be shared")
-                del self._lru[p]
+                del lru[p]
             self._refs[p] += 1
 
     def release(self, pages: list[int]) -> None:
@@ -99,9 +119,9 @@ class PagePool:
             self._refs[p] -= 1
             if self._refs[p] == 0:
                 if p in self._key_of:
-                    self._lru[p] = None
+                    self._lru[self.stripe_of(p)][p] = None
                 else:
-                    self._free.append(p)
+                    self._free[self.stripe_of(p)].append(p)
 
     def register(self, page: int, key: bytes) -> bool:
         """Indexes `page` (in use, full, its K/V written or being written by a dispatched step) under its

@@ -127,6 +127,7 @@ class SchedulerLimits:
     buckets: tuple[int, ...]
     prefix_cache: bool = False
     draft_tokens: int = 0  # K when a draft model proposes: pages are allocated for its K positions ahead
+    sequence_shards: int = 1  # a data shard's pages are dealt round-robin over them (`PagePool` stripes)
 
     @property
     def route_imbalance(self) -> int:
@@ -139,7 +140,7 @@ class Scheduler:
         """`proposer(seq, limit) -> list[int]`: up to `limit` proposals for a speculating sequence's window."""
         self.limits = limits
         self.proposer = proposer
-        self.pools = [PagePool(limits.pages_per_shard) for _ in range(limits.data_shards)]
+        self.pools = [PagePool(limits.pages_per_shard, limits.sequence_shards) for _ in range(limits.data_shards)]
         self.prefix = PrefixCache(self.pools, limits.page_size, cache_salt, limits.prefix_cache)
         self.slots: list[list[Sequence | None]] = [[None] * limits.slots_per_shard for _ in range(limits.data_shards)]
         self.waiting: collections.deque[Sequence] = collections.deque()
@@ -315,7 +316,7 @@ class Scheduler:
             while True:
                 need = pages_needed(reach, page) - len(seq.pages)
                 try:
-                    seq.pages += pool.allocate(max(need, 0))
+                    seq.pages += pool.allocate(max(need, 0), first=len(seq.pages))
                     break
                 except OutOfPages:
                     victim = self._preempt_youngest(shard)

@@ -73,12 +73,16 @@ def build_step_fn(
             (params, draft_params), (cache, draft_cache) = params, cache
         prev = jnp.take_along_axis(state.prev_tokens, inputs.prev_slot, axis=1)
         tokens = jnp.where(inputs.use_prev, prev, inputs.tokens)
+        positions = inputs.positions
+        if mesh.shape["sequence"] > 1:  # the step's tokens split over the sequence shards (`paged_attention`)
+            split = logical_sharding(mesh, ("batch", "length"), tokens.shape)
+            tokens, positions = (jax.lax.with_sharding_constraint(a, split) for a in (tokens, positions))
         ctx = PagedAttention(inputs, mesh, impl)
         rows = jnp.concatenate([inputs.sample_index, inputs.extra_index], axis=1)  # [D, S + E]
         logits, cache, prompt = module.apply(
             {"params": params},
             tokens,
-            inputs.positions,
+            positions,
             ctx,
             cache,
             logit_indices=rows,

@@ -14,6 +14,12 @@ which costs less than the tiles' extra ops and merge when there are few tokens.
 With `native=True` (CPU) neither part runs: the native kernel reads every token's context, its own
 tokens included, in one pass straight from the pages.
 
+Sequence shards (`sequence_shards` S > 1, `jaxinfer.engine.paged_attention`): `page_indices` holds only
+this shard's pages (column k = page k * S + s of the sequence), so its keys are a subsequence of each
+sequence's positions, in order; a token sees the prefix of them below its own position, which part 2 reads
+as it reads any context (part 1 does not run). `return_lse` gives the partial result and its log-sum-exp
+for the exact merge across shards.
+
 Quantized caches (int8 pages with their scale trailer, fp8 pages; `pallas_kernels.ragged_paged_attention.
 quantized`) are dequantized to float32 as they are gathered; per-tensor `k_scale` multiplies the
 queries and `v_scale` the output, which is the same as scaling every K and V.
@@ -44,6 +50,9 @@ def xla_ragged_paged_attention(
     native: bool = False,
     k_scale: float | None = None,
     v_scale: float | None = None,
+    sequence_shards: int = 1,
+    sequence_index=None,
+    return_lse: bool = False,
 ):
     """queries [T, Hq, D]; kv_pages [P, rows, 2Hk, D] (K, V interleaved on the head axis, this step's
     K/V already written; rows = page size, plus the scale trailer of int8 pages); kv_lens [S] (cached
@@ -52,7 +61,11 @@ def xla_ragged_paged_attention(
 
     native: every step is one pass of the native CPU kernel (`jaxinfer.native.paged_context`) over
     each token's pages, its own tokens included: on CPU it beats both XLA parts at every step shape
-    measured (32 prompts x 32 tokens 2.9x, one 1024-token prompt 1.9x, decode 1.9-2.9x)."""
+    measured (32 prompts x 32 tokens 2.9x, one 1024-token prompt 1.9x, decode 1.9-2.9x).
+
+    sequence_shards / sequence_index (i32 [1], may be traced): this shard's part of each sequence's keys
+    (see the module docstring). return_lse: returns (out float32 [T, Hq, D] normalised over the keys seen
+    here, lse float32 [T, Hq]: log of the sum of exp(score) over them, -inf where there are none)."""
     validate_static(queries, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, k_scale=k_scale, v_scale=v_scale)
     t, hq, dh = queries.shape
     s, width = page_indices.shape
@@ -64,21 +77,30 @@ def xla_ragged_paged_attention(
     start = kv_lens[seq] - (cu_q_lens[seq + 1] - cu_q_lens[seq])  # tokens cached before this step
     pos = jnp.where(live, start + tok - cu_q_lens[seq], -1)  # absolute position; -1 = padding
     q = queries.reshape(t, hk, hq // hk, dh).astype(jnp.float32) * (sm_scale * (k_scale or 1.0))
+    seen = jnp.where(live, pos + 1, 0)  # keys each token sees: its positions 0 .. pos
+    if sequence_shards > 1:  # ... of which this shard holds every S-th page, from page s on
+        s_index = jnp.zeros((), jnp.int32) if sequence_index is None else sequence_index.reshape(())
+        cycle = sequence_shards * page
+        seen = seen // cycle * page + jnp.clip(seen % cycle - s_index * page, 0, page)
 
     if native:
         from jaxinfer import native as native_kernels
 
-        carry = native_kernels.paged_context(q, kv_pages, page_indices, seq, jnp.where(live, pos + 1, 0), page)
-    elif t <= SINGLE_PASS_TOKENS:  # decode-sized step: this step's K/V are in the cache, read them with the rest
-        carry = _cached_context(q, kv_pages, page_indices, seq, jnp.where(live, pos + 1, 0), _empty(q.shape))
+        carry = native_kernels.paged_context(q, kv_pages, page_indices, seq, seen, page)
+    elif t <= SINGLE_PASS_TOKENS or sequence_shards > 1:  # this step's K/V are in the cache: read them with the rest
+        carry = _cached_context(q, kv_pages, page_indices, seq, seen, _empty(q.shape))
     else:
         safe = jnp.maximum(pos, 0)
         own = _read_tokens(kv_pages, page_indices[seq, safe // page], safe % page, page)  # [T, 2Hk, D]
         own = jnp.where(live[:, None, None], own, 0.0)  # padding rows read whatever a page held: keep it out of p @ v
         carry = _this_step(q, own[:, 0::2], own[:, 1::2], seq, pos, cu_q_lens[seq])
         carry = _cached_context(q, kv_pages, page_indices, seq, jnp.where(live, start, 0), carry)
-    _, l, acc = carry
-    out = jnp.where(live[:, None, None, None], acc / jnp.maximum(l, 1e-30)[..., None], 0.0) * (v_scale or 1.0)
+    m, l, acc = carry
+    some = live[:, None, None] & (l > 0)
+    out = jnp.where(some[..., None], acc / jnp.where(some, l, 1.0)[..., None], 0.0) * (v_scale or 1.0)
+    if return_lse:
+        lse = jnp.where(some, m + jnp.log(jnp.where(some, l, 1.0)), -jnp.inf)
+        return out.reshape(t, hq, dh), lse.reshape(t, hq)
     return out.reshape(t, hq, dh).astype(queries.dtype)
 
 
