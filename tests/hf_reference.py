@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 
-def save_random_hf_llama(config, path, seed: int = 0, dtype: str = "float32"):
-    """Random-weight `LlamaForCausalLM` with `config` (a jaxinfer ModelConfig), saved with save_pretrained."""
+def save_random_hf_llama(config, path, seed: int = 0, dtype: str = "float32", head_scale: float = 1.0):
+    """Random-weight `LlamaForCausalLM` with `config` (a jaxinfer ModelConfig), saved with save_pretrained.
+    `head_scale` multiplies lm_head: a random model's logits are nearly tied, and a larger scale spreads
+    them so that greedy choices do not hinge on summation order (comparisons across meshes)."""
     import torch
     import transformers
 
@@ -19,6 +21,7 @@ def save_random_hf_llama(config, path, seed: int = 0, dtype: str = "float32"):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
+        model.lm_head.weight.mul_(head_scale)
     model.save_pretrained(path, safe_serialization=True)
     return model
 
