@@ -34,7 +34,7 @@ CASES = [
     # id, shards, kv dtype (float32 / bfloat16 = the queries' dtype too, or int8 under float32 queries), kwargs
     ("f32-softcap", 2, "float32", {"soft_cap": 3.0}),
     ("bf16-window", 4, "bfloat16", {"sliding_window": 19}),
-    ("int8", 4, "int8", {}),
+    ("int8", 2, "int8", {}),
 ]
 
 

@@ -39,6 +39,21 @@ Design
   before P@V, so NaN/garbage in unused cache slots or never-fetched VMEM cannot leak.
   K and V of kv head h are read out of the combined-head slot with sublane-strided loads.
 
+* Sequence shards (``sequence_shards`` S > 1; issue #21, `jaxinfer.engine.paged_attention`). The cache
+  and page table hold only shard s's pages of each sequence, dealt round-robin: column k of a row is the
+  sequence's page k*S + s, so local key x is absolute position ``((x // page) * S + s) * page + x % page``.
+  kv_lens, cu_q_lens and the queries stay global. s (``sequence_index``, traced inside shard_map) is one
+  more scalar-prefetch input. The position is monotonic in x, so each row's visible keys are still one
+  contiguous local range: ``info`` converts the block's absolute bounds (window start, last position)
+  into local ones by counting this shard's keys below them (scalar math), and the walk, DMAs and V mask
+  run on local indices as before. Only the score mask needs absolute positions: a [1, Bk] row built from
+  an iota plus (S-1)*page per page boundary passed (selects, no vector division), broadcast over the
+  rows. A q block may see no key of this shard at all (a sequence shorter than S pages; early tokens of
+  a prefill): its work list is empty. With ``return_lse`` the output is float32 and a second output
+  holds lse = m + log(l) lane-replicated [Hk, rows, 128] like m and l (the TPU block rules want 128
+  lanes), sliced to [T, Hq] outside; rows with no visible key give out 0 and lse -inf, which `merge`
+  combines exactly. With S = 1 and no lse none of this is traced: the kernel is the one above.
+
 Block sizes (``_choose_blocks``): Bk ~ 256 tokens (pages_per_block = 256 // page_size,
 shrunk so both slots stay <= 4 MiB); Bq targets 32 query rows (Bq*G) for decode-like
 batches (T <= max_num_seqs) and 128 rows otherwise, rounded so rows are a multiple of the
