@@ -50,9 +50,12 @@ Design
   an iota plus (S-1)*page per page boundary passed (selects, no vector division), broadcast over the
   rows. A q block may see no key of this shard at all (a sequence shorter than S pages; early tokens of
   a prefill): its work list is empty. With ``return_lse`` the output is float32 and a second output
-  holds lse = m + log(l) lane-replicated [Hk, rows, 128] like m and l (the TPU block rules want 128
-  lanes), sliced to [T, Hq] outside; rows with no visible key give out 0 and lse -inf, which `merge`
-  combines exactly. With S = 1 and no lse none of this is traced: the kernel is the one above.
+  holds lse = m + log(l): per q block and kv head one [1, R] row (lane 0 of the lane-replicated m and
+  l, transposed), an array [q_blocks, Hk, R] whose blocks are its whole last two dims, as the TPU
+  block rules allow, regrouped to [T, Hq] outside. A lane-replicated [Hk, rows, 128] output would
+  write 128 times the bytes (for a 512-token chunk of 8 query heads, 2 MiB per call instead of 16 KiB).
+  Rows with no visible key give out 0 and lse -inf, which `merge` combines exactly. With S = 1 and
+  no lse none of this is traced: the kernel is the one above (the same jaxpr as before the mode).
 
 Block sizes (``_choose_blocks``): Bk ~ 256 tokens (pages_per_block = 256 // page_size,
 shrunk so both slots stay <= 4 MiB); Bq targets 32 query rows (Bq*G) for decode-like
@@ -167,7 +170,7 @@ def _kernel(
 ):
     # refs: [shard_ref (SMEM i32[1], sequence shards only)], q_ref [Hk, R, D] (R = Bq*G query rows of this
     # block), kv_hbm (HBM [P, page_size*2*Hk, D], row = token*2Hk + combined head; 8-bit: [P, rows, 2*Hk, D]),
-    # o_ref [Hk, R, D], [lse_ref [Hk, R, 128] f32 (return_lse only)], kv_buf (VMEM [2, nb*page_size*2*Hk, D]:
+    # o_ref [Hk, R, D], [lse_ref [1, Hk, R] f32 (return_lse only)], kv_buf (VMEM [2, nb*page_size*2*Hk, D]:
     # two slots of nb pages; 8-bit: [2, nb, rows, 2*Hk, D]), sem (DMA semaphores [2]), m_ref, l_ref (VMEM
     # [Hk, R, 128] f32), acc_ref (VMEM [Hk, R, D] f32), *scratch (16-bit KV: VMEM u32 [nb*page_size*Hk, D]
     # (K/V pairs); 8-bit: VMEM f32 [nb, rows, 2Hk, D]).
@@ -362,8 +365,10 @@ def _kernel(
 
     l = l_ref[...][:, :, :1]
     o_ref[...] = jnp.where(l > 0, acc_ref[...] / l, 0.0).astype(o_ref.dtype)
-    if with_lse:  # lane-replicated like m and l; rows without a visible key get -inf
-        lse_ref[...] = jnp.where(l_ref[...] > 0, m_ref[...] + jnp.log(l_ref[...]), -jnp.inf)
+    if with_lse:  # one [1, R] row per kv head: lane 0 of the lane-replicated m and l, transposed
+        for h in range(Hk):
+            lse = jnp.where(l_ref[h] > 0, m_ref[h] + jnp.log(l_ref[h]), -jnp.inf)  # [R, 128], lanes equal
+            lse_ref[0, pl.ds(h, 1), :] = jnp.transpose(lse)[:1, :]
 
 
 @functools.partial(
@@ -516,12 +521,12 @@ def ragged_paged_attention(
     if sequence_shards > 1:
         prefetch.append(jnp.zeros((1,), jnp.int32) if sequence_index is None else sequence_index)
     out_shape, out_specs = jax.ShapeDtypeStruct(q.shape, queries.dtype), qspec
-    if return_lse:  # float32 parts, plus the lse lane-replicated as m and l are (sliced below)
+    if return_lse:  # float32 parts, plus the lse: a [1, R] row per q block and kv head
         out_shape = (
             jax.ShapeDtypeStruct(q.shape, jnp.float32),
-            jax.ShapeDtypeStruct((Hk, Tp * G, _LANES), jnp.float32),
+            jax.ShapeDtypeStruct((n_qb, Hk, R), jnp.float32),
         )
-        out_specs = (qspec, pl.BlockSpec((Hk, R, _LANES), lambda r, *_: (0, r, 0)))
+        out_specs = (qspec, pl.BlockSpec((1, Hk, R), lambda r, *_: (r, 0, 0)))
     res = pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -541,5 +546,5 @@ def ragged_paged_attention(
     out = out.reshape(Hk, Tp, G, D).transpose(1, 0, 2, 3).reshape(Tp, Hq, D)[:T]
     if not return_lse:
         return out
-    lse = res[1][:, :, 0].reshape(Hk, Tp, G).transpose(1, 0, 2).reshape(Tp, Hq)
+    lse = res[1].reshape(n_qb, Hk, bq, G).transpose(0, 2, 1, 3).reshape(Tp, Hq)
     return out, lse[:T]
