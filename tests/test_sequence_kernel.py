@@ -75,7 +75,7 @@ def build(kv_dtype):
     return args, tuple(a.astype(jnp.float32) if i < 2 else a for i, a in enumerate(args)), n
 
 
-def check_parts(parts, float_args, n, shards, kw, atol):
+def check_parts(parts, float_args, n, shards, kw, atol, some_shard_empty=True):
     """Each shard's (out, lse) vs the float64 oracle; padding rows 0 / -inf; returns the merge."""
     outs, lses, some_empty = [], [], False
     for s, (out, lse) in enumerate(parts):
@@ -93,7 +93,7 @@ def check_parts(parts, float_args, n, shards, kw, atol):
         np.testing.assert_array_equal(lse[n:], -np.inf)
         outs.append(out)
         lses.append(lse)
-    assert some_empty  # the case has rows some shard sees nothing for
+    assert some_empty == some_shard_empty  # the case has rows some shard sees nothing for
     return np.asarray(merge_partials(jnp.asarray(np.stack(outs)), jnp.asarray(np.stack(lses))))
 
 
@@ -117,6 +117,14 @@ def test_kernel_and_reference_per_shard_and_merged(shards, kv_dtype, kw):
     np.testing.assert_allclose(merged[:n], want, atol=atol, rtol=0)
     merged = check_parts(per_shard(ragged_paged_attention_reference), float_args, n, shards, kw, 2e-5)
     np.testing.assert_allclose(merged[:n], want, atol=2e-5 if kv_dtype != "bfloat16" else 1e-4, rtol=0)
+
+
+def test_return_lse_without_sequence_shards():
+    """return_lse alone (one shard, the whole cache): the full attention in float32 and its log-sum-exp."""
+    args, float_args, n = build("bfloat16")
+    out, lse = ragged_paged_attention(*args, sm_scale=SM, return_lse=True, num_queries_per_block=8, interpret=True)
+    merged = check_parts([(out, lse)], float_args, n, 1, {}, 2e-2, some_shard_empty=False)
+    np.testing.assert_allclose(merged[:n], jax_reference(float_args, n), atol=2e-2, rtol=0)
 
 
 def numpy_merge(outs, lses):
