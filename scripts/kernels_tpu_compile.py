@@ -11,6 +11,10 @@ memory analysis (argument / output / temp / generated-code bytes) and cost analy
 * ragged paged attention, decode: 64 sequences x 1 token at context 2048 (also with an int8 KV cache,
   its per-token scales in each page);
 * ragged paged attention, prefill: one 512-token chunk at the end of a 2048 context;
+* ragged paged attention in sequence-shard mode (issue #21), the decode shape: the 'data' axis acts as
+  the sequence axis (each of its shards holds every other page of each sequence, 2 sequence shards), the
+  kernel returns its partial result and log-sum-exp, and `merge_over_axis` combines them, as the engine
+  does on a mesh with sequence > 1;
 * flash attention, prefill: a 512-token chunk at offset 1536 over 2048 keys;
 * the plain-JAX reference for the decode shape, for comparison with the kernel.
 
@@ -42,6 +46,7 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.flash_attention import flash_attention  # noqa: E402
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention, ragged_paged_attention_reference  # noqa: E402
+from pallas_kernels.ragged_paged_attention.merge import merge_over_axis  # noqa: E402
 from pallas_kernels.ragged_paged_attention.quantized import page_rows  # noqa: E402
 
 TOPOLOGIES = ("v5e:2x4", "v5p:2x2x1", "v6e:2x4")
@@ -105,6 +110,15 @@ def configs(small: bool):
         ]
 
     rpa = functools.partial(ragged_paged_attention, sm_scale=sm)
+
+    def rpa_sequence_shards(q, kv, kv_lens, table, cu, num_seqs):  # 'data' plays the sequence axis
+        index = jax.lax.axis_index("data")[None].astype(i32)
+        parts = rpa(q, kv, kv_lens, table, cu, num_seqs, sequence_shards=2, sequence_index=index, return_lse=True)
+        return merge_over_axis(*parts, "data").astype(q.dtype)
+
+    seq_specs = rpa_specs(n_dec, n_dec)
+    seq_specs[1] = ((n_dec * pps + 2,) + seq_specs[1][0][1:], dt, P("data", None, "tensor", None))  # pages / shard
+    seq_specs[3] = ((n_dec, pps // 2), i32, rep)  # each shard's local page table: every other page
     ref = functools.partial(ragged_paged_attention_reference, sm_scale=sm)
     fa_spec = P(None, None, "tensor", None)
     fa = [
@@ -118,6 +132,7 @@ def configs(small: bool):
         ("rpa_decode_int8_kv", rpa, rpa_specs(n_dec, n_dec, jnp.int8), qs),
         ("rpa_decode_reference", ref, rpa_specs(n_dec, n_dec), qs),
         ("rpa_prefill_chunk", rpa, rpa_specs(chunk, n_pre), qs),
+        ("rpa_decode_seq2_lse", rpa_sequence_shards, seq_specs, qs),
         ("flash_prefill_chunk", lambda q, k, v, o: flash_attention(q, k, v, sm_scale=sm, q_offset=o), fa, fa_spec),
     ]
 

@@ -39,6 +39,24 @@ Design
   before P@V, so NaN/garbage in unused cache slots or never-fetched VMEM cannot leak.
   K and V of kv head h are read out of the combined-head slot with sublane-strided loads.
 
+* Sequence shards (``sequence_shards`` S > 1; issue #21, `jaxinfer.engine.paged_attention`). The cache
+  and page table hold only shard s's pages of each sequence, dealt round-robin: column k of a row is the
+  sequence's page k*S + s, so local key x is absolute position ``((x // page) * S + s) * page + x % page``.
+  kv_lens, cu_q_lens and the queries stay global. s (``sequence_index``, traced inside shard_map) is one
+  more scalar-prefetch input. The position is monotonic in x, so each row's visible keys are still one
+  contiguous local range: ``info`` converts the block's absolute bounds (window start, last position)
+  into local ones by counting this shard's keys below them (scalar math), and the walk, DMAs and V mask
+  run on local indices as before. Only the score mask needs absolute positions: a [1, Bk] row built from
+  an iota plus (S-1)*page per page boundary passed (selects, no vector division), broadcast over the
+  rows. A q block may see no key of this shard at all (a sequence shorter than S pages; early tokens of
+  a prefill): its work list is empty. With ``return_lse`` the output is float32 and a second output
+  holds lse = m + log(l): per q block and kv head one [1, R] row (lane 0 of the lane-replicated m and
+  l, transposed), an array [q_blocks, Hk, R] whose blocks are its whole last two dims, as the TPU
+  block rules allow, regrouped to [T, Hq] outside. A lane-replicated [Hk, rows, 128] output would
+  write 128 times the bytes (for a 512-token chunk of 8 query heads, 2 MiB per call instead of 16 KiB).
+  Rows with no visible key give out 0 and lse -inf, which `merge` combines exactly. With S = 1 and
+  no lse none of this is traced: the kernel is the one above (the same jaxpr as before the mode).
+
 Block sizes (``_choose_blocks``): Bk ~ 256 tokens (pages_per_block = 256 // page_size,
 shrunk so both slots stay <= 4 MiB); Bq targets 32 query rows (Bq*G) for decode-like
 batches (T <= max_num_seqs) and 128 rows otherwise, rounded so rows are a multiple of the
@@ -135,15 +153,7 @@ def _kernel(
     cu_ref,
     seq_lo_ref,
     seq_hi_ref,  # SMEM (prefetched)
-    q_ref,  # [Hk, R, D]  (R = Bq*G query rows of this block)
-    kv_hbm,  # HBM [P, page_size*2*Hk, D] (row = token*2Hk + combined head); 8-bit: [P, rows, 2*Hk, D]
-    o_ref,  # [Hk, R, D]
-    kv_buf,  # VMEM [2, nb*page_size*2*Hk, D]: two slots of nb pages; 8-bit: [2, nb, rows, 2*Hk, D]
-    sem,  # DMA semaphores [2]
-    m_ref,
-    l_ref,  # VMEM [Hk, R, 128] f32
-    acc_ref,  # VMEM [Hk, R, D] f32
-    *scratch,  # 16-bit KV: VMEM u32 [nb*page_size*Hk, D] (K/V pairs); 8-bit: VMEM f32 [nb, rows, 2Hk, D]
+    *refs,
     G,
     bq,
     nb,
@@ -155,7 +165,21 @@ def _kernel(
     k_scale,
     v_scale,
     trailer,
+    shards,
+    with_lse,
 ):
+    # refs: [shard_ref (SMEM i32[1], sequence shards only)], q_ref [Hk, R, D] (R = Bq*G query rows of this
+    # block), kv_hbm (HBM [P, page_size*2*Hk, D], row = token*2Hk + combined head; 8-bit: [P, rows, 2*Hk, D]),
+    # o_ref [Hk, R, D], [lse_ref [1, Hk, R] f32 (return_lse only)], kv_buf (VMEM [2, nb*page_size*2*Hk, D]:
+    # two slots of nb pages; 8-bit: [2, nb, rows, 2*Hk, D]), sem (DMA semaphores [2]), m_ref, l_ref (VMEM
+    # [Hk, R, 128] f32), acc_ref (VMEM [Hk, R, D] f32), *scratch (16-bit KV: VMEM u32 [nb*page_size*Hk, D]
+    # (K/V pairs); 8-bit: VMEM f32 [nb, rows, 2Hk, D]).
+    if shards > 1:
+        shard_ref, *refs = refs
+    q_ref, kv_hbm, o_ref, *refs = refs
+    if with_lse:
+        lse_ref, *refs = refs
+    kv_buf, sem, m_ref, l_ref, acc_ref, *scratch = refs
     Hk, R, D = q_ref.shape
     C = 2 * Hk
     bk = nb * page_size
@@ -165,6 +189,18 @@ def _kernel(
     row0 = qb * bq  # first token of this q block
     s_lo, s_hi = seq_lo_ref[qb], seq_hi_ref[qb]
     n_slots = kv_lens_ref.shape[0]
+
+    if shards > 1:  # local key x is absolute position ((x // page) * shards + shard) * page + x % page
+        cycle, shard = shards * page_size, shard_ref[0]
+
+        def local_count(n):  # local keys at absolute positions < n (scalar, n >= 0)
+            return n // cycle * page_size + jnp.clip(n % cycle - shard * page_size, 0, page_size)
+
+        def key_pos(b, iota):  # absolute positions of local keys b*bk + iota (no vector division)
+            out = iota + (b * nb * shards + shard) * page_size
+            for j in range(1, nb):  # each page boundary passed skips the other shards' pages
+                out = out + jnp.where(iota >= j * page_size, (shards - 1) * page_size, 0)
+            return out
 
     def safe(s):  # clamp a maybe-past-the-end sequence index before reading SMEM with it
         return jnp.clip(s, 0, n_slots - 1)
@@ -176,6 +212,10 @@ def _kernel(
         t_lo, t_hi = jnp.maximum(q_start, row0), jnp.minimum(q_end, row0 + bq)
         pos_hi = t_hi - 1 + delta  # last position any row of the block sees
         lo = 0 if sliding_window is None else jnp.maximum(t_lo + delta - sliding_window + 1, 0)
+        if shards > 1:  # the same bounds as local key indices (positions are monotonic in them)
+            pos_hi = local_count(jnp.maximum(pos_hi + 1, 0)) - 1  # -1: no key of this shard is visible
+            lo = 0 if sliding_window is None else local_count(lo)
+            t_hi = jnp.where(pos_hi >= 0, t_hi, t_lo)
         b_hi = jnp.where(t_hi > t_lo, pos_hi // bk + 1, 0)
         b_lo = jnp.minimum(lo // bk, b_hi)
         return dict(q_start=q_start, q_end=q_end, delta=delta, pos_hi=pos_hi, lo=lo, b_lo=b_lo, b_hi=b_hi)
@@ -256,7 +296,10 @@ def _kernel(
             scratch[0][...] = kv_buf[slot].astype(jnp.float32)
         elif scratch:  # repack the slot as u32 once for all heads
             scratch[0][...] = pltpu.bitcast(kv_buf[slot], jnp.uint32)
-        col = b * bk + lax.broadcasted_iota(jnp.int32, (R, bk), 1)
+        if shards > 1:  # [1, bk] absolute positions of the block's local keys, broadcast over the rows
+            col = key_pos(b, lax.broadcasted_iota(jnp.int32, (1, bk), 1))
+        else:
+            col = b * bk + lax.broadcasted_iota(jnp.int32, (R, bk), 1)
         tok = row0 + lax.broadcasted_iota(jnp.int32, (R, bk), 0) // G
         pos = tok + i["delta"]
         ok = (tok >= i["q_start"]) & (tok < i["q_end"]) & (col <= pos)
@@ -322,6 +365,10 @@ def _kernel(
 
     l = l_ref[...][:, :, :1]
     o_ref[...] = jnp.where(l > 0, acc_ref[...] / l, 0.0).astype(o_ref.dtype)
+    if with_lse:  # one [1, R] row per kv head: lane 0 of the lane-replicated m and l, transposed
+        for h in range(Hk):
+            lse = jnp.where(l_ref[h] > 0, m_ref[h] + jnp.log(l_ref[h]), -jnp.inf)  # [R, 128], lanes equal
+            lse_ref[0, pl.ds(h, 1), :] = jnp.transpose(lse)[:1, :]
 
 
 @functools.partial(
@@ -336,6 +383,8 @@ def _kernel(
         "num_queries_per_block",
         "vmem_limit_bytes",
         "interpret",
+        "sequence_shards",
+        "return_lse",
     ),
 )
 def ragged_paged_attention(
@@ -355,6 +404,9 @@ def ragged_paged_attention(
     num_queries_per_block: int | None = None,
     vmem_limit_bytes: int | None = None,
     interpret=False,
+    sequence_shards: int = 1,
+    sequence_index=None,
+    return_lse: bool = False,
 ):
     """Ragged paged attention; returns [T, Hq, D] in queries.dtype (padding rows are 0).
 
@@ -363,6 +415,13 @@ def ragged_paged_attention(
     (with its scale trailer) and float8_e4m3fn / float8_e5m2; ``k_scale`` / ``v_scale`` are per-tensor
     factors for K and V (any dtype). Static inputs are checked as JAX's `static_validate_inputs` does
     (`validate.validate_static`).
+
+    Sequence shards (see the module docstring): with ``sequence_shards`` S > 1 the cache and page table
+    hold only shard ``sequence_index`` (i32 [1], may be traced; None = shard 0) of each sequence's pages,
+    column k being its page k*S + s; ``kv_lens``, ``cu_q_lens`` and the queries are the whole step's.
+    ``return_lse``: returns (out float32 [T, Hq, D] normalised over the keys seen here, lse float32
+    [T, Hq]: log of the sum of exp(score) over them; rows with none, padding included, give 0 and -inf),
+    the parts `merge.merge_partials` / `merge.merge_over_axis` combine exactly.
     """
     validate_static(
         queries,
@@ -378,6 +437,8 @@ def ragged_paged_attention(
         num_kv_pages_per_block=num_kv_pages_per_block,
         num_queries_per_block=num_queries_per_block,
         vmem_limit_bytes=vmem_limit_bytes,
+        sequence_shards=sequence_shards,
+        sequence_index=sequence_index,
     )
     T, Hq, D = queries.shape
     P, rows, C, _ = kv_pages.shape
@@ -429,6 +490,8 @@ def ragged_paged_attention(
         k_scale=k_scale,
         v_scale=v_scale,
         trailer=rows > page_size,
+        shards=sequence_shards,
+        with_lse=return_lse,
     )
     qspec = pl.BlockSpec((Hk, R, D), lambda r, *_: (0, r, 0))
     slot = (nb, rows, C) if kv_bits == 8 else (nb * page_size * C,)  # 8-bit: one slab per page
@@ -454,20 +517,34 @@ def ragged_paged_attention(
         transcendentals=T * Hq * L,
         bytes_accessed=kv_bytes * kv_pages.dtype.itemsize + 2 * q.size * q.dtype.itemsize,
     )
-    out = pl.pallas_call(
+    prefetch = [kv_lens, page_indices.reshape(-1), cu_q_lens, seq_lo, seq_hi]
+    if sequence_shards > 1:
+        prefetch.append(jnp.zeros((1,), jnp.int32) if sequence_index is None else sequence_index)
+    out_shape, out_specs = jax.ShapeDtypeStruct(q.shape, queries.dtype), qspec
+    if return_lse:  # float32 parts, plus the lse: a [1, R] row per q block and kv head
+        out_shape = (
+            jax.ShapeDtypeStruct(q.shape, jnp.float32),
+            jax.ShapeDtypeStruct((n_qb, Hk, R), jnp.float32),
+        )
+        out_specs = (qspec, pl.BlockSpec((1, Hk, R), lambda r, *_: (r, 0, 0)))
+    res = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct(q.shape, queries.dtype),
+        out_shape=out_shape,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=5,
+            num_scalar_prefetch=len(prefetch),
             grid=(n_qb,),
             in_specs=[qspec, pl.BlockSpec(memory_space=pl.ANY)],
-            out_specs=qspec,
+            out_specs=out_specs,
             scratch_shapes=scratch,
         ),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",), vmem_limit_bytes=vmem_limit_bytes),
         interpret=interpret,
         cost_estimate=cost,
         name="ragged_paged_attention",
-    )(kv_lens, page_indices.reshape(-1), cu_q_lens, seq_lo, seq_hi, q, kv3)
-    out = out.reshape(Hk, Tp, G, D).transpose(1, 0, 2, 3).reshape(Tp, Hq, D)
-    return out[:T]
+    )(*prefetch, q, kv3)
+    out = res[0] if return_lse else res
+    out = out.reshape(Hk, Tp, G, D).transpose(1, 0, 2, 3).reshape(Tp, Hq, D)[:T]
+    if not return_lse:
+        return out
+    lse = res[1].reshape(n_qb, Hk, bq, G).transpose(0, 2, 1, 3).reshape(Tp, Hq)
+    return out, lse[:T]

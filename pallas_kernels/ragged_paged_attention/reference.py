@@ -44,7 +44,10 @@ _HI = jax.lax.Precision.HIGHEST
 
 # Jitted: one compile per shape. Run op by op (eagerly, under the vmap) it dispatches and compiles
 # every small op on its own, which costs seconds per new shape.
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "k_scale", "v_scale"))
+@functools.partial(
+    jax.jit,
+    static_argnames=("sm_scale", "sliding_window", "soft_cap", "k_scale", "v_scale", "sequence_shards", "return_lse"),
+)
 def ragged_paged_attention_reference(
     queries,  # [T, Hq, D]
     kv_pages,  # [P, page_size, 2*Hk, D]
@@ -58,8 +61,17 @@ def ragged_paged_attention_reference(
     soft_cap: float | None = None,
     k_scale: float | None = None,
     v_scale: float | None = None,
+    sequence_shards: int = 1,
+    sequence_index=None,
+    return_lse: bool = False,
 ):
-    """Dense per-token reference; returns [T, Hq, D] in ``queries.dtype``."""
+    """Dense per-token reference; returns [T, Hq, D] in ``queries.dtype``.
+
+    Sequence shards (S = ``sequence_shards`` > 1, shard s = ``sequence_index[0]``, 0 when None): the pages
+    hold only that shard's keys of each sequence, local key x being absolute position
+    ``((x // page_size) * S + s) * page_size + x % page_size``; kv_lens and the queries are global.
+    ``return_lse``: returns (out float32 normalised over the keys seen, lse float32 [T, Hq] = log sum
+    exp(score) over them); a row that sees none (padding included) gives 0 and -inf."""
     validate_static(
         queries,
         kv_pages,
@@ -71,6 +83,8 @@ def ragged_paged_attention_reference(
         soft_cap=soft_cap,
         k_scale=k_scale,
         v_scale=v_scale,
+        sequence_shards=sequence_shards,
+        sequence_index=sequence_index,
     )
     kv_pages = dequantize_pages(kv_pages, k_scale, v_scale)  # float32 [P, page_size, 2Hk, D]
     T, Hq, D = queries.shape
@@ -92,6 +106,9 @@ def ragged_paged_attention_reference(
         kv = kv_pages[page_indices[seq]].reshape(L, C, D).astype(jnp.float32)  # [L, 2Hk, D]
         k, v = kv[:, 0::2], kv[:, 1::2]  # [L, Hk, D] each
         kv_pos = jnp.arange(L)
+        if sequence_shards > 1:  # absolute positions of this shard's local keys
+            shard = 0 if sequence_index is None else sequence_index[0]
+            kv_pos = ((kv_pos // page_size) * sequence_shards + shard) * page_size + kv_pos % page_size
         ok = kv_pos <= pos  # causal (pos < kv_len, so this also bounds by kv_len)
         if sliding_window is not None:
             ok &= kv_pos > pos - sliding_window
@@ -103,7 +120,9 @@ def ragged_paged_attention_reference(
         p = jax.nn.softmax(s, axis=-1)
         v = jnp.where(ok[:, None, None], v, 0.0)  # unused slots may hold NaN garbage
         o = jnp.einsum("hgl,lhd->hgd", p, v, precision=_HI).reshape(Hq, D)
-        return jnp.where(t < cu_q_lens[n], o, 0.0)
+        row = (t < cu_q_lens[n]) & jnp.any(ok)  # a shard may hold none of a token's keys: softmax is NaN there
+        lse = jnp.where(row, jax.nn.logsumexp(s, axis=-1).reshape(Hq), -jnp.inf)
+        return jnp.where(row, o, 0.0), lse
 
-    out = jax.vmap(one_token)(jnp.arange(T), queries)
-    return out.astype(queries.dtype)
+    out, lse = jax.vmap(one_token)(jnp.arange(T), queries)
+    return (out, lse) if return_lse else out.astype(queries.dtype)

@@ -3,7 +3,8 @@ at trace time by the kernel, the reference and the XLA path alike.
 
 The checks of JAX's `static_validate_inputs` (jax.experimental.pallas.ops.tpu.ragged_paged_attention),
 each a ValueError naming the argument, its value and the limit, plus ours: query and KV dtypes, int8 page
-rows, and k/v scales that are positive finite floats. Example: `soft_cap=0.0` is refused; it would turn
+rows, k/v scales that are positive finite floats, and the sequence-shard arguments (`sequence_shards` an
+int >= 1, `sequence_index` None or int32 [1]). Example: `soft_cap=0.0` is refused; it would turn
 every score into 0 * tanh(s / 0) and attention into a uniform average.
 """
 
@@ -34,6 +35,8 @@ def validate_static(
     num_kv_pages_per_block: int | None = None,
     num_queries_per_block: int | None = None,
     vmem_limit_bytes: int | None = None,
+    sequence_shards: int = 1,
+    sequence_index=None,
 ) -> None:
     if queries.ndim != 3 or kv_pages.ndim != 4:
         raise ValueError(f"queries {queries.shape} must be [T, Hq, D] and kv_pages {kv_pages.shape} [P, page, 2*Hk, D]")
@@ -83,3 +86,10 @@ def validate_static(
         raise ValueError(f"num_queries_per_block={num_queries_per_block} must be positive")
     if vmem_limit_bytes is not None and vmem_limit_bytes <= 0:
         raise ValueError(f"vmem_limit_bytes={vmem_limit_bytes} must be positive")
+    if not isinstance(sequence_shards, numbers.Integral) or isinstance(sequence_shards, bool) or sequence_shards < 1:
+        raise ValueError(f"sequence_shards={sequence_shards!r} must be an int >= 1")
+    if sequence_index is not None and (
+        getattr(sequence_index, "shape", None) != (1,) or getattr(sequence_index, "dtype", None) != jnp.int32
+    ):
+        shape, dtype = getattr(sequence_index, "shape", None), getattr(sequence_index, "dtype", type(sequence_index))
+        raise ValueError(f"sequence_index (shape {shape}, dtype {dtype}) must be an int32 array of shape (1,) or None")
