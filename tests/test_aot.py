@@ -347,3 +347,34 @@ def test_int8_weight_decode_step_compiles_for_tpu(tpu_available, topology, model
     if model != "tiny":
         assert plan["weights"] == pytest.approx(get_preset(model).param_count() / 8, rel=0.02)
     assert step["memory"]["argument"] < plan["weights"] + plan["kv"] + 64 * 2**20
+
+
+def longest_context(out: str) -> int:
+    return int(re.search(r"longest context one request can hold: ([\d,]+) tokens", out).group(1).replace(",", ""))
+
+
+def test_sequence_axis_doubles_the_longest_context_of_llama31_8b_on_v5e(tpu_available):
+    """The planner's longest context one request can hold: Llama-3.1-8B in bf16 on v5e:2x4, 1x2x4 deals a
+    request's pages over two sequence shards, so it holds twice what 2x1x4 does at the same memory."""
+    longest = {}
+    for mesh in ("2x1x4", "1x2x4"):
+        code, out, err = aot(
+            ["--model", "llama3.1-8b", "--topology", "v5e:2x4", "--mesh", mesh, "--dtype", "bf16", "--plan-only"]
+        )
+        assert code == 0, err[-3000:]
+        longest[mesh] = longest_context(out)
+    assert longest["1x2x4"] == 2 * longest["2x1x4"] > 131072
+
+
+def test_sequence_parallel_prefill_and_decode_steps_compile_for_v5e(tpu_available, tmp_path):
+    """A decode bucket and a prefill bucket on mesh 1x2x4 (pages and tokens split over sequence, the Pallas
+    kernel's partial results merged across it) compile for v5e:2x4."""
+    code, out, err = aot(
+        ["--model", "tiny", "--topology", "v5e:2x4", "--mesh", "1x2x4", "--max-slots", "8", "--max-context", "512"]
+        + ["--prefill-chunk", "128", "--buckets", "8", "128", "--out", str(tmp_path)]
+    )
+    assert code == 0, err[-3000:]
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["mesh"] == {"data": 1, "sequence": 2, "tensor": 4}
+    assert manifest["engine"]["attention"] == "pallas"
+    assert [s["bucket"] for s in manifest["steps"]] == [8, 128]

@@ -98,7 +98,7 @@ def hf_greedy(hf, prompt, n):
 # the longest first: the 4,000-token prompt (prefilled after the 6,000 one, oldest first) finds its pages
 # taken, so requests are preempted and recomputed. 6,000 tokens: 376 pages of 16, prefilled in 24 chunks.
 LENGTHS = [6000, 4000, 1, 7, 33, 150, 700]
-NEW = [6, 6, 12, 9, 16, 8, 10]
+NEW = [6, 6, 12, 9, 16, 8, 10, 7]
 LONG = 1  # the 4,000-token prompt of the capacity test
 KV_PAGES = {"1x1x4": 400, "1x2x4": 200, "2x2x2": 192}  # --kv-pages: per (data, sequence) shard
 
@@ -111,10 +111,19 @@ def outputs(tiny):
     path, _ = tiny
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, CONFIG.vocab_size, n).tolist() for n in LENGTHS]
+    prompts.append(prompts[0][:2000] + prompts[-1][:40])  # shares 125 pages with the first: prefix-cache hits
     runs = {}
     for mesh, kv_pages in KV_PAGES.items():
         runs[mesh] = run_engine(
-            path, mesh, prompts, NEW, max_slots=4, max_context=6144, prefill_chunk=256, min_bucket=256, kv_pages=kv_pages
+            path,
+            mesh,
+            prompts,
+            NEW,
+            max_slots=4,
+            max_context=6144,
+            prefill_chunk=256,
+            min_bucket=256,
+            kv_pages=kv_pages,
         )
     return prompts, runs
 
@@ -130,6 +139,7 @@ def test_sequence_meshes_generate_what_meshes_without_sequence_do(tiny, outputs,
     (base, base_engine), (split, engine) = runs["1x1x4"], runs[mesh]
     for i, prompt in enumerate(prompts):
         assert split[i] == base[i], f"prompt of {len(prompt)} tokens"
+    assert engine.scheduler.prefix.stats.hit_tokens >= 1000  # the last prompt's shared pages were adopted
     if mesh == "1x2x4":  # (2x2x2 routes the two longest prompts to different data shards: no preemption)
         assert base_engine.scheduler.preemptions > 0 and engine.scheduler.preemptions > 0
         for i in (0, 2, 5):
@@ -162,4 +172,3 @@ def test_capacity_grows_with_sequence_shards(tiny, outputs):
     assert len(stripes) == 251 and stripes == [j % 2 for j in range(251)]  # ceil(4005 / 16) pages, alternating
     assert result.token_ids == runs["1x1x4"][0][LONG]
     assert engine.compilations_after_warmup == 0
-

@@ -123,7 +123,9 @@ def run(args) -> int:
     draft = model_config(args.draft_model)[0] if args.speculative == "draft" else None
     specs = aot_compile.step_specs(config, layout, mesh, dtype, engine, 1, policy, draft, quant)
     weights = per_device_bytes(specs.params)
-    pages = plan.resolve_pages(engine, specs.cache_shape, tgt.memory_bytes, weights, spec.tensor, spec.data)
+    pages = plan.resolve_pages(
+        engine, specs.cache_shape, tgt.memory_bytes, weights, spec.tensor, spec.data, spec.sequence
+    )
     specs = aot_compile.step_specs(config, layout, mesh, dtype, engine, pages, policy, draft, quant)
     kv = per_device_bytes(specs.caches)
     buckets = args.buckets or specs.buckets
@@ -140,7 +142,7 @@ def run(args) -> int:
         print(f"weights quantized: {quant.describe()}")
     print(
         f"engine: {engine.max_slots} slots, context {engine.max_context}, page {engine.page_size}, "
-        f"{pages} KV pages per data shard, attention {policy.attention}, buckets {list(specs.buckets)}"
+        f"{pages} KV pages per device, attention {policy.attention}, buckets {list(specs.buckets)}"
     )
     print(plan.kv_line(specs.cache_shape, spec.tensor))
 
@@ -157,12 +159,26 @@ def run(args) -> int:
             oom = str(e).splitlines()[0][:300]
         print(f"\nper executable (per device):\n{plan.bucket_table(results)}")
     p = plan.build(
-        tgt.memory_bytes, weights, kv, specs.cache_shape, pages, spec.tensor, spec.data, engine.max_context, results
+        tgt.memory_bytes,
+        weights,
+        kv,
+        specs.cache_shape,
+        pages,
+        spec.tensor,
+        spec.data,
+        engine.max_context,
+        results,
+        spec.sequence,
     )
     print(f"\nmemory plan per device:\n{plan.plan_table(p)}")
     print(
-        f"largest KV cache that fits: {p.max_kv_pages} pages per data shard = {p.max_slots} concurrent "
+        f"largest KV cache that fits: {p.max_kv_pages} pages per device = {p.max_slots} concurrent "
         f"requests of {engine.max_context} tokens"
+    )
+    spread = f", its pages over {spec.sequence} sequence shards" if spec.sequence > 1 else ""
+    print(
+        f"longest context one request can hold: {p.longest_context:,} tokens{spread} "
+        f"(the model's limit: {config.max_position_embeddings:,})"
     )
     per_host = hosts.build(p, tgt.devices, abstract_params(config, layout, dtype, mesh, quant))
     print(f"\nmemory plan per host:\n{plan.plan_table(per_host, f'per host ({per_host.devices_per_host} devices)')}")

@@ -24,9 +24,10 @@ class MemoryPlan:
     kv: int
     largest_temp: int | None  # None: nothing compiled (weights and KV alone do not fit)
     step_io: int | None  # step inputs/outputs (beyond weights and cache) + generated code
-    kv_pages: int  # per data shard, as configured
-    max_kv_pages: int | None  # per data shard that fit next to weights and temporaries
+    kv_pages: int  # per (data, sequence) shard, i.e. per device, as configured
+    max_kv_pages: int | None  # per device that fit next to weights and temporaries
     max_slots: int | None  # concurrent requests of max_context that those pages hold (all shards)
+    longest_context: int | None = None  # tokens one request can hold in them (its pages dealt over sequence)
 
     @property
     def total(self) -> int:
@@ -43,13 +44,16 @@ class MemoryPlan:
         return rows + [("total", self.total), ("device memory", self.memory)]
 
 
-def resolve_pages(engine, one_page: CacheShape, memory: int, weights: int, tensor: int, data: int) -> int:
-    """Pages per data shard the engine would allocate (`Engine._resolve_pages` with the planner's memory)."""
+def resolve_pages(
+    engine, one_page: CacheShape, memory: int, weights: int, tensor: int, data: int, sequence: int = 1
+) -> int:
+    """Pages per (data, sequence) shard the engine would allocate (`capacity.resolve_pages` with the
+    planner's memory)."""
     if engine.kv_pages is not None:
         return engine.kv_pages
     if engine.kv_memory_fraction is not None:
         return pages_for_memory_fraction(memory, engine.kv_memory_fraction, weights, one_page, tensor)
-    return (engine.max_slots // data) * pages_needed(engine.max_context, engine.page_size)
+    return (engine.max_slots // data) * -(-pages_needed(engine.max_context, engine.page_size) // sequence)
 
 
 def build(
@@ -62,7 +66,10 @@ def build(
     data: int,
     max_context: int,
     results=(),
+    sequence: int = 1,
 ) -> MemoryPlan:
+    """`max_slots`: requests of `max_context` the largest cache holds; `longest_context`: the tokens one
+    request can hold in it, its pages dealt over the `sequence` shards (before the model's own limit)."""
     temp = io = None
     if results:
         temp = max(r.memory["temp"] for r in results)
@@ -71,8 +78,10 @@ def build(
             for r in results
         )
     max_pages = pages_for_budget(memory - weights - (temp or 0) - (io or 0), one_page, tensor)
-    max_slots = max_pages // pages_needed(max_context, one_page.page_size) * data
-    return MemoryPlan(memory, weights, kv, temp, io, kv_pages, max_pages, max_slots)
+    per_request = -(-pages_needed(max_context, one_page.page_size) // sequence)  # pages per device
+    max_slots = max_pages // per_request * data
+    longest = max_pages * sequence * one_page.page_size
+    return MemoryPlan(memory, weights, kv, temp, io, kv_pages, max_pages, max_slots, longest)
 
 
 def format_bytes(n: int | None) -> str:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from jaxinfer.engine.capacity import page_table_width
 from jaxinfer.engine.config import EngineConfig, token_buckets
 from jaxinfer.engine.draft_step import Draft
-from jaxinfer.engine.pages import pages_needed
 from jaxinfer.engine.sampler_state import RowSetter, abstract_state
 from jaxinfer.engine.step import build_step_fn
 from jaxinfer.engine.step_inputs import HostBatchBuilder, StepInputs, abstract_inputs
@@ -82,8 +82,9 @@ def step_specs(
     quant: QuantSpec = NONE,
 ) -> StepSpecs:
     """The engine's steps as abstract shapes, weights quantized by `quant`; `draft_config`: the draft model
-    of --speculative draft."""
-    data = mesh.shape["data"]
+    of --speculative draft. `pages_per_shard`: KV pages per (data, sequence) shard, i.e. per device."""
+    data, sequence = mesh.shape["data"], mesh.shape["sequence"]
+    pages_per_shard *= sequence  # a data shard's pages, dealt over its sequence shards (as the engine does)
     model = _abstract_model(config, layout, mesh, dtype, platform, quant)
     kv_dtype = engine.cache_dtype(dtype)
     cache_shape = _cache_shape(model, data, pages_per_shard, engine.page_size, kv_dtype)
@@ -91,10 +92,9 @@ def step_specs(
     slots = engine.max_slots // data
     state = abstract_state(mesh, data, slots, config.vocab_size)
     proposals = engine.num_speculative_tokens if engine.speculative != "none" else 0
-    inputs = HostBatchBuilder(
-        data, slots, pages_needed(engine.max_context, engine.page_size), pages_per_shard, engine.page_size, proposals
-    )
-    buckets = token_buckets(engine.step_budget(data), platform.min_bucket)
+    width = page_table_width(engine.max_context, engine.page_size, sequence)
+    inputs = HostBatchBuilder(data, slots, width, pages_per_shard, engine.page_size, proposals)
+    buckets = token_buckets(engine.step_budget(data), platform.min_bucket, sequence)
     specs = StepSpecs(model, cache, cache_shape, state, buckets, platform, inputs)
     if draft_config is not None:
         draft_layout = plan_layout(draft_config, mesh.shape["tensor"], quiet=True)

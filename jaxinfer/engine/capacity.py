@@ -5,8 +5,15 @@ from __future__ import annotations
 import dataclasses
 
 from jaxinfer.config import ConfigError
+from jaxinfer.engine.pages import pages_needed
 from jaxinfer.kv_cache import CacheShape, device_memory, local_device, model_cache_shape, pages_for_memory_fraction
 from jaxinfer.sharding import per_device_bytes
+
+
+def page_table_width(max_context: int, page_size: int, sequence: int = 1) -> int:
+    """Columns of a slot's page table: the pages of --max-context, rounded up so that each sequence shard
+    gets as many (shard s reads columns s, s + S, ...)."""
+    return -(-pages_needed(max_context, page_size) // sequence) * sequence
 
 
 def resolve_pages(

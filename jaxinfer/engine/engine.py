@@ -27,12 +27,11 @@ import numpy as np
 from jaxinfer import platform as platforms
 from jaxinfer.config import ConfigError
 from jaxinfer.engine import compile_counter
-from jaxinfer.engine.capacity import page_shapes, resolve_pages
+from jaxinfer.engine.capacity import page_shapes, page_table_width, resolve_pages
 from jaxinfer.engine.config import EngineConfig, token_buckets
 from jaxinfer.engine.draft_step import Draft
 from jaxinfer.engine.executables import StartupReport, compile_pipelined
 from jaxinfer.engine.output import OutputStream
-from jaxinfer.engine.pages import pages_needed
 from jaxinfer.engine.prefix_cache import model_salt
 from jaxinfer.engine.readback import PendingStep, pending_step, read_prompt_logprobs, read_samples
 from jaxinfer.engine.requests import Event, Request, Result
@@ -71,8 +70,7 @@ class Engine:
                 )
         self.model, self.tokenizer, self.config, self.draft = model, tokenizer, config, draft
         slots = config.max_slots // self.data
-        # a slot's page table: pages_per_slot rounded up so each sequence shard gets as many columns
-        pages_per_slot = -(-pages_needed(config.max_context, config.page_size) // self.sequence) * self.sequence
+        pages_per_slot = page_table_width(config.max_context, config.page_size, self.sequence)
         kv_dtype = config.cache_dtype(model.dtype)
         one_page, draft_page, both = page_shapes(model, draft, self.data, config.page_size, kv_dtype)
         other = per_device_bytes(draft.params) if draft else 0
