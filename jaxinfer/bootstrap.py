@@ -58,7 +58,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="tokens per data shard per step (default: max(--prefill-chunk, slots per shard))",
     )
     e.add_argument("--page-size", type=int, default=16)
-    e.add_argument("--kv-pages", type=int, default=None, help="KV pages per data shard")
+    e.add_argument("--kv-pages", type=int, default=None, help="KV pages per (data, sequence) shard, i.e. per device")
     e.add_argument("--kv-memory-fraction", type=float, default=None)
     e.add_argument(
         "--kv-dtype",

@@ -104,7 +104,8 @@ def pages_for_budget(budget_bytes_per_device: float, shape: CacheShape, tensor: 
 def pages_for_memory_fraction(
     memory_bytes: int, fraction: float, in_use_bytes: int, shape: CacheShape, tensor: int
 ) -> int:
-    """Pages per data shard when `fraction` of each device's memory may hold weights plus KV cache.
+    """Pages per device (per (data, sequence) shard) when `fraction` of each device's memory may hold
+    weights plus KV cache.
 
     `--kv-memory-fraction` means this both in the engine (memory and use measured on the device) and in
     the AOT planner (the chip's HBM and the weights' shard bytes), so the two agree on a page count.
