@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from jaxinfer.config import ConfigError
 from jaxinfer.quant.spec import MODES, QuantSpec, quant_spec
 
 CHOICES = MODES + ("gguf",)
@@ -31,11 +32,20 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
         default=True,
         help="also quantize the embedding table and lm_head, to int8 per channel (default: on)",
     )
+    g.add_argument(
+        "--quantize-calibration",
+        default="none",
+        help="how int8/int4 projection codes are chosen: none (round to nearest, default) or gptq (GPTQ on a "
+        "built-in public-domain calibration text, at load or convert time: minutes on CPU)",
+    )
 
 
 def spec_from_args(args) -> QuantSpec:
     """The `QuantSpec` the flags ask for; `gguf` is resolved from the file when it loads."""
     mode = getattr(args, "quantize", "none")
+    calibration = getattr(args, "quantize_calibration", "none")
     if mode == "gguf":
+        if calibration != "none":
+            raise ConfigError(f"--quantize-calibration {calibration}: a GGUF's blocks run as stored (--quantize gguf)")
         return QuantSpec("gguf")
-    return quant_spec(mode, args.quantize_group, args.quantize_embeddings)
+    return quant_spec(mode, args.quantize_group, args.quantize_embeddings, calibration)
