@@ -69,29 +69,31 @@ def test_gptq_matches_a_float64_oracle_and_beats_round_to_nearest_on_w_x():
 
 def _gptq_oracle(w, h, group):
     """GPTQ unblocked, in float64, with the inverse Hessian downdated explicitly after each input (the
-    OBQ form, no Cholesky); groups' uint4 ranges by the same 5-candidate search as the quantizer."""
+    OBQ form, no Cholesky), inputs in decreasing diag H (act order); each group's uint4 range chosen
+    up front from the float weights by the same 5-candidate search as the quantizer."""
     n = w.shape[0]
     h = h + 0.01 * np.mean(np.diag(h)) * np.eye(n)
+    params = []
+    for g0 in range(0, n, group):
+        block = w[g0 : g0 + group]
+        lo0, hi0 = block.min(0), block.max(0)
+        mid, best = (lo0 + hi0) / 2, None
+        for keep in (1.0, 0.95, 0.9, 0.85, 0.8):
+            lo, hi = mid - (mid - lo0) * keep, mid + (hi0 - mid) * keep
+            step = (hi - lo) / 15
+            err = ((np.clip(np.rint((block - lo) / step), 0, 15) * step + lo - block) ** 2).sum(0)
+            cand = (lo, step, err)
+            best = cand if best is None else tuple(np.where(err < best[2], a, b) for a, b in zip(cand, best))
+        params.append(tuple(a.astype(np.float32).astype(np.float64) for a in best[:2]))
     hinv = np.linalg.inv(h)
     codes = np.zeros(w.shape, np.int64)
-    for i in range(n):
-        if i % group == 0:
-            block = w[i : i + group]
-            lo0, hi0 = block.min(0), block.max(0)
-            mid, best = (lo0 + hi0) / 2, None
-            for keep in (1.0, 0.95, 0.9, 0.85, 0.8):
-                lo, hi = mid - (mid - lo0) * keep, mid + (hi0 - mid) * keep
-                step = (hi - lo) / 15
-                err = ((np.clip(np.rint((block - lo) / step), 0, 15) * step + lo - block) ** 2).sum(0)
-                best = (
-                    (lo, step, err)
-                    if best is None
-                    else tuple(np.where(err < best[2], a, b) for a, b in zip((lo, step, err), best))
-                )
-            lo, step = best[0].astype(np.float32).astype(np.float64), best[1].astype(np.float32).astype(np.float64)
+    left = list(np.argsort(-np.diag(h), kind="stable"))
+    while left:
+        i = left.pop(0)
+        lo, step = params[i // group]
         codes[i] = np.clip(np.rint((w[i] - lo) / step), 0, 15)
         err = (w[i] - (codes[i] * step + lo)) / hinv[i, i]
-        w[i + 1 :] -= np.outer(hinv[i + 1 :, i], err)
+        w[left] -= np.outer(hinv[left, i], err)
         hinv = hinv - np.outer(hinv[:, i], hinv[i, :]) / hinv[i, i]
     return codes
 

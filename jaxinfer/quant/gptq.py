@@ -4,9 +4,11 @@ A weight W [inputs, outputs] meets calibration inputs X [tokens, inputs] through
 are quantized one at a time in order; each one's rounding error e is pushed onto the inputs not yet
 quantized, weighted by the inverse Hessian (W[i+1:] -= U[i, i+1:]^T e / U[i, i], U the upper
 Cholesky factor of H^-1), which minimises ||(W - Wq) X|| greedily instead of ||W - Wq||. Updates are
-applied lazily a block at a time. Each group's scale and offset are chosen (`quantize.quantize`'s
-search) when its first input is reached, from the weights as updated so far, so the result is the
-same format round-to-nearest produces: codes, a scale and (uint4) an offset per group and output.
+applied lazily a block at a time. Inputs go in act order (largest diag H first), with static groups:
+each group's scale and offset are chosen up front (`quantize.quantize`'s search on the float
+weights), so the result is the format round-to-nearest produces (codes, a scale and, uint4, an
+offset per group and output) and groups stay contiguous for the kernels and tensor shards. On
+SmolLM2's down projections act order took GPTQ from +16% perplexity to +8.8% (rounding: +36%).
 
 Inputs that never see a non-zero activation, or whose weights are all zero (tensor-parallel head and
 MLP padding), are dead: no error flows into them or out of them.
@@ -47,28 +49,32 @@ def gptq(
     h[dead, dead] = 1
     w[dead] = 0
     h[np.diag_indices(n)] += damp * np.mean(np.diag(h))
-    u = np.linalg.cholesky(np.linalg.inv(h)).T  # H^-1 = U^T U, U upper triangular
     ends = np.append(starts[1:], n)
-    codes = np.zeros(w.shape, np.int64)
-    deq = np.zeros_like(w)
+    group_of = np.searchsorted(starts, np.arange(n), side="right") - 1
     scales, offsets = [], []
     for g0, g1 in zip(starts, ends):
         _, scale, offset = quantize(w[g0:g1].astype(np.float32), quant, axis=0)
-        scale, offset = scale[0].astype(np.float64), None if offset is None else offset[0].astype(np.float64)
-        scales.append(scale)
-        offsets.append(offset)
-        for b0 in range(g0, g1, BLOCK):
-            b1 = min(b0 + BLOCK, g1)
-            err = np.zeros((b1 - b0, w.shape[1]))
-            for i in range(b0, b1):
-                codes[i], deq[i] = _round(w[i], scale, offset, quant)
-                e = (w[i] - deq[i]) / u[i, i]
-                w[i + 1 : b1] -= np.outer(u[i, i + 1 : b1], e)
-                err[i - b0] = e
-            w[b1:] -= u[b0:b1, b1:].T @ err
+        scales.append(scale[0].astype(np.float64))
+        offsets.append(None if offset is None else offset[0].astype(np.float64))
+    order = np.argsort(-np.diag(h), kind="stable")  # act order: the most active inputs first
+    w, h = w[order], h[order][:, order]
+    u = np.linalg.cholesky(np.linalg.inv(h)).T  # H^-1 = U^T U, U upper triangular
+    codes = np.zeros(w.shape, np.int64)
+    deq = np.zeros_like(w)
+    for b0 in range(0, n, BLOCK):
+        b1 = min(b0 + BLOCK, n)
+        err = np.zeros((b1 - b0, w.shape[1]))
+        for i in range(b0, b1):
+            g = group_of[order[i]]
+            codes[i], deq[i] = _round(w[i], scales[g], offsets[g], quant)
+            e = (w[i] - deq[i]) / u[i, i]
+            w[i + 1 : b1] -= np.outer(u[i, i + 1 : b1], e)
+            err[i - b0] = e
+        w[b1:] -= u[b0:b1, b1:].T @ err
+    back = np.argsort(order)
     dtype = np.uint8 if quant.kind == "uint4" else np.int8
     offset = np.stack(offsets).astype(np.float32) if quant.offset else None
-    return codes.astype(dtype), np.stack(scales).astype(np.float32), offset, deq.astype(np.float32)
+    return codes[back].astype(dtype), np.stack(scales).astype(np.float32), offset, deq[back].astype(np.float32)
 
 
 def _round(row: np.ndarray, scale: np.ndarray, offset: np.ndarray | None, quant: WeightQuant):
