@@ -218,7 +218,7 @@ def test_float_checkpoint_quantized_on_device_equals_the_host_quantizer(tmp_path
     np.testing.assert_allclose(on_device, on_host, rtol=1e-5, atol=1e-5)
 
 
-def test_gptq_calibrated_int4_checkpoint_beats_rounding(tmp_path):
+def test_gptq_calibrated_int4_checkpoint_beats_rounding_and_int8_is_mesh_independent(tmp_path):
     from jaxinfer.cli_common import tokenize
 
     text = np.asarray([tokenize(str(TOKENIZER), TEXT.read_text(encoding="utf-8"))[:96]])  # not the calibration text
@@ -228,6 +228,13 @@ def test_gptq_calibrated_int4_checkpoint_beats_rounding(tmp_path):
     calibrated = load_model(str(ckpt), make_mesh("1x1"), quant=spec).logits(text)
     rounded = load_model(STORIES, make_mesh("1x1"), quant=quant_spec("int4", group=4)).logits(text)
     assert np.linalg.norm(calibrated - floats) < 0.9 * np.linalg.norm(rounded - floats)
+    # tensor-parallel head and MLP padding (8 heads and 172 MLP over 3 shards) is dead input: the same codes
+    spec8 = quant_spec("int8", calibration="gptq")
+    one, three = (
+        load_model(STORIES, make_mesh(m), quant=spec8, tokenize=tokenize).logits(text) for m in ("1x1", "1x3")
+    )
+    np.testing.assert_allclose(three, one, atol=2e-4)
+    assert np.abs(one - floats).max() > 50 * 2e-4  # the quantization itself is far larger than the tolerance
     with pytest.raises(CheckpointError, match="needs the model's tokenizer"):
         load_model(STORIES, make_mesh("1x1"), quant=spec)
     for mode, message in (("none", "needs --quantize int8 or int4"), ("int4", None)):

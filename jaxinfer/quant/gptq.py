@@ -44,11 +44,12 @@ def gptq(
     w = w.astype(np.float64).copy()
     h = hessian.astype(np.float64).copy()
     dead = (np.diag(h) <= 0) | ~np.any(w != 0, axis=1)
+    live = np.diag(h)[~dead]
     h[dead, :] = 0
     h[:, dead] = 0
     h[dead, dead] = 1
     w[dead] = 0
-    h[np.diag_indices(n)] += damp * np.mean(np.diag(h))
+    h[np.diag_indices(n)] += damp * (np.mean(live) if live.size else 1.0)  # padding must not change it
     ends = np.append(starts[1:], n)
     group_of = np.searchsorted(starts, np.arange(n), side="right") - 1
     scales, offsets = [], []
