@@ -16,7 +16,8 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
         "--quantize",
         default="none",
         choices=CHOICES,
-        help="weight-only quantization: int8 (per output channel), int4 (groups, with offsets), or gguf "
+        help="weight-only quantization: int8 (per output channel, each scale searched for the least squared "
+        "error), int4 (groups, with offsets), or gguf "
         "(a .gguf model's own quantized blocks, as stored; default: none)",
     )
     g.add_argument(
@@ -30,7 +31,8 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
         "--quantize-embeddings",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also quantize the embedding table and lm_head, to int8 per channel (default: on)",
+        help="also quantize the embedding table and lm_head, to int8 per channel (default: on; +0.2%% perplexity "
+        "on SmolLM2, see the README)",
     )
     g.add_argument(
         "--quantize-calibration",
