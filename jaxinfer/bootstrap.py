@@ -353,8 +353,17 @@ def build_engine(args, serve_early: bool = False, cluster=None):
         model = params_cache.load(args.compile_cache, ident, mesh) if ident else None
     how = "loaded from --compile-cache" if model is not None else "loaded"
     if model is None:
+        from jaxinfer.cli_common import tokenize
+
         with HostMemoryPeak() as peak:
-            model = load_model(args.model, mesh, args.dtype, layer_loop=policy.layer_loop, quant=spec_from_args(args))
+            model = load_model(
+                args.model,
+                mesh,
+                args.dtype,
+                layer_loop=policy.layer_loop,
+                quant=spec_from_args(args),
+                tokenize=tokenize,
+            )
         if peak.bytes is not None:
             how += f" (host memory peak +{peak.bytes / 2**20:.0f} MiB)"
         if ident:

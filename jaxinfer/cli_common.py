@@ -42,3 +42,11 @@ def user_errors(prog: str, extra: tuple[type[BaseException], ...] = ()):
     except user_error_types(extra) as e:
         report_user_error(prog, e)
         sys.exit(2)
+
+
+def tokenize(tokenizer_path: str, text: str) -> list[int]:
+    """`text`'s token ids under the tokenizer at `tokenizer_path` (the calibration text of
+    `--quantize-calibration`, which `jaxinfer.checkpoint.load` takes as a function)."""
+    from jaxinfer.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_path).encode(text)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jaxinfer.cli_common import setup_logging, user_errors
+from jaxinfer.cli_common import setup_logging, tokenize, user_errors
 from jaxinfer.quant.flags import add_quant_args, spec_from_args
 
 
@@ -22,7 +22,7 @@ def main(argv=None) -> int:
         ensure_host_devices(1)
         from jaxinfer.checkpoint.load import convert
 
-        out = convert(args.src, args.dst, args.dtype, spec_from_args(args))
+        out = convert(args.src, args.dst, args.dtype, spec_from_args(args), tokenize)
         print(f"wrote {out}")
     return 0
 

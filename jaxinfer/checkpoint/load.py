@@ -11,11 +11,12 @@ import logging
 import os
 import pathlib
 import shutil
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.checkpoint import orbax_store
+from jaxinfer.checkpoint import calibrate, orbax_store
 from jaxinfer.checkpoint.default_model import DEFAULT_MODEL, smollm2_gguf_path
 from jaxinfer.checkpoint.errors import CheckpointError
 from jaxinfer.checkpoint.hf_layout import layer_from_hf, logical_leaf_from_hf
@@ -30,6 +31,8 @@ from jaxinfer.platform import layer_loop_for, mesh_platform
 from jaxinfer.quant.spec import NONE, QuantSpec, check_fits
 
 log = logging.getLogger(__name__)
+
+Tokenize = Callable[[str, str], list[int]]  # (tokenizer path, text) -> token ids
 
 
 def parse_dtype(name) -> jnp.dtype:
@@ -46,14 +49,45 @@ def resolve_source(spec: str | None) -> str:
 
 
 def load_model(
-    spec: str | None, mesh, dtype="float32", seed: int = 0, layer_loop: str = "auto", quant: QuantSpec = NONE
+    spec: str | None,
+    mesh,
+    dtype="float32",
+    seed: int = 0,
+    layer_loop: str = "auto",
+    quant: QuantSpec = NONE,
+    tokenize: Tokenize | None = None,
 ) -> ShardedModel:
     """Loads `spec` (see module docstring) onto `mesh` as sharded `dtype` parameters, in the layer loop
     `layer_loop` (auto: the platform's, see `jaxinfer.platform`), with the weights `quant` names quantized
-    (`jaxinfer.quant`; a quantized native checkpoint must be loaded with the spec it was written with)."""
+    (`jaxinfer.quant`; a quantized native checkpoint must be loaded with the spec it was written with).
+    A calibrated `quant` (`--quantize-calibration`) needs `tokenize(tokenizer_path, text) -> ids` for
+    its calibration text (the tokenizer lives a layer beside this one)."""
     platform = mesh_platform(mesh)
     kind = layer_loop_for(platform, layer_loop)
-    return _load(spec, mesh, parse_dtype(dtype), seed, quant.for_platform(platform)).with_layer_loop(kind)
+    quant = quant.for_platform(platform)
+    if quant.calibration != "none" and not _stored_quantized(spec):
+        return _calibrated(spec, mesh, parse_dtype(dtype), seed, quant, tokenize).with_layer_loop(kind)
+    return _load(spec, mesh, parse_dtype(dtype), seed, quant).with_layer_loop(kind)
+
+
+def _stored_quantized(spec: str | None) -> bool:
+    """Whether `spec` is a native checkpoint that stores quantized weights (restored as they are)."""
+    path = pathlib.Path(resolve_source(spec))
+    return orbax_store.is_native_checkpoint(path) and bool(orbax_store.read_manifest(path).get("quant"))
+
+
+def _calibrated(spec, mesh, dtype, seed: int, quant: QuantSpec, tokenize: Tokenize | None) -> ShardedModel:
+    """The float model, then its weights quantized with calibration (`jaxinfer.checkpoint.calibrate`)."""
+    model = _load(spec, mesh, dtype, seed, NONE)
+    check_fits(quant, model.config, model.layout.mlp, mesh.shape["tensor"])
+    if tokenize is None or not model.tokenizer_path:
+        raise CheckpointError(
+            f"--quantize-calibration {quant.calibration}: needs the model's tokenizer for its calibration text"
+            + ("" if model.tokenizer_path else f" (none found inside or beside {model.source})")
+        )
+    text = calibrate.TEXT.read_text(encoding="utf-8")
+    rows = calibrate.token_rows(tokenize(model.tokenizer_path, text))
+    return calibrate.quantize_calibrated(model, quant, rows)
 
 
 def _load(spec: str | None, mesh, dtype, seed: int, quant: QuantSpec) -> ShardedModel:
@@ -109,21 +143,47 @@ def _leaf_readers(source, quant: QuantSpec):
     return whole, layer
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="float32", quant: QuantSpec = NONE) -> pathlib.Path:
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    dtype="float32",
+    quant: QuantSpec = NONE,
+    tokenize: Tokenize | None = None,
+) -> pathlib.Path:
     """Converts a HF directory / GGUF / llama2.c file into a native checkpoint at `dst`, its weights
-    quantized by `quant` (`gguf`: a GGUF's blocks as stored) and stored with the spec in the manifest."""
-    import jax
-
+    quantized by `quant` (`gguf`: a GGUF's blocks as stored; calibrated: see `load_model`'s `tokenize`)
+    and stored with the spec in the manifest."""
     from jaxinfer.sharding import make_mesh
 
     dtype = parse_dtype(dtype)
+    if quant.calibration != "none":
+        tree = _calibrated(str(src), make_mesh("1x1"), dtype, 0, quant, tokenize).params
+    else:
+        tree = _build(src, dtype, quant)
+    _save(src, dst, dtype, quant, tree)
+    return pathlib.Path(dst)
+
+
+def _build(src, dtype, quant: QuantSpec):
+    """A source's params on one device, unpadded, quantized by `quant` as read."""
+    from jaxinfer.sharding import make_mesh
+
     with open_source(src) as source:
         config = source.config
         logical = plan_layout(config, 1, quiet=True)
         if quant.label == "gguf":
             quant = stored_spec(source)
         whole, layer = _leaf_readers(source, quant)
-        tree = P.build_params(config, logical, make_mesh("1x1"), dtype, whole, layer, quant)
+        return P.build_params(config, logical, make_mesh("1x1"), dtype, whole, layer, quant)
+
+
+def _save(src, dst, dtype, quant: QuantSpec, tree) -> None:
+    import jax
+
+    with open_source(src) as source:
+        config = source.config
+        if quant.label == "gguf":
+            quant = stored_spec(source)
     narrow = {jnp.dtype(jnp.int4): np.int8, jnp.dtype(jnp.uint4): np.uint8}  # 4-bit codes: one per byte on disk
     tree = jax.tree.map(lambda a: np.asarray(a).astype(narrow.get(a.dtype, a.dtype)), tree)
     tokenizer = find_tokenizer(src)
@@ -138,7 +198,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype="float32", qua
         },
         quant=quant,
     )
-    return pathlib.Path(dst)
 
 
 def find_tokenizer(path: str | os.PathLike) -> str | None:

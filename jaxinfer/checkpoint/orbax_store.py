@@ -88,7 +88,8 @@ def restore(
     if stored.enabled and stored.to_json() != quant.to_json():
         raise CheckpointError(
             f"{path}: written with --quantize {stored.label} ({stored.describe()}); loaded with --quantize "
-            f"{quant.label}: load it with the spec it was written with, or convert the float source again"
+            f"{quant.label}{_calibration_flag(quant)}: load it with the spec it was written with, or convert the "
+            "float source again"
         )
     logical = plan_layout(config, 1, quiet=True)
     layout = plan_layout(config, mesh.shape["tensor"])
@@ -123,6 +124,10 @@ def restore(
         for p, a in zip(parts, placed):
             P.set_path(out, p, a)
     return config, layout, out
+
+
+def _calibration_flag(quant: QuantSpec) -> str:
+    return "" if quant.calibration == "none" else f" --quantize-calibration {quant.calibration}"
 
 
 def _disk_form(spec: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:

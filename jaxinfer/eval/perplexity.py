@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    from jaxinfer.cli_common import setup_logging, user_errors
+    from jaxinfer.cli_common import setup_logging, tokenize, user_errors
 
     setup_logging()
     with user_errors("jaxinfer.eval.perplexity"):
@@ -245,9 +245,11 @@ def main(argv=None) -> dict:
             engine,
             layer_loop=args.layer_loop,
             quant=quant,
+            **({"tokenize": tokenize} if quant.calibration != "none" else {}),
         )
     report = dict(text=str(text_path), model=args.model, dtype=args.dtype, mesh=args.mesh, quantize=args.quantize)
     report |= {"quantize_group": args.quantize_group} if args.quantize_group else {}
+    report |= {"quantize_calibration": quant.calibration} if quant.calibration != "none" else {}
     report |= ({"kv_dtype": args.kv_dtype} if args.kv_dtype else {}) | result.summary()
     print(
         f"perplexity {result.perplexity:.4f} over {result.tokens} tokens ({result.windows} windows of up to "

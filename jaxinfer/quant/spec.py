@@ -21,6 +21,7 @@ from jaxinfer.config import ConfigError, ModelConfig
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 EMBEDDINGS = ("embed", "lm_head")
 MODES = ("none", "int8", "int4")
+CALIBRATIONS = ("none", "gptq")  # how codes are chosen: round to nearest, or GPTQ on calibration text
 KINDS = {"int8": jnp.int8, "int4": jnp.int4, "uint4": jnp.uint4}
 # the logical axis of a scale's group dimension, by the contraction axis it groups
 GROUP_AXES = {"embed": "embed_groups", "head_dim": "head_dim_groups", "mlp": "mlp_groups"}
@@ -61,6 +62,7 @@ class QuantSpec:
 
     label: str = "none"
     weights: tuple[tuple[str, WeightQuant], ...] = ()
+    calibration: str = "none"  # `CALIBRATIONS`: the same format, other codes (so part of every cache key)
 
     @property
     def enabled(self) -> bool:
@@ -86,38 +88,46 @@ class QuantSpec:
         for name, w in self.weights:
             group = "per channel" if w.group >= 1 << 30 else f"groups of {w.group}"
             formats.setdefault(f"{w.kind} {group}{' with offsets' if w.offset else ''}", []).append(name)
-        return f"{self.label}: " + "; ".join(f"{k} ({', '.join(v)})" for k, v in sorted(formats.items()))
+        how = "" if self.calibration == "none" else f", projections calibrated by {self.calibration}"
+        return f"{self.label}: " + "; ".join(f"{k} ({', '.join(v)})" for k, v in sorted(formats.items())) + how
 
     def to_json(self) -> dict:
         weights = {n: {k: v for k, v in dataclasses.asdict(w).items() if k != "narrow"} for n, w in self.weights}
-        return {"label": self.label, "weights": weights}
+        calibrated = {} if self.calibration == "none" else {"calibration": self.calibration}
+        return {"label": self.label, "weights": weights} | calibrated
 
     @classmethod
     def from_json(cls, raw: dict | None) -> QuantSpec:
         if not raw:
             return NONE
         weights = tuple(sorted((n, WeightQuant(**w)) for n, w in raw["weights"].items()))
-        return cls(raw["label"], weights)
+        return cls(raw["label"], weights, raw.get("calibration", "none"))
 
 
 NONE = QuantSpec()
 
 
-def quant_spec(mode: str, group: int | None = None, embeddings: bool = True) -> QuantSpec:
-    """The spec `--quantize MODE [--quantize-group GROUP] [--no-quantize-embeddings]` asks for.
+def quant_spec(mode: str, group: int | None = None, embeddings: bool = True, calibration: str = "none") -> QuantSpec:
+    """The spec `--quantize MODE [--quantize-group GROUP] [--no-quantize-embeddings]
+    [--quantize-calibration gptq]` asks for.
 
     int8: symmetric, one scale per output channel (one group spanning the whole input), or per group
     of `group` when one is given (as GGUF's Q8_0 with 32). int4: asymmetric 4-bit codes (uint4 with a
     per-group offset, as GGUF's Q4_1 and AWQ store them), groups of `group` (default 128). Embeddings
     (the table and an untied lm_head) are quantized to int8 per channel in both
     modes unless `embeddings` is False: they are read once per token like every other weight, and a
-    4-bit vocabulary head costs small models most of their int4 quality loss.
+    4-bit vocabulary head costs small models most of their int4 quality loss. `calibration` gptq
+    chooses the projections' codes by GPTQ on calibration text (`jaxinfer.checkpoint.calibrate`).
     """
     if mode not in MODES:
         raise ConfigError(f"--quantize {mode!r}: must be one of {', '.join(MODES)}")
     if group is not None and (not isinstance(group, int) or group < 2 or group % 2):
         raise ConfigError(f"--quantize-group {group!r}: must be an even integer >= 2")
+    if calibration not in CALIBRATIONS:
+        raise ConfigError(f"--quantize-calibration {calibration!r}: must be one of {', '.join(CALIBRATIONS)}")
     if mode == "none":
+        if calibration != "none":
+            raise ConfigError(f"--quantize-calibration {calibration}: needs --quantize int8 or int4 (got none)")
         return NONE
     per_channel = WeightQuant("int8", 1 << 30)
     if mode == "int8":
@@ -127,7 +137,7 @@ def quant_spec(mode: str, group: int | None = None, embeddings: bool = True) -> 
     weights = [(n, body) for n in PROJECTIONS]
     if embeddings:
         weights += [(n, per_channel) for n in EMBEDDINGS]
-    return QuantSpec(mode, tuple(sorted(weights)))
+    return QuantSpec(mode, tuple(sorted(weights)), calibration)
 
 
 def check_fits(spec: QuantSpec, config: ModelConfig, mlp: int, tensor: int) -> None:
