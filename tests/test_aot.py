@@ -251,7 +251,7 @@ def test_planner_kv_pages_equal_the_engines_on_cpu(capsys):
         )
         == 0
     )
-    planned = int(re.search(r"(\d+) KV pages per data shard", capsys.readouterr().out).group(1))
+    planned = int(re.search(r"(\d+) KV pages per device", capsys.readouterr().out).group(1))
     assert allocated > 100 and planned == pytest.approx(allocated, rel=0.01)
 
 

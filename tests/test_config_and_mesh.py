@@ -111,7 +111,9 @@ def test_every_parameter_sharding_comes_from_the_table():
     assert q.shape == (32, 4096, 32, 128) and tuple(q.sharding.spec) == (None, None, "tensor", None)
     assert tuple(tree["layers"]["mlp"]["down"].sharding.spec) == (None, "tensor", None)
     assert tuple(tree["embed"].sharding.spec) == ("tensor", None)
-    assert set(LOGICAL_RULES.values()) <= {None, "data", "sequence", "tensor"}
+    targets = [axis for v in LOGICAL_RULES.values() for axis in (v if isinstance(v, tuple) else (v,))]
+    assert set(targets) <= {None, "data", "sequence", "tensor"}
+    assert LOGICAL_RULES["cache_pages"] == ("data", "sequence")  # each (data, sequence) shard its own pages
 
 
 @pytest.mark.parametrize(

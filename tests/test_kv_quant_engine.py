@@ -127,7 +127,7 @@ def test_planner_prints_int8_bytes_per_token_and_plans_the_engines_pages(stories
     flags += [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items() if k != "min_bucket"]
     assert main([*flags, "--kv-memory-fraction", repr(fraction)]) == 0
     out = capsys.readouterr().out
-    planned = int(re.search(r"(\d+) KV pages per data shard", out).group(1))
+    planned = int(re.search(r"(\d+) KV pages per device", out).group(1))
     assert allocated > 100 and planned == pytest.approx(allocated, rel=0.01)
     assert "KV cache int8: 480 bytes per token (5 layers, 4 KV heads, K and V, scales included)" in out
     assert engine.cache_shape.bytes_per_token == 5 * 2 * 4 * 8 * (16 + 8) / 16 == 480
