@@ -223,7 +223,6 @@ def test_gptq_calibrated_int4_checkpoint_beats_rounding_and_int8_is_mesh_indepen
     from jaxinfer.checkpoint import calibrate
     from jaxinfer.cli_common import tokenize
 
-
     text = np.asarray([tokenize(str(TOKENIZER), TEXT.read_text(encoding="utf-8"))[:96]])  # not the calibration text
     floats = load_model(STORIES, make_mesh("1x1")).logits(text)
     spec = quant_spec("int4", group=4, calibration="gptq")

@@ -59,6 +59,51 @@ def test_cached_pages_are_evicted_from_the_stripe_that_needs_one():
     assert pool.lookup([bytes([1])]) == [a[1]]  # stripe 1's cached page was not evicted
 
 
+# ------------------------------------------------------------------------------------ XLA path, native kernel
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+@pytest.mark.parametrize("shards", [2, 4])
+def test_xla_path_and_native_kernel_shards_merge_to_jax_reference(shards, kv_dtype):
+    """Pages dealt over S poisoned shard caches; each shard's partial result and log-sum-exp from the XLA
+    path (and the native kernel where it builds), merged, equal JAX's reference on the unsplit cache."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ref_ragged_paged_attention
+
+    from jaxinfer import native
+    from jaxinfer.engine import xla_attention
+    from pallas_kernels.ragged_paged_attention.merge import merge_partials
+    from pallas_kernels.ragged_paged_attention.quantized import dequantize_pages, write_tokens
+    from tests.sequence_split import split_over_sequence_shards
+    from tests.test_ragged_paged_attention import make_case
+
+    args, n = make_case(0, [1, 40, 3, 1], [70, 40, 9, 130], Hq=8, Hk=2, D=32, page_size=8)
+    if kv_dtype == "int8":  # the same K/V written into an int8 cache (values and scale rows), poison kept out
+        pages = np.nan_to_num(np.asarray(args[1]), nan=0.0)
+        rows = 8 + 1  # 4 * page / D = 1 scale row
+        cache = jnp.zeros((pages.shape[0], rows) + pages.shape[2:], jnp.int8)
+        ids, offsets = np.divmod(np.arange(pages.shape[0] * 8), 8)
+        cache = write_tokens(cache, jnp.asarray(ids), jnp.asarray(offsets), jnp.asarray(pages.reshape(-1, 4, 32)))
+        args = (args[0], cache, *args[2:])
+        want = ref_ragged_paged_attention(args[0], dequantize_pages(cache), *args[2:], sm_scale=0.2)
+    else:
+        want = ref_ragged_paged_attention(*args, sm_scale=0.2)
+    want = np.asarray(want)[:n]
+    for use_native in (False, True) if native.available() else (False,):
+        parts = []
+        for s, shard_args in enumerate(split_over_sequence_shards(args, shards)):
+            index = jnp.array([s], jnp.int32)
+            fn = jax.jit(
+                lambda *a, index=index, use_native=use_native: xla_attention.xla_ragged_paged_attention(
+                    *a, sm_scale=0.2, native=use_native, sequence_shards=shards, sequence_index=index, return_lse=True
+                )
+            )
+            parts.append(fn(*shard_args))
+        merged = np.asarray(merge_partials(jnp.stack([p[0] for p in parts]), jnp.stack([p[1] for p in parts])))
+        assert np.isfinite(merged).all()
+        np.testing.assert_allclose(merged[:n], want, atol=2e-5, err_msg=f"native={use_native}")
+        assert (merged[n:] == 0).all()
+
+
 # ------------------------------------------------------------------------------------ engine
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
