@@ -26,6 +26,22 @@ def save_random_hf_llama(config, path, seed: int = 0, dtype: str = "float32", he
     return model
 
 
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy `generate` of `n` tokens after `prompt` (no EOS stop): the ids it adds."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        )
+    return out[0, len(prompt) :].tolist()
+
+
 def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
     import torch
 

@@ -20,7 +20,7 @@ from jaxinfer.engine.requests import Request, SamplingParams
 from jaxinfer.sharding import make_mesh
 from jaxinfer.tokenizer import load_tokenizer
 from tests.dense_greedy import greedy_dense
-from tests.hf_reference import relative_error
+from tests.hf_reference import hf_greedy, relative_error
 
 # llama2.c README, `./run stories260K/stories260K.bin -z stories260K/tok512.bin -t 0.0`
 STORIES_PUBLISHED = (
@@ -139,24 +139,11 @@ NEW_TOKENS = [6, 14, 9, 12, 7, 10, 5, 8]
 @pytest.fixture(scope="module")
 def transformers_greedy(smollm2_hf):
     """(GGUF path, tokenizer, prompts, transformers' greedy continuation of each)."""
-    import torch
-
     path, hf = smollm2_hf
     tok = load_tokenizer(path)
     ids = tok.encode(PASSAGE, add_bos=False)
     prompts = [ids[:n] for n in LENGTHS]
-    expected = []
-    with torch.no_grad():
-        for prompt, n in zip(prompts, NEW_TOKENS):
-            out = hf.generate(
-                torch.tensor([prompt]),
-                max_new_tokens=n,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            )
-            expected.append(out[0, len(prompt) :].tolist())
+    expected = [hf_greedy(hf, prompt, n) for prompt, n in zip(prompts, NEW_TOKENS)]
     return path, tok, prompts, expected
 
 

@@ -15,7 +15,7 @@ from jaxinfer.engine.engine import Engine, EngineConfig
 from jaxinfer.engine.pages import OutOfPages, PagePool
 from jaxinfer.engine.requests import Request, SamplingParams
 from jaxinfer.sharding import make_mesh
-from tests.hf_reference import save_random_hf_llama
+from tests.hf_reference import hf_greedy, save_random_hf_llama
 
 # A tiny random GQA Llama with an 8k context: long prompts are cheap, and transformers runs the same weights.
 CONFIG = ModelConfig(
@@ -125,23 +125,6 @@ def run_engine(path, mesh, prompts, new_tokens, **config):
     return [r.token_ids for r in results], engine
 
 
-def hf_greedy(hf, prompt, n):
-    import torch
-
-    with torch.no_grad():
-        out = hf.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=n,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        )
-    return out[0, len(prompt) :].tolist()
-
-
-# the longest first: the 4,000-token prompt (prefilled after the 6,000 one, oldest first) finds its pages
-# taken, so requests are preempted and recomputed. 6,000 tokens: 376 pages of 16, prefilled in 24 chunks.
 LENGTHS = [6000, 4000, 1, 7, 33, 150, 700]
 NEW = [6, 6, 12, 9, 16, 8, 10, 7]
 LONG = 1  # the 4,000-token prompt of the capacity test
