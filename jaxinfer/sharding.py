@@ -192,6 +192,11 @@ def make_mesh(spec: MeshSpec | str, devices: Sequence | None = None):
     return Mesh(grid, MESH_AXES)
 
 
+def _axis_names(axis: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """A LOGICAL_RULES value as the mesh axes it names: None -> (), "data" -> ("data",), a tuple as is."""
+    return (axis,) if isinstance(axis, str) else axis or ()
+
+
 def logical_to_mesh_axes(logical: Sequence[str | None]) -> tuple[str | None, ...]:
     """Maps logical axis names to mesh axes via `LOGICAL_RULES`, refusing collisions."""
     out, used = [], {}
@@ -202,7 +207,7 @@ def logical_to_mesh_axes(logical: Sequence[str | None]) -> tuple[str | None, ...
         if name not in LOGICAL_RULES:
             raise KeyError(f"logical axis {name!r} has no entry in LOGICAL_RULES")
         axis = LOGICAL_RULES[name]
-        for a in (axis,) if isinstance(axis, str) else axis or ():
+        for a in _axis_names(axis):
             if a in used:
                 raise MeshError(f"logical axes {used[a]!r} and {name!r} both map to mesh axis {a!r}")
             used[a] = name
@@ -229,7 +234,7 @@ def logical_sharding(mesh, logical: Sequence[str | None], shape: Sequence[int] |
     for i, axis in enumerate(axes):
         if axis is None:
             continue
-        kept = tuple(a for a in ((axis,) if isinstance(axis, str) else axis) if mesh.shape[a] > 1)
+        kept = tuple(a for a in _axis_names(axis) if mesh.shape[a] > 1)
         size = math.prod(mesh.shape[a] for a in kept)
         if not kept or (shape is not None and shape[i] % size):
             axes[i] = None

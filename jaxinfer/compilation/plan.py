@@ -11,6 +11,7 @@ import dataclasses
 
 import numpy as np
 
+from jaxinfer.engine.capacity import request_pages_per_shard
 from jaxinfer.engine.pages import pages_needed
 from jaxinfer.kv_cache import CacheShape, model_cache_shape, pages_for_budget, pages_for_memory_fraction
 
@@ -53,7 +54,7 @@ def resolve_pages(
         return engine.kv_pages
     if engine.kv_memory_fraction is not None:
         return pages_for_memory_fraction(memory, engine.kv_memory_fraction, weights, one_page, tensor)
-    return (engine.max_slots // data) * -(-pages_needed(engine.max_context, engine.page_size) // sequence)
+    return (engine.max_slots // data) * request_pages_per_shard(engine.max_context, engine.page_size, sequence)
 
 
 def build(
@@ -78,8 +79,7 @@ def build(
             for r in results
         )
     max_pages = pages_for_budget(memory - weights - (temp or 0) - (io or 0), one_page, tensor)
-    per_request = -(-pages_needed(max_context, one_page.page_size) // sequence)  # pages per device
-    max_slots = max_pages // per_request * data
+    max_slots = max_pages // request_pages_per_shard(max_context, one_page.page_size, sequence) * data
     longest = max_pages * sequence * one_page.page_size
     return MemoryPlan(memory, weights, kv, temp, io, kv_pages, max_pages, max_slots, longest)
 

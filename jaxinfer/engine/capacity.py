@@ -10,10 +10,16 @@ from jaxinfer.kv_cache import CacheShape, device_memory, local_device, model_cac
 from jaxinfer.sharding import per_device_bytes
 
 
+def request_pages_per_shard(max_context: int, page_size: int, sequence: int = 1) -> int:
+    """Pages of each sequence shard one request of `max_context` tokens can need (its pages are dealt
+    round-robin over the `sequence` shards)."""
+    return -(-pages_needed(max_context, page_size) // sequence)
+
+
 def page_table_width(max_context: int, page_size: int, sequence: int = 1) -> int:
     """Columns of a slot's page table: the pages of --max-context, rounded up so that each sequence shard
     gets as many (shard s reads columns s, s + S, ...)."""
-    return -(-pages_needed(max_context, page_size) // sequence) * sequence
+    return request_pages_per_shard(max_context, page_size, sequence) * sequence
 
 
 def resolve_pages(

@@ -25,9 +25,7 @@ class EngineConfig:
     max_context: int = 1024  # prompt + generated tokens per request
     prefill_chunk: int = 256  # most prompt tokens one request prefills per step
     max_step_tokens: int | None = None  # tokens per data shard per step; None: max(prefill_chunk, slots per shard)
-    kv_pages: int | None = (
-        None  # pages per (data, sequence) shard; None: from kv_memory_fraction or enough for all slots
-    )
+    kv_pages: int | None = None  # per (data, sequence) shard; None: from kv_memory_fraction or enough for all slots
     kv_memory_fraction: float | None = None
     attention: str = "auto"  # auto | pallas | xla | native; resolved by `jaxinfer.platform`
     layer_loop: str = "auto"  # auto | scan | unrolled; resolved by `jaxinfer.platform`
