@@ -51,6 +51,10 @@ class ModelConfig:
     # [hidden, head_vocab] plus the target token id of each column (`head_ids`); the model still returns
     # logits over all `vocab_size` ids, masked outside those columns. 0: the usual full head.
     head_vocab: int = 0
+    # A speculative-decoding head on the target's hidden states (`jaxinfer.model.feature_head`), not a
+    # language model: `num_layers` MLP blocks of width `intermediate_size` and its reduced head of
+    # `head_vocab` columns; it reads the target's embedding table and has no attention of its own.
+    feature_head: bool = False
 
     def __post_init__(self):
         for field in (
@@ -83,6 +87,8 @@ class ModelConfig:
                 f"model config {self.name!r}: head_vocab={self.head_vocab} needs an untied head "
                 "(tie_embeddings=False): the reduced head is its own [hidden, head_vocab] matrix"
             )
+        if self.feature_head and not self.head_vocab:
+            raise ConfigError(f"model config {self.name!r}: a feature head needs head_vocab > 0 (its reduced head)")
 
     @property
     def q_per_kv(self) -> int:
@@ -95,6 +101,8 @@ class ModelConfig:
         """Exact number of parameters, computed from the shapes (matches `jax.eval_shape` of init); a reduced
         head counts its `head_vocab` int32 token ids too (a parameter leaf, though not a trained one)."""
         e, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        if self.feature_head:  # fc [2E, E], per block a norm and three [E, F] matrices, the reduced head
+            return 2 * e * e + self.num_layers * (e + 3 * e * f) + e * self.head_vocab + self.head_vocab
         attn = e * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
         per_layer = attn + 3 * e * f + 2 * e
         if self.head_vocab:
@@ -167,6 +175,7 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             head_vocab=int(cfg.get("head_vocab") or 0),
+            feature_head=bool(cfg.get("feature_head", False)),
         )
 
     def to_hf_config(self) -> dict[str, Any]:
@@ -193,6 +202,8 @@ class ModelConfig:
         }
         if self.head_vocab:  # jaxinfer's own key: a reduced-head draft (absent for every ordinary model)
             d["head_vocab"] = self.head_vocab
+        if self.feature_head:  # jaxinfer's own key too (`jaxinfer.model.feature_head`)
+            d["feature_head"] = True
         if self.rope_scaling:
             r = self.rope_scaling
             d["rope_scaling"] = {

@@ -34,6 +34,8 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "norm": None,
     "draft_vocab": None,
+    "draft_in": None,  # a feature head's (`jaxinfer.model.feature_head`) weights: small, replicated
+    "draft_mlp": None,
     # quantized weights' scale/offset group axes (`jaxinfer.quant.spec`): split like the axis they group
     "embed_groups": None,
     "head_dim_groups": None,

@@ -47,6 +47,29 @@ def noisy_copy(model: ShardedModel, scale: float, seed: int) -> ShardedModel:
     return dataclasses.replace(model, params=jax.tree.unflatten(tree, noisy))
 
 
+def trained_head(target: ShardedModel, model: ShardedModel, requests, results) -> ShardedModel:
+    """A feature head (`jaxinfer.model.feature_head`) trained for a few seconds on the target's hidden
+    states over these requests' prompts and outputs, placed on `model`'s mesh: it agrees with the target
+    often, not always. `target`: the same model on one device."""
+    from jaxinfer.distill import head as H
+    from jaxinfer.distill.data import Sequences
+    from jaxinfer.distill.draft import choose_head_ids
+
+    seqs = Sequences.from_results([r.prompt_ids for r in requests], results, [True] * len(results))
+    states = H.target_features(target, seqs)
+    tc = target.config
+    config = H.head_config(tc, 1, 128, "head")
+    host = jax.tree.map(np.asarray, target.params)
+    ids = choose_head_ids(seqs.tokens, seqs.answer_mask(), tc.vocab_size, 128, (2,))
+    params = H.initial_params(host, tc, config, ids, seed=0)
+    trained = H.train(config, params, host["embed"], (seqs, states), (seqs, states), H.HeadSettings(150, 128, 3e-3, 0))
+    mesh = model.mesh
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    placed = jax.tree.map(lambda a: jax.device_put(a, replicated), trained.params)
+    layout = plan_layout(config, mesh.shape["tensor"], quiet=True)
+    return ShardedModel(config, layout, mesh, placed, jnp.float32, layer_loop=model.layer_loop)
+
+
 def fifty_requests(tok):
     rng = random.Random(5)
     reqs = []
@@ -94,7 +117,8 @@ def test_outputs_equal_decoding_without_speculation(stories, mesh):
     model = models[mesh]
     expected, base = generate(model, tok, "none")
     assert base.preemptions > 0
-    for mode, draft in (("ngram", None), ("draft", noisy_copy(model, 0.3, seed=1))):
+    head = trained_head(models["1x1"], model, fifty_requests(tok), expected)
+    for mode, draft in (("ngram", None), ("draft", noisy_copy(model, 0.3, seed=1)), ("draft", head)):
         results, status = generate(model, tok, mode, draft)
         assert status.compilations_after_warmup == 0
         assert status.preemptions > 0, mode

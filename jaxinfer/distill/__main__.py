@@ -1,12 +1,15 @@
 """`python -m jaxinfer.distill`: train a small speculative-decoding draft for a target on the target's outputs.
 
-    python -m jaxinfer.distill                      # a 2-layer, 8192-token-head draft of the embedded SmolLM2
+    python -m jaxinfer.distill                      # a feature head (1 block, 8192-token head) for SmolLM2
+    python -m jaxinfer.distill --kind layers        # a 2-layer draft model instead
     python -m jaxinfer.distill --model tests/data/stories260K/stories260K.bin --layers 1 --head-vocab 128
 
 The target answers chat requests and continues free text through the engine (greedy and seeded
-sampling); the draft (same tokenizer, `--layers` layers, a head over the `--head-vocab` tokens the
-target writes most) learns its answers with optax. The result is a native checkpoint that
-`load_model(PATH, mesh)` loads like any model; the report gives the held-out greedy acceptance proxy.
+sampling). `--kind head` (the default) trains a feature head on the target's hidden states over those
+sequences (`jaxinfer.model.feature_head`: `--layers` MLP blocks); `--kind layers` a small model (same
+tokenizer, `--layers` decoder layers). Either has a head over the `--head-vocab` tokens the target
+writes most, and is trained with optax. The result is a native checkpoint that `--draft-model PATH`
+loads; the report gives the held-out greedy acceptance proxy.
 """
 
 from __future__ import annotations
@@ -17,6 +20,12 @@ import sys
 from jaxinfer.cli_common import setup_logging, user_errors
 from jaxinfer.config import ConfigError
 from jaxinfer.distill.draft import INIT_LAYERS
+
+# each kind's defaults of the flags left unset: a feature head trains on many cheap positions per step
+KIND_DEFAULTS = {
+    "head": {"layers": 1, "train_steps": 3000, "batch": 256, "lr": 1e-3},
+    "layers": {"layers": 2, "train_steps": 200, "batch": 16, "lr": 2e-3},
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=None, help="checkpoint folder (default: <cache>/<target>-draft-L<layers>-H<head-vocab>)"
     )
     d = p.add_argument_group("draft")
-    d.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
+    d.add_argument("--kind", default="head", help="head (a feature head, the default) | layers (a draft model)")
+    d.add_argument("--layers", type=int, default=None, help="head: MLP blocks (default 1); layers: decoder layers (2)")
     d.add_argument("--head-vocab", type=int, default=8192, help="head tokens; 0: the target's full head (default 8192)")
     d.add_argument(
         "--init-layers",
@@ -52,10 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--gen-slots", type=int, default=32, help="requests the target runs at once (default 32)")
     t = p.add_argument_group("training")
-    t.add_argument("--train-steps", type=int, default=200, help="optimizer steps (default 200; 0: untrained)")
+    t.add_argument(
+        "--train-steps", type=int, default=None, help="optimizer steps (head 3000, layers 200; 0: untrained)"
+    )
     t.add_argument("--minutes", type=float, default=None, help="stop training after this wall time (not reproducible)")
-    t.add_argument("--batch", type=int, default=16, help="sequences per step (default 16)")
-    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    t.add_argument("--batch", type=int, default=None, help="per step: head positions (256), layers sequences (16)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (head 1e-3, layers 2e-3)")
     t.add_argument(
         "--kd", type=float, default=0.5, help="weight of the target's top-20 distribution in the loss (default 0.5)"
     )
@@ -72,8 +84,13 @@ def settings(args):
         if not ok:
             raise ConfigError(f"{flag} {value}: {limit}")
 
+    require(args.kind in KIND_DEFAULTS, "--kind", args.kind, f"must be one of {tuple(KIND_DEFAULTS)}")
+    for flag, value in KIND_DEFAULTS[args.kind].items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
     require(1 <= args.layers <= 256, "--layers", args.layers, "must be in [1, 256]")
     require(args.head_vocab >= 0, "--head-vocab", args.head_vocab, "must be >= 0 (0: the full head)")
+    require(args.kind != "head" or args.head_vocab > 0, "--head-vocab", args.head_vocab, "must be > 0 for --kind head")
     require(args.init_layers in INIT_LAYERS, "--init-layers", args.init_layers, f"must be one of {INIT_LAYERS}")
     require(0.0 <= args.kd <= 1.0, "--kd", args.kd, "must be in [0, 1]")
     require(0 <= args.seed < 2**31, "--seed", args.seed, "must be in [0, 2**31)")
@@ -86,6 +103,7 @@ def settings(args):
     require(1 <= args.batch <= 4096, "--batch", args.batch, "must be in [1, 4096]")
     require(0 < args.lr <= 1, "--lr", args.lr, "must be in (0, 1]")
     return Settings(
+        kind=args.kind,
         model=args.model,
         out=args.out,
         data_cache=args.data_cache,

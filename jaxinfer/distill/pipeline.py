@@ -21,6 +21,7 @@ K = 4  # draft tokens per verify step the report's expectation assumes
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
+    kind: str  # head (a feature head, `jaxinfer.distill.head`) | layers (a small model, `jaxinfer.distill.train`)
     model: str | None
     out: str | None
     data_cache: str | None
@@ -54,6 +55,7 @@ class Report:
     train_seconds: float
     steps: int
     tokens_per_s: float
+    second: float | None = None  # a feature head: its second proposal's proxy, given the first was right
 
     @property
     def bytes_per_token(self) -> int:
@@ -63,8 +65,10 @@ class Report:
         c, t, a = self.config, self.target, self.acceptance
         head = f"head {c.head_vocab} of {c.vocab_size} ids" if c.head_vocab else f"full head ({c.vocab_size} ids)"
         target_bytes = bytes_per_token(t)
+        kind = f"feature head, {c.num_layers} blocks" if c.feature_head else f"draft: {c.num_layers} layers"
+        second = [] if self.second is None else [f"second proposal, given the first was right: {self.second:.4f}"]
         return [
-            f"draft: {c.num_layers} layers, {head}: {c.param_count():,} params, "
+            f"{kind}, {head}: {c.param_count():,} params, "
             f"{self.bytes_per_token / 1e6:.1f} MB read per token (float32; the target "
             f"{target_bytes / 1e6:.1f} MB, ratio {self.bytes_per_token / target_bytes:.3f})",
             f"held-out greedy acceptance proxy {a:.4f} (untrained draft {self.acceptance_step0:.4f}, chance "
@@ -74,6 +78,7 @@ class Report:
             f"training: {self.steps} steps in {self.train_seconds:.0f}s ({self.tokens_per_s:.0f} answer positions/s) "
             f"on {self.train_answer_tokens} answer tokens of the target"
             + (f" generated in {self.data_seconds:.0f}s" if self.data_seconds else " (cached)"),
+            *second,
             f"saved: {self.out}",
         ]
 
@@ -88,15 +93,19 @@ def bytes_per_token(config: ModelConfig, itemsize: int = 4) -> int:
     """Parameter bytes one decode token reads: every weight except the embedding table, of which one row
     (a tied head reads the whole table as the head)."""
     v, e = config.vocab_size, config.hidden_size
+    if config.feature_head:  # its weights and one row of the target's table per proposal
+        return itemsize * (config.param_count() - config.head_vocab + e)
     table = 0 if config.tie_embeddings else v * e - e
     return itemsize * (config.param_count() - table)
 
 
 def default_out(target_name: str, s: Settings) -> pathlib.Path:
-    """`default_cache_dir()/<target>-draft-L<layers>-H<head_vocab>`, beside the converted default model."""
+    """`default_cache_dir()/<target>-draft-L<layers>-H<head_vocab>` (a feature head: `-head-B<blocks>-H..`),
+    beside the converted default model."""
     from jaxinfer.paths import default_cache_dir
 
-    return default_cache_dir() / f"{target_name}-draft-L{s.layers}-H{s.head_vocab}"
+    kind = "head-B" if s.kind == "head" else "draft-L"
+    return default_cache_dir() / f"{target_name}-{kind}{s.layers}-H{s.head_vocab}"
 
 
 def target_name(spec: str | None) -> str:
@@ -156,6 +165,10 @@ def run(s: Settings) -> Report:
     engine_model = target.with_layer_loop(for_mesh(mesh).layer_loop)
     train_seqs, held_seqs = target_data(engine_model, tokenizer, spec, data_file)
     data_seconds = 0.0 if cached else time.perf_counter() - start
+    if s.kind == "head":
+        del target
+        must = tuple(i for i in tokenizer.eos_ids if 0 <= i < tc.vocab_size)
+        return run_head(s, out, engine_model, host, (train_seqs, held_seqs), tok_path, source, data_seconds, must)
     del engine_model, target
 
     answers = train_seqs.answer_mask()
@@ -196,7 +209,14 @@ def run(s: Settings) -> Report:
         steps=result.steps,
         tokens_per_s=result.tokens_per_s,
     )
-    manifest = {
+    manifest = draft_manifest(s, source, tok_path, tc, report, result.curve, train_seqs.answer_tokens)
+    save_atomically(out, config, result.params, manifest)
+    return report
+
+
+def draft_manifest(s: Settings, source, tok_path: str, tc: ModelConfig, report: Report, curve, answers: int) -> dict:
+    """The checkpoint manifest's record of how the draft was made and how it measured."""
+    return {
         "source": f"distilled from {source}",
         "tokenizer": tok_path,  # load_model finds the draft's tokenizer here
         "draft": {
@@ -206,14 +226,13 @@ def run(s: Settings) -> Report:
             "settings": dataclasses.asdict(s),
             "heldout_acceptance": report.acceptance,
             "heldout_acceptance_step0": report.acceptance_step0,
-            "head_coverage": coverage,
-            "steps": result.steps,
-            "curve": result.curve,
-            "train_answer_tokens": train_seqs.answer_tokens,
+            "heldout_second_acceptance": report.second,
+            "head_coverage": report.coverage,
+            "steps": report.steps,
+            "curve": curve,
+            "train_answer_tokens": answers,
         },
     }
-    save_atomically(out, config, result.params, manifest)
-    return report
 
 
 def check_against_target(s: Settings, tc: ModelConfig) -> None:
@@ -238,3 +257,47 @@ def save_atomically(out: pathlib.Path, config: ModelConfig, params: dict, manife
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+
+
+def run_head(s: Settings, out, target, host, seqs, tok_path: str, source, data_seconds, must) -> Report:
+    """`--kind head`: the target's states over its sequences, then a feature head trained on them."""
+    from jaxinfer.distill import head as H
+    from jaxinfer.distill.draft import choose_head_ids, head_coverage
+
+    tc, (train_seqs, held_seqs) = target.config, seqs
+    start = time.perf_counter()
+    data = (train_seqs, H.target_features(target, train_seqs))
+    heldout = (held_seqs, H.target_features(target, held_seqs))
+    log.info(
+        "target states of %d tokens in %.0fs",
+        len(train_seqs.tokens) + len(held_seqs.tokens),
+        time.perf_counter() - start,
+    )
+    del target
+    head_ids = choose_head_ids(train_seqs.tokens, train_seqs.answer_mask(), tc.vocab_size, s.head_vocab, must)
+    config = H.head_config(tc, s.layers, s.head_vocab, out.name)
+    params = H.initial_params(host, tc, config, head_ids, s.seed)
+    max_seconds = s.minutes * 60 if s.minutes else None
+    result = H.train(
+        config, params, host["embed"], data, heldout, H.HeadSettings(s.train_steps, s.batch, s.lr, s.seed, max_seconds)
+    )
+    coverage = head_coverage(held_seqs.tokens, held_seqs.answer_mask(), head_ids)
+    positions = len(H.example_positions(held_seqs, answers_only=True))
+    report = Report(
+        out=out,
+        config=config,
+        target=tc,
+        acceptance=result.curve[-1][1],
+        acceptance_step0=result.curve[0][1],
+        coverage=coverage,
+        heldout_positions=positions,
+        train_answer_tokens=train_seqs.answer_tokens,
+        data_seconds=data_seconds,
+        train_seconds=result.seconds,
+        steps=result.steps,
+        tokens_per_s=result.steps * s.batch / max(result.seconds, 1e-9),
+        second=result.curve[-1][2],
+    )
+    manifest = draft_manifest(s, source, tok_path, tc, report, result.curve, train_seqs.answer_tokens)
+    save_atomically(out, config, result.params, manifest)
+    return report

@@ -187,10 +187,10 @@ def train(config: ModelConfig, params: dict, rows: Rows, heldout: Rows, head_ids
     curve = [(0, evaluate({**trainable, **fixed}))]
     log.info("step 0: held-out acceptance proxy %.4f", curve[0][1])
     batches = Batches(rows, settings.batch, np.random.default_rng([settings.seed, 3]))
-    losses, done, total, trained_positions = [], 0, settings.steps, 0
+    losses, done, trained_positions = [], 0, 0
     per_row = (rows.labels >= 0).sum(axis=1)
-    start = time.perf_counter()
-    timed_from = None  # (step, time) after the first step (its compilation is not a step's cost)
+    cap = WallClockCap(settings.steps, settings.max_seconds)
+    total = settings.steps
     while done < total:
         index, width = batches.next()
         trained_positions += int(per_row[index].sum())
@@ -198,18 +198,11 @@ def train(config: ModelConfig, params: dict, rows: Rows, heldout: Rows, head_ids
         trainable, state, loss = step(trainable, state, jnp.asarray(index), lr, width)
         losses.append(float(loss))
         done += 1
-        now = time.perf_counter()
-        if settings.max_seconds is not None:  # the schedule ends where the wall-clock cap will
-            if timed_from is None:
-                timed_from = (done, now)
-            elif done - timed_from[0] >= 2:
-                per_step = (now - timed_from[1]) / (done - timed_from[0])
-                left = start + settings.max_seconds - now
-                total = min(settings.steps, done + max(0, int(left / per_step)))
+        total = cap.total(done)
         if done in {max(1, total * i // 4) for i in (1, 2, 3)} and done < total:
             curve.append((done, evaluate({**trainable, **fixed})))
             log.info("step %d: loss %.3f, held-out acceptance proxy %.4f", done, np.mean(losses[-20:]), curve[-1][1])
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - cap.start
     final = {**trainable, **fixed}
     if done:
         curve.append((done, evaluate(final)))
@@ -222,6 +215,29 @@ def train(config: ModelConfig, params: dict, rows: Rows, heldout: Rows, head_ids
         losses=losses,
         curve=curve,
     )
+
+
+class WallClockCap:
+    """The number of steps a schedule of `steps` runs: all of them, or with `max_seconds`, as many as fit
+    the wall-clock cap at the speed measured so far (the learning-rate schedule then ends there too)."""
+
+    def __init__(self, steps: int, max_seconds: float | None):
+        self.steps, self.max_seconds, self.start = steps, max_seconds, time.perf_counter()
+        self.timed_from = None  # (step, time) after the first step (its compilation is not a step's cost)
+        self.current = steps
+
+    def total(self, done: int) -> int:
+        """Called after step `done`: the schedule's length now."""
+        if self.max_seconds is None:
+            return self.steps
+        now = time.perf_counter()
+        if self.timed_from is None:
+            self.timed_from = (done, now)
+        elif done - self.timed_from[0] >= 2:
+            per_step = (now - self.timed_from[1]) / (done - self.timed_from[0])
+            left = self.start + self.max_seconds - now
+            self.current = min(self.steps, done + max(0, int(left / per_step)))
+        return self.current
 
 
 class Batches:

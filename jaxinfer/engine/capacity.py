@@ -61,7 +61,7 @@ def page_shapes(model, draft, data: int, page_size: int, dtype: str):
     target's shape with the draft's bytes as extra layers, rounded up, for sizing by memory). `dtype`:
     the caches' storage dtype (`EngineConfig.cache_dtype`)."""
     one = model_cache_shape(model.config, model.layout.kv_heads, data, 1, page_size, dtype)
-    if draft is None:
+    if draft is None or draft.config.feature_head:  # a feature head keeps no cache
         return one, None, one
     other = model_cache_shape(draft.config, draft.layout.kv_heads, data, 1, page_size, dtype)
     per_layer = one.bytes_per_page // one.layers

@@ -31,6 +31,7 @@ from jaxinfer.engine.capacity import page_shapes, page_table_width, resolve_page
 from jaxinfer.engine.config import EngineConfig, token_buckets
 from jaxinfer.engine.draft_step import Draft
 from jaxinfer.engine.executables import StartupReport, compile_pipelined
+from jaxinfer.engine.head_step import head_draft
 from jaxinfer.engine.output import OutputStream
 from jaxinfer.engine.prefix_cache import model_salt
 from jaxinfer.engine.readback import PendingStep, pending_step, read_prompt_logprobs, read_samples
@@ -79,9 +80,9 @@ class Engine:
         self.cache_shape = dataclasses.replace(one_page, pages_per_shard=pages)
         self.buckets = token_buckets(config.step_budget(self.data), self.platform.min_bucket, self.sequence)
         k = config.num_speculative_tokens if config.speculative != "none" else 0
-        self.speculation = (
-            Speculation(config.speculative, k, self.buckets, self.data, config.speculative_adaptive) if k else None
-        )
+        cached = draft is not None and not draft.config.feature_head
+        spec = Speculation(config.speculative, k, self.buckets, self.data, config.speculative_adaptive, cached)
+        self.speculation = spec if k else None
         self.scheduler = Scheduler(
             SchedulerLimits(
                 data_shards=self.data,
@@ -102,7 +103,10 @@ class Engine:
         self.cache = allocate_cache(mesh, self.cache_shape, model.layer_loop)
         self._params = model.params
         draft_spec = None
-        if draft is not None:
+        if draft is not None and draft.config.feature_head:  # no cache: it reads the target's states
+            self.cache, self._params = (self.cache, None), (model.params, draft.params)
+            draft_spec = (draft, None, head_draft(model, draft, k))
+        elif draft is not None:
             draft_shape = dataclasses.replace(draft_page, pages_per_shard=pages)
             self.cache = (self.cache, allocate_cache(mesh, draft_shape, draft.layer_loop))
             self._params = (model.params, draft.params)

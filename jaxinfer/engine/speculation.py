@@ -96,9 +96,19 @@ class ModeRates:
 
 
 class Speculation:
-    def __init__(self, mode: str, tokens: int, buckets: tuple[int, ...], data_shards: int, adaptive: bool = True):
+    def __init__(
+        self,
+        mode: str,
+        tokens: int,
+        buckets: tuple[int, ...],
+        data_shards: int,
+        adaptive: bool = True,
+        draft_cache: bool = True,
+    ):
         self.mode, self.tokens, self.buckets, self.data = mode, tokens, buckets, data_shards
         self.adaptive = adaptive
+        # a draft model keeps a cache that steps must follow; a feature head (`head_step`) keeps none
+        self.draft_cache = draft_cache and mode == "draft"
         self.following = True  # draft: whether steps run the draft over their tokens (see `decide`)
         self._engine_history = (0, 0)  # (proposals tried one by one, accepted) over all slots
         self.stats = SpeculationStats()
@@ -158,8 +168,8 @@ class Speculation:
             if candidates and not self._measured_to_pay(len(decoding)):
                 candidates = []
         # the draft keeps following while speculation pays for someone; a slot it fell behind on stays off
-        self.following = bool(candidates) or not decoding
-        on = {id(c[2]) for c in candidates if not self.uses_draft or c[2].draft_valid >= c[2].num_computed}
+        self.following = self.draft_cache and (bool(candidates) or not decoding)
+        on = {id(c[2]) for c in candidates if not self.draft_cache or c[2].draft_valid >= c[2].num_computed}
         for seq in decoding:
             seq.speculate = id(seq) in on
             self._off_steps[seq.id] = 0 if seq.speculate else self._off_steps[seq.id] + 1

@@ -5,7 +5,8 @@ A step samples one row per slot (its last token's logits). With speculation an e
 variants of each bucket's step: the plain one, and a verify one whose inputs have E > 0 extra sample
 rows for the offsets of speculating slots' windows (`jaxinfer.engine.verify`); a step without
 proposals runs the plain one and pays nothing for speculation. With a draft model both variants also
-run the draft (`jaxinfer.engine.draft_step`).
+run the draft (`jaxinfer.engine.draft_step`), or a feature head on the target's hidden states
+(`jaxinfer.engine.head_step`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.engine import draft_step
+from jaxinfer.engine import draft_step, head_step
 from jaxinfer.engine.paged_attention import AttentionImpl, PagedAttention
 from jaxinfer.engine.sampler_state import ROW_AXES, SamplerState, state_shardings
 from jaxinfer.engine.step_inputs import StepInputs
@@ -53,10 +54,10 @@ def build_step_fn(
     model: ShardedModel,
     cache_shape: CacheShape,
     platform: Platform,
-    draft: tuple[ShardedModel, CacheShape, draft_step.Draft] | None = None,
+    draft: tuple[ShardedModel, CacheShape | None, draft_step.Draft | head_step.HeadDraft] | None = None,
 ):
     """Returns jit(step)(params, cache, inputs, state) -> (StepOutputs, cache, state). With a draft,
-    params and cache are pairs (the target's, the draft's).
+    params and cache are pairs (the target's, the draft's; a feature head's cache is None).
 
     The cache and the sampler state are donated: XLA updates them in place and there is never a second
     copy on device.
@@ -65,6 +66,7 @@ def build_step_fn(
     mesh = model.mesh
     impl = attention_impl(platform.attention, platform.interpret)
     vocab = model.config.vocab_size
+    reads_features = draft is not None and isinstance(draft[2], head_step.HeadDraft)  # a feature head
 
     def step(params, cache, inputs: StepInputs, state: SamplerState):
         global _traces
@@ -79,15 +81,14 @@ def build_step_fn(
             tokens, positions = (jax.lax.with_sharding_constraint(a, split) for a in (tokens, positions))
         ctx = PagedAttention(inputs, mesh, impl)
         rows = jnp.concatenate([inputs.sample_index, inputs.extra_index], axis=1)  # [D, S + E]
-        logits, cache, prompt = module.apply(
-            {"params": params},
-            tokens,
-            positions,
-            ctx,
-            cache,
-            logit_indices=rows,
-            on_hidden=lambda hidden, head: prompt_logprobs(hidden, head, inputs.prompt_targets, vocab),
-        )  # logits [D, S + E, V]
+
+        def on_hidden(hidden, head):
+            prompt = prompt_logprobs(hidden, head, inputs.prompt_targets, vocab)
+            return (prompt, head_step.row_features(hidden, rows)) if reads_features else (prompt, None)
+
+        logits, cache, (prompt, features) = module.apply(
+            {"params": params}, tokens, positions, ctx, cache, logit_indices=rows, on_hidden=on_hidden
+        )  # logits [D, S + E, V]; features [D, S + E, E] for a feature head
         d, s = inputs.sample_index.shape
         samples, penalties = _sample_slots(logits[:, :s], inputs.sampling, state)
         if inputs.extra_index.shape[1]:  # the verify variant
@@ -96,7 +97,11 @@ def build_step_fn(
             samples = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), samples, more)
         accepted, last = accepted_counts(samples.tokens, inputs.window_rows, inputs.window_proposals)
         proposals = jnp.zeros(inputs.window_proposals.shape, jnp.int32)
-        if draft is not None:
+        if reads_features:
+            at = head_step.accepted_features(features, inputs.window_rows, accepted)
+            proposals = head_step.propose(draft[2], draft_params, params, at, last, inputs.propose)
+            cache = (cache, draft_cache)
+        elif draft is not None:
             draft_model, _, spec = draft
             draft_ctx = PagedAttention(inputs, mesh, impl)
             draft_cache = draft_step.follow(spec, draft_params, draft_cache, tokens, inputs, draft_ctx)
@@ -111,8 +116,8 @@ def build_step_fn(
     row = output_sharding(mesh)
     outputs = StepOutputs(Samples(row, row, row, row), PromptLogprobs(row, row, row), row, row)
     caches = cache_sharding(mesh, cache_shape, model.layer_loop)
-    if draft is not None:
-        caches = (caches, cache_sharding(mesh, draft[1], draft[0].layer_loop))
+    if draft is not None:  # a feature head has no cache (None)
+        caches = (caches, None if reads_features else cache_sharding(mesh, draft[1], draft[0].layer_loop))
     return jax.jit(step, donate_argnums=(1, 3), out_shardings=(outputs, caches, state_shardings(mesh)))
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from jaxinfer.config import ModelConfig
 from jaxinfer.model import cpu_layout
 from jaxinfer.model.attention import DenseCausal
+from jaxinfer.model.feature_head import FeatureHead
 from jaxinfer.model.layout import ModelLayout
 from jaxinfer.model.llama import Llama
 from jaxinfer.model.projections import TokenMajor
@@ -43,7 +44,10 @@ class ShardedModel:
     @property
     def module(self) -> Llama:
         """The Flax module for this model's layer loop: `unrolled` params use the CPU layout's
-        output-major projections (`jaxinfer.model.cpu_layout`), `scan` params the checkpoint's."""
+        output-major projections (`jaxinfer.model.cpu_layout`), `scan` params the checkpoint's. A feature
+        head (`jaxinfer.model.feature_head`) is the same module in either."""
+        if self.config.feature_head:
+            return FeatureHead(self.config, self.dtype)
         if self.layer_loop == "unrolled":
             native = self.mesh.devices.size == 1 and mesh_platform(self.mesh) == "cpu" and matmul.available()
             proj = cpu_layout.OutputMajor(quant=self.quant, native=native)
@@ -60,6 +64,8 @@ class ShardedModel:
         """
         if kind == self.layer_loop:
             return self
+        if self.config.feature_head:  # no decoder layers: the same params in either loop
+            return dataclasses.replace(self, layer_loop=kind)
         if (self.layer_loop, kind) != ("scan", "unrolled"):
             raise ValueError(
                 f"this model's params are already {self.layer_loop} (only scan -> unrolled converts); "

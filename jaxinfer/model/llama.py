@@ -26,6 +26,7 @@ from jaxinfer.model.layout import ModelLayout
 from jaxinfer.model.projections import TokenMajor, declare, declare_weight
 from jaxinfer.model.rope import apply_rope, inverse_frequencies
 from jaxinfer.quant.arrays import QWeight
+from jaxinfer.quant.spec import NONE
 
 
 class RMSNorm(nn.Module):
@@ -126,11 +127,7 @@ class Llama(nn.Module):
     def __call__(self, tokens, positions, ctx, cache=None, logit_indices=None, on_hidden=None):
         c, lay = self.config, self.layout
         quant = self.projections.quant
-        table = declare_weight(self, "embed", (lay.vocab, c.hidden_size), ("vocab", "embed"), self.dtype, quant)
-        if isinstance(table, QWeight):
-            x = table.rows(tokens, self.dtype)  # [B, T, E]
-        else:
-            x = jnp.take(table, tokens, axis=0)
+        table, x = embed_tokens(self, tokens, self.dtype, quant)  # x [B, T, E]
         proj = self.projections.for_tokens(tokens.shape[1])
         rows = x.shape[0]
         x = proj.enter(x)
@@ -193,6 +190,30 @@ class Llama(nn.Module):
         if on_hidden is None:
             return logits, cache
         return logits, cache, on_hidden(hidden, head)
+
+
+def embed_tokens(module: nn.Module, tokens, dtype, quant):
+    """Declares `module`'s embedding table (param `embed`, plus its scales when quantized) and looks up
+    `tokens` -> (the table, rows [..., E] in `dtype`)."""
+    c, lay = module.config, module.layout
+    table = declare_weight(module, "embed", (lay.vocab, c.hidden_size), ("vocab", "embed"), dtype, quant)
+    if isinstance(table, QWeight):
+        return table, table.rows(tokens, dtype)
+    return table, jnp.take(table, tokens, axis=0)
+
+
+class TokenTable(nn.Module):
+    """The model's embedding lookup alone, applied to the model's own params (its `embed*` leaves): what a
+    feature head reads for the tokens it proposes (`jaxinfer.engine.head_step`)."""
+
+    config: ModelConfig
+    layout: ModelLayout
+    dtype: Any = jnp.float32
+    quant: Any = NONE  # the model's QuantSpec
+
+    @nn.compact
+    def __call__(self, tokens):
+        return embed_tokens(self, tokens, self.dtype, self.quant)[1]
 
 
 MASKED_LOGIT = MASK_VALUE  # the logit of a token outside a draft's reduced head: finite, exp() underflows to 0

@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxinfer.config import ModelConfig
 from jaxinfer.model.attention import DenseCausal
+from jaxinfer.model.feature_head import FeatureHead
 from jaxinfer.model.layout import ModelLayout, plan_layout
 from jaxinfer.model.llama import Llama
 from jaxinfer.model.projections import TokenMajor
@@ -24,11 +25,20 @@ from jaxinfer.sharding import logical_sharding
 Params = dict[str, Any]
 
 
-@functools.lru_cache(maxsize=32)
-def _abstract_boxed(config: ModelConfig, layout: ModelLayout, dtype, quant: QuantSpec = NONE) -> Params:
+def _boxed_init(config: ModelConfig, layout: ModelLayout, dtype, quant: QuantSpec, seed: int):
+    """The module's boxed (logically partitioned) initial params: a Llama, or a feature head (a draft on
+    the target's hidden states, `jaxinfer.model.feature_head`, whose inputs are features)."""
+    if config.feature_head:
+        rows = jnp.zeros((1, 1, config.hidden_size), dtype)
+        return FeatureHead(config, dtype).init(jax.random.key(seed), rows, rows)["params"]
     module = Llama(config, layout, dtype, projections=TokenMajor(quant=quant))
     tokens = jnp.zeros((1, 1), jnp.int32)
-    return jax.eval_shape(lambda: module.init(jax.random.key(0), tokens, tokens, DenseCausal(tokens)))["params"]
+    return module.init(jax.random.key(seed), tokens, tokens, DenseCausal(tokens))["params"]
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract_boxed(config: ModelConfig, layout: ModelLayout, dtype, quant: QuantSpec = NONE) -> Params:
+    return jax.eval_shape(lambda: _boxed_init(config, layout, dtype, quant, 0))
 
 
 def logical_axes(config: ModelConfig, layout: ModelLayout, dtype=jnp.float32, quant: QuantSpec = NONE) -> Params:
@@ -64,13 +74,11 @@ def init_params(
     config: ModelConfig, layout: ModelLayout, mesh, dtype=jnp.float32, seed: int = 0, quant: QuantSpec = NONE
 ) -> Params:
     """Random parameters created directly sharded on `mesh` (tests, benchmarks with random weights)."""
-    module = Llama(config, layout, dtype, projections=TokenMajor(quant=quant))
     shardings = param_shardings(mesh, config, layout, dtype, quant)
 
     @functools.partial(jax.jit, out_shardings=shardings)
     def init():
-        tokens = jnp.zeros((1, 1), jnp.int32)
-        return nn.unbox(module.init(jax.random.key(seed), tokens, tokens, DenseCausal(tokens))["params"])
+        return nn.unbox(_boxed_init(config, layout, dtype, quant, seed))
 
     return init()
 
