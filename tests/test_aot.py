@@ -300,12 +300,14 @@ def test_host_plan_counts_replicas_once_in_host_ram_but_per_chip_in_hbm(tpu_avai
     assert host.load_ram == model + host.largest_tensor and host.largest_tensor_name == "embed"
 
 
-def test_speculative_verify_and_draft_steps_compile_for_v5e(tmp_path, tpu_available):
-    """--speculative draft: each bucket's plain step (the draft follows and proposes in it) and its verify
-    step compile for v5e:2x4 with the Pallas kernel, and the manifest lists both."""
+@pytest.mark.parametrize("draft", ["tiny", "tiny-head"])
+def test_speculative_verify_and_draft_steps_compile_for_v5e(tmp_path, tpu_available, draft):
+    """--speculative draft, with a draft model or a feature head: each bucket's plain step (the draft follows
+    and proposes in it; the head proposes from the target's states) and its verify step compile for
+    v5e:2x4 with the Pallas kernel, and the manifest lists both."""
     code, out, err = aot(
         ["--model", "tiny", "--topology", "v5e:2x4", "--mesh", "2x4", "--max-slots", "8", "--max-context", "128"]
-        + ["--max-step-tokens", "8", "--speculative", "draft", "--draft-model", "tiny", "--out", str(tmp_path)]
+        + ["--max-step-tokens", "8", "--speculative", "draft", "--draft-model", draft, "--out", str(tmp_path)]
     )
     assert code == 0, err[-3000:]
     m = json.loads((tmp_path / "manifest.json").read_text())

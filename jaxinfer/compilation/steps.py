@@ -13,6 +13,7 @@ import time
 from jaxinfer.engine.capacity import page_table_width
 from jaxinfer.engine.config import EngineConfig, token_buckets
 from jaxinfer.engine.draft_step import Draft
+from jaxinfer.engine.head_step import head_draft
 from jaxinfer.engine.sampler_state import RowSetter, abstract_state
 from jaxinfer.engine.step import build_step_fn
 from jaxinfer.engine.step_inputs import HostBatchBuilder, StepInputs, abstract_inputs
@@ -39,7 +40,7 @@ class StepSpecs:
     platform: Platform
     inputs: HostBatchBuilder
     draft: ShardedModel | None = None  # --speculative draft: the draft's abstract params
-    draft_cache: object = None
+    draft_cache: object = None  # None for a feature head too
     draft_cache_shape: CacheShape | None = None
 
     @property
@@ -99,6 +100,8 @@ def step_specs(
     if draft_config is not None:
         draft_layout = plan_layout(draft_config, mesh.shape["tensor"], quiet=True)
         specs.draft = _abstract_model(draft_config, draft_layout, mesh, dtype, platform)
+        if draft_config.feature_head:  # no cache (`jaxinfer.engine.head_step`)
+            return specs
         specs.draft_cache_shape = _cache_shape(specs.draft, data, pages_per_shard, engine.page_size, kv_dtype)
         specs.draft_cache = abstract_cache(mesh, specs.draft_cache_shape, specs.draft.layer_loop)
     return specs
@@ -124,7 +127,9 @@ def compile_buckets(specs: StepSpecs, buckets=None):
     verify variant too); yields a BucketResult per step. For a TPU target the platform's Pallas kernel
     is compiled, never interpreted."""
     draft = None
-    if specs.draft is not None:
+    if specs.draft is not None and specs.draft.config.feature_head:
+        draft = (specs.draft, None, head_draft(specs.model, specs.draft, specs.inputs.proposals))
+    elif specs.draft is not None:
         spec = Draft(specs.draft.module, specs.inputs.proposals, specs.inputs.page_size, specs.inputs.pages_per_shard)
         draft = (specs.draft, specs.draft_cache_shape, spec)
     fn = build_step_fn(specs.model, specs.cache_shape, specs.platform, draft)
