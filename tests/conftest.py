@@ -5,6 +5,10 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # pytest-xdist workers each load libtpu for the TPU AOT-compile tests; let them share it.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# One OpenMP thread (torch, the transformers references; OpenBLAS): `make test` runs two workers on two
+# cores, and torch's two spinning OpenMP threads beside the other worker's XLA compiles made transformers'
+# greedy generate of SmolLM2 take 150 s instead of 5 s (measured, 2026-11-30).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # XLA:CPU's LLVM code generation at -O0: most of the suite's time is XLA:CPU compiling steps, and -O0 takes
 # about a third off each compile (XLA's own HLO passes, which decide what is computed, run as before) for
 # steps that run up to ~1.5x slower, which the tiny test models hardly feel. TPU AOT compiles report the

@@ -50,24 +50,31 @@ def quantize(w: np.ndarray, quant: WeightQuant, axis: int) -> tuple[np.ndarray, 
 
 
 def _symmetric(xp, blocks, qmax: int, valid, clips=(1.0,)):
-    """Codes and the scale among `clips` x max|w| / qmax with the smallest squared error per group."""
+    """Codes and the scale among `clips` x max|w| / qmax with the smallest squared error per group. The
+    scale is chosen first and the codes computed once from it; on device the candidates run as one loop
+    body (26 unrolled ones compiled 2.4x and ran 1.8x slower for a SmolLM2 MLP weight)."""
     absmax = xp.abs(blocks).max(axis=-1)
-    best = None
-    for clip in clips:
-        scale = absmax * clip / qmax
+
+    def codes_for(scale):
         safe = xp.where(scale > 0, scale, 1.0)
-        codes = xp.clip(xp.rint(blocks / safe[..., None]), -qmax, qmax)
-        err = (((codes * scale[..., None] - blocks) ** 2) * valid).sum(axis=-1)
-        if best is None:
-            best = [codes, scale, err]
-        else:
-            better = err < best[2]
-            best = [
-                xp.where(better[..., None], codes, best[0]),
-                xp.where(better, scale, best[1]),
-                xp.minimum(err, best[2]),
-            ]
-    return best[0], best[1].astype(xp.float32), xp.zeros_like(absmax)
+        return xp.clip(xp.rint(blocks / safe[..., None]), -qmax, qmax)
+
+    def candidate(clip):  # (scale, squared error) per group
+        scale = absmax * clip / qmax
+        return scale, (((codes_for(scale) * scale[..., None] - blocks) ** 2) * valid).sum(axis=-1)
+
+    def better_of(best, new):  # the first candidate keeps a tie
+        wins = new[1] < best[1]
+        return xp.where(wins, new[0], best[0]), xp.minimum(new[1], best[1])
+
+    best = candidate(clips[0])
+    if xp is jnp:
+        rest = jnp.asarray(clips[1:], jnp.float32)
+        best = jax.lax.fori_loop(0, len(clips) - 1, lambda i, b: better_of(b, candidate(rest[i])), best)
+    else:
+        for clip in clips[1:]:
+            best = better_of(best, candidate(clip))
+    return codes_for(best[0]), best[0].astype(xp.float32), xp.zeros_like(absmax)
 
 
 def _asymmetric(xp, blocks, qmax: int, valid):
