@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def readme_commands(prefix: str) -> list[str]:
     """The README's lines starting with `prefix`, except those reading a shell variable: those need what
-    an earlier line built (`$DRAFT`: the distilled draft, about 20 minutes of training)."""
+    an earlier line built (`$DRAFT`: the distilled feature head, about 20 minutes of data and training)."""
     lines = (ROOT / "README.md").read_text().splitlines()
     return [line.split("  #")[0].strip() for line in lines if line.startswith(prefix) and "$" not in line]
 
