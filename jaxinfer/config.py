@@ -235,19 +235,6 @@ PRESETS: dict[str, ModelConfig] = {
             head_dim=16,
             max_position_embeddings=512,
         ),
-        ModelConfig(  # a feature head for `tiny` (`--speculative draft --draft-model tiny-head`; random weights)
-            name="tiny-head",
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_layers=1,
-            num_heads=4,
-            num_kv_heads=2,
-            head_dim=16,
-            max_position_embeddings=512,
-            head_vocab=64,
-            feature_head=True,
-        ),
         ModelConfig(
             name="stories260k",
             vocab_size=512,
@@ -347,6 +334,9 @@ PRESETS: dict[str, ModelConfig] = {
         ),
     ]
 }
+# a feature head for `tiny` (`--speculative draft --draft-model tiny-head`; random weights): tiny's width,
+# one MLP block, a 64-id head
+PRESETS["tiny-head"] = PRESETS["tiny"].replace(name="tiny-head", num_layers=1, head_vocab=64, feature_head=True)
 
 
 def get_preset(name: str) -> ModelConfig:

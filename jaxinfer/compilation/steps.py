@@ -12,8 +12,7 @@ import time
 
 from jaxinfer.engine.capacity import page_table_width
 from jaxinfer.engine.config import EngineConfig, token_buckets
-from jaxinfer.engine.draft_step import Draft
-from jaxinfer.engine.head_step import head_draft
+from jaxinfer.engine.head_step import step_draft
 from jaxinfer.engine.sampler_state import RowSetter, abstract_state
 from jaxinfer.engine.step import build_step_fn
 from jaxinfer.engine.step_inputs import HostBatchBuilder, StepInputs, abstract_inputs
@@ -127,11 +126,11 @@ def compile_buckets(specs: StepSpecs, buckets=None):
     verify variant too); yields a BucketResult per step. For a TPU target the platform's Pallas kernel
     is compiled, never interpreted."""
     draft = None
-    if specs.draft is not None and specs.draft.config.feature_head:
-        draft = (specs.draft, None, head_draft(specs.model, specs.draft, specs.inputs.proposals))
-    elif specs.draft is not None:
-        spec = Draft(specs.draft.module, specs.inputs.proposals, specs.inputs.page_size, specs.inputs.pages_per_shard)
-        draft = (specs.draft, specs.draft_cache_shape, spec)
+    if specs.draft is not None:
+        i = specs.inputs
+        draft = step_draft(
+            specs.model, specs.draft, specs.draft_cache_shape, i.proposals, i.page_size, i.pages_per_shard
+        )
     fn = build_step_fn(specs.model, specs.cache_shape, specs.platform, draft)
     for key in specs.keys_of(buckets or specs.buckets):
         start = time.perf_counter()

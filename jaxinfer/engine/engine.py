@@ -29,9 +29,8 @@ from jaxinfer.config import ConfigError
 from jaxinfer.engine import compile_counter
 from jaxinfer.engine.capacity import page_shapes, page_table_width, resolve_pages
 from jaxinfer.engine.config import EngineConfig, token_buckets
-from jaxinfer.engine.draft_step import Draft
 from jaxinfer.engine.executables import StartupReport, compile_pipelined
-from jaxinfer.engine.head_step import head_draft
+from jaxinfer.engine.head_step import step_draft
 from jaxinfer.engine.output import OutputStream
 from jaxinfer.engine.prefix_cache import model_salt
 from jaxinfer.engine.readback import PendingStep, pending_step, read_prompt_logprobs, read_samples
@@ -103,14 +102,11 @@ class Engine:
         self.cache = allocate_cache(mesh, self.cache_shape, model.layer_loop)
         self._params = model.params
         draft_spec = None
-        if draft is not None and draft.config.feature_head:  # no cache: it reads the target's states
-            self.cache, self._params = (self.cache, None), (model.params, draft.params)
-            draft_spec = (draft, None, head_draft(model, draft, k))
-        elif draft is not None:
-            draft_shape = dataclasses.replace(draft_page, pages_per_shard=pages)
-            self.cache = (self.cache, allocate_cache(mesh, draft_shape, draft.layer_loop))
-            self._params = (model.params, draft.params)
-            draft_spec = (draft, draft_shape, Draft(draft.module, k, config.page_size, pages))
+        if draft is not None:  # a feature head keeps no cache: it reads the target's states
+            draft_shape = None if draft.config.feature_head else dataclasses.replace(draft_page, pages_per_shard=pages)
+            draft_cache = None if draft_shape is None else allocate_cache(mesh, draft_shape, draft.layer_loop)
+            self.cache, self._params = (self.cache, draft_cache), (model.params, draft.params)
+            draft_spec = step_draft(model, draft, draft_shape, k, config.page_size, pages)
         self._input_shardings = input_shardings(mesh, self.inputs.empty(1))  # the same for every bucket
         self._step_fn = build_step_fn(model, self.cache_shape, self.platform, draft_spec)
         # step keys: each bucket's plain step, and with speculation its verify variant (`step_registry`)

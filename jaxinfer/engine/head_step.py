@@ -18,6 +18,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxinfer.engine.draft_step import Draft
+
 
 @dataclasses.dataclass(frozen=True)
 class HeadDraft:
@@ -28,11 +30,16 @@ class HeadDraft:
     table: object  # jaxinfer.model.llama.TokenTable: the target's embedding lookup
 
 
-def head_draft(model, head, tokens: int) -> HeadDraft:
-    """The step's spec of feature head `head` (a ShardedModel) proposing `tokens` for target `model`."""
+def step_draft(model, draft, draft_shape, tokens: int, page_size: int, pages_per_shard: int):
+    """The `build_step_fn` draft triple (draft, its cache shape or None, its step spec) of ShardedModel
+    `draft` proposing `tokens` for target `model`: a feature head's `HeadDraft` (no cache), or a draft
+    model's `draft_step.Draft` over its cache of shape `draft_shape`."""
+    if not draft.config.feature_head:
+        return draft, draft_shape, Draft(draft.module, tokens, page_size, pages_per_shard)
     from jaxinfer.model.llama import TokenTable
 
-    return HeadDraft(head.module, tokens, TokenTable(model.config, model.layout, model.dtype, model.quant))
+    table = TokenTable(model.config, model.layout, model.dtype, model.quant)
+    return draft, None, HeadDraft(draft.module, tokens, table)
 
 
 def row_features(hidden, rows):
