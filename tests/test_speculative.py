@@ -47,10 +47,14 @@ def noisy_copy(model: ShardedModel, scale: float, seed: int) -> ShardedModel:
     return dataclasses.replace(model, params=jax.tree.unflatten(tree, noisy))
 
 
-def trained_head(target: ShardedModel, model: ShardedModel, requests, results) -> ShardedModel:
-    """A feature head (`jaxinfer.model.feature_head`) trained for a few seconds on the target's hidden
-    states over these requests' prompts and outputs, placed on `model`'s mesh: it agrees with the target
-    often, not always. `target`: the same model on one device."""
+_HEADS = {}  # (config, params) of the head trained by the first call of this process
+
+
+def _trained_head_params(target: ShardedModel, requests, results):
+    """(config, params) of the head `trained_head` places: trained once per process, on the first
+    caller's results (what the head was trained on changes how often it agrees, never the outputs)."""
+    if _HEADS:
+        return _HEADS["head"]
     from jaxinfer.distill import head as H
     from jaxinfer.distill.data import Sequences
     from jaxinfer.distill.draft import choose_head_ids
@@ -63,6 +67,15 @@ def trained_head(target: ShardedModel, model: ShardedModel, requests, results) -
     ids = choose_head_ids(seqs.tokens, seqs.answer_mask(), tc.vocab_size, 128, (2,))
     params = H.initial_params(host, tc, config, ids, seed=0)
     trained = H.train(config, params, host["embed"], (seqs, states), (seqs, states), H.HeadSettings(150, 128, 3e-3, 0))
+    _HEADS["head"] = config, trained
+    return _HEADS["head"]
+
+
+def trained_head(target: ShardedModel, model: ShardedModel, requests, results) -> ShardedModel:
+    """A feature head (`jaxinfer.model.feature_head`) trained for a few seconds on the target's hidden
+    states over these requests' prompts and outputs, placed on `model`'s mesh: it agrees with the target
+    often, not always. `target`: the same model on one device."""
+    config, trained = _trained_head_params(target, requests, results)
     mesh = model.mesh
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     placed = jax.tree.map(lambda a: jax.device_put(a, replicated), trained.params)

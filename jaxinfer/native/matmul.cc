@@ -6,8 +6,11 @@
 // (per block of up to 256 tokens): for one or two tokens the dot tile decodes the weights in
 // registers (matmul_codes.h), for more each block of 8 rows is decoded once into a float32 scratch
 // that stays in cache and serves every token of the block, in dot-product tiles of AVX-512 FMAs
-// (matmul_tiles.h says why not bfloat16 dot instructions). The caller converts bfloat16 activations
-// to float32 (exactly). Both ways give bit-identical results (the same decoded values, the same sums).
+// (matmul_tiles.h says why not bfloat16 dot instructions). Without AVX-512 (AMD Zen 3, older Intel,
+// Arm) the same loops run on compiler vector types (8 lanes: one AVX2 register) with smaller tiles;
+// until 2026-11-30 they were scalar loops, 3-10x slower than XLA's own dot on an AVX2 EPYC
+// (docs/PERFORMANCE.md). The caller converts bfloat16 activations to float32 (exactly). Both ways give
+// bit-identical results (the same decoded values, the same sums).
 //
 // Layouts (row-major):
 //   x       [N, I]  float32
@@ -36,6 +39,13 @@ using jaxinfer::FloatRows;
 namespace {
 
 constexpr int64_t kRowBlock = 8;  // weight rows dequantized together; the widest tile
+// Tiles for more tokens: 6 tokens x 4 rows (24 accumulators of AVX-512's 32 registers); portable, 3 x 2
+// (12 of AVX2's 16: larger tiles spilled accumulators to memory, measured slower).
+#ifdef JAXINFER_AVX512
+constexpr int kTileTokens = 6, kTileRows = 4;
+#else
+constexpr int kTileTokens = 3, kTileRows = 2;
+#endif
 // Tokens sharing one decoded row block: as many as keep their x within about 1 MiB (half the L2), in
 // whole 6-token tiles, 48 to 256 (measured at I = 4096, N = 256: 60 tokens 15.5 ms a core, 256 19 ms).
 constexpr int64_t kXBlockBytes = 1 << 20, kMinTokenBlock = 48, kMaxTokenBlock = 256;
@@ -97,11 +107,11 @@ void FewTokens(const Problem& p, const Rows& w, int64_t t0, int64_t t1, int64_t 
 }
 
 // visit(rows) with weight rows [o0, o0 + 8) as a reader that decodes them in registers (matmul_codes.h;
-// missing rows repeat the first), or false where there is none: no AVX-512 (for 4-bit rows: no
-// AVX512-VBMI), float32 weights, groups straddling a 16-input step, 4-bit rows not starting on a byte.
+// missing rows repeat the first), or false where there is none: float32 weights, 4-bit rows without
+// AVX512-VBMI (the portable build has bfloat16 and int8 readers only), groups straddling a 16-input step,
+// 4-bit rows not starting on a byte.
 template <typename Visit>
 bool WithCodeRows(const Problem& p, int64_t o0, int64_t valid, Visit visit) {
-#ifdef JAXINFER_AVX512
   if (p.type == Weights::kF32) return false;
   auto row = [&](int64_t j) { return o0 + (j < valid ? j : 0); };
   if (p.type == Weights::kBF16) {
@@ -144,14 +154,21 @@ bool WithCodeRows(const Problem& p, int64_t o0, int64_t valid, Visit visit) {
   }
 #endif
   return true;
-#else
-  return false;
-#endif
+}
+
+// T tokens from t against the block's rows (the first `valid` real) in tiles of kTileRows rows.
+template <int T>
+void RowTiles(const Problem& p, const FloatRows<8>& w, int64_t t, int64_t o0, int64_t valid) {
+  for (int64_t r0 = 0; r0 < valid; r0 += kTileRows) {
+    FloatRows<kTileRows> sub;
+    for (int j = 0; j < kTileRows; ++j) sub.w[j] = w.w[r0 + j];
+    TileToY<kTileRows, T>(p, sub, t, o0 + r0, std::min<int64_t>(kTileRows, valid - r0));
+  }
 }
 
 // Tokens [t0, t1) against weight rows [o0, o0 + kRowBlock) (fewer at the end): each row turned into
-// float32 once into a scratch row (by the same readers, else WeightRow), then tiles of 6 tokens x 4
-// rows (2 tokens x 8 rows at the end).
+// float32 once into a scratch row (by the same readers, else WeightRow), then tiles of kTileTokens tokens
+// x kTileRows rows (fewer tokens at the end).
 void RunBlock(const Problem& p, int64_t t0, int64_t t1, int64_t o0) {
   const int64_t valid = std::min(kRowBlock, p.out - o0);
   // One or two tokens: the tile reads the weights itself.
@@ -176,17 +193,12 @@ void RunBlock(const Problem& p, int64_t t0, int64_t t1, int64_t o0) {
       w.w[j] = WeightRow(p, o0 + j, buf.data() + j * p.in, codes);
     }
   }
-  const FloatRows<4> lo{{w.w[0], w.w[1], w.w[2], w.w[3]}}, hi{{w.w[4], w.w[5], w.w[6], w.w[7]}};
-  auto four_rows = [&](auto tokens, int64_t t) {
-    TileToY<4, decltype(tokens)::value>(p, lo, t, o0, std::min<int64_t>(4, valid));
-    if (valid > 4) TileToY<4, decltype(tokens)::value>(p, hi, t, o0 + 4, valid - 4);
-  };
   int64_t t = t0;
-  for (; t + 6 <= t1; t += 6) four_rows(std::integral_constant<int, 6>{}, t);
+  for (; t + kTileTokens <= t1; t += kTileTokens) RowTiles<kTileTokens>(p, w, t, o0, valid);
   switch (t1 - t) {
-    case 5: return four_rows(std::integral_constant<int, 5>{}, t);
-    case 4: return four_rows(std::integral_constant<int, 4>{}, t);
-    case 3: return four_rows(std::integral_constant<int, 3>{}, t);
+    case 5: return RowTiles<5>(p, w, t, o0, valid);
+    case 4: return RowTiles<4>(p, w, t, o0, valid);
+    case 3: return RowTiles<3>(p, w, t, o0, valid);
     case 2: return TileToY<8, 2>(p, w, t, o0, valid);
     case 1: return TileToY<8, 1>(p, w, t, o0, valid);
     default: return;

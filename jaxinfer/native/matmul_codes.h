@@ -11,9 +11,29 @@
 
 namespace jaxinfer {
 // Rows [0, valid) of a reader written out as float32 rows of `in` into out (row j at out + j * in).
-// Declared for every build, defined with the readers (only an AVX-512 build has any to pass).
+// Declared for every build, defined with each build's readers.
 template <typename Rows>
 void DecodeRows(Rows w, int64_t in, int64_t valid, float* out);
+
+// Per row: its codes and its groups' scales and offsets (offset null when absent, for every row). The
+// portable readers' Load takes 8 inputs, in one group too.
+template <int R, typename Code>
+struct QuantRows {
+  const Code* w[R];
+  const float* scale[R];
+  const float* offset[R];
+  int shift;
+
+  int64_t Begin(int64_t) { return INT64_MAX; }
+
+#ifdef JAXINFER_AVX512
+  __m512 Dequantize(int r, int64_t k, __m512 codes) const {
+    const int64_t g = k >> shift;
+    const __m512 s = _mm512_set1_ps(scale[r][g]);
+    return offset[r] ? _mm512_fmadd_ps(codes, s, _mm512_set1_ps(offset[r][g])) : _mm512_mul_ps(codes, s);
+  }
+#endif
+};
 }  // namespace jaxinfer
 
 #ifdef JAXINFER_AVX512
@@ -27,23 +47,6 @@ struct BF16Rows {
   __m512 Load(int r, int64_t k, __mmask16 m) const {  // exact: a bfloat16 is the top half of a float32
     const __m512i h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, w[r] + k));
     return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
-  }
-};
-
-// Per row: its codes and its groups' scales and offsets (offset null when absent, for every row).
-template <int R, typename Code>
-struct QuantRows {
-  const Code* w[R];
-  const float* scale[R];
-  const float* offset[R];
-  int shift;
-
-  int64_t Begin(int64_t) { return INT64_MAX; }
-
-  __m512 Dequantize(int r, int64_t k, __m512 codes) const {
-    const int64_t g = k >> shift;
-    const __m512 s = _mm512_set1_ps(scale[r][g]);
-    return offset[r] ? _mm512_fmadd_ps(codes, s, _mm512_set1_ps(offset[r][g])) : _mm512_mul_ps(codes, s);
   }
 };
 
@@ -110,6 +113,55 @@ void DecodeRows(Rows w, int64_t in, int64_t valid, float* out) {
       _mm512_mask_storeu_ps(out + j * in + full, m, w.Load(static_cast<int>(j), full, m));
     }
   }
+}
+
+}  // namespace jaxinfer
+
+#else  // portable readers (matmul_tiles.h's Lanes): bfloat16 and int8 rows; 4-bit rows take the scratch path
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+namespace jaxinfer {
+
+template <int R>
+struct BF16Rows {
+  const uint16_t* w[R];
+  Lanes Load(int r, int64_t k) const {  // exact: a bfloat16 is the top half of a float32
+    typedef uint16_t Halves __attribute__((vector_size(16), aligned(2), may_alias));
+    typedef uint32_t Words __attribute__((vector_size(32)));
+    const Words bits = __builtin_convertvector(*reinterpret_cast<const Halves*>(w[r] + k), Words) << 16;
+    return reinterpret_cast<const Lanes&>(bits);
+  }
+  float At(int r, int64_t k) const { return BF16ToF32(w[r][k]); }
+};
+
+template <int R>
+struct Int8Rows : QuantRows<R, int8_t> {
+  Lanes Load(int r, int64_t k) const {
+#ifdef __AVX2__  // GCC turns the generic conversion below into 8 scalar ones
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(this->w[r] + k));
+    const Lanes c = reinterpret_cast<Lanes>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)));
+#else
+    typedef int8_t Codes __attribute__((vector_size(8), aligned(1), may_alias));
+    const Lanes c = __builtin_convertvector(*reinterpret_cast<const Codes*>(this->w[r] + k), Lanes);
+#endif
+    const int64_t g = k >> this->shift;
+    const float s = this->scale[r][g];
+    return this->offset[r] ? c * s + this->offset[r][g] : c * s;  // one fused multiply-add, as DequantizeRow's fma
+  }
+  float At(int r, int64_t k) const {
+    const int64_t g = k >> this->shift;
+    const float c = this->w[r][k], s = this->scale[r][g];
+    return this->offset[r] ? std::fma(c, s, this->offset[r][g]) : c * s;
+  }
+};
+
+template <typename Rows>
+void DecodeRows(Rows w, int64_t in, int64_t valid, float* out) {
+  for (int64_t j = 0; j < valid; ++j)
+    for (int64_t k = 0; k < in; ++k) out[j * in + k] = w.At(static_cast<int>(j), k);
 }
 
 }  // namespace jaxinfer

@@ -48,6 +48,13 @@ inline void UnpackNibbles(const uint8_t* packed, int64_t first, int64_t count, b
     if (is_signed) n = _mm256_sub_epi8(_mm256_xor_si256(n, eight), eight);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), n);
   }
+#else
+  const uint8_t* p = packed + ((first + i) >> 1);  // whole bytes, in a loop the compiler vectorizes
+  for (; i + 2 <= count; i += 2, ++p) {
+    const int lo = *p & 0xF, hi = *p >> 4;
+    out[i] = static_cast<int8_t>(is_signed ? (lo ^ 8) - 8 : lo);
+    out[i + 1] = static_cast<int8_t>(is_signed ? (hi ^ 8) - 8 : hi);
+  }
 #endif
   for (; i < count; ++i) out[i] = nibble(i);
 }
@@ -152,25 +159,78 @@ inline void DotTile(Rows w, const float* const* x, int64_t in, float* res) {
   }
 }
 
-#else  // portable: the same contract in plain loops (not bit-identical to the AVX-512 tiles)
+#else  // portable: the same contract with GCC/Clang vector types (one AVX2 register, two NEON ones, ...)
 
+// Eight float32 lanes; an accumulator is two of them, lanes 0-7 and 8-15 of the AVX-512 tiles' 16. Lane l
+// of an accumulator sums the products at inputs k = l (mod 16) in input order, as there; a multiply-add is
+// one fused instruction where the target has one (-ffp-contract=fast, jaxinfer/native/__init__.py), the
+// same for every tile. So within one build every output element takes the same operations whatever its
+// tile: the kernel stays batch-invariant bit for bit (not bit-identical to an AVX-512 build). (Vectors of
+// 16 lanes are split badly by GCC for AVX2: the accumulators went through memory, 3x slower.)
+typedef float Lanes __attribute__((vector_size(32)));
+typedef float UnalignedLanes __attribute__((vector_size(32), aligned(4), may_alias));
+
+inline Lanes LoadLanes(const float* p) { return *reinterpret_cast<const UnalignedLanes*>(p); }
+
+// The first n (< 16) floats at p as two vectors, the other lanes zero.
+inline void LoadPartial(const float* p, int64_t n, Lanes& lo, Lanes& hi) {
+  float tmp[16] = {};
+  std::memcpy(tmp, p, n * sizeof(float));
+  lo = LoadLanes(tmp);
+  hi = LoadLanes(tmp + 8);
+}
+
+// The sum of an accumulator's 16 lanes in a fixed order (halves folded three times, then the last pair).
+inline float SumLanes(Lanes lo, Lanes hi) {
+  float l[8];
+  const Lanes v = lo + hi;
+  std::memcpy(l, &v, sizeof l);
+  for (int width = 4; width >= 1; width /= 2) {
+    for (int i = 0; i < width; ++i) l[i] += l[i + width];
+  }
+  return l[0];
+}
+
+// R weight rows already in float32. A portable reader gives 8 weights at k as float32 (Load; all within the
+// row) and one at k (At), equal to what Load gives for it.
 template <int R>
 struct FloatRows {
   const float* w[R];
-  float Load(int r, int64_t k) const { return w[r][k]; }
+  Lanes Load(int r, int64_t k) const { return LoadLanes(w[r] + k); }
+  float At(int r, int64_t k) const { return w[r][k]; }
 };
 
 template <int R, int T, typename Rows>
 inline void DotTile(const Rows& w, const float* const* x, int64_t in, float* res) {
-  for (int t = 0; t < T; ++t) {
+  Lanes lo[T][R], hi[T][R];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) lo[t][r] = hi[t][r] = Lanes{};
+  const int64_t full = in / 16 * 16;
+  for (int64_t k = 0; k < full; k += 16) {  // the tile's loops unrolled, so the accumulators stay in registers
+    Lanes xl[T], xh[T];
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) xl[t] = LoadLanes(x[t] + k), xh[t] = LoadLanes(x[t] + k + 8);
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      float lanes[16] = {};
-      for (int64_t k = 0; k < in; ++k) lanes[k % 16] = std::fma(w.Load(r, k), x[t][k], lanes[k % 16]);
-      float sum = 0.f;
-      for (float l : lanes) sum += l;
-      res[t * R + r] = sum;
+      const Lanes wl = w.Load(r, k), wh = w.Load(r, k + 8);
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) lo[t][r] += wl * xl[t], hi[t][r] += wh * xh[t];
     }
   }
+  if (full < in) {  // the last step: zero lanes past the row end
+    for (int r = 0; r < R; ++r) {
+      float row[16] = {};
+      for (int64_t k = full; k < in; ++k) row[k - full] = w.At(r, k);
+      Lanes wl, wh, xl, xh;
+      LoadPartial(row, in - full, wl, wh);
+      for (int t = 0; t < T; ++t) {
+        LoadPartial(x[t] + full, in - full, xl, xh);
+        lo[t][r] += wl * xl, hi[t][r] += wh * xh;
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) res[t * R + r] = SumLanes(lo[t][r], hi[t][r]);
 }
 
 #endif
