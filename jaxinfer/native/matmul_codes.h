@@ -135,10 +135,22 @@ struct BF16Rows {
     return reinterpret_cast<const Lanes&>(bits);
   }
   float At(int r, int64_t k) const { return BF16ToF32(w[r][k]); }
+  int64_t Begin(int64_t) { return INT64_MAX; }
 };
 
 template <int R>
 struct Int8Rows : QuantRows<R, int8_t> {
+  Lanes s[R], o[R];  // the current group's scale and offset of each row, in every lane (Begin)
+
+  int64_t Begin(int64_t k) {  // the group of k, good until the group ends
+    const int64_t g = k >> this->shift;
+    for (int r = 0; r < R; ++r) {
+      s[r] = Lanes{} + this->scale[r][g];
+      o[r] = Lanes{} + (this->offset[r] ? this->offset[r][g] : 0.f);
+    }
+    return this->shift >= 62 ? INT64_MAX : (g + 1) << this->shift;
+  }
+
   Lanes Load(int r, int64_t k) const {
 #ifdef __AVX2__  // GCC turns the generic conversion below into 8 scalar ones
     const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(this->w[r] + k));
@@ -147,14 +159,12 @@ struct Int8Rows : QuantRows<R, int8_t> {
     typedef int8_t Codes __attribute__((vector_size(8), aligned(1), may_alias));
     const Lanes c = __builtin_convertvector(*reinterpret_cast<const Codes*>(this->w[r] + k), Lanes);
 #endif
-    const int64_t g = k >> this->shift;
-    const float s = this->scale[r][g];
-    return this->offset[r] ? c * s + this->offset[r][g] : c * s;  // one fused multiply-add, as DequantizeRow's fma
+    return this->offset[0] ? c * s[r] + o[r] : c * s[r];  // one fused multiply-add, as DequantizeRow's fma
   }
   float At(int r, int64_t k) const {
     const int64_t g = k >> this->shift;
-    const float c = this->w[r][k], s = this->scale[r][g];
-    return this->offset[r] ? std::fma(c, s, this->offset[r][g]) : c * s;
+    const float c = this->w[r][k], sc = this->scale[r][g];
+    return this->offset[r] ? std::fma(c, sc, this->offset[r][g]) : c * sc;
   }
 };
 

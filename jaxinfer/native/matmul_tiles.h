@@ -192,29 +192,33 @@ inline float SumLanes(Lanes lo, Lanes hi) {
 }
 
 // R weight rows already in float32. A portable reader gives 8 weights at k as float32 (Load; all within the
-// row) and one at k (At), equal to what Load gives for it.
+// row) and one at k (At), equal to what Load gives for it; Begin(k) prepares the Loads from k up to the
+// input it returns (a quantized reader: its group's scales).
 template <int R>
 struct FloatRows {
   const float* w[R];
   Lanes Load(int r, int64_t k) const { return LoadLanes(w[r] + k); }
   float At(int r, int64_t k) const { return w[r][k]; }
+  int64_t Begin(int64_t) { return INT64_MAX; }
 };
 
 template <int R, int T, typename Rows>
-inline void DotTile(const Rows& w, const float* const* x, int64_t in, float* res) {
+inline void DotTile(Rows w, const float* const* x, int64_t in, float* res) {
   Lanes lo[T][R], hi[T][R];
   for (int t = 0; t < T; ++t)
     for (int r = 0; r < R; ++r) lo[t][r] = hi[t][r] = Lanes{};
   const int64_t full = in / 16 * 16;
-  for (int64_t k = 0; k < full; k += 16) {  // the tile's loops unrolled, so the accumulators stay in registers
-    Lanes xl[T], xh[T];
+  for (int64_t k = 0; k < full;) {  // w.Begin(k) prepares the steps up to the input it returns
+    for (const int64_t end = std::min(full, w.Begin(k)); k < end; k += 16) {  // loops unrolled: accumulators in registers
+      Lanes xl[T], xh[T];
 #pragma GCC unroll 8
-    for (int t = 0; t < T; ++t) xl[t] = LoadLanes(x[t] + k), xh[t] = LoadLanes(x[t] + k + 8);
+      for (int t = 0; t < T; ++t) xl[t] = LoadLanes(x[t] + k), xh[t] = LoadLanes(x[t] + k + 8);
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const Lanes wl = w.Load(r, k), wh = w.Load(r, k + 8);
+      for (int r = 0; r < R; ++r) {
+        const Lanes wl = w.Load(r, k), wh = w.Load(r, k + 8);
 #pragma GCC unroll 8
-      for (int t = 0; t < T; ++t) lo[t][r] += wl * xl[t], hi[t][r] += wh * xh[t];
+        for (int t = 0; t < T; ++t) lo[t][r] += wl * xl[t], hi[t][r] += wh * xh[t];
+      }
     }
   }
   if (full < in) {  // the last step: zero lanes past the row end
