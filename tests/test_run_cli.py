@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -51,9 +50,8 @@ def errors(stderr):
     ],
 )
 def test_bad_flags_give_one_line_and_exit_2(args, message):
-    start = time.monotonic()
     code, _, stderr = run(args)
-    assert time.monotonic() - start < 15, "refused before any model is loaded"  # 5 s on an idle machine
+    assert "start-up" not in stderr, "refused before any step is compiled"  # (not timed: machines differ 2x)
     assert code == 2
     assert "Traceback" not in stderr
     assert any(message in line for line in errors(stderr)), stderr[-2000:]
