@@ -138,8 +138,8 @@ def test_serialized_cpu_executables_load_and_match_the_engine(aot_dir):
     from jaxinfer.checkpoint.load import load_model
     from jaxinfer.compilation.manifest import load_executables
     from jaxinfer.engine.engine import Engine, EngineConfig
+    from jaxinfer.engine.packed_inputs import PackedInputs
     from jaxinfer.engine.step import build_step_fn
-    from jaxinfer.engine.step_inputs import StepInputs
     from jaxinfer.sharding import make_mesh
 
     executables = load_executables(aot_dir)
@@ -148,7 +148,7 @@ def test_serialized_cpu_executables_load_and_match_the_engine(aot_dir):
     step = executables[8]
     model = load_model(ARGS[1], make_mesh("1x1", jax.devices()[:1]))
     engine = Engine(model, None, EngineConfig(max_slots=2, max_context=128, prefill_chunk=8))
-    inputs = StepInputs.from_flat(jax.device_put(engine.inputs.empty(8)))  # the engine's idle bucket-8 step
+    inputs = jax.device_put(PackedInputs.pack(engine.inputs.empty(8)))  # the engine's idle bucket-8 step
     copy = lambda tree: jax.tree.map(jax.numpy.copy, tree)
     got, _, _ = step(model.params, copy(engine.cache), inputs, copy(engine.state))
     own_step = build_step_fn(model, engine.cache_shape, engine.platform)

@@ -80,16 +80,22 @@ def test_matches_float64_oracle_in_jit(fmt, group, with_offset, x_dtype):
         check(y, x, exact)
 
 
-def test_each_token_row_is_independent_of_the_batch_bit_for_bit():
+# int4 with offsets; int8 with one scale per row (the codes' dot products scaled after, every path); int8
+# in groups; bfloat16 (read in registers for one or two tokens, else decoded into a scratch row)
+INVARIANT = [("int4", 32, True), ("int8", None, False), ("int8", 32, False), ("bfloat16", None, False)]
+
+
+@pytest.mark.parametrize("fmt,group,with_offset", INVARIANT, ids=[f"{f}-g{g}" for f, g, _ in INVARIANT])
+def test_each_token_row_is_independent_of_the_batch_bit_for_bit(fmt, group, with_offset):
     """Row n of a call on N tokens equals the call on token n alone: tiles of 1, 2 and 3-6 tokens and
     the 8- and 4-row tiles all compute an element the same way."""
     rng = np.random.default_rng(1)
-    values, scale, offset, _ = make_weight(rng, "int4", 45, 150, 32, True)
+    values, scale, offset, _ = make_weight(rng, fmt, 45, 150, group or 150, with_offset)
     x = jnp.asarray(rng.standard_normal((300, 150)), jnp.float32)  # past one 256-token block
     fn = jax.jit(matmul.linear, static_argnames="group")
-    full = np.asarray(fn(x, values, scale, offset, group=32))
+    full = np.asarray(fn(x, values, scale, offset, group=group))
     for lo, hi in [(0, 1), (7, 9), (100, 105), (290, 300)]:
-        np.testing.assert_array_equal(np.asarray(fn(x[lo:hi], values, scale, offset, group=32)), full[lo:hi])
+        np.testing.assert_array_equal(np.asarray(fn(x[lo:hi], values, scale, offset, group=group)), full[lo:hi])
 
 
 @pytest.mark.parametrize("fmt", ["int4", "uint4"])

@@ -13,9 +13,10 @@ import time
 from jaxinfer.engine.capacity import page_table_width
 from jaxinfer.engine.config import EngineConfig, token_buckets
 from jaxinfer.engine.head_step import step_draft
+from jaxinfer.engine.packed_inputs import PackedInputs, abstract_inputs
 from jaxinfer.engine.sampler_state import RowSetter, abstract_state
 from jaxinfer.engine.step import build_step_fn
-from jaxinfer.engine.step_inputs import HostBatchBuilder, StepInputs, abstract_inputs
+from jaxinfer.engine.step_inputs import HostBatchBuilder
 from jaxinfer.engine.step_registry import key_bucket, verify_key
 from jaxinfer.kv_cache import CacheShape, abstract_cache, model_cache_shape
 from jaxinfer.model.forward import ShardedModel
@@ -116,8 +117,8 @@ def _cache_shape(model: ShardedModel, data: int, pages_per_shard: int, page_size
     return model_cache_shape(model.config, model.layout.kv_heads, data, pages_per_shard, page_size, dtype)
 
 
-def step_inputs(specs: StepSpecs, key) -> StepInputs:
-    """The engine's idle inputs for step `key`, as ShapeDtypeStructs sharded on their leading (data) axis."""
+def step_inputs(specs: StepSpecs, key) -> PackedInputs:
+    """The engine's idle inputs for step `key`, packed, as a ShapeDtypeStruct sharded on its leading (data) axis."""
     return abstract_inputs(specs.inputs, specs.model.mesh, key)
 
 

@@ -1,7 +1,7 @@
 """The Engine facade: submit, cancel, step, and a status snapshot, over four parts:
 
     Scheduler (pure host: slots, pages, admission, chunks, preemption)  -> StepPlan
-    HostBatchBuilder (numpy arrays of the plan, one transfer)             -> StepInputs
+    HostBatchBuilder (numpy arrays of the plan, packed: one transfer)     -> PackedInputs
     the jitted step (model + paged attention + sampling; cache donated)   -> tokens on device
     OutputStream per request (detokenizer, stop strings, results)         -> Events
 
@@ -32,6 +32,7 @@ from jaxinfer.engine.config import EngineConfig, token_buckets
 from jaxinfer.engine.executables import StartupReport, compile_pipelined
 from jaxinfer.engine.head_step import step_draft
 from jaxinfer.engine.output import OutputStream
+from jaxinfer.engine.packed_inputs import PackedInputs, abstract_inputs, input_sharding
 from jaxinfer.engine.prefix_cache import model_salt
 from jaxinfer.engine.readback import PendingStep, pending_step, read_prompt_logprobs, read_samples
 from jaxinfer.engine.requests import Event, Request, Result
@@ -40,7 +41,7 @@ from jaxinfer.engine.scheduler import Scheduler, SchedulerLimits, Sequence, Step
 from jaxinfer.engine.speculation import Speculation
 from jaxinfer.engine.status import EngineStatus, engine_status
 from jaxinfer.engine.step import build_step_fn
-from jaxinfer.engine.step_inputs import HostBatchBuilder, StepInputs, abstract_inputs, input_shardings
+from jaxinfer.engine.step_inputs import HostBatchBuilder
 from jaxinfer.engine.step_registry import StepRegistry, key_bucket, key_order, verify_key
 from jaxinfer.kv_cache import allocate_cache
 from jaxinfer.model.forward import ShardedModel
@@ -107,7 +108,7 @@ class Engine:
             draft_cache = None if draft_shape is None else allocate_cache(mesh, draft_shape, draft.layer_loop)
             self.cache, self._params = (self.cache, draft_cache), (model.params, draft.params)
             draft_spec = step_draft(model, draft, draft_shape, k, config.page_size, pages)
-        self._input_shardings = input_shardings(mesh, self.inputs.empty(1))  # the same for every bucket
+        self._input_sharding = input_sharding(mesh)  # the packed inputs' (`packed_inputs`), every bucket's
         self._step_fn = build_step_fn(model, self.cache_shape, self.platform, draft_spec)
         # step keys: each bucket's plain step, and with speculation its verify variant (`step_registry`)
         self.step_keys = tuple(self.buckets) + (tuple(verify_key(b) for b in self.buckets if b > 1) if k else ())
@@ -352,15 +353,17 @@ class Engine:
         that fails here after they got it ends the cluster (they would wait in its collectives)."""
         return self.replicas.call(kind, meta, arrays) if self.replicas is not None else contextlib.nullcontext()
 
-    def _to_device(self, host: dict) -> StepInputs:
+    def _to_device(self, host: dict) -> PackedInputs:
+        """The step's host arrays packed into one array (`packed_inputs`), placed with one transfer."""
+        packed = PackedInputs.pack(host)
+        words, sharding = packed.words, self._input_sharding
         if self._place_per_process:
             # each process holds the same host arrays and places only its own devices' slices: device_put
             # into a mesh that spans processes would compile and run a cross-process equality check
-            put = lambda a, sharding: jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
-            return StepInputs.from_flat({k: put(a, self._input_shardings[k]) for k, a in host.items()})
-        # one batched transfer per step: per-array device_put calls cost the host (and on CPU the
-        # device's) time every step
-        return StepInputs.from_flat(jax.device_put(host, self._input_shardings))
+            words = jax.make_array_from_callback(words.shape, sharding, lambda index: packed.words[index])
+        else:
+            words = jax.device_put(words, sharding)
+        return dataclasses.replace(packed, words=words)
 
     def _collect(self, pending: PendingStep) -> list[Event]:
         read_prompt_logprobs(pending, self._streams)

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxinfer.engine import draft_step, head_step
+from jaxinfer.engine.packed_inputs import PackedInputs
 from jaxinfer.engine.paged_attention import AttentionImpl, PagedAttention
 from jaxinfer.engine.sampler_state import ROW_AXES, SamplerState, state_shardings
-from jaxinfer.engine.step_inputs import StepInputs
 from jaxinfer.engine.verify import accepted_counts, extra_row_sampling
 from jaxinfer.engine.xla_attention import xla_ragged_paged_attention
 from jaxinfer.kv_cache import CacheShape, cache_sharding
@@ -68,9 +68,10 @@ def build_step_fn(
     vocab = model.config.vocab_size
     reads_features = draft is not None and isinstance(draft[2], head_step.HeadDraft)  # a feature head
 
-    def step(params, cache, inputs: StepInputs, state: SamplerState):
+    def step(params, cache, packed: PackedInputs, state: SamplerState):
         global _traces
         _traces += 1  # runs only while tracing
+        inputs = packed.unpack()
         if draft is not None:
             (params, draft_params), (cache, draft_cache) = params, cache
         prev = jnp.take_along_axis(state.prev_tokens, inputs.prev_slot, axis=1)

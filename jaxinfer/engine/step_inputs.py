@@ -17,7 +17,6 @@ import numpy as np
 from jaxinfer.engine.scheduler import StepPlan
 from jaxinfer.engine.step_registry import key_bucket
 from jaxinfer.sampling import SamplingArrays
-from jaxinfer.sharding import logical_sharding
 
 
 @jax.tree_util.register_dataclass
@@ -59,21 +58,6 @@ class StepInputs:
 
 def in_slot_order(chunks):
     return sorted(chunks, key=lambda c: c.seq.slot)
-
-
-def input_shardings(mesh, host: dict) -> dict:
-    """Each step input split over the data shards on its leading axis (keyed like `host`)."""
-    return {k: logical_sharding(mesh, ("batch",) + (None,) * (a.ndim - 1)) for k, a in host.items()}
-
-
-def abstract_inputs(builder: HostBatchBuilder, mesh, key) -> StepInputs:
-    """The idle inputs of step `key` (a bucket, or its verify variant) as sharded ShapeDtypeStructs: what
-    a step is lowered and compiled for."""
-    host = builder.idle(key)
-    shardings = input_shardings(mesh, host)
-    return StepInputs.from_flat(
-        {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings[k]) for k, a in host.items()}
-    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ void DecodeRows(Rows w, int64_t in, int64_t valid, float* out);
 // Per row: its codes and its groups' scales and offsets (offset null when absent, for every row). The
 // portable readers' Load takes 8 inputs, in one group too.
 template <int R, typename Code>
-struct QuantRows {
+struct QuantRows : Prefetcher {
   const Code* w[R];
   const float* scale[R];
   const float* offset[R];
@@ -41,7 +41,7 @@ struct QuantRows {
 namespace jaxinfer {
 
 template <int R>
-struct BF16Rows {
+struct BF16Rows : Prefetcher {
   const uint16_t* w[R];
   int64_t Begin(int64_t) { return INT64_MAX; }
   __m512 Load(int r, int64_t k, __mmask16 m) const {  // exact: a bfloat16 is the top half of a float32
@@ -50,10 +50,13 @@ struct BF16Rows {
   }
 };
 
-template <int R>
+// kScaled false: the codes alone, as float32 (one scale per row, applied to the dot products after: the
+// caller's post_scale, matmul.cc).
+template <int R, bool kScaled = true>
 struct Int8Rows : QuantRows<R, int8_t> {
   __m512 Load(int r, int64_t k, __mmask16 m) const {
     const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, this->w[r] + k)));
+    if constexpr (!kScaled) return c;  // masked lanes load as 0
     const __m512 f = this->Dequantize(r, k, c);
     return m == 0xFFFF ? f : _mm512_maskz_mov_ps(m, f);  // offset-only lanes past the row end -> 0
   }
@@ -126,7 +129,7 @@ void DecodeRows(Rows w, int64_t in, int64_t valid, float* out) {
 namespace jaxinfer {
 
 template <int R>
-struct BF16Rows {
+struct BF16Rows : Prefetcher {
   const uint16_t* w[R];
   Lanes Load(int r, int64_t k) const {  // exact: a bfloat16 is the top half of a float32
     typedef uint16_t Halves __attribute__((vector_size(16), aligned(2), may_alias));
@@ -138,11 +141,14 @@ struct BF16Rows {
   int64_t Begin(int64_t) { return INT64_MAX; }
 };
 
-template <int R>
+// kScaled false: the codes alone, as float32 (one scale per row, applied to the dot products after: the
+// caller's post_scale, matmul.cc).
+template <int R, bool kScaled = true>
 struct Int8Rows : QuantRows<R, int8_t> {
   Lanes s[R], o[R];  // the current group's scale and offset of each row, in every lane (Begin)
 
   int64_t Begin(int64_t k) {  // the group of k, good until the group ends
+    if constexpr (!kScaled) return INT64_MAX;
     const int64_t g = k >> this->shift;
     for (int r = 0; r < R; ++r) {
       s[r] = Lanes{} + this->scale[r][g];
@@ -159,9 +165,11 @@ struct Int8Rows : QuantRows<R, int8_t> {
     typedef int8_t Codes __attribute__((vector_size(8), aligned(1), may_alias));
     const Lanes c = __builtin_convertvector(*reinterpret_cast<const Codes*>(this->w[r] + k), Lanes);
 #endif
+    if constexpr (!kScaled) return c;
     return this->offset[0] ? c * s[r] + o[r] : c * s[r];  // one fused multiply-add, as DequantizeRow's fma
   }
   float At(int r, int64_t k) const {
+    if constexpr (!kScaled) return this->w[r][k];
     const int64_t g = k >> this->shift;
     const float c = this->w[r][k], sc = this->scale[r][g];
     return this->offset[r] ? std::fma(c, sc, this->offset[r][g]) : c * sc;

@@ -82,6 +82,21 @@ inline void DequantizeRow(const int8_t* codes, const float* scale, const float* 
   }
 }
 
+// Software prefetch of the weight rows a reader's next tile will read (set by the caller; none by default).
+// A tile reads 8 short rows side by side (576 int8 codes: 9 cache lines each), too short for the hardware
+// prefetchers to follow, and a one-token call stalls on every new line (measured on the AVX2 EPYC:
+// samples pile up behind the code loads). The tile's rows are one contiguous block and so are the next
+// tile's, so each 16-input step asks for its share of the next block: `step_bytes` from `next`.
+struct Prefetcher {
+  const char* next = nullptr;
+  int64_t step_bytes = 0;
+  void Prefetch(int64_t k) const {
+    if (next == nullptr) return;
+    const char* p = next + k / 16 * step_bytes;
+    for (int64_t b = 0; b < step_bytes; b += 64) __builtin_prefetch(p + b);
+  }
+};
+
 #ifdef JAXINFER_AVX512
 
 // out[i] = the sum of v[i]'s 16 lanes, for 8 vectors at once (a transpose-and-add tree: 23 instructions
@@ -161,29 +176,28 @@ inline void DotTile(Rows w, const float* const* x, int64_t in, float* res) {
 
 #else  // portable: the same contract with GCC/Clang vector types (one AVX2 register, two NEON ones, ...)
 
-// Eight float32 lanes; an accumulator is two of them, lanes 0-7 and 8-15 of the AVX-512 tiles' 16. Lane l
-// of an accumulator sums the products at inputs k = l (mod 16) in input order, as there; a multiply-add is
-// one fused instruction where the target has one (-ffp-contract=fast, jaxinfer/native/__init__.py), the
-// same for every tile. So within one build every output element takes the same operations whatever its
-// tile: the kernel stays batch-invariant bit for bit (not bit-identical to an AVX-512 build). (Vectors of
-// 16 lanes are split badly by GCC for AVX2: the accumulators went through memory, 3x slower.)
+// Eight float32 lanes, one accumulator: lane l sums the products at inputs k = l (mod 8) in input order; a
+// multiply-add is one fused instruction where the target has one (-ffp-contract=fast,
+// jaxinfer/native/__init__.py), the same for every tile. So within one build every output element takes
+// the same operations whatever its tile: the kernel stays batch-invariant bit for bit (not bit-identical
+// to an AVX-512 build). Until 2026-11-30 an accumulator was two vectors (the AVX-512 tiles' 16 lanes):
+// a one-token tile's 16 then did not fit AVX2's 16 registers with the token, and spilled (measured: the
+// one-token int8 call 30% slower). Vectors of 16 lanes were split badly by GCC for AVX2 (through memory).
 typedef float Lanes __attribute__((vector_size(32)));
 typedef float UnalignedLanes __attribute__((vector_size(32), aligned(4), may_alias));
 
 inline Lanes LoadLanes(const float* p) { return *reinterpret_cast<const UnalignedLanes*>(p); }
 
-// The first n (< 16) floats at p as two vectors, the other lanes zero.
-inline void LoadPartial(const float* p, int64_t n, Lanes& lo, Lanes& hi) {
-  float tmp[16] = {};
+// The first n (< 8) floats at p, the other lanes zero.
+inline Lanes LoadPartial(const float* p, int64_t n) {
+  float tmp[8] = {};
   std::memcpy(tmp, p, n * sizeof(float));
-  lo = LoadLanes(tmp);
-  hi = LoadLanes(tmp + 8);
+  return LoadLanes(tmp);
 }
 
-// The sum of an accumulator's 16 lanes in a fixed order (halves folded three times, then the last pair).
-inline float SumLanes(Lanes lo, Lanes hi) {
+// The sum of an accumulator's 8 lanes in a fixed order (halves folded three times).
+inline float SumLanes(Lanes v) {
   float l[8];
-  const Lanes v = lo + hi;
   std::memcpy(l, &v, sizeof l);
   for (int width = 4; width >= 1; width /= 2) {
     for (int i = 0; i < width; ++i) l[i] += l[i + width];
@@ -195,7 +209,7 @@ inline float SumLanes(Lanes lo, Lanes hi) {
 // row) and one at k (At), equal to what Load gives for it; Begin(k) prepares the Loads from k up to the
 // input it returns (a quantized reader: its group's scales).
 template <int R>
-struct FloatRows {
+struct FloatRows : Prefetcher {
   const float* w[R];
   Lanes Load(int r, int64_t k) const { return LoadLanes(w[r] + k); }
   float At(int r, int64_t k) const { return w[r][k]; }
@@ -204,37 +218,34 @@ struct FloatRows {
 
 template <int R, int T, typename Rows>
 inline void DotTile(Rows w, const float* const* x, int64_t in, float* res) {
-  Lanes lo[T][R], hi[T][R];
+  Lanes acc[T][R];
   for (int t = 0; t < T; ++t)
-    for (int r = 0; r < R; ++r) lo[t][r] = hi[t][r] = Lanes{};
-  const int64_t full = in / 16 * 16;
+    for (int r = 0; r < R; ++r) acc[t][r] = Lanes{};
+  const int64_t full = in / 8 * 8;
   for (int64_t k = 0; k < full;) {  // w.Begin(k) prepares the steps up to the input it returns
-    for (const int64_t end = std::min(full, w.Begin(k)); k < end; k += 16) {  // loops unrolled: accumulators in registers
-      Lanes xl[T], xh[T];
+    for (const int64_t end = std::min(full, w.Begin(k)); k < end; k += 8) {  // loops unrolled: accumulators in registers
+      if ((k & 15) == 0) w.Prefetch(k);
+      Lanes xv[T];
 #pragma GCC unroll 8
-      for (int t = 0; t < T; ++t) xl[t] = LoadLanes(x[t] + k), xh[t] = LoadLanes(x[t] + k + 8);
+      for (int t = 0; t < T; ++t) xv[t] = LoadLanes(x[t] + k);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        const Lanes wl = w.Load(r, k), wh = w.Load(r, k + 8);
+        const Lanes wv = w.Load(r, k);
 #pragma GCC unroll 8
-        for (int t = 0; t < T; ++t) lo[t][r] += wl * xl[t], hi[t][r] += wh * xh[t];
+        for (int t = 0; t < T; ++t) acc[t][r] += wv * xv[t];
       }
     }
   }
   if (full < in) {  // the last step: zero lanes past the row end
     for (int r = 0; r < R; ++r) {
-      float row[16] = {};
+      float row[8] = {};
       for (int64_t k = full; k < in; ++k) row[k - full] = w.At(r, k);
-      Lanes wl, wh, xl, xh;
-      LoadPartial(row, in - full, wl, wh);
-      for (int t = 0; t < T; ++t) {
-        LoadPartial(x[t] + full, in - full, xl, xh);
-        lo[t][r] += wl * xl, hi[t][r] += wh * xh;
-      }
+      const Lanes wv = LoadPartial(row, in - full);
+      for (int t = 0; t < T; ++t) acc[t][r] += wv * LoadPartial(x[t] + full, in - full);
     }
   }
   for (int t = 0; t < T; ++t)
-    for (int r = 0; r < R; ++r) res[t * R + r] = SumLanes(lo[t][r], hi[t][r]);
+    for (int r = 0; r < R; ++r) res[t * R + r] = SumLanes(acc[t][r]);
 }
 
 #endif
