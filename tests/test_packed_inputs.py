@@ -64,3 +64,16 @@ def test_the_engine_lowers_its_steps_for_one_packed_array():
         (leaf,) = jax.tree.leaves(abstract)
         assert leaf.dtype == np.int32 and leaf.shape == PackedInputs.pack(builder.idle(key)).words.shape
         assert leaf.sharding.spec[0] is not None  # split over the data shards
+
+
+def test_only_the_tokens_that_sample_reach_the_vocabulary_head():
+    """A step of T tokens projects at most min(T, S) sample rows (plus a verify step's extra rows) to the
+    vocabulary, not one per slot: a one-token step with 4 slots projects one row, and logit_map sends
+    every slot's sample row back to its place."""
+    builder = HostBatchBuilder(1, 4, 8, 64, 16, proposals=3)
+    assert builder.empty(1)["logit_rows"].shape == (1, 1)
+    assert builder.empty(8)["logit_rows"].shape == (1, 4)
+    verify = builder.empty(8, builder.extra_rows(8))
+    e = builder.extra_rows(8)
+    assert verify["logit_map"].shape == (1, 4 + e)
+    np.testing.assert_array_equal(verify["logit_map"][0, 4:], 4 + np.arange(e))  # extra rows after the R rows

@@ -87,9 +87,11 @@ def build_step_fn(
             prompt = prompt_logprobs(hidden, head, inputs.prompt_targets, vocab)
             return (prompt, head_step.row_features(hidden, rows)) if reads_features else (prompt, None)
 
+        logit_rows = jnp.concatenate([inputs.logit_rows, inputs.extra_index], axis=1)  # [D, R + E]
         logits, cache, (prompt, features) = module.apply(
-            {"params": params}, tokens, positions, ctx, cache, logit_indices=rows, on_hidden=on_hidden
-        )  # logits [D, S + E, V]; features [D, S + E, E] for a feature head
+            {"params": params}, tokens, positions, ctx, cache, logit_indices=logit_rows, on_hidden=on_hidden
+        )  # logits [D, R + E, V]; features [D, S + E, E] for a feature head
+        logits = jnp.take_along_axis(logits, inputs.logit_map[..., None], axis=1)  # [D, S + E, V]
         d, s = inputs.sample_index.shape
         samples, penalties = _sample_slots(logits[:, :s], inputs.sampling, state)
         if inputs.extra_index.shape[1]:  # the verify variant

@@ -35,6 +35,11 @@ class StepInputs:
     cu_q_lens: jax.Array  # i32 [D, S + 1]
     num_seqs: jax.Array  # i32 [D, 1]
     sample_index: jax.Array  # i32 [D, S] token whose logits are sampled for each slot (its window's offset 0)
+    # Only tokens that sample reach the vocabulary head: at most min(T, S) slots sample in a step, so a
+    # one-token step with 32 slots projects one row, not 32 (the head is the largest matmul of a small
+    # model). R = min(T, S) rows, then the E extra rows; logit_map puts them back in the S + E order.
+    logit_rows: jax.Array  # i32 [D, R] the sampling slots' tokens, in slot order (0 past the last)
+    logit_map: jax.Array  # i32 [D, S + E] each sample row's place among logit_rows + extra rows
     prompt_targets: jax.Array  # i32 [D, T] the prompt token after each token, for prompt logprobs; -1 = none
     sampling: SamplingArrays  # each field [D, S]
     # speculation (`jaxinfer.engine.verify`): E extra sample rows (0 in a plain step), K proposals per window
@@ -95,6 +100,11 @@ class HostBatchBuilder:
             cu_q_lens=np.zeros((d, s + 1), np.int32),
             num_seqs=np.full((d, 1), s, np.int32),
             sample_index=np.zeros((d, s), np.int32),
+            logit_rows=np.zeros((d, min(bucket, s)), np.int32),
+            logit_map=np.concatenate(
+                [np.zeros((d, s), np.int32), np.broadcast_to(np.arange(e, dtype=np.int32) + min(bucket, s), (d, e))],
+                axis=1,
+            ),
             prompt_targets=np.full((d, bucket), -1, np.int32),
             **{name: a.reshape(d, s) for name, a in vars(SamplingArrays.neutral(d * s)).items()},
             extra_index=np.zeros((d, e), np.int32),
@@ -152,6 +162,8 @@ class HostBatchBuilder:
         at = slots[done]
         params = [seqs[e].request.params for e in done]
         host["sample_index"][d, at] = first[done] + counts[done] - 1 - proposed[done]
+        host["logit_rows"][d, : len(done)] = host["sample_index"][d, at]
+        host["logit_map"][d, at] = np.arange(len(done), dtype=np.int32)
         host["window_rows"][d, at, 0] = at
         host["propose"][d, at] = [chunks[e].propose for e in done]
         self._fill_windows(host, d, [chunks[e] for e in done], first[done])
