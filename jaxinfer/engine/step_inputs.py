@@ -88,6 +88,7 @@ class HostBatchBuilder:
     def empty(self, bucket: int, extra_rows: int = 0) -> dict[str, np.ndarray]:
         """An idle step: no tokens, every write dropped (what warm-up runs and AOT compiles)."""
         d, s, w, k, e = self.data_shards, self.slots_per_shard, self.pages_per_slot, self.proposals, extra_rows
+        sampled = min(bucket, s)  # the most slots that can sample in a step of `bucket` tokens
         return dict(
             tokens=np.zeros((d, bucket), np.int32),
             use_prev=np.zeros((d, bucket), bool),
@@ -100,11 +101,8 @@ class HostBatchBuilder:
             cu_q_lens=np.zeros((d, s + 1), np.int32),
             num_seqs=np.full((d, 1), s, np.int32),
             sample_index=np.zeros((d, s), np.int32),
-            logit_rows=np.zeros((d, min(bucket, s)), np.int32),
-            logit_map=np.concatenate(
-                [np.zeros((d, s), np.int32), np.broadcast_to(np.arange(e, dtype=np.int32) + min(bucket, s), (d, e))],
-                axis=1,
-            ),
+            logit_rows=np.zeros((d, sampled), np.int32),
+            logit_map=np.tile(np.concatenate([np.zeros(s, np.int32), sampled + np.arange(e, dtype=np.int32)]), (d, 1)),
             prompt_targets=np.full((d, bucket), -1, np.int32),
             **{name: a.reshape(d, s) for name, a in vars(SamplingArrays.neutral(d * s)).items()},
             extra_index=np.zeros((d, e), np.int32),

@@ -106,14 +106,11 @@ void TileToY(const Problem& p, const Rows& w, int64_t t, int64_t o, int64_t vali
   for (int i = 0; i < T; ++i) xs[i] = p.x + (t + i) * p.in;
   float res[T * R];
   DotTile<R, T>(w, xs, p.in, res);
-  if (p.post_scale) {
-    for (int i = 0; i < T; ++i) {
-      for (int64_t j = 0; j < valid; ++j) p.y[(t + i) * p.out + o + j] = res[i * R + j] * p.post_scale[o + j];
-    }
-    return;
-  }
   for (int i = 0; i < T; ++i) {
-    for (int64_t j = 0; j < valid; ++j) p.y[(t + i) * p.out + o + j] = res[i * R + j];
+    for (int64_t j = 0; j < valid; ++j) {
+      const float dot = res[i * R + j];
+      p.y[(t + i) * p.out + o + j] = p.post_scale ? dot * p.post_scale[o + j] : dot;
+    }
   }
 }
 
@@ -165,14 +162,12 @@ bool WithCodeRows(const Problem& p, int64_t o0, int64_t valid, Visit visit) {
     visit(w);
   };
   [[maybe_unused]] const auto* bytes = static_cast<const uint8_t*>(p.w);
-  if (p.type == Weights::kS8 && p.post_scale) {
-    jaxinfer::Int8Rows<8, false> w;
-    ahead(w, p.w, 1);
-    fill(w, static_cast<const int8_t*>(p.w), p.in);
-  } else if (p.type == Weights::kS8) {
-    jaxinfer::Int8Rows<8> w;
-    ahead(w, p.w, 1);
-    fill(w, static_cast<const int8_t*>(p.w), p.in);
+  if (p.type == Weights::kS8) {  // the codes alone where each output is scaled after (post_scale)
+    auto int8 = [&](auto w) {
+      ahead(w, p.w, 1);
+      fill(w, static_cast<const int8_t*>(p.w), p.in);
+    };
+    p.post_scale ? int8(jaxinfer::Int8Rows<8, false>{}) : int8(jaxinfer::Int8Rows<8>{});
   }
 #ifdef __AVX512VBMI__
   if (p.type == Weights::kS4) {
