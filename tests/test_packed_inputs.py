@@ -71,9 +71,6 @@ def test_only_the_tokens_that_sample_reach_the_vocabulary_head():
     vocabulary, not one per slot: a one-token step with 4 slots projects one row, and logit_map sends
     every slot's sample row back to its place."""
     builder = HostBatchBuilder(1, 4, 8, 64, 16, proposals=3)
-    assert builder.empty(1)["logit_rows"].shape == (1, 1)
+    assert builder.empty(1)["logit_rows"].shape == builder.empty(1)["logit_slot"].shape == (1, 1)
     assert builder.empty(8)["logit_rows"].shape == (1, 4)
-    verify = builder.empty(8, builder.extra_rows(8))
-    e = builder.extra_rows(8)
-    assert verify["logit_map"].shape == (1, 4 + e)
-    np.testing.assert_array_equal(verify["logit_map"][0, 4:], 4 + np.arange(e))  # extra rows after the R rows
+    assert builder.empty(8, builder.extra_rows(8))["logit_map"].shape == (1, 4)

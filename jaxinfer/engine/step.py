@@ -1,7 +1,8 @@
 """The jitted engine step: one ragged batch of tokens through the model with a paged KV cache
 (`paged_attention`), then sampling.
 
-A step samples one row per slot (its last token's logits). With speculation an engine compiles two
+A step samples one row per sampling slot (its last token's logits; only those rows reach the head and
+the sampler, `jaxinfer.engine.sample_rows`). With speculation an engine compiles two
 variants of each bucket's step: the plain one, and a verify one whose inputs have E > 0 extra sample
 rows for the offsets of speculating slots' windows (`jaxinfer.engine.verify`); a step without
 proposals runs the plain one and pays nothing for speculation. With a draft model both variants also
@@ -20,13 +21,14 @@ import jax.numpy as jnp
 from jaxinfer.engine import draft_step, head_step
 from jaxinfer.engine.packed_inputs import PackedInputs
 from jaxinfer.engine.paged_attention import AttentionImpl, PagedAttention
+from jaxinfer.engine.sample_rows import sample_step_rows, step_logits
 from jaxinfer.engine.sampler_state import ROW_AXES, SamplerState, state_shardings
-from jaxinfer.engine.verify import accepted_counts, extra_row_sampling
+from jaxinfer.engine.verify import accepted_counts
 from jaxinfer.engine.xla_attention import xla_ragged_paged_attention
 from jaxinfer.kv_cache import CacheShape, cache_sharding
 from jaxinfer.model.forward import ShardedModel
 from jaxinfer.platform import Platform
-from jaxinfer.sampling import PromptLogprobs, Samples, count_tokens, prompt_logprobs, sample
+from jaxinfer.sampling import PromptLogprobs, Samples, prompt_logprobs
 from jaxinfer.sharding import logical_sharding
 
 
@@ -89,15 +91,16 @@ def build_step_fn(
 
         logit_rows = jnp.concatenate([inputs.logit_rows, inputs.extra_index], axis=1)  # [D, R + E]
         logits, cache, (prompt, features) = module.apply(
-            {"params": params}, tokens, positions, ctx, cache, logit_indices=logit_rows, on_hidden=on_hidden
+            {"params": params},
+            tokens,
+            positions,
+            ctx,
+            cache,
+            logit_indices=logit_rows,
+            on_hidden=on_hidden,
+            on_logits=lambda x, project: step_logits(x, project, inputs, vocab),
         )  # logits [D, R + E, V]; features [D, S + E, E] for a feature head
-        logits = jnp.take_along_axis(logits, inputs.logit_map[..., None], axis=1)  # [D, S + E, V]
-        d, s = inputs.sample_index.shape
-        samples, penalties = _sample_slots(logits[:, :s], inputs.sampling, state)
-        if inputs.extra_index.shape[1]:  # the verify variant
-            extra = extra_row_sampling(inputs.sampling, inputs.extra_slot, inputs.extra_offset)
-            more, _ = _sample_slots(logits[:, s:], extra, None)
-            samples = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), samples, more)
+        samples, penalties = sample_step_rows(logits, inputs, state.penalties)  # [D, S + E, ...]
         accepted, last = accepted_counts(samples.tokens, inputs.window_rows, inputs.window_proposals)
         proposals = jnp.zeros(inputs.window_proposals.shape, jnp.int32)
         if reads_features:
@@ -122,21 +125,6 @@ def build_step_fn(
     if draft is not None:  # a feature head has no cache (None)
         caches = (caches, None if reads_features else cache_sharding(mesh, draft[1], draft[0].layer_loop))
     return jax.jit(step, donate_argnums=(1, 3), out_shardings=(outputs, caches, state_shardings(mesh)))
-
-
-def _sample_slots(logits, sampling, state: SamplerState | None):
-    """logits [D, N, V], sampling arrays [D, N] -> (Samples [D, N, ...], the penalty rows after them).
-    With `state`, rows are slots and see their penalties (and count the sampled tokens)."""
-    d, n, v = logits.shape
-    flat = lambda a: a.reshape((d * n,) + a.shape[2:])
-    unflat = lambda a: a.reshape((d, n) + a.shape[1:])
-    sampling = jax.tree.map(flat, sampling)
-    if state is None:
-        return jax.tree.map(unflat, sample(logits.reshape(d * n, v), sampling)), None
-    penalties = jax.tree.map(flat, state.penalties)
-    samples = sample(logits.reshape(d * n, v), sampling, penalties)
-    penalties = count_tokens(penalties, samples.tokens, sampling)
-    return jax.tree.map(unflat, samples), jax.tree.map(unflat, penalties)
 
 
 def output_sharding(mesh):

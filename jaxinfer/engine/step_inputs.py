@@ -35,11 +35,12 @@ class StepInputs:
     cu_q_lens: jax.Array  # i32 [D, S + 1]
     num_seqs: jax.Array  # i32 [D, 1]
     sample_index: jax.Array  # i32 [D, S] token whose logits are sampled for each slot (its window's offset 0)
-    # Only tokens that sample reach the vocabulary head: at most min(T, S) slots sample in a step, so a
-    # one-token step with 32 slots projects one row, not 32 (the head is the largest matmul of a small
-    # model). R = min(T, S) rows, then the E extra rows; logit_map puts them back in the S + E order.
+    # Only tokens that sample reach the vocabulary head and the sampler: at most R = min(T, S) slots
+    # sample in a step, so a one-token step with 32 slots projects and samples one row, not 32 (the
+    # head is the largest matmul of a small model, and sampling reads every row's whole vocabulary).
     logit_rows: jax.Array  # i32 [D, R] the sampling slots' tokens, in slot order (0 past the last)
-    logit_map: jax.Array  # i32 [D, S + E] each sample row's place among logit_rows + extra rows
+    logit_slot: jax.Array  # i32 [D, R] the slot of each logit row (-1 past the last)
+    logit_map: jax.Array  # i32 [D, S] each slot's logit row (0 for a slot that does not sample)
     prompt_targets: jax.Array  # i32 [D, T] the prompt token after each token, for prompt logprobs; -1 = none
     sampling: SamplingArrays  # each field [D, S]
     # speculation (`jaxinfer.engine.verify`): E extra sample rows (0 in a plain step), K proposals per window
@@ -102,7 +103,8 @@ class HostBatchBuilder:
             num_seqs=np.full((d, 1), s, np.int32),
             sample_index=np.zeros((d, s), np.int32),
             logit_rows=np.zeros((d, sampled), np.int32),
-            logit_map=np.tile(np.concatenate([np.zeros(s, np.int32), sampled + np.arange(e, dtype=np.int32)]), (d, 1)),
+            logit_slot=np.full((d, sampled), -1, np.int32),
+            logit_map=np.zeros((d, s), np.int32),
             prompt_targets=np.full((d, bucket), -1, np.int32),
             **{name: a.reshape(d, s) for name, a in vars(SamplingArrays.neutral(d * s)).items()},
             extra_index=np.zeros((d, e), np.int32),
@@ -161,6 +163,7 @@ class HostBatchBuilder:
         params = [seqs[e].request.params for e in done]
         host["sample_index"][d, at] = first[done] + counts[done] - 1 - proposed[done]
         host["logit_rows"][d, : len(done)] = host["sample_index"][d, at]
+        host["logit_slot"][d, : len(done)] = at
         host["logit_map"][d, at] = np.arange(len(done), dtype=np.int32)
         host["window_rows"][d, at, 0] = at
         host["propose"][d, at] = [chunks[e].propose for e in done]

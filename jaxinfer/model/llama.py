@@ -114,7 +114,9 @@ class Llama(nn.Module):
     [E, V] (V may be padded), and its result is returned third (the engine's prompt logprobs).
     A draft with a reduced head (`config.head_vocab`) returns the same shapes, its logits MASKED_LOGIT
     outside its head's token ids, and hands `on_hidden` its reduced head [E, head_vocab], whose columns
-    are `head_ids`, not token ids (`_reduced_head`).
+    are `head_ids`, not token ids (`_reduced_head`). `on_logits`, given, is called with the selected
+    rows [B, N, E] and the function that projects rows to the vocabulary, and its result is returned
+    in place of the logits (the engine step projects only as many rows as sample, `jaxinfer.engine.step`).
     """
 
     config: ModelConfig
@@ -124,7 +126,7 @@ class Llama(nn.Module):
     projections: Any = TokenMajor()
 
     @nn.compact
-    def __call__(self, tokens, positions, ctx, cache=None, logit_indices=None, on_hidden=None):
+    def __call__(self, tokens, positions, ctx, cache=None, logit_indices=None, on_hidden=None, on_logits=None):
         c, lay = self.config, self.layout
         quant = self.projections.quant
         table, x = embed_tokens(self, tokens, self.dtype, quant)  # x [B, T, E]
@@ -156,40 +158,45 @@ class Llama(nn.Module):
         x = hidden
         if logit_indices is not None:
             x = jnp.take_along_axis(x, logit_indices[..., None], axis=1)  # [B, N, E]
-        if c.head_vocab:
-            return self._reduced_head(x, hidden, cache, on_hidden)
+        project, head = self._reduced_head() if c.head_vocab else self._head(table)
+        logits = on_logits(x, project) if on_logits is not None else project(x)
+        if on_hidden is None:
+            return logits, cache
+        return logits, cache, on_hidden(hidden, head)
+
+    def _head(self, table):
+        """(rows [B, N, E] -> float32 logits [B, N, vocab], the head [E, V] for `on_hidden`)."""
+        c, lay = self.config, self.layout
         if c.tie_embeddings:
             head, output_major = table, True
         else:
+            quant = self.projections.quant
             head = declare_weight(self, "lm_head", (c.hidden_size, lay.vocab), ("embed", "vocab"), self.dtype, quant)
             output_major = False
-        logits = self.projections.vocab_logits(x, head, output_major)[..., : c.vocab_size]
-        if on_hidden is None:
-            return logits, cache
-        return logits, cache, on_hidden(hidden, head.T if output_major else head)  # [E, V]
+        project = lambda x: self.projections.vocab_logits(x, head, output_major)[..., : c.vocab_size]
+        return project, head.T if output_major else head
 
-    def _reduced_head(self, x, hidden, cache, on_hidden):
-        """The head of a reduced-vocabulary draft: x [B, N, E] -> logits over the full vocabulary [B, N, V],
-        MASKED_LOGIT outside the `head_ids` columns (see `expand_head_logits`).
+    def _reduced_head(self):
+        """The head of a reduced-vocabulary draft: rows [B, N, E] -> logits over the full vocabulary
+        [B, N, V], MASKED_LOGIT outside the `head_ids` columns (see `expand_head_logits`).
 
         Both head leaves are replicated (logical axis `draft_vocab`): a draft's head is small, and the
         logits come out whole on every device.
 
-        `on_hidden` gets the final-normed hidden states and the reduced head [E, head_vocab]: its columns
-        are head positions, not token ids, so the engine's prompt logprobs would be wrong, and requests
-        for them are refused at the door (`RequestBuilder`). An exact full-vocabulary equivalent
-        (hidden with a constant 1 feature, a [E + 1, V] head scattered from the columns with the mask as
-        a bias row) was tried first: the engine step calls `on_hidden` every step, and XLA:CPU's scatter
-        that builds the matrix took 165 ms of SmolLM2's 2-layer draft's 177 ms per token.
+        `on_hidden` gets the reduced head [E, head_vocab]: its columns are head positions, not token
+        ids, so the engine's prompt logprobs would be wrong, and requests for them are refused at the
+        door (`RequestBuilder`). An exact full-vocabulary equivalent (hidden with a constant 1 feature,
+        a [E + 1, V] head scattered from the columns with the mask as a bias row) was tried first: the
+        engine step calls `on_hidden` every step, and XLA:CPU's scatter that builds the matrix took
+        165 ms of SmolLM2's 2-layer draft's 177 ms per token.
         """
         c = self.config
         head = declare(self, "lm_head", (c.hidden_size, c.head_vocab), ("embed", "draft_vocab"), self.dtype)
         ids = declare(self, "head_ids", (c.head_vocab,), ("draft_vocab",), jnp.int32, _first_ids)
-        small = jnp.einsum("bte,eh->bth", x, head, preferred_element_type=jnp.float32)  # [B, N, head_vocab]
-        logits = expand_head_logits(small, ids, c.vocab_size)
-        if on_hidden is None:
-            return logits, cache
-        return logits, cache, on_hidden(hidden, head)
+        project = lambda x: expand_head_logits(
+            jnp.einsum("bte,eh->bth", x, head, preferred_element_type=jnp.float32), ids, c.vocab_size
+        )
+        return project, head
 
 
 def embed_tokens(module: nn.Module, tokens, dtype, quant):
