@@ -8,9 +8,10 @@ device, the smallest of a few row counts (`row_tiers`: none, one, all R) that ho
 sampling rows, and projects only that many: a `lax.switch`, so one executable serves every count
 and nothing recompiles. A verify step's E extra rows always run. This holds on meshes with one data
 shard: with several, every device would first have to agree on the count, a collective over the data
-shards that XLA may order before the layers' own collectives on some devices and not others (a 2x4
-CPU mesh running the Pallas kernel in interpret mode deadlocked, even with an optimization barrier
-placing it after the layers), so a step there projects all R rows.
+shards that depends only on the inputs, so XLA may run it before the layers' own collectives on some
+devices and after on others. A 2x4 CPU mesh running the Pallas kernel in interpret mode deadlocked
+(an optimization barrier meant to order it after the layers was gone from XLA:CPU's optimized HLO),
+so a step there projects all R rows; its sampler still runs over R rows, not one per slot.
 
 The sampler then runs over the R rows (rows past the sampling ones hold zeros and are never read).
 Giving it branches of its own too was measured: each copy of the sampler adds about 1.5 s of
