@@ -66,10 +66,12 @@ def step_logits(x, project, inputs, vocab: int):
 def sample_step_rows(logits, inputs, penalties: PenaltyRows) -> tuple[Samples, PenaltyRows]:
     """logits [D, R + E, V] (`step_logits`) -> (Samples [D, S + E, ...], the penalty rows after counting
     the sampled tokens of penalized slots)."""
-    r = inputs.logit_rows.shape[1]
-    own = _sample(logits[:, :r], inputs.sampling, inputs.logit_slot, penalties)
-    penalized = take_rows(inputs.sampling.penalized, inputs.logit_slot) & (inputs.logit_slot >= 0)
-    counts = jax.vmap(count_tokens)(penalties.counts, jnp.maximum(inputs.logit_slot, 0), own.tokens, penalized)
+    r, slot = inputs.logit_rows.shape[1], inputs.logit_slot
+    rows = jax.tree.map(lambda a: take_rows(a, slot), inputs.sampling)  # each row's slot's arrays
+    rows = dataclasses.replace(rows, penalized=rows.penalized & (slot >= 0))  # rows past the last: none
+    gather = lambda: jax.tree.map(lambda a: take_rows(a, slot), penalties)  # only if some row is penalized
+    own = _sample(logits[:, :r], rows, gather)
+    counts = jax.vmap(count_tokens)(penalties.counts, jnp.maximum(slot, 0), own.tokens, rows.penalized)
     samples = jax.tree.map(lambda a: take_rows(a, inputs.logit_map), own)  # [D, S, ...]
     if inputs.extra_index.shape[1]:  # the verify variant
         extra = extra_row_sampling(inputs.sampling, inputs.extra_slot, inputs.extra_offset)
@@ -78,16 +80,12 @@ def sample_step_rows(logits, inputs, penalties: PenaltyRows) -> tuple[Samples, P
     return samples, dataclasses.replace(penalties, counts=counts)
 
 
-def _sample(logits, sampling, slot=None, penalties: PenaltyRows | None = None) -> Samples:
-    """logits [D, N, V] -> Samples [D, N, ...]. With `slot` i32 [D, N] (each row's slot; -1: none), rows
-    take their slot's sampling arrays [D, S] and penalty rows [D, S, V]; without, `sampling` is per row."""
+def _sample(logits, sampling, penalties=None) -> Samples:
+    """logits [D, N, V], sampling arrays [D, N] -> Samples [D, N, ...]; `penalties`, given, is a function
+    giving the rows' penalty rows [D, N, V] (called only when some row is penalized)."""
     d, n, v = logits.shape
     flat = lambda a: a.reshape((d * n,) + a.shape[2:])
-    gather = None
-    if slot is not None:
-        sampling = jax.tree.map(lambda a: take_rows(a, slot), sampling)
-        sampling = dataclasses.replace(sampling, penalized=sampling.penalized & (slot >= 0))
-        gather = lambda: jax.tree.map(lambda a: flat(take_rows(a, slot)), penalties)
+    gather = None if penalties is None else lambda: jax.tree.map(flat, penalties())
     samples = sample(logits.reshape(d * n, v), jax.tree.map(flat, sampling), gather)
     return jax.tree.map(lambda a: a.reshape((d, n) + a.shape[1:]), samples)
 

@@ -116,7 +116,7 @@ class Llama(nn.Module):
     outside its head's token ids, and hands `on_hidden` its reduced head [E, head_vocab], whose columns
     are `head_ids`, not token ids (`_reduced_head`). `on_logits`, given, is called with the selected
     rows [B, N, E] and the function that projects rows to the vocabulary, and its result is returned
-    in place of the logits (the engine step projects only as many rows as sample, `jaxinfer.engine.step`).
+    in place of the logits (the engine step projects only as many rows as sample, `engine.sample_rows`).
     """
 
     config: ModelConfig
