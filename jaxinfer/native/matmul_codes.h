@@ -166,7 +166,7 @@ struct Int8Rows : QuantRows<R, int8_t> {
     const Lanes c = __builtin_convertvector(*reinterpret_cast<const Codes*>(this->w[r] + k), Lanes);
 #endif
     if constexpr (!kScaled) return c;
-    return this->offset[0] ? c * s[r] + o[r] : c * s[r];  // one fused multiply-add, as DequantizeRow's fma
+    return this->offset[0] ? MulAdd(c, s[r], o[r]) : c * s[r];  // one rounding, as DequantizeRow's fma
   }
   float At(int r, int64_t k) const {
     if constexpr (!kScaled) return this->w[r][k];

@@ -3,8 +3,9 @@
 //
 // Items are claimed from an atomic counter, so the caller never waits for a task that has not started
 // (a pool thread may be busy elsewhere, or be the caller itself); it only waits for items already
-// claimed. The state outlives the call for late tasks, which find no items left and return without
-// touching the kernel's buffers.
+// claimed. They are claimed in runs of `run_length` consecutive items, so a kernel that prefetches the
+// next item's data can prefetch it for the core that will read it. The state outlives the call for late
+// tasks, which find no items left and return without touching the kernel's buffers.
 #pragma once
 
 #include <algorithm>
@@ -27,16 +28,21 @@ struct SharedWork {
 
 // Runs body(item) for item in [0, items) on the caller plus at most `helpers` pool threads.
 template <typename Body>
-void ParallelFor(xla::ffi::ThreadPool& pool, int64_t items, int64_t helpers, Body body) {
+void ParallelFor(xla::ffi::ThreadPool& pool, int64_t items, int64_t helpers, Body body, int64_t run_length = 1) {
   if (items <= 0) return;
   helpers = std::clamp<int64_t>(helpers, 0, std::min<int64_t>(pool.num_threads(), items - 1));
   if (helpers == 0) {
     for (int64_t i = 0; i < items; ++i) body(i);
     return;
   }
-  auto run = [items, body](SharedWork* st) {
+  run_length = std::max<int64_t>(run_length, 1);
+  auto run = [items, run_length, body](SharedWork* st) {
     int64_t finished = 0;
-    for (int64_t i; (i = st->next.fetch_add(1)) < items; ++finished) body(i);
+    for (int64_t first; (first = st->next.fetch_add(run_length)) < items;) {
+      const int64_t last = std::min(items, first + run_length);
+      for (int64_t i = first; i < last; ++i) body(i);
+      finished += last - first;
+    }
     if (finished && st->done.fetch_add(finished) + finished == items) {
       std::lock_guard<std::mutex> lock(st->mu);
       st->cv.notify_all();
