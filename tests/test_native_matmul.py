@@ -98,6 +98,24 @@ def test_each_token_row_is_independent_of_the_batch_bit_for_bit(fmt, group, with
         np.testing.assert_array_equal(np.asarray(fn(x[lo:hi], values, scale, offset, group=group)), full[lo:hi])
 
 
+@pytest.mark.parametrize("n", [1, 2, 7])
+def test_several_weights_in_one_call_equal_one_call_each(n):
+    """`linears`: weights of different formats, groups and output sizes (one of them 3 rows, less than a
+    row block) in one kernel call; each y equals its own `linear` call bit for bit and the oracle."""
+    rng = np.random.default_rng(5)
+    specs = [("int8", 45, None, False), ("bfloat16", 3, None, False), ("uint4", 70, 32, True), ("int8", 19, 32, False)]
+    weights = [make_weight(rng, fmt, out, 96, group or 96, off) for fmt, out, group, off in specs]
+    x = jnp.asarray(rng.standard_normal((n, 96)), jnp.float32)
+    groups = [g for _, _, g, _ in specs]
+    arrays = [(v, s, o) for v, s, o, _ in weights]
+    together = jax.jit(lambda x, ws: matmul.linears(x, [(*w, g) for w, g in zip(ws, groups)]))(x, arrays)
+    assert len(together) == len(specs)
+    for y, (v, s, o, exact), (_, _, g, _) in zip(together, weights, specs):
+        alone = jax.jit(matmul.linear, static_argnames="group")(x, v, s, o, group=g)
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(alone))
+        check(y, x, exact)
+
+
 @pytest.mark.parametrize("fmt", ["int4", "uint4"])
 def test_4bit_values_made_inside_jit(fmt):
     """A 4-bit array XLA computes in the same program (not a parameter) reaches the kernel packed too."""
@@ -179,8 +197,8 @@ for flag in ("-mno-avx512f", "-mno-avx512vbmi"):  # no AVX-512 at all; AVX-512 w
     native.FLAGS = (*base, flag)
     native.load_library.cache_clear()
     lib = native.load_library("matmul.cc")
-    matmul.TARGET = "jaxinfer_linear" + flag.replace("-", "_")
-    jax.ffi.register_ffi_target(matmul.TARGET, jax.ffi.pycapsule(lib.JaxinferLinear), platform="cpu")
+    matmul.TARGET = "jaxinfer_linears" + flag.replace("-", "_")
+    jax.ffi.register_ffi_target(matmul.TARGET, jax.ffi.pycapsule(lib.JaxinferLinears), platform="cpu")
     for n in (1, 3):  # the in-register readers and the scratch path
         x = rng.standard_normal((n, 42)).astype(np.float32)
         y = matmul.linear(jnp.asarray(x), jnp.asarray(codes, jnp.int4), jnp.asarray(scale), group=32)

@@ -57,20 +57,28 @@ class OutputMajor:
         return declare_weight(module, name, shape, axes, dtype, self.quant, OUT_MAJOR[name])
 
     def apply(self, x, w, inputs: int):
-        n_out = math.prod(w.shape[: w.ndim - inputs])
-        flat = native_operands(w, n_out, inputs) if self.native else None
-        if flat is not None:
+        return self.apply_many(x, (w,), inputs)[0]
+
+    def apply_many(self, x, ws, inputs: int):
+        """`apply` of several weights to the same x; natively one kernel call for all of them (q, k and
+        v; gate and up), which spreads small weights over every core."""
+        flats = [native_operands(w, math.prod(w.shape[: w.ndim - inputs]), inputs) if self.native else None for w in ws]
+        if any(f is None for f in flats) and len(ws) > 1:
+            return tuple(self.apply(x, w, inputs) for w in ws)
+        if flats[0] is not None:
             if self.feature_major:  # x [in, N] -> [out, N]
-                return matmul.linear(x.T, *flat[:3], group=flat[3]).T
+                return tuple(y.T for y in matmul.linears(x.T, flats))
             b, t = x.shape[:2]
-            y = matmul.linear(x.reshape(b, t, -1), *flat[:3], group=flat[3])
-            return y.reshape((b, t) + w.shape[: w.ndim - inputs])
+            ys = matmul.linears(x.reshape(b, t, -1), flats)
+            return tuple(y.reshape((b, t) + w.shape[: w.ndim - inputs]) for y, w in zip(ys, ws))
+        (w,) = ws
+        n_out = math.prod(w.shape[: w.ndim - inputs])
         w2 = materialize(w, x.dtype).reshape(n_out, -1)
         if self.feature_major:
-            return w2 @ x  # [out, N]
+            return (w2 @ x,)  # [out, N]
         b, t = x.shape[:2]
         y = jnp.einsum("bti,oi->bto", x.reshape(b, t, -1), w2)
-        return y.reshape((b, t) + w.shape[: w.ndim - inputs])
+        return (y.reshape((b, t) + w.shape[: w.ndim - inputs]),)
 
     def vocab_logits(self, x, head, output_major: bool):
         """x [B, N, E] against the vocabulary head -> float32 logits [B, N, V]: `head` is the embedding

@@ -58,9 +58,10 @@ class Attention(nn.Module):
         wv = proj.weight(self, "v", (e, lay.kv_heads, d), ("embed", "kv_heads", "head_dim"), self.dtype)
         wo = proj.weight(self, "o", (lay.q_heads, d, e), ("q_heads", "head_dim", "embed"), self.dtype)
         rows = positions.shape[0]
-        q = proj.to_heads(proj.apply(x, wq, 1), rows, lay.q_heads, d)  # [B, T, Hq, D]
-        k = proj.to_heads(proj.apply(x, wk, 1), rows, lay.kv_heads, d)
-        v = proj.to_heads(proj.apply(x, wv, 1), rows, lay.kv_heads, d)
+        q, k, v = proj.apply_many(x, (wq, wk, wv), 1)
+        q = proj.to_heads(q, rows, lay.q_heads, d)  # [B, T, Hq, D]
+        k = proj.to_heads(k, rows, lay.kv_heads, d)
+        v = proj.to_heads(v, rows, lay.kv_heads, d)
         inv_freq = inverse_frequencies(c)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
@@ -80,7 +81,8 @@ class MLP(nn.Module):
         gate = proj.weight(self, "gate", (e, f), ("embed", "mlp"), self.dtype)
         up = proj.weight(self, "up", (e, f), ("embed", "mlp"), self.dtype)
         down = proj.weight(self, "down", (f, e), ("mlp", "embed"), self.dtype)
-        return proj.apply(jax.nn.silu(proj.apply(x, gate, 1)) * proj.apply(x, up, 1), down, 1)
+        g, u = proj.apply_many(x, (gate, up), 1)
+        return proj.apply(jax.nn.silu(g) * u, down, 1)
 
 
 class DecoderLayer(nn.Module):

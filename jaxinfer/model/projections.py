@@ -89,6 +89,10 @@ class TokenMajor:
         w2 = materialize(w, x.dtype).reshape(n_in, -1)
         return (x.reshape(b, t, n_in) @ w2).reshape((b, t) + w.shape[inputs:])
 
+    def apply_many(self, x, ws, inputs: int):
+        """`apply` of several weights to the same x (a layout may fuse them into one call)."""
+        return tuple(self.apply(x, w, inputs) for w in ws)
+
     def vocab_logits(self, x, head, output_major: bool):
         """x [B, N, E] against the vocabulary head -> float32 logits [B, N, V]: `head` is the embedding
         table [V, E] (tied, `output_major`) or an lm_head [E, V]."""

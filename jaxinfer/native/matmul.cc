@@ -230,14 +230,16 @@ void RunBlock(const Problem& p, int64_t t0, int64_t t1, int64_t o0) {
   }
 }
 
-ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer values, ffi::Buffer<ffi::F32> scale,
-                  ffi::Buffer<ffi::F32> offset, int64_t group, ffi::ResultBuffer<ffi::F32> y) {
+// One weight's problem against x, its arguments checked.
+ffi::Error MakeProblem(const ffi::Buffer<ffi::F32>& x, const ffi::AnyBuffer& values, const ffi::Buffer<ffi::F32>& scale,
+                       const ffi::Buffer<ffi::F32>& offset, int64_t group, ffi::Result<ffi::Buffer<ffi::F32>>& y,
+                       Problem& p) {
   auto xd = x.dimensions(), wd = values.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || wd[1] != xd[1] || yd[0] != xd[0] || yd[1] != wd[0]) {
     return ffi::Error::InvalidArgument("linear: x must be [N, I], values [O, I] and y [N, O]");
   }
-  Problem p{xd[0], xd[1], wd[0], 0, group, x.typed_data(), values.untyped_data(), Weights::kF32,
-            nullptr, nullptr, y->typed_data()};
+  p = Problem{xd[0], xd[1], wd[0], 0, group, x.typed_data(), values.untyped_data(), Weights::kF32,
+              nullptr, nullptr, y->typed_data()};
   switch (values.element_type()) {
     case ffi::DataType::F32: p.type = Weights::kF32; break;
     case ffi::DataType::BF16: p.type = Weights::kBF16; break;
@@ -264,37 +266,74 @@ ffi::Error Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer 
     }
     if (p.type == Weights::kS8 && p.groups == 1 && p.offset == nullptr) p.post_scale = p.scale;
   }
-  if (p.n == 0 || p.out == 0) return ffi::Error::Success();
-  const int64_t row_blocks = (p.out + kRowBlock - 1) / kRowBlock;
-  const int64_t token_block =
-      std::clamp<int64_t>(kXBlockBytes / (4 * p.in) / 6 * 6, kMinTokenBlock, kMaxTokenBlock);
-  const int64_t token_blocks = (p.n + token_block - 1) / token_block;
-  const int64_t items = row_blocks * token_blocks;
+  return ffi::Error::Success();
+}
+
+// Every problem (the same x, so the same token blocks) as one set of work items, weight after weight:
+// one hand-off to the pool for all of them.
+void RunProblems(ffi::ThreadPool& pool, const std::vector<Problem>& problems) {
+  if (problems.empty() || problems[0].n == 0) return;
+  const int64_t n = problems[0].n, in = problems[0].in;
+  const int64_t token_block = std::clamp<int64_t>(kXBlockBytes / (4 * in) / 6 * 6, kMinTokenBlock, kMaxTokenBlock);
+  const int64_t token_blocks = (n + token_block - 1) / token_block;
+  std::vector<int64_t> first_item{0}, row_blocks;  // problem k's items: [first_item[k], first_item[k + 1])
+  int64_t macs = 0;
+  for (const Problem& p : problems) {
+    row_blocks.push_back((p.out + kRowBlock - 1) / kRowBlock);
+    first_item.push_back(first_item.back() + row_blocks.back() * token_blocks);
+    macs += n * in * p.out;
+  }
+  const int64_t items = first_item.back();
   // The caller works too: one helper fewer than the pool's threads keeps one thread per core (the
   // caller is a pool thread, or the pool is idle while it waits for this call).
-  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, p.n * p.in * p.out / kMacsPerHelper);
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, macs / kMacsPerHelper);
   auto body = [&](int64_t item) {
-    const int64_t tb = item / row_blocks, o0 = (item % row_blocks) * kRowBlock;
-    const int64_t t0 = tb * token_block, t1 = std::min(p.n, t0 + token_block);
-    RunBlock(p, t0, t1, o0);
+    const auto k = std::upper_bound(first_item.begin(), first_item.end(), item) - first_item.begin() - 1;
+    const int64_t local = item - first_item[k];
+    const int64_t tb = local / row_blocks[k], o0 = (local % row_blocks[k]) * kRowBlock;
+    const int64_t t0 = tb * token_block, t1 = std::min(n, t0 + token_block);
+    RunBlock(problems[k], t0, t1, o0);
   };
   // One or two tokens: each item prefetches the next row block (WithCodeRows), so items go in runs of
   // consecutive blocks, about 8 runs a thread, and the prefetched block is mostly read by the core that
   // fetched it. One item at a time, the next block mostly went to the other core: one-token int8 calls
   // ran at 8-15 GB/s, 17-19 GB/s in runs (the head and gate, measured on the 2-core AVX2 EPYC, 2026-11-30).
-  const int64_t run_length = p.n <= 2 ? items / ((helpers + 1) * 8) : 1;
+  const int64_t run_length = n <= 2 ? items / ((helpers + 1) * 8) : 1;
   jaxinfer::ParallelFor(pool, items, helpers, body, run_length);
+}
+
+// One or several weights against the same x in one call (q, k and v; gate and up): args are (values,
+// scale, offset) per weight, results one y per weight, groups one per weight. One call spreads the small
+// weights (SmolLM2's k and v: 110 KB, too little to hand to a second thread alone) over every core.
+ffi::Error Linears(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                   ffi::Span<const int64_t> groups) {
+  const size_t count = groups.size();
+  if (args.size() != 3 * count || rets.size() != count) {
+    return ffi::Error::InvalidArgument("linears: want 3 arguments (values, scale, offset) and 1 result per group");
+  }
+  std::vector<Problem> problems;
+  for (size_t k = 0; k < count; ++k) {
+    auto values = args.get<ffi::AnyBuffer>(3 * k);
+    auto scale = args.get<ffi::Buffer<ffi::F32>>(3 * k + 1);
+    auto offset = args.get<ffi::Buffer<ffi::F32>>(3 * k + 2);
+    auto y = rets.get<ffi::Buffer<ffi::F32>>(k);
+    if (!values.has_value() || !scale.has_value() || !offset.has_value() || !y.has_value()) {
+      return ffi::Error::InvalidArgument("linears: argument or result of the wrong type");
+    }
+    Problem p;
+    if (ffi::Error e = MakeProblem(x, *values, *scale, *offset, groups[k], *y, p); e.failure()) return e;
+    if (p.out > 0) problems.push_back(p);
+  }
+  RunProblems(pool, problems);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferLinear, Linear,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferLinears, Linears,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("group")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<ffi::Span<const int64_t>>("groups"));

@@ -25,7 +25,7 @@ from jaxinfer import native
 
 log = logging.getLogger(__name__)
 
-TARGET = "jaxinfer_linear"
+TARGET = "jaxinfer_linears"
 FLOAT_TYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 INT_TYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4))
 
@@ -34,7 +34,7 @@ INT_TYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4))
 def load() -> None:
     """Builds (once per host and version) and registers the kernel; raises native.NativeUnavailable."""
     lib = native.load_library("matmul.cc")
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxinferLinear), platform="cpu")
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxinferLinears), platform="cpu")
 
 
 @functools.cache
@@ -99,26 +99,57 @@ def reference(x, values, scale=None, offset=None, *, group: int):
     return jnp.dot(x.astype(jnp.float32), w.T, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def _native(x, values, scale, offset, *, group: int):
+def _native(x, *weights, groups: tuple[int, ...]):
+    """One kernel call for every weight (values, scale, offset, ...) against x [N, I]: [N, O] each."""
     empty = jnp.zeros((0,), jnp.float32)
-    args = [
-        x.astype(jnp.float32),
-        values,
-        empty if scale is None else scale.astype(jnp.float32),
-        empty if offset is None else offset.astype(jnp.float32),
-    ]
+    args = [x.astype(jnp.float32)]
+    for values, scale, offset in zip(weights[0::3], weights[1::3], weights[2::3]):
+        args += [
+            values,
+            empty if scale is None else scale.astype(jnp.float32),
+            empty if offset is None else offset.astype(jnp.float32),
+        ]
     # Under shard_map an FFI call needs its operands to vary over the same mesh axes, and says so of its
-    # result: the union of theirs (a weight split over `tensor`, x replicated: y varies over `tensor`).
+    # results: the union of theirs (a weight split over `tensor`, x replicated: y varies over `tensor`).
     varying = frozenset().union(*(jax.typeof(a).manual_axis_type.varying for a in args))
     args = [jax.lax.pcast(a, tuple(varying - jax.typeof(a).manual_axis_type.varying), to="varying") for a in args]
-    shape = (x.shape[0], values.shape[0])
+    shapes = [(x.shape[0], values.shape[0]) for values in weights[0::3]]
     if varying:
         mesh = jax.typeof(args[0]).sharding  # x's: a 2-D spec on the shard_map's (abstract) mesh
-        out = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=mesh, manual_axis_type=ManualAxisType(varying=varying))
+        axis_type = ManualAxisType(varying=varying)
+        outs = [jax.ShapeDtypeStruct(s, jnp.float32, sharding=mesh, manual_axis_type=axis_type) for s in shapes]
     else:
-        out = jax.ShapeDtypeStruct(shape, jnp.float32)
-    y = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(*args, group=np.int64(group))
-    return y.astype(x.dtype)
+        outs = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+    ys = jax.ffi.ffi_call(TARGET, outs, vmap_method="sequential")(*args, groups=np.asarray(groups, np.int64))
+    return [y.astype(x.dtype) for y in ys]
+
+
+def _reference_many(x, *weights, groups: tuple[int, ...]):
+    triples = zip(weights[0::3], weights[1::3], weights[2::3])
+    return [reference(x, v, s, o, group=g) for (v, s, o), g in zip(triples, groups)]
+
+
+def linears(x, weights):
+    """`linear` of several weights against the same x, in one kernel call on CPU: [y_1, ...].
+
+    `weights` is a sequence of (values, scale, offset, group), each as `linear` takes them. One call
+    hands all of their rows to the cores at once (small weights such as k and v alone would run on one
+    core); each y equals `linear(x, *weight)` bit for bit.
+    """
+    groups = tuple(_check(x, v, s, o, g) for v, s, o, g in weights)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    flat = [a for v, s, o, _ in weights for a in (v, s, o)]
+    if available():
+        ys = jax.lax.platform_dependent(
+            x2,
+            *flat,
+            cpu=functools.partial(_native, groups=groups),
+            default=functools.partial(_reference_many, groups=groups),
+        )
+    else:
+        ys = _reference_many(x2, *flat, groups=groups)
+    return [y.reshape(*lead, v.shape[0]) for y, (v, _, _, _) in zip(ys, weights)]
 
 
 def linear(x, values, scale=None, offset=None, *, group: int | None = None):
@@ -130,14 +161,4 @@ def linear(x, values, scale=None, offset=None, *, group: int | None = None):
     be built here, `reference` does. Natively, each row of y is a function of its own row of x alone, bit
     for bit, whatever the other rows (batch-invariant).
     """
-    group = _check(x, values, scale, offset, group)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    ref = functools.partial(reference, group=group)
-    if available():
-        y = jax.lax.platform_dependent(
-            x2, values, scale, offset, cpu=functools.partial(_native, group=group), default=ref
-        )
-    else:
-        y = ref(x2, values, scale, offset)
-    return y.reshape(*lead, values.shape[0])
+    return linears(x, [(values, scale, offset, group)])[0]
