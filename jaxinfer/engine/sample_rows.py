@@ -74,7 +74,8 @@ def sample_step_rows(logits, inputs, penalties: PenaltyRows) -> tuple[Samples, P
     counts = jax.vmap(count_tokens)(penalties.counts, jnp.maximum(slot, 0), own.tokens, rows.penalized)
     samples = jax.tree.map(lambda a: take_rows(a, inputs.logit_map), own)  # [D, S, ...]
     if inputs.extra_index.shape[1]:  # the verify variant
-        extra = extra_row_sampling(inputs.sampling, inputs.extra_slot, inputs.extra_offset)
+        extra_rows = jax.tree.map(lambda a: take_rows(a, inputs.extra_slot), inputs.sampling)
+        extra = extra_row_sampling(extra_rows, inputs.extra_offset)
         more = _sample(logits[:, r:], extra)
         samples = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), samples, more)
     return samples, dataclasses.replace(penalties, counts=counts)

@@ -27,10 +27,9 @@ import jax.numpy as jnp
 from jaxinfer.sampling import SamplingArrays
 
 
-def extra_row_sampling(per_slot: SamplingArrays, slot: jax.Array, offset: jax.Array) -> SamplingArrays:
-    """Sampling arrays of the extra rows [D, E]: their slot's [D, S], at the offset's position, unpenalized."""
-    take = lambda a: jnp.take_along_axis(a, slot, axis=1)
-    rows = jax.tree.map(take, per_slot)
+def extra_row_sampling(rows: SamplingArrays, offset: jax.Array) -> SamplingArrays:
+    """Sampling arrays of the extra rows [D, E] from their slots' (`rows`, gathered by the caller): at the
+    offset's position, unpenalized."""
     return dataclasses.replace(rows, position=rows.position + offset, penalized=jnp.zeros_like(rows.penalized))
 
 
