@@ -61,24 +61,31 @@ class OutputMajor:
 
     def apply_many(self, x, ws, inputs: int):
         """`apply` of several weights to the same x; natively one kernel call for all of them (q, k and
-        v; gate and up), which spreads small weights over every core."""
-        flats = [native_operands(w, math.prod(w.shape[: w.ndim - inputs]), inputs) if self.native else None for w in ws]
-        if any(f is None for f in flats) and len(ws) > 1:
-            return tuple(self.apply(x, w, inputs) for w in ws)
-        if flats[0] is not None:
-            if self.feature_major:  # x [in, N] -> [out, N]
-                return tuple(y.T for y in matmul.linears(x.T, flats))
-            b, t = x.shape[:2]
-            ys = matmul.linears(x.reshape(b, t, -1), flats)
-            return tuple(y.reshape((b, t) + w.shape[: w.ndim - inputs]) for y, w in zip(ys, ws))
-        (w,) = ws
-        n_out = math.prod(w.shape[: w.ndim - inputs])
-        w2 = materialize(w, x.dtype).reshape(n_out, -1)
-        if self.feature_major:
-            return (w2 @ x,)  # [out, N]
+        v; gate and up), which spreads small weights over every core. A weight the kernel does not take
+        (float32) goes through XLA's dot, the others through the kernel."""
+        outs = [w.shape[: w.ndim - inputs] for w in ws]
+        flats = [native_operands(w, math.prod(o), inputs) if self.native else None for w, o in zip(ws, outs)]
+        if any(f is None for f in flats):
+            return tuple(
+                self._dot(x, w, o) if f is None else self._native(x, [f], [o])[0] for w, f, o in zip(ws, flats, outs)
+            )
+        return self._native(x, flats, outs)
+
+    def _native(self, x, flats, outs):
+        """x through `matmul.linears` of the (values, scale, offset, group) `flats`, shaped [B, T, out...]
+        each (feature-major: [prod(out), N])."""
+        if self.feature_major:  # x [in, N] -> [out, N]
+            return tuple(y.T for y in matmul.linears(x.T, flats))
         b, t = x.shape[:2]
-        y = jnp.einsum("bti,oi->bto", x.reshape(b, t, -1), w2)
-        return (y.reshape((b, t) + w.shape[: w.ndim - inputs]),)
+        return tuple(y.reshape((b, t) + o) for y, o in zip(matmul.linears(x.reshape(b, t, -1), flats), outs))
+
+    def _dot(self, x, w, out):
+        """x through XLA's own dot with w (output-major, `out` its output axes)."""
+        w2 = materialize(w, x.dtype).reshape(math.prod(out), -1)
+        if self.feature_major:
+            return w2 @ x  # [out, N]
+        b, t = x.shape[:2]
+        return jnp.einsum("bti,oi->bto", x.reshape(b, t, -1), w2).reshape((b, t) + out)
 
     def vocab_logits(self, x, head, output_major: bool):
         """x [B, N, E] against the vocabulary head -> float32 logits [B, N, V]: `head` is the embedding

@@ -99,11 +99,17 @@ def reference(x, values, scale=None, offset=None, *, group: int):
     return jnp.dot(x.astype(jnp.float32), w.T, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
+def _triples(flat):
+    """(values, scale, offset, values, ...) -> [(values, scale, offset), ...] (platform_dependent takes
+    the weights flat)."""
+    return list(zip(flat[0::3], flat[1::3], flat[2::3]))
+
+
 def _native(x, *weights, groups: tuple[int, ...]):
     """One kernel call for every weight (values, scale, offset, ...) against x [N, I]: [N, O] each."""
     empty = jnp.zeros((0,), jnp.float32)
     args = [x.astype(jnp.float32)]
-    for values, scale, offset in zip(weights[0::3], weights[1::3], weights[2::3]):
+    for values, scale, offset in _triples(weights):
         args += [
             values,
             empty if scale is None else scale.astype(jnp.float32),
@@ -125,8 +131,7 @@ def _native(x, *weights, groups: tuple[int, ...]):
 
 
 def _reference_many(x, *weights, groups: tuple[int, ...]):
-    triples = zip(weights[0::3], weights[1::3], weights[2::3])
-    return [reference(x, v, s, o, group=g) for (v, s, o), g in zip(triples, groups)]
+    return [reference(x, v, s, o, group=g) for (v, s, o), g in zip(_triples(weights), groups)]
 
 
 def linears(x, weights):
