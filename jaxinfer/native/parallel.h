@@ -67,13 +67,12 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t items, int64_t helpers, Bod
   auto state = std::make_shared<SharedWork>();
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state, run] { run(state.get()); });
   run(state.get());
+  auto all_done = [&] { return state->done.load(std::memory_order_acquire) == items; };
   const auto spin_until = std::chrono::steady_clock::now() + kSpinWait;
-  while (state->done.load(std::memory_order_acquire) != items && std::chrono::steady_clock::now() < spin_until) {
-    CpuRelax();
-  }
-  if (state->done.load(std::memory_order_acquire) == items) return;
+  while (!all_done() && std::chrono::steady_clock::now() < spin_until) CpuRelax();
+  if (all_done()) return;
   std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->done.load() == items; });
+  state->cv.wait(lock, all_done);
 }
 
 }  // namespace jaxinfer
