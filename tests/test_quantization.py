@@ -14,6 +14,7 @@ import pytest
 from jaxinfer.checkpoint.errors import CheckpointError
 from jaxinfer.checkpoint.load import convert, load_model
 from jaxinfer.config import ConfigError
+from jaxinfer.quant import awq
 from jaxinfer.quant.arrays import QWeight
 from jaxinfer.quant.gptq import gptq, group_starts
 from jaxinfer.quant.quantize import quantize
@@ -219,6 +220,66 @@ def test_float_checkpoint_quantized_on_device_equals_the_host_quantizer(tmp_path
     np.testing.assert_allclose(on_device, on_host, rtol=1e-5, atol=1e-5)
 
 
+def test_awq_scales_cut_the_output_error_of_inputs_with_large_activations():
+    """Inputs whose activations are 30x the others': scaling their weight rows up before int4 rounding (and
+    down after) lowers tr(E^T H E), and the search finds a non-trivial s; all-equal activations keep s = 1."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((256, 48))
+    x = rng.standard_normal((512, 256))
+    x[:, rng.choice(256, 8, replace=False)] *= 30
+    h, wq, starts = x.T @ x, WeightQuant("uint4", 64, offset=True), group_starts((256,), 64)
+    s = awq.search([w], h, wq, starts)
+    assert s.std() > 0.1
+    assert awq.output_error(w, s, h, wq, starts) < 0.8 * awq.output_error(w, np.ones(256), h, wq, starts)
+    np.testing.assert_allclose(awq.input_scales(np.full(256, 4.0), 0.6), 1.0)
+    assert (awq.input_scales(np.where(np.arange(256) < 200, 4.0, 0.0), 0.6)[200:] == 1).all()  # dead inputs
+
+
+def test_importance_weighted_ranges_fit_the_important_inputs():
+    """uint4 groups whose first inputs carry 100x the importance (llama.cpp's importance matrix, diag X^T X):
+    the weighted range search never does worse on the weighted error than the plain one, and does better
+    overall; without importance it is the plain search."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((300, 128)).astype(np.float32)
+    importance = np.where(np.arange(128) < 16, 100.0, 1.0)
+    wq = WeightQuant("uint4", 128, offset=True)
+
+    def weighted_error(codes, scale, offset):
+        return (((codes * scale + offset - w) ** 2) * importance).sum(axis=1)
+
+    plain, weighted = weighted_error(*quantize(w, wq, axis=1)), weighted_error(*quantize(w, wq, 1, importance))
+    assert (weighted <= plain * (1 + 1e-6)).all() and weighted.sum() < 0.99 * plain.sum()
+    for a, b in zip(quantize(w, wq, 1, np.ones(128)), quantize(w, wq, 1)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_awq_fold_keeps_the_float_layer_and_gives_gptq_the_scaled_inputs_hessians():
+    """A stories260K layer folded (norm scales and up's columns take 1/s, q/k/v, gate/up and down's rows s)
+    computes what it did, its norm scales moved, and run again it records exactly the Hessians the fold
+    hands GPTQ: X^T X / (s s^T) of the scaled inputs."""
+    import jax.numpy as jnp
+
+    from jaxinfer.checkpoint import calibrate
+    from jaxinfer.cli_common import tokenize
+
+    model = load_model(STORIES, make_mesh("1x1"), layer_loop="scan")
+    tokens = np.asarray(tokenize(str(TOKENIZER), calibrate.TEXT.read_text())[:256], np.int32).reshape(2, 128)
+    positions = jnp.broadcast_to(jnp.arange(128, dtype=jnp.int32), tokens.shape)
+    run = calibrate._layer_runner(model.config, model.layout, model.dtype)
+    x = jnp.take(model.params["embed"], jnp.asarray(tokens), axis=0)
+    layer = jax.tree.map(lambda a: np.asarray(a[1]), model.params["layers"])
+    before, calib = run(layer, x, positions)
+    hessians = {n: np.asarray(calib[calibrate.MODULE_OF[n]][n][0], np.float64) for n in ("q", "o", "gate", "down")}
+    folded = jax.tree.map(np.copy, layer)
+    awq.fold_layer(folded, hessians, quant_spec("int4", group=4, calibration="awq-gptq"))
+    after, calib = run(folded, x, positions)
+    np.testing.assert_allclose(after, before, atol=2e-5 * float(jnp.abs(before).max()))
+    for norm in ("attn_norm", "mlp_norm"):
+        assert np.abs(folded[norm]["scale"] / layer[norm]["scale"] - 1).max() > 0.05, norm
+    for n, h in hessians.items():
+        np.testing.assert_allclose(calib[calibrate.MODULE_OF[n]][n][0], h, atol=1e-5 * np.abs(h).max())
+
+
 def test_gptq_calibrated_int4_checkpoint_beats_rounding_and_int8_is_mesh_independent(tmp_path, monkeypatch):
     from jaxinfer.checkpoint import calibrate
     from jaxinfer.cli_common import tokenize
@@ -228,12 +289,19 @@ def test_gptq_calibrated_int4_checkpoint_beats_rounding_and_int8_is_mesh_indepen
     spec = quant_spec("int4", group=4, calibration="gptq")
     ckpt = convert(STORIES, tmp_path / "gptq", quant=spec, tokenize=tokenize)  # calibrated at conversion
     calibrated = load_model(str(ckpt), make_mesh("1x1"), quant=spec).logits(text)
+    # a float native checkpoint (as the embedded SmolLM2's cache) is calibrated too, not rounded on device
+    float_ckpt = convert(STORIES, tmp_path / "f32")
+    from_float = load_model(str(float_ckpt), make_mesh("1x1"), quant=spec, tokenize=tokenize).logits(text)
+    np.testing.assert_allclose(from_float, calibrated, rtol=1e-5, atol=1e-5)
     rounded = load_model(STORIES, make_mesh("1x1"), quant=quant_spec("int4", group=4)).logits(text)
     assert np.linalg.norm(calibrated - floats) < 0.9 * np.linalg.norm(rounded - floats)
+    awq_spec = quant_spec("int4", group=4, calibration="awq-gptq")
+    with_awq = load_model(STORIES, make_mesh("1x1"), quant=awq_spec, tokenize=tokenize).logits(text)
+    assert np.linalg.norm(with_awq - floats) < 0.9 * np.linalg.norm(rounded - floats)
     # tensor-parallel head and MLP padding (8 heads and 172 MLP over 3 shards) is dead input: the same codes
     # (mesh independence needs no more than two rows of calibration text: a fraction of the time of all 13)
     monkeypatch.setattr(calibrate, "token_rows", functools.partial(calibrate.token_rows, rows=2))
-    spec8 = quant_spec("int8", calibration="gptq")
+    spec8 = quant_spec("int8", calibration="awq-gptq")  # GPTQ after the AWQ fold, which keeps padding at s = 1
     one, three = (
         load_model(STORIES, make_mesh(m), quant=spec8, tokenize=tokenize).logits(text) for m in ("1x1", "1x3")
     )

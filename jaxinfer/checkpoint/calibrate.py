@@ -1,11 +1,14 @@
-"""Calibrated quantization of a loaded float model (`--quantize-calibration gptq`).
+"""Calibrated quantization of a loaded float model (`--quantize-calibration gptq` or `awq-gptq`).
 
 The calibration text (`jaxinfer/quant/calibration_text.txt`, public domain, not the perplexity
 text) is tokenized and run through the model one decoder layer at a time, as GPTQ does: each layer
 runs once with its float weights while a tapping `Projections` records X^T X of every projection's
-input (q, k and v share one, as gate and up do), its projections are quantized by `gptq`, and the
-layer runs again with the quantized weights to give the next layer its input, so later layers
-calibrate on the errors of earlier ones. Embeddings and lm_head are quantized as without calibration.
+input (q, k and v share one, as gate and up do); with `awq-gptq` the layer's AWQ input scales are
+folded in (`jaxinfer.quant.awq`: the norms' scales and up's columns change, the function does not);
+its projections are quantized by `gptq` (with `awq-gptq`, each group's range searched with its inputs'
+activations as weights); and the layer runs again with the quantized weights to give the next layer
+its input, so later layers calibrate on the errors of earlier ones. Embeddings and lm_head are
+quantized as without calibration.
 Every token counts in X^T X, a row's first (an attention sink, its activations hundreds of times the
 others') too: leaving it out let GPTQ wreck it (SmolLM2 down projections: +100% perplexity).
 The weights stay padded to the mesh's layout throughout (padding is dead input to GPTQ), and the
@@ -31,6 +34,7 @@ from jaxinfer.model.attention import DenseCausal
 from jaxinfer.model.forward import ShardedModel
 from jaxinfer.model.llama import DecoderLayer
 from jaxinfer.model.projections import TokenMajor
+from jaxinfer.quant import awq
 from jaxinfer.quant.gptq import gptq, group_starts
 from jaxinfer.quant.quantize import quantize
 from jaxinfer.quant.spec import INPUT_AXES, PROJECTIONS, QuantSpec
@@ -100,9 +104,13 @@ def quantize_calibrated(model: ShardedModel, quant: QuantSpec, tokens: np.ndarra
     x = jnp.take(model.params["embed"], jnp.asarray(tokens), axis=0)
     per_layer: dict[tuple, list] = {}
     for i in range(config.num_layers):
-        layer = jax.tree.map(lambda a, i=i: a[i], stacked)
+        layer = jax.tree.map(lambda a, i=i: np.asarray(a[i]), stacked)
         _, calib = run(layer, x, positions)
         hessians = {name: np.asarray(calib[MODULE_OF[name]][name][0], np.float64) for name in set(HESSIAN_OF.values())}
+        if quant.calibration == "awq-gptq":
+            awq.fold_layer(layer, hessians, quant)
+            for module in ("attn_norm", "mlp_norm"):
+                per_layer.setdefault(("layers", module, "scale"), []).append(layer[module]["scale"])
         for kind in PROJECTIONS:
             wq = quant.get(kind)
             if wq is None:
@@ -111,8 +119,10 @@ def quantize_calibrated(model: ShardedModel, quant: QuantSpec, tokens: np.ndarra
             w = np.asarray(layer[MODULE_OF[kind]][kind], np.float32)
             inputs = INPUT_AXES.get(kind, 1)
             n_in = math.prod(w.shape[:inputs])
+            starts = group_starts(w.shape[:inputs], wq.group)
+            weighted = quant.calibration == "awq-gptq"
             codes, scale, offset, deq = gptq(
-                w.reshape(n_in, -1), hessians[HESSIAN_OF[kind]], wq, group_starts(w.shape[:inputs], wq.group)
+                w.reshape(n_in, -1), hessians[HESSIAN_OF[kind]], wq, starts, weighted_ranges=weighted
             )
             grouped = (w.shape[: inputs - 1]) + (-1,) + w.shape[inputs:]
             parts = [codes.reshape(w.shape), scale.reshape(grouped)] + (
@@ -139,7 +149,12 @@ def quantize_calibrated(model: ShardedModel, quant: QuantSpec, tokens: np.ndarra
             parts = [a for a in quantize(np.asarray(flat[(name,)], np.float32), wq, grouped) if a is not None]
             for p, a in zip(P.quantized_paths((name,), wq), parts):
                 P.set_path(out, p, P.place(a, target[p].sharding, target[p].dtype))
-    log.info("--quantize-calibration gptq: %d layers in %.1fs", config.num_layers, time.perf_counter() - start)
+    log.info(
+        "--quantize-calibration %s: %d layers in %.1fs",
+        quant.calibration,
+        config.num_layers,
+        time.perf_counter() - start,
+    )
     return dataclasses.replace(model, params=out, quant=quant)
 
 

@@ -73,7 +73,9 @@ def load_model(
 def _stored_quantized(spec: str | None) -> bool:
     """Whether `spec` is a native checkpoint that stores quantized weights (restored as they are)."""
     path = pathlib.Path(resolve_source(spec))
-    return orbax_store.is_native_checkpoint(path) and bool(orbax_store.read_manifest(path).get("quant"))
+    if not orbax_store.is_native_checkpoint(path):
+        return False
+    return QuantSpec.from_json(orbax_store.read_manifest(path).get("quant")).enabled  # float ones say label none
 
 
 def _calibrated(spec, mesh, dtype, seed: int, quant: QuantSpec, tokenize: Tokenize | None) -> ShardedModel:

@@ -37,8 +37,9 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--quantize-calibration",
         default="none",
-        help="how int8/int4 projection codes are chosen: none (round to nearest, default) or gptq (GPTQ on a "
-        "built-in public-domain calibration text, at load or convert time: minutes on CPU)",
+        help="how int8/int4 projection codes are chosen: none (round to nearest, default), gptq (GPTQ on a "
+        "built-in public-domain calibration text, at load or convert time: minutes on CPU) or awq-gptq (AWQ-style "
+        "input scales folded into the norms and up, then GPTQ: the best int4 quality)",
     )
 
 

@@ -35,14 +35,22 @@ def group_starts(lengths: tuple[int, ...], group: int) -> np.ndarray:
 
 
 def gptq(
-    w: np.ndarray, hessian: np.ndarray, quant: WeightQuant, starts: np.ndarray, damp: float = DAMP
+    w: np.ndarray,
+    hessian: np.ndarray,
+    quant: WeightQuant,
+    starts: np.ndarray,
+    damp: float = DAMP,
+    weighted_ranges: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
     """w [inputs, outputs], hessian [inputs, inputs] (X^T X, any positive scale), groups starting at
     `starts` -> (codes [inputs, outputs], scale [groups, outputs], offset [groups, outputs] or None,
-    the dequantized weight [inputs, outputs] in float32)."""
+    the dequantized weight [inputs, outputs] in float32). `weighted_ranges`: each group's range is
+    searched for the smallest squared error weighted by its inputs' diag H (llama.cpp's importance
+    matrix), not the plain one."""
     n = w.shape[0]
     w = w.astype(np.float64).copy()
     h = hessian.astype(np.float64).copy()
+    importance = np.diag(h).copy() if weighted_ranges else np.ones(n)
     dead = (np.diag(h) <= 0) | ~np.any(w != 0, axis=1)
     live = np.diag(h)[~dead]
     h[dead, :] = 0
@@ -54,7 +62,7 @@ def gptq(
     group_of = np.searchsorted(starts, np.arange(n), side="right") - 1
     scales, offsets = [], []
     for g0, g1 in zip(starts, ends):
-        _, scale, offset = quantize(w[g0:g1].astype(np.float32), quant, axis=0)
+        _, scale, offset = quantize(w[g0:g1].astype(np.float32), quant, axis=0, importance=importance[g0:g1])
         scales.append(scale[0].astype(np.float64))
         offsets.append(None if offset is None else offset[0].astype(np.float64))
     order = np.argsort(-np.diag(h), kind="stable")  # act order: the most active inputs first

@@ -23,9 +23,13 @@ SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8)  # candidate fractions of a group's range k
 INT8_CLIP = tuple(1.0 - 0.02 * i for i in range(26))  # candidate fractions of max|w| (int8): 1.0 ... 0.5
 
 
-def quantize(w: np.ndarray, quant: WeightQuant, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def quantize(
+    w: np.ndarray, quant: WeightQuant, axis: int, importance: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """float w -> (codes, scale, offset or None) with groups along `axis` (see `WeightQuant`); numpy in,
-    numpy out (codes int8 or uint8), jax in, jax out (codes in the format's dtype)."""
+    numpy out (codes int8 or uint8), jax in, jax out (codes in the format's dtype). `importance` (one
+    value per element along `axis`, e.g. its input's mean square activation) weights the squared error
+    that chooses each group's scale, as llama.cpp's importance matrix does."""
     xp = jnp if isinstance(w, jax.Array) else np
     w = xp.moveaxis(w.astype(xp.float32), axis, -1)
     length = w.shape[-1]
@@ -35,6 +39,8 @@ def quantize(w: np.ndarray, quant: WeightQuant, axis: int) -> tuple[np.ndarray, 
     padded = xp.pad(w, [(0, 0)] * (w.ndim - 1) + [(0, groups * group - length)], mode="edge")
     blocks = padded.reshape(w.shape[:-1] + (groups, group))
     valid = (np.arange(groups * group) < length).reshape(groups, group)  # the last group's padding: no weight
+    if importance is not None:
+        valid = valid * np.pad(np.asarray(importance, np.float64), (0, groups * group - length)).reshape(groups, group)
     if quant.kind == "int8":
         codes, scale, offset = _symmetric(xp, blocks, 127, valid, INT8_CLIP)
     elif quant.kind == "int4":

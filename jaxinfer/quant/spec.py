@@ -21,7 +21,8 @@ from jaxinfer.config import ConfigError, ModelConfig
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 EMBEDDINGS = ("embed", "lm_head")
 MODES = ("none", "int8", "int4")
-CALIBRATIONS = ("none", "gptq")  # how codes are chosen: round to nearest, or GPTQ on calibration text
+# how codes are chosen: round to nearest, GPTQ on calibration text, or GPTQ after AWQ-style input scales
+CALIBRATIONS = ("none", "gptq", "awq-gptq")
 KINDS = {"int8": jnp.int8, "int4": jnp.int4, "uint4": jnp.uint4}
 # the logical axis of a scale's group dimension, by the contraction axis it groups
 GROUP_AXES = {"embed": "embed_groups", "head_dim": "head_dim_groups", "mlp": "mlp_groups"}
