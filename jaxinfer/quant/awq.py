@@ -22,7 +22,7 @@ from jaxinfer.quant.gptq import group_starts
 from jaxinfer.quant.quantize import quantize
 from jaxinfer.quant.spec import QuantSpec, WeightQuant
 
-ALPHAS = (0.0, 0.2, 0.4, 0.6)
+ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 # each fold: what takes 1/s (a norm's scale, or a weight's output columns), the projections whose input
 # rows take s, and the Hessian (by projection name) they share
 FOLDS = (
