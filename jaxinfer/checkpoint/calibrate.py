@@ -103,11 +103,12 @@ def quantize_calibrated(model: ShardedModel, quant: QuantSpec, tokens: np.ndarra
     run = _layer_runner(config, layout, model.dtype)
     x = jnp.take(model.params["embed"], jnp.asarray(tokens), axis=0)
     per_layer: dict[tuple, list] = {}
+    with_awq = quant.calibration == "awq-gptq"
     for i in range(config.num_layers):
         layer = jax.tree.map(lambda a, i=i: np.asarray(a[i]), stacked)
         _, calib = run(layer, x, positions)
         hessians = {name: np.asarray(calib[MODULE_OF[name]][name][0], np.float64) for name in set(HESSIAN_OF.values())}
-        if quant.calibration == "awq-gptq":
+        if with_awq:
             awq.fold_layer(layer, hessians, quant)
             for module in ("attn_norm", "mlp_norm"):
                 per_layer.setdefault(("layers", module, "scale"), []).append(layer[module]["scale"])
@@ -120,9 +121,8 @@ def quantize_calibrated(model: ShardedModel, quant: QuantSpec, tokens: np.ndarra
             inputs = INPUT_AXES.get(kind, 1)
             n_in = math.prod(w.shape[:inputs])
             starts = group_starts(w.shape[:inputs], wq.group)
-            weighted = quant.calibration == "awq-gptq"
             codes, scale, offset, deq = gptq(
-                w.reshape(n_in, -1), hessians[HESSIAN_OF[kind]], wq, starts, weighted_ranges=weighted
+                w.reshape(n_in, -1), hessians[HESSIAN_OF[kind]], wq, starts, weighted_ranges=with_awq
             )
             grouped = (w.shape[: inputs - 1]) + (-1,) + w.shape[inputs:]
             parts = [codes.reshape(w.shape), scale.reshape(grouped)] + (
