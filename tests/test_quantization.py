@@ -269,15 +269,17 @@ def test_awq_fold_keeps_the_float_layer_and_gives_gptq_the_scaled_inputs_hessian
     x = jnp.take(model.params["embed"], jnp.asarray(tokens), axis=0)
     layer = jax.tree.map(lambda a: np.asarray(a[1]), model.params["layers"])
     before, calib = run(layer, x, positions)
-    hessians = {n: np.asarray(calib[calibrate.MODULE_OF[n]][n][0], np.float64) for n in ("q", "o", "gate", "down")}
+    hessians = calibrate.layer_hessians(calib)
     folded = jax.tree.map(np.copy, layer)
     awq.fold_layer(folded, hessians, quant_spec("int4", group=4, calibration="awq-gptq"))
     after, calib = run(folded, x, positions)
     np.testing.assert_allclose(after, before, atol=2e-5 * float(jnp.abs(before).max()))
     for norm in ("attn_norm", "mlp_norm"):
         assert np.abs(folded[norm]["scale"] / layer[norm]["scale"] - 1).max() > 0.05, norm
+    recorded = calibrate.layer_hessians(calib)
+    assert set(recorded) == set(hessians) == {"q", "o", "gate", "down"}
     for n, h in hessians.items():
-        np.testing.assert_allclose(calib[calibrate.MODULE_OF[n]][n][0], h, atol=1e-5 * np.abs(h).max())
+        np.testing.assert_allclose(recorded[n], h, atol=1e-5 * np.abs(h).max())
 
 
 def test_gptq_calibrated_int4_checkpoint_beats_rounding_and_int8_is_mesh_independent(tmp_path, monkeypatch):

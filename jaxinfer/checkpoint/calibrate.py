@@ -107,7 +107,7 @@ def quantize_calibrated(model: ShardedModel, quant: QuantSpec, tokens: np.ndarra
     for i in range(config.num_layers):
         layer = jax.tree.map(lambda a, i=i: np.asarray(a[i]), stacked)
         _, calib = run(layer, x, positions)
-        hessians = {name: np.asarray(calib[MODULE_OF[name]][name][0], np.float64) for name in set(HESSIAN_OF.values())}
+        hessians = layer_hessians(calib)
         if with_awq:
             awq.fold_layer(layer, hessians, quant)
             for module in ("attn_norm", "mlp_norm"):
@@ -156,6 +156,11 @@ def quantize_calibrated(model: ShardedModel, quant: QuantSpec, tokens: np.ndarra
         time.perf_counter() - start,
     )
     return dataclasses.replace(model, params=out, quant=quant)
+
+
+def layer_hessians(calib) -> dict[str, np.ndarray]:
+    """X^T X (float64) of each input a layer run recorded, by the projection that owns it (q, o, gate, down)."""
+    return {name: np.asarray(calib[MODULE_OF[name]][name][0], np.float64) for name in set(HESSIAN_OF.values())}
 
 
 def _layer_runner(config, layout, dtype):

@@ -75,7 +75,7 @@ def _stored_quantized(spec: str | None) -> bool:
     path = pathlib.Path(resolve_source(spec))
     if not orbax_store.is_native_checkpoint(path):
         return False
-    return QuantSpec.from_json(orbax_store.read_manifest(path).get("quant")).enabled  # float ones say label none
+    return orbax_store.manifest_quant(orbax_store.read_manifest(path)).enabled
 
 
 def _calibrated(spec, mesh, dtype, seed: int, quant: QuantSpec, tokenize: Tokenize | None) -> ShardedModel:

@@ -73,6 +73,12 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
+def manifest_quant(manifest: dict) -> QuantSpec:
+    """The weight quantization a native checkpoint's manifest records: disabled for a float checkpoint,
+    whose manifest names the label `none`."""
+    return QuantSpec.from_json(manifest.get("quant"))
+
+
 def restore(
     path: str | os.PathLike, mesh, dtype=None, quant: QuantSpec = NONE
 ) -> tuple[ModelConfig, ModelLayout, P.Params]:
@@ -84,7 +90,7 @@ def restore(
     manifest = read_manifest(path)
     config = ModelConfig.from_hf_config(path / "config.json")
     dtype = jnp.dtype(dtype or manifest["dtype"])
-    stored = QuantSpec.from_json(manifest.get("quant"))
+    stored = manifest_quant(manifest)
     if stored.enabled and stored.to_json() != quant.to_json():
         raise CheckpointError(
             f"{path}: written with --quantize {stored.label} ({stored.describe()}); loaded with --quantize "
