@@ -183,3 +183,37 @@ def test_max_step_tokens_sets_the_largest_bucket(stories):
     assert engine.status().steps_by_bucket[64] >= 1  # four 16-token prompt chunks share one step
     with pytest.raises(ConfigError, match=r"--max-step-tokens 2 must be >= the slots per data shard \(4\)"):
         Engine(models["1x1"], tok, EngineConfig(max_slots=4, max_context=256, max_step_tokens=2))
+
+
+def test_a_failed_read_back_on_a_multi_host_leader_ends_the_cluster(stories):
+    """A step runs asynchronously: when a peer dies inside its collectives, the error surfaces only when
+    process 0 reads the step's tokens back. That read-back must go through the cluster too, which waits
+    for the lost process to be named (a race seen in CI: the raw Gloo error reached the client)."""
+    from jaxinfer.multihost.replica import Replicas
+
+    class FakeCluster:
+        sent, fatal_messages = [], []
+
+        def broadcast(self, kind, meta, arrays):
+            self.sent.append(kind)
+
+        def failed_call(self, message):
+            self.fatal_messages.append(message)
+
+    models, tok = stories
+    engine = make_engine(models["1x1"], tok)
+    cluster = FakeCluster()
+    engine.replicas = Replicas(cluster)
+
+    def collect(pending):
+        raise RuntimeError("Gloo all-reduce failed: Connection reset by peer")
+
+    engine._collect = collect
+    engine.submit(story_request(tok, 0, "Once upon a time", max_tokens=4))
+    engine.step()  # dispatches; nothing to read back yet
+    with pytest.raises(RuntimeError, match="Gloo"):
+        engine.step()
+    assert cluster.sent == ["step", "step"]
+    assert cluster.fatal_messages == [
+        "process 0 failed reading back a step's results: RuntimeError: Gloo all-reduce failed: Connection reset by peer"
+    ]

@@ -212,7 +212,7 @@ class Engine:
             inputs = self._to_device(self.inputs.idle(key))
             with self._replicated("idle", bucket=key):
                 outputs, self.cache, self.state = step(self._params, self.cache, inputs, self.state)
-            outputs.samples.tokens.block_until_ready()
+                outputs.samples.tokens.block_until_ready()
         self.startup.run_s += time.perf_counter() - start
 
     def mark_warm(self) -> None:
@@ -260,10 +260,11 @@ class Engine:
         if self.speculation is not None:
             self.speculation.decide(self.scheduler.running())
         events = []
-        if self._pending is not None and self._pending.needs_readback:
-            events, self._pending = self._collect(self._pending), None
-        dispatched = self._dispatch()
-        events += self._collect(self._pending) if self._pending is not None else []
+        with self._replicated("read-back"):  # a step's failure (a lost process) often shows only here
+            if self._pending is not None and self._pending.needs_readback:
+                events, self._pending = self._collect(self._pending), None
+            dispatched = self._dispatch()
+            events += self._collect(self._pending) if self._pending is not None else []
         self._pending = dispatched
         self._collected_at = self._collected_at if self.has_work() else None  # an idle gap is no step time
         if self.config.strict_no_recompile and self.compilations_after_warmup:
@@ -350,7 +351,8 @@ class Engine:
 
     def _replicated(self, kind: str, arrays: dict | None = None, **meta):
         """Around a device call: a multi-host leader sends it to the other processes first, and a call
-        that fails here after they got it ends the cluster (they would wait in its collectives)."""
+        (or a "read-back" of results, not sent) that fails here ends the cluster (they would wait in
+        its collectives), naming the lost process when one was the cause."""
         return self.replicas.call(kind, meta, arrays) if self.replicas is not None else contextlib.nullcontext()
 
     def _to_device(self, host: dict) -> PackedInputs:

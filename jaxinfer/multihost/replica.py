@@ -26,13 +26,15 @@ class Replicas:
 
     @contextlib.contextmanager
     def call(self, kind: str, meta: dict, arrays: dict | None):
-        self.cluster.broadcast(kind, meta, arrays)
+        """A device call, sent to every worker first; or, for kind "read-back", reading results here
+        (nothing sent), where an asynchronous step's failure surfaces."""
+        if kind != "read-back":
+            self.cluster.broadcast(kind, meta, arrays)
         try:
             yield
         except Exception as e:
-            self.cluster.failed_call(
-                f"process 0 failed the {kind} call the others were making: {type(e).__name__}: {e}"
-            )
+            what = "reading back a step's results" if kind == "read-back" else f"the {kind} call the others were making"
+            self.cluster.failed_call(f"process 0 failed {what}: {type(e).__name__}: {e}")
             raise
 
 
