@@ -87,14 +87,15 @@ INVARIANT = [("int4", 32, True), ("int8", None, False), ("int8", 32, False), ("b
 
 @pytest.mark.parametrize("fmt,group,with_offset", INVARIANT, ids=[f"{f}-g{g}" for f, g, _ in INVARIANT])
 def test_each_token_row_is_independent_of_the_batch_bit_for_bit(fmt, group, with_offset):
-    """Row n of a call on N tokens equals the call on token n alone: tiles of 1, 2 and 3-6 tokens and
-    the 8- and 4-row tiles all compute an element the same way."""
+    """Row n of a call on N tokens equals the call on token n alone: calls of 1-4 tokens (weights read in
+    registers, two tokens a pass), tiles of 3-6 tokens over scratch rows, and the 8- and 4-row tiles all
+    compute an element the same way."""
     rng = np.random.default_rng(1)
     values, scale, offset, _ = make_weight(rng, fmt, 45, 150, group or 150, with_offset)
     x = jnp.asarray(rng.standard_normal((300, 150)), jnp.float32)  # past one 256-token block
     fn = jax.jit(matmul.linear, static_argnames="group")
     full = np.asarray(fn(x, values, scale, offset, group=group))
-    for lo, hi in [(0, 1), (7, 9), (100, 105), (290, 300)]:
+    for lo, hi in [(0, 1), (7, 9), (20, 23), (40, 44), (100, 105), (290, 300)]:
         np.testing.assert_array_equal(np.asarray(fn(x[lo:hi], values, scale, offset, group=group)), full[lo:hi])
 
 

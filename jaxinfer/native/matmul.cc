@@ -3,7 +3,7 @@
 //
 // Why native: XLA:CPU converts a bfloat16 or integer weight to float32 in a separate pass over memory
 // before an f32 dot (bf16 decode ran 8x slower than f32). Here each weight byte is read once per call
-// (per block of up to 256 tokens): for one or two tokens the dot tile decodes the weights in
+// (per block of up to 256 tokens): for up to four tokens the dot tile decodes the weights in
 // registers (matmul_codes.h), for more each block of 8 rows is decoded once into a float32 scratch
 // that stays in cache and serves every token of the block, in dot-product tiles of AVX-512 FMAs
 // (matmul_tiles.h says why not bfloat16 dot instructions). Without AVX-512 (AMD Zen 3, older Intel,
@@ -39,6 +39,7 @@ using jaxinfer::FloatRows;
 namespace {
 
 constexpr int64_t kRowBlock = 8;  // weight rows dequantized together; the widest tile
+constexpr int64_t kRegisterTokens = 4;  // calls of at most this many tokens decode the weights in registers
 // Tiles for more tokens: 6 tokens x 4 rows (24 accumulators of AVX-512's 32 registers); portable, 3 x 4
 // (12 one-vector accumulators, the 3 tokens' vectors and a weight vector: AVX2's 16 registers). Measured
 // on the AVX2 EPYC (SmolLM2's projections, 2026-11-30): 3 x 4 took N = 32 from 144 to 102-108 ms and
@@ -115,6 +116,9 @@ void TileToY(const Problem& p, const Rows& w, int64_t t, int64_t o, int64_t vali
 }
 
 // One or two tokens against rows [o0, o0 + valid), 8 rows a tile (missing rows repeat the first).
+// Three or four tokens take two passes over the same rows: on the 2-core AVX2 EPYC (2026-12-01) a
+// 4-token int8 SmolLM2 step took 1.6-1.8x a one-token step this way against 2.0-2.2x through the float32
+// scratch rows; at 8 tokens (four passes) it was no faster, so the scratch path keeps five and up.
 template <typename Rows>
 void FewTokens(const Problem& p, const Rows& w, int64_t t0, int64_t t1, int64_t o0, int64_t valid) {
   if (t1 - t0 == 1) return TileToY<8, 1>(p, w, t0, o0, valid);
@@ -196,8 +200,11 @@ void RowTiles(const Problem& p, const FloatRows<8>& w, int64_t t, int64_t o0, in
 // x kTileRows rows (fewer tokens at the end).
 void RunBlock(const Problem& p, int64_t t0, int64_t t1, int64_t o0) {
   const int64_t valid = std::min(kRowBlock, p.out - o0);
-  // One or two tokens: the tile reads the weights itself.
-  if (t1 - t0 <= 2 && WithCodeRows(p, o0, valid, [&](const auto& w) { FewTokens(p, w, t0, t1, o0, valid); })) {
+  // Up to kRegisterTokens tokens: the tiles read the weights themselves, two tokens a pass (the block's
+  // codes stay in L1 for the passes after the first).
+  if (t1 - t0 <= kRegisterTokens && WithCodeRows(p, o0, valid, [&](const auto& w) {
+        for (int64_t t = t0; t < t1; t += 2) FewTokens(p, w, t, std::min(t + 2, t1), o0, valid);
+      })) {
     return;
   }
   thread_local std::vector<float> buf;
@@ -294,11 +301,11 @@ void RunProblems(ffi::ThreadPool& pool, const std::vector<Problem>& problems) {
     const int64_t t0 = tb * token_block, t1 = std::min(n, t0 + token_block);
     RunBlock(problems[k], t0, t1, o0);
   };
-  // One or two tokens: each item prefetches the next row block (WithCodeRows), so items go in runs of
+  // Up to four tokens: each item prefetches the next row block (WithCodeRows), so items go in runs of
   // consecutive blocks, about 8 runs a thread, and the prefetched block is mostly read by the core that
   // fetched it. One item at a time, the next block mostly went to the other core: one-token int8 calls
   // ran at 8-15 GB/s, 17-19 GB/s in runs (the head and gate, measured on the 2-core AVX2 EPYC, 2026-11-30).
-  const int64_t run_length = n <= 2 ? items / ((helpers + 1) * 8) : 1;
+  const int64_t run_length = n <= kRegisterTokens ? items / ((helpers + 1) * 8) : 1;
   jaxinfer::ParallelFor(pool, items, helpers, body, run_length);
 }
 

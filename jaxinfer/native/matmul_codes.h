@@ -1,5 +1,5 @@
 // Weight rows read straight from their storage inside the dot tile (matmul_tiles.h's Rows), for calls
-// with one or two tokens: there a round trip through a float32 scratch row costs as much as the dot.
+// with up to four tokens: there a round trip through a float32 scratch row costs as much as the dot.
 // Each Load gives exactly the float32 values DequantizeRow would write (the same fma(code, scale,
 // offset) or code * scale), so the result does not depend on which path a call takes.
 //
