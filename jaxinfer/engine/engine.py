@@ -260,7 +260,8 @@ class Engine:
         if self.speculation is not None:
             self.speculation.decide(self.scheduler.running())
         events = []
-        with self._replicated("read-back"):  # a step's failure (a lost process) often shows only here
+        reading = self.replicas.failures("reading back a step's results") if self.replicas else contextlib.nullcontext()
+        with reading:  # a multi-host step's failure (a lost process) often shows only here
             if self._pending is not None and self._pending.needs_readback:
                 events, self._pending = self._collect(self._pending), None
             dispatched = self._dispatch()
@@ -351,8 +352,7 @@ class Engine:
 
     def _replicated(self, kind: str, arrays: dict | None = None, **meta):
         """Around a device call: a multi-host leader sends it to the other processes first, and a call
-        (or a "read-back" of results, not sent) that fails here ends the cluster (they would wait in
-        its collectives), naming the lost process when one was the cause."""
+        that fails here after they got it ends the cluster (they would wait in its collectives)."""
         return self.replicas.call(kind, meta, arrays) if self.replicas is not None else contextlib.nullcontext()
 
     def _to_device(self, host: dict) -> PackedInputs:

@@ -26,14 +26,19 @@ class Replicas:
 
     @contextlib.contextmanager
     def call(self, kind: str, meta: dict, arrays: dict | None):
-        """A device call, sent to every worker first; or, for kind "read-back", reading results here
-        (nothing sent), where an asynchronous step's failure surfaces."""
-        if kind != "read-back":
-            self.cluster.broadcast(kind, meta, arrays)
+        """A device call: sent to every worker, then made here."""
+        self.cluster.broadcast(kind, meta, arrays)
+        with self.failures(f"the {kind} call the others were making"):
+            yield
+
+    @contextlib.contextmanager
+    def failures(self, what: str):
+        """Around work of process 0 the others depend on (a call they got, or reading a step's results
+        back, where an asynchronous step's failure surfaces): a failure ends the cluster, naming the
+        lost process when one was the cause (`cluster.failed_call`)."""
         try:
             yield
         except Exception as e:
-            what = "reading back a step's results" if kind == "read-back" else f"the {kind} call the others were making"
             self.cluster.failed_call(f"process 0 failed {what}: {type(e).__name__}: {e}")
             raise
 
