@@ -4,7 +4,8 @@ Two layer loops, the same computation:
   * `scan` (the checkpoint layout): layers run under `nn.scan`, so compile time does not grow with
     depth, and every layer parameter carries a leading `layers` axis;
   * `unrolled`: a Python loop over `layers_0 .. layers_{L-1}`, each with its own arrays (and the
-    KV cache a tuple of per-layer arrays).
+    KV cache a tuple of per-layer arrays); each layer is one nested jit (`apply_layer`), traced
+    once per step shape and called L times, which XLA inlines.
 How projection weights are stored and activations laid out is the `projections` object's business
 (`jaxinfer.model.projections`); the module reads top to bottom without knowing the platform.
 Every parameter is declared once, here, with its logical axes; shardings come from
@@ -13,6 +14,7 @@ Every parameter is declared once, here, with its logical axes; shardings come fr
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -150,9 +152,14 @@ class Llama(nn.Module):
         else:
             caches = []
             for i in range(c.num_layers):
-                (x, layer_cache), _ = DecoderLayer(c, lay, self.dtype, proj, name=f"layers_{i}")(
-                    (x, None if cache is None else cache[i]), None, positions, ctx
-                )
+                carry = (x, None if cache is None else cache[i])
+                if self.is_initializing():  # declares layers_{i}'s params
+                    (x, layer_cache), _ = DecoderLayer(c, lay, self.dtype, proj, name=f"layers_{i}")(
+                        carry, None, positions, ctx
+                    )
+                else:
+                    layer = DecoderLayer(c, lay, self.dtype, proj, parent=None)
+                    x, layer_cache = apply_layer(layer, self.variables["params"][f"layers_{i}"], carry, positions, ctx)
                 caches.append(layer_cache)
             cache = None if cache is None else tuple(caches)
         x = proj.leave(x, rows)
@@ -199,6 +206,14 @@ class Llama(nn.Module):
             jnp.einsum("bte,eh->bth", x, head, preferred_element_type=jnp.float32), ids, c.vocab_size
         )
         return project, head
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def apply_layer(layer: DecoderLayer, params, carry, positions, ctx):
+    """One unrolled layer, as a nested jit: JAX traces and lowers it once per step shape and calls it
+    from every layer (XLA inlines the calls, so the compiled step is the same), where a Python loop over
+    the modules would trace all `num_layers` copies."""
+    return layer.apply({"params": params}, carry, None, positions, ctx)[0]
 
 
 def embed_tokens(module: nn.Module, tokens, dtype, quant):
