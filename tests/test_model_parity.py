@@ -124,3 +124,33 @@ def test_unrolled_layout_matches_transformers(hf_models, variant, mesh_name):
         tokens = _tokens(cfg.vocab_size, batch=2, length=length, seed=length)
         err = relative_error(model.logits(tokens), hf_logits(reference, tokens))
         assert err < 1e-4, f"{variant} unrolled on {mesh_name}, {length} tokens: relative error {err:.2e}"
+
+
+def test_unrolled_layers_are_traced_and_lowered_once(hf_models):
+    """The unrolled loop calls one nested jit for every layer (`llama.apply_layer`): a step traces one
+    layer's jaxpr, shared by all its calls, and lowers it to one function, instead of tracing and
+    lowering `num_layers` copies. Its logits are checked against transformers above."""
+    import dataclasses
+
+    import jax
+
+    from jaxinfer.model.attention import DenseCausal
+
+    cfg = VARIANTS["gqa"].replace(num_layers=4)
+    path, _ = hf_models["gqa"]
+    model = load_model(str(path), make_mesh("1x1"), "float32", layer_loop="unrolled")
+    # four layers (the saved model's two, twice), so that layers repeat beyond a pair
+    params = {**model.params, **{f"layers_{i}": model.params[f"layers_{i - 2}"] for i in (2, 3)}}
+    model = dataclasses.replace(model, config=cfg, params=params)
+    tokens = np.asarray(_tokens(cfg.vocab_size), np.int32)
+    positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+
+    def forward(params, tokens, positions):
+        ctx = DenseCausal(positions, model.mesh, False, False)
+        return model.module.apply({"params": params}, tokens, positions, ctx)[0]
+
+    jaxpr = jax.make_jaxpr(forward)(model.params, tokens, positions)
+    layers = [e for e in jaxpr.eqns if e.primitive.name in ("pjit", "jit") and e.params["name"] == "apply_layer"]
+    assert len(layers) == 4 and len({id(e.params["jaxpr"]) for e in layers}) == 1
+    text = jax.jit(forward).lower(model.params, tokens, positions).as_text()
+    assert text.count("func.func private @apply_layer") == 1 and text.count("call @apply_layer") == 4
