@@ -132,9 +132,7 @@ def test_unrolled_layers_are_traced_and_lowered_once(hf_models):
     lowering `num_layers` copies. Its logits are checked against transformers above."""
     import dataclasses
 
-    import jax
-
-    from jaxinfer.model.attention import DenseCausal
+    from jaxinfer.model.forward import _dense_forward
 
     cfg = VARIANTS["gqa"].replace(num_layers=4)
     path, _ = hf_models["gqa"]
@@ -145,12 +143,9 @@ def test_unrolled_layers_are_traced_and_lowered_once(hf_models):
     tokens = np.asarray(_tokens(cfg.vocab_size), np.int32)
     positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
 
-    def forward(params, tokens, positions):
-        ctx = DenseCausal(positions, model.mesh, False, False)
-        return model.module.apply({"params": params}, tokens, positions, ctx)[0]
-
-    jaxpr = jax.make_jaxpr(forward)(model.params, tokens, positions)
-    layers = [e for e in jaxpr.eqns if e.primitive.name in ("pjit", "jit") and e.params["name"] == "apply_layer"]
+    forward = _dense_forward(model.module, model.mesh, False, False)  # what `ShardedModel.logits` runs
+    traced = forward.trace(model.params, tokens, positions)
+    layers = [e for e in traced.jaxpr.eqns if e.primitive.name in ("pjit", "jit") and e.params["name"] == "apply_layer"]
     assert len(layers) == 4 and len({id(e.params["jaxpr"]) for e in layers}) == 1
-    text = jax.jit(forward).lower(model.params, tokens, positions).as_text()
+    text = traced.lower().as_text()
     assert text.count("func.func private @apply_layer") == 1 and text.count("call @apply_layer") == 4

@@ -151,14 +151,12 @@ class Llama(nn.Module):
             )
         else:
             caches = []
+            layer = DecoderLayer(c, lay, self.dtype, proj, parent=None)  # unbound: every layer's params fit it
             for i in range(c.num_layers):
                 carry = (x, None if cache is None else cache[i])
                 if self.is_initializing():  # declares layers_{i}'s params
-                    (x, layer_cache), _ = DecoderLayer(c, lay, self.dtype, proj, name=f"layers_{i}")(
-                        carry, None, positions, ctx
-                    )
+                    (x, layer_cache), _ = layer.clone(parent=self, name=f"layers_{i}")(carry, None, positions, ctx)
                 else:
-                    layer = DecoderLayer(c, lay, self.dtype, proj, parent=None)
                     x, layer_cache = apply_layer(layer, self.variables["params"][f"layers_{i}"], carry, positions, ctx)
                 caches.append(layer_cache)
             cache = None if cache is None else tuple(caches)
