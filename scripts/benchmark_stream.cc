@@ -1,0 +1,119 @@
+// The memory's ceiling for a one-token int8 linear layer on this CPU, outside XLA (AVX2 + FMA, x86):
+//
+//   g++ -O3 -march=native -std=c++17 -pthread scripts/benchmark_stream.cc -o /tmp/benchmark_stream
+//   /tmp/benchmark_stream
+//
+// Over 105 MiB of int8 weights (30 SmolLM2 layers' worth, so they come from DRAM), medians of 15:
+//   * a plain int8 sum on 1 and 2 threads: what the memory gives a stream right now;
+//   * the one-token dot products in the native kernel's style (8 rows of 576 inputs side by side, 16
+//     inputs a step, int8 -> float32, FMAs) over 512 KiB in L2: what one core computes;
+//   * the same over DRAM on 1 and 2 threads, with the rows stored row-major (as jaxinfer stores them)
+//     or blocked (a block's 8 rows interleaved 16 bytes at a time: one sequential stream), and software
+//     prefetch 0, 1 or 2 row blocks ahead.
+// Compare its figures with `scripts/benchmark_matmul.py --n 1 --paths native-int8` in the same hour:
+// shared machines' memory speed varies by the hour (docs/PERFORMANCE.md).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <thread>
+#include <vector>
+
+namespace {
+
+constexpr int kInputs = 576;
+constexpr int kRepeats = 15;
+
+__m256 Load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Row blocks [b0, b1) of 8 rows against x; blocked: each block stored [input / 16][row][16].
+void Gemv(const int8_t* w, const float* x, int64_t b0, int64_t b1, bool blocked, int prefetch, float* y) {
+  for (int64_t b = b0; b < b1; ++b) {
+    __m256 acc[8];
+    for (auto& a : acc) a = _mm256_setzero_ps();
+    const int8_t* block = w + b * 8 * kInputs;
+    const char* next = prefetch && b + prefetch < b1 ? reinterpret_cast<const char*>(w + (b + prefetch) * 8 * kInputs)
+                                                     : nullptr;
+    for (int k = 0; k < kInputs; k += 16) {
+      if (next) {  // 128 bytes of the block ahead per step: all of it over the block
+        __builtin_prefetch(next + k / 16 * 128);
+        __builtin_prefetch(next + k / 16 * 128 + 64);
+      }
+      const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+      for (int j = 0; j < 8; ++j) {
+        const int8_t* p = blocked ? block + k / 16 * 128 + j * 16 : block + j * kInputs + k;
+        acc[j] = _mm256_fmadd_ps(x0, Load8(p), acc[j]);
+        acc[j] = _mm256_fmadd_ps(x1, Load8(p + 8), acc[j]);
+      }
+    }
+    for (int j = 0; j < 8; ++j) {
+      float lanes[8];
+      _mm256_storeu_ps(lanes, acc[j]);
+      float sum = 0;
+      for (float v : lanes) sum += v;
+      y[b * 8 + j] = sum;
+    }
+  }
+}
+
+int64_t Sum(const int8_t* w, int64_t first, int64_t last) {
+  __m256i s = _mm256_setzero_si256();
+  for (int64_t i = first; i + 32 <= last; i += 32) {
+    s = _mm256_add_epi8(s, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i)));
+  }
+  int64_t r[4];
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(r), s);
+  return r[0] + r[1] + r[2] + r[3];
+}
+
+// The median seconds of `kRepeats` runs of work(thread, threads) on `threads` threads.
+template <typename Work>
+double Median(int threads, Work work) {
+  std::vector<double> times;
+  for (int rep = 0; rep < kRepeats; ++rep) {
+    const auto start = std::chrono::steady_clock::now();
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t) pool.emplace_back([&, t] { work(t, threads); });
+    for (auto& th : pool) th.join();
+    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+}  // namespace
+
+int main() {
+  const int64_t blocks = (105l << 20) / (8 * kInputs), bytes = blocks * 8 * kInputs;
+  auto* w = static_cast<int8_t*>(std::aligned_alloc(64, bytes));
+  for (int64_t i = 0; i < bytes; ++i) w[i] = static_cast<int8_t>(i * 7);
+  std::vector<float> x(kInputs, 0.5f), y(blocks * 8);
+  volatile int64_t sink = 0;
+  for (int threads : {1, 2}) {
+    const double s = Median(threads, [&](int t, int n) { sink = sink + Sum(w, bytes * t / n, bytes * (t + 1) / n); });
+    std::printf("plain int8 sum, %d thread(s)             %6.1f GB/s\n", threads, bytes / s / 1e9);
+  }
+  const int64_t l2_blocks = (512 << 10) / (8 * kInputs);
+  double in_l2 = Median(1, [&](int, int) {
+    for (int rep = 0; rep < 100; ++rep) Gemv(w, x.data(), 0, l2_blocks, false, 1, y.data());
+  });
+  std::printf("one-token GEMV in L2, 1 thread           %6.1f GB/s\n", 100.0 * l2_blocks * 8 * kInputs / in_l2 / 1e9);
+  for (int threads : {1, 2}) {
+    for (int prefetch : {0, 1, 2}) {
+      for (bool blocked : {false, true}) {
+        const double s = Median(threads, [&](int t, int n) {
+          Gemv(w, x.data(), blocks * t / n, blocks * (t + 1) / n, blocked, prefetch, y.data());
+        });
+        std::printf("one-token GEMV, %d thread(s), prefetch %d, %-9s %6.1f GB/s\n", threads, prefetch,
+                    blocked ? "blocked" : "row-major", bytes / s / 1e9);
+      }
+    }
+  }
+  std::free(w);
+  return 0;
+}
