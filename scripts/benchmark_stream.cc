@@ -95,17 +95,15 @@ double Median(int threads, Work work) {
   return times[times.size() / 2];
 }
 
-// SmolLM2's 120 one-token calls a step (per layer: q/k/v 960 rows, o 576, gate/up 3,072, all of 576
-// inputs; down 576 rows of 1,536), each split between the caller and one helper thread that spins for
-// work (the cheapest hand-off there is): `runs` 0 gives each thread one contiguous half of a call's row
-// blocks, else blocks are claimed from a shared counter in runs of `runs` (negative: about -runs runs
-// a thread). Returns seconds a step.
+// One weight's one-token call: its row blocks of 8 rows, `inputs` long.
 struct Call {
   const int8_t* w;
   int64_t blocks;
   int inputs;
 };
 
+// SmolLM2's 120 one-token calls a step, laid out one after another from w (per layer: q/k/v 960 rows,
+// o 576, gate/up 3,072, all of 576 inputs; down 576 rows of 1,536).
 std::vector<Call> SmolLM2Calls(const int8_t* w) {
   std::vector<Call> calls;
   int64_t at = 0;
@@ -124,6 +122,10 @@ void PrefetchShare(const Call& c, int thread, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
 }
 
+// Seconds a step of `calls`, each split between the caller and one helper thread that spins for work
+// (the cheapest hand-off there is): `runs` 0 gives each thread one contiguous half of a call's row
+// blocks (and with `ahead_bytes`, each thread then prefetches the start of its half of the next call),
+// else blocks are claimed from a shared counter in runs of `runs` (negative: about -runs runs a thread).
 double StepsAsCalls(const std::vector<Call>& calls, const float* x, float* y, int runs, int steps,
                     int64_t ahead_bytes = 0) {
   std::atomic<int64_t> generation{0}, next{0}, done{0};
@@ -204,15 +206,12 @@ int main() {
   const auto calls = SmolLM2Calls(w);
   int64_t step_bytes = 0;
   for (const Call& c : calls) step_bytes += c.blocks * 8 * c.inputs;
-  for (int runs : {0, 1, 4, -8, -2, -1}) {
+  const std::pair<int, const char*> splits[] = {
+      {0, "contiguous halves"}, {1, "blocks one at a time"},         {4, "runs of 4 blocks"},
+      {-8, "8 runs a thread (jaxinfer's)"}, {-2, "2 runs a thread"}, {-1, "1 run a thread (claimed)"}};
+  for (const auto& [runs, label] : splits) {
     const double s = StepsAsCalls(calls, x.data(), y.data(), runs, 31);
-    std::printf("SmolLM2's 120 calls a step, 2 threads, %s %6.1f GB/s (%.2f ms a step)\n",
-                runs == 0   ? "contiguous halves           "
-                : runs == 1 ? "blocks one at a time        "
-                : runs == 4 ? "runs of 4 blocks            "
-                : runs == -8 ? "8 runs a thread (jaxinfer's)"
-                : runs == -2 ? "2 runs a thread             "
-                             : "1 run a thread (claimed)    ",
+    std::printf("SmolLM2's 120 calls a step, 2 threads, %-28s %6.1f GB/s (%.2f ms a step)\n", label,
                 step_bytes / s / 1e9, s * 1e3);
   }
   for (int64_t ahead : {4 << 10, 16 << 10, 64 << 10}) {  // each thread's next share started early
