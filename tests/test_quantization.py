@@ -121,7 +121,8 @@ def test_uint4_groups_with_a_short_last_group_beat_plain_min_max():
 
 def test_device_quantizer_and_dequantization_equal_the_host_ones():
     w = np.random.default_rng(3).standard_normal((64, 3, 40)).astype(np.float32)
-    for wq in (WeightQuant("int8", 1 << 30), WeightQuant("uint4", 16, offset=True)):
+    # every format, symmetric int4 (one scale candidate, no search) too
+    for wq in (WeightQuant("int8", 1 << 30), WeightQuant("uint4", 16, offset=True), WeightQuant("int4", 16)):
         host = quantize(w, wq, axis=2)
         device = quantize(jax.numpy.asarray(w), wq, axis=2)
         assert (host[2] is None) == (device[2] is None)

@@ -74,7 +74,7 @@ def _symmetric(xp, blocks, qmax: int, valid, clips=(1.0,)):
         return xp.where(wins, new[0], best[0]), xp.minimum(new[1], best[1])
 
     best = candidate(clips[0])
-    if xp is jnp:
+    if xp is jnp and len(clips) > 1:
         rest = jnp.asarray(clips[1:], jnp.float32)
         best = jax.lax.fori_loop(0, len(clips) - 1, lambda i, b: better_of(b, candidate(rest[i])), best)
     else:
