@@ -10,6 +10,7 @@ in tests/test_reference_models.py (it shares that module's transformers model).
 import json
 import math
 
+import jax
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -121,10 +122,29 @@ def float32_smollm2(data_dir):
     return model, text, score(model, load_tokenizer(model.tokenizer_path).encode(text), **WINDOW)
 
 
-# Weight quantization's bounds are measured, not tested here (docs/PERFORMANCE.md, "Weight quantization"):
-# each evaluation costs about a minute of the suite. Per-channel int8 (searched scales, embeddings too) is
-# +0.54% (bound 1%: met); int4 with groups of 128 is not met, rounded or GPTQ-calibrated (its float32
-# weights are GGUF Q4_1 blocks of 32 expanded; re-quantized in groups of 32 they come back unchanged).
+@pytest.mark.slow
+def test_int8_weight_perplexity_within_one_percent(float32_smollm2):
+    """`--quantize int8` (per channel, searched scales, embeddings too: the default) through the engine, as
+    `jaxinfer.eval.perplexity --quantize int8` scores it: within 1% of float32 (measured +0.54%; plain absmax
+    scales gave +1.28%). int4's 5% bound is not met and not tested (docs/PERFORMANCE.md, "Weight
+    quantization": its float32 weights are GGUF Q4_1 blocks of 32 expanded, which groups of 128 re-quantize
+    coarsely)."""
+    from jaxinfer.checkpoint.load import load_model
+    from jaxinfer.eval.perplexity import score
+    from jaxinfer.quant.spec import quant_spec
+    from jaxinfer.sharding import make_mesh
+    from jaxinfer.tokenizer import load_tokenizer
+
+    model, text, base = float32_smollm2
+    int8 = load_model(None, make_mesh("1x1"), "float32", quant=quant_spec("int8"))
+    codes = [a for a in jax.tree.leaves(int8.params) if a.dtype == np.int8]
+    assert int8.quant.label == "int8" and sum(a.size for a in codes) > 100_000_000  # the weights are int8 codes
+    ours = score(int8, load_tokenizer(int8.tokenizer_path).encode(text), **WINDOW)
+    assert ours.tokens == base.tokens
+    assert ours.perplexity != base.perplexity and abs(ours.perplexity / base.perplexity - 1) <= 0.01, (
+        ours.perplexity,
+        base.perplexity,
+    )
 
 
 @pytest.mark.slow
