@@ -324,6 +324,7 @@ def build_engine(args, serve_early: bool = False, cluster=None):
     from jaxinfer.engine import compile_counter
 
     spec = resolve_mesh(args.mesh)
+    quant = spec_from_args(args)  # bad quantization flags are refused before any device work
     compile_counter.install()  # from the first compile on, so the summary's total is complete
     if args.compile_cache:
         from jaxinfer.compilation.cache import use_compile_cache
@@ -348,7 +349,7 @@ def build_engine(args, serve_early: bool = False, cluster=None):
         from jaxinfer.checkpoint.load import parse_dtype, resolve_source
 
         ident = params_cache.identity(
-            resolve_source(args.model), mesh, parse_dtype(args.dtype), policy.layer_loop, spec_from_args(args)
+            resolve_source(args.model), mesh, parse_dtype(args.dtype), policy.layer_loop, quant
         )
         model = params_cache.load(args.compile_cache, ident, mesh) if ident else None
     how = "loaded from --compile-cache" if model is not None else "loaded"
@@ -361,7 +362,7 @@ def build_engine(args, serve_early: bool = False, cluster=None):
                 mesh,
                 args.dtype,
                 layer_loop=policy.layer_loop,
-                quant=spec_from_args(args),
+                quant=quant,
                 tokenize=tokenize,
             )
         if peak.bytes is not None:
