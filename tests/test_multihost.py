@@ -90,6 +90,10 @@ def test_flags_single_process_and_refusals():
     spec = parse("--coordinator", "10.0.0.2:1234", "--num-processes", "4", "--process-id", "3")
     assert (spec.coordinator, spec.num_processes, spec.process_id) == ("10.0.0.2:1234", 4, 3)
     assert parse("--coordinator", "auto").coordinator is None  # JAX's cluster detection
+    defaults = parse("--coordinator", "auto")
+    assert (defaults.heartbeat_timeout, defaults.startup_timeout) == (10.0, 300.0)
+    given = parse("--coordinator", "auto", "--heartbeat-timeout", "3", "--startup-timeout", "60")
+    assert (given.heartbeat_timeout, given.startup_timeout) == (3.0, 60.0)
     bad = {
         ("--num-processes", "2"): "--num-processes 2: needs --coordinator",
         ("--coordinator", "host"): "--coordinator host: expected HOST:PORT",
@@ -97,6 +101,10 @@ def test_flags_single_process_and_refusals():
         ("--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"): "--process-id 2: must be in [0, 1]",
         ("--coordinator", "h:1", "--num-processes", "0", "--process-id", "0"): "--num-processes 0: must be >= 1",
         ("--coordinator", "auto", "--heartbeat-timeout", "0"): "--heartbeat-timeout 0: must be > 0",
+        ("--coordinator", "auto", "--startup-timeout", "-3"): "--startup-timeout -3: must be > 0",
+        # one process has no heartbeats or joining: a timeout given there would be silently unused
+        ("--heartbeat-timeout", "-1"): "--heartbeat-timeout -1.0: needs --coordinator",
+        ("--startup-timeout", "60"): "--startup-timeout 60.0: needs --coordinator",
     }
     for argv, message in bad.items():
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):

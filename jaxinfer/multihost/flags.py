@@ -8,6 +8,7 @@ import dataclasses
 from jaxinfer.config import ConfigError
 
 AUTO = "auto"
+DEFAULT_TIMEOUTS = {"heartbeat_timeout": 10.0, "startup_timeout": 300.0}  # seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,14 +45,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--heartbeat-timeout",
         type=float,
-        default=10.0,
-        help="seconds without a heartbeat before a process counts as lost and every process exits",
+        default=None,
+        help=f"seconds without a heartbeat before a process counts as lost and every process exits "
+        f"(default {DEFAULT_TIMEOUTS['heartbeat_timeout']:g})",
     )
     g.add_argument(
         "--startup-timeout",
         type=float,
-        default=300.0,
-        help="seconds to wait for every process to join at start-up",
+        default=None,
+        help=f"seconds to wait for every process to join at start-up (default {DEFAULT_TIMEOUTS['startup_timeout']:g})",
     )
 
 
@@ -60,7 +62,12 @@ def multihost_spec(args) -> MultihostSpec | None:
     coordinator = getattr(args, "coordinator", None)
     n, pid = getattr(args, "num_processes", None), getattr(args, "process_id", None)
     if coordinator is None:
-        for flag, value in (("--num-processes", n), ("--process-id", pid), ("--control-port", args.control_port)):
+        timeouts = [(f"--{name.replace('_', '-')}", getattr(args, name, None)) for name in DEFAULT_TIMEOUTS]
+        for flag, value in [
+            ("--num-processes", n),
+            ("--process-id", pid),
+            ("--control-port", args.control_port),
+        ] + timeouts:
             if value is not None:
                 raise ConfigError(f"{flag} {value}: needs --coordinator HOST:PORT (or --coordinator auto)")
         return None
@@ -76,14 +83,18 @@ def multihost_spec(args) -> MultihostSpec | None:
         raise ConfigError(f"--process-id {pid}: must be in [0, {(n or 1) - 1}] for --num-processes {n}")
     if args.control_port is not None and not 0 < args.control_port <= 65535:
         raise ConfigError(f"--control-port {args.control_port}: must be in [1, 65535]")
-    for flag in ("heartbeat_timeout", "startup_timeout"):
-        if not getattr(args, flag) > 0:
-            raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag):g}: must be > 0")
+    timeouts = {
+        name: default if getattr(args, name) is None else getattr(args, name)
+        for name, default in DEFAULT_TIMEOUTS.items()
+    }
+    for name, value in timeouts.items():
+        if not value > 0:
+            raise ConfigError(f"--{name.replace('_', '-')} {value:g}: must be > 0")
     return MultihostSpec(
         None if coordinator == AUTO else coordinator,
         n,
         pid,
         args.control_port,
-        args.heartbeat_timeout,
-        args.startup_timeout,
+        timeouts["heartbeat_timeout"],
+        timeouts["startup_timeout"],
     )
