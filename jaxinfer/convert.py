@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import pathlib
 
 from jaxinfer.cli_common import setup_logging, tokenize, user_errors
 from jaxinfer.quant.flags import add_quant_args, spec_from_args
@@ -17,7 +18,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     with user_errors("jaxinfer.convert"):
+        from jaxinfer.config import ConfigError
         from jaxinfer.sharding import ensure_host_devices
+
+        if pathlib.Path(args.dst).exists() and not pathlib.Path(args.dst).is_dir():
+            raise ConfigError(f"{args.dst}: exists and is not a directory (DST is the checkpoint's directory)")
 
         ensure_host_devices(1)
         from jaxinfer.checkpoint.load import convert

@@ -74,3 +74,17 @@ def test_corrupt_native_checkpoint_is_a_clear_error(converted, tmp_path):
     shutil.rmtree(broken / "params")
     with pytest.raises(CheckpointError, match="broken/params: cannot restore checkpoint"):
         load_model(str(broken), make_mesh("1x1"))
+
+
+def test_convert_into_an_existing_file_is_one_line_and_exit_2(converted, tmp_path, capsys):
+    from jaxinfer.convert import main
+
+    hf_dir, _ = converted
+    taken = tmp_path / "taken.txt"
+    taken.write_text("not a checkpoint directory")
+    with pytest.raises(SystemExit) as e:
+        main([str(hf_dir), str(taken)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert f"{taken}: exists and is not a directory" in err
+    assert taken.read_text() == "not a checkpoint directory"

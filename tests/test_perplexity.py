@@ -87,6 +87,7 @@ def test_cli_equals_dense_forward(stories, data_dir, tmp_path, capsys):
     [
         (["--window", "1"], "--window 1 must be >= 2"),
         (["--window", "8", "--stride", "9"], "--stride 9 must be in [1, --window 8]"),
+        (["--stride", "0"], "--stride 0 must be >= 1"),  # no --window: its default is the model's to decide
         (["--prefill-chunk", "0"], "--prefill-chunk 0 must be >= 1"),
         (["--text", "/nonexistent.txt"], "--text /nonexistent.txt: no such file"),
         (["--model", "/nonexistent"], "--model /nonexistent: no such file or directory"),

@@ -82,7 +82,8 @@ def check_options(window: int | None, stride: int | None, prefill_chunk: int = 1
     if window is not None and window < 2:
         raise ConfigError(f"--window {window} must be >= 2 (a window scores the tokens after its first)")
     if stride is not None and not 1 <= stride <= (window or stride):
-        raise ConfigError(f"--stride {stride} must be in [1, --window {window}]")
+        limit = f"in [1, --window {window}]" if window is not None else ">= 1"
+        raise ConfigError(f"--stride {stride} must be {limit}")
     if prefill_chunk < 1:
         raise ConfigError(f"--prefill-chunk {prefill_chunk} must be >= 1")
     if max_slots < 1:
