@@ -217,10 +217,10 @@ def engine_config(args, model_limit: int):
     )
 
 
-def check_paths(args, inputs: tuple[str, ...] = ()) -> None:
+def check_paths(args, inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = ()) -> None:
     """Refuses, before anything loads, a --model or --tokenizer path that does not exist, a
-    --compile-cache that is not a directory, any of `inputs` (flag names) that is not a file, and an
-    unknown --kv-dtype."""
+    --compile-cache that is not a directory, any of `inputs` (flag names) that is not a file, any of
+    `outputs` that cannot be written (so no finished work is lost at the end), and an unknown --kv-dtype."""
     from jaxinfer.checkpoint.default_model import DEFAULT_MODEL
     from jaxinfer.config import PRESETS
     from jaxinfer.engine.config import check_kv_dtype
@@ -252,6 +252,12 @@ def check_paths(args, inputs: tuple[str, ...] = ()) -> None:
         path = getattr(args, flag.lstrip("-").replace("-", "_"))
         if path is not None and not os.path.isfile(path):
             raise ConfigError(f"{flag} {path}: no such file")
+    for flag in outputs:
+        path = getattr(args, flag.lstrip("-").replace("-", "_"))
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if path and (os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK)):
+            what = "is a directory" if os.path.isdir(path) else f"cannot write a file in {folder}"
+            raise ConfigError(f"{flag} {path}: {what}")
 
 
 def read_chat_template(path: str) -> str:

@@ -178,7 +178,8 @@ def main(argv=None) -> int:
     with user_errors("jaxinfer.run", (OSError,)):
         from jaxinfer.engine.requests import SamplingParams
 
-        check_paths(args, inputs=("--input",))  # fail fast, before loading anything
+        writes = args.process_id in (None, 0)  # process 0 writes --output (others of a mesh may lack its folder)
+        check_paths(args, inputs=("--input",), outputs=("--output",) if writes else ())  # before loading anything
         SamplingParams(**default_sampling(args)).validate()
         cluster = join_cluster(args)
         with cluster_scope(cluster, "jaxinfer.run"):

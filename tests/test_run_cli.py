@@ -46,6 +46,12 @@ def errors(stderr):
             "(its 8 pages over 2 sequence shards)",
         ),
         (["--input", "missing.jsonl"], "--input missing.jsonl: no such file"),
+        # an --output that cannot be written is refused before the job runs, not after (its results lost)
+        (["--input", "examples/prompts.jsonl", "--output", "/tmp"], "--output /tmp: is a directory"),
+        (
+            ["--input", "examples/prompts.jsonl", "--output", "/nonexistent/out.jsonl"],
+            "--output /nonexistent/out.jsonl: cannot write a file in /nonexistent",
+        ),
         (["--tokenizer", "/nonexistent/tok.model"], "--tokenizer /nonexistent/tok.model: no such file or directory"),
     ],
 )
