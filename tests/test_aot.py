@@ -276,6 +276,19 @@ def test_bad_mesh_for_topology_is_a_one_line_error(tpu_available):
     assert "has 4 devices but topology v5e:2x4 has 8 chips" in err
 
 
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--device-memory-gib", "-1", "--plan-only"], "--device-memory-gib -1: must be > 0"),
+        (["--out", "README.md"], "--out README.md: exists and is not a directory"),  # refused before compiling
+    ],
+)
+def test_bad_aot_flags_are_one_line_and_exit_2(flags, message):
+    code, _, err = aot(["--model", "tiny", "--topology", "v5e:2x4", "--mesh", "2x4", *flags])
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and "Traceback" not in err and len(lines) == 1 and message in lines[0], err[-2000:]
+
+
 def test_host_plan_counts_replicas_once_in_host_ram_but_per_chip_in_hbm(tpu_available):
     """data=16: every chip holds the whole (tiny) model; a host's 4 chips hold 4 copies in HBM, and its
     process reads one copy."""
