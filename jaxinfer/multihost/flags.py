@@ -62,12 +62,9 @@ def multihost_spec(args) -> MultihostSpec | None:
     coordinator = getattr(args, "coordinator", None)
     n, pid = getattr(args, "num_processes", None), getattr(args, "process_id", None)
     if coordinator is None:
-        timeouts = [(f"--{name.replace('_', '-')}", getattr(args, name, None)) for name in DEFAULT_TIMEOUTS]
-        for flag, value in [
-            ("--num-processes", n),
-            ("--process-id", pid),
-            ("--control-port", args.control_port),
-        ] + timeouts:
+        given = [("--num-processes", n), ("--process-id", pid), ("--control-port", args.control_port)]
+        given += [(f"--{name.replace('_', '-')}", getattr(args, name, None)) for name in DEFAULT_TIMEOUTS]
+        for flag, value in given:
             if value is not None:
                 raise ConfigError(f"{flag} {value}: needs --coordinator HOST:PORT (or --coordinator auto)")
         return None
