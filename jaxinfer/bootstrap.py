@@ -2,7 +2,7 @@
 
 The batch job, the server and the AOT tool declare the shared flags with `add_model_args`; the batch
 job and the server start their engine with `build_engine`, the AOT tool builds the same
-`EngineConfig` with `engine_config`. Each front end checks the paths it was given (`check_paths`)
+`EngineConfig` with `engine_config`. Each front end checks the paths it was given (`cli_common.check_paths`)
 before anything is loaded, and a mesh the engine cannot serve is refused before the model is read.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import time
 
 from jaxinfer.config import ConfigError
@@ -215,49 +214,6 @@ def engine_config(args, model_limit: int):
         speculative_adaptive=args.speculative_adaptive,
         kv_dtype=args.kv_dtype,
     )
-
-
-def check_paths(args, inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = ()) -> None:
-    """Refuses, before anything loads, a --model or --tokenizer path that does not exist, a
-    --compile-cache that is not a directory, any of `inputs` (flag names) that is not a file, any of
-    `outputs` that cannot be written (so no finished work is lost at the end), and an unknown --kv-dtype."""
-    from jaxinfer.checkpoint.default_model import DEFAULT_MODEL
-    from jaxinfer.config import PRESETS
-    from jaxinfer.engine.config import check_kv_dtype
-
-    check_kv_dtype(getattr(args, "kv_dtype", "auto"))
-
-    model = getattr(args, "model", None)
-    if model and model not in PRESETS and model != DEFAULT_MODEL and not os.path.exists(model):
-        raise ConfigError(
-            f"--model {model}: no such file or directory, and not a preset (presets: {', '.join(sorted(PRESETS))})"
-        )
-    if getattr(args, "tokenizer", None) and not os.path.exists(args.tokenizer):
-        raise ConfigError(f"--tokenizer {args.tokenizer}: no such file or directory")
-    template = getattr(args, "chat_template", None)
-    if template and not os.path.isfile(template):
-        raise ConfigError(f"--chat-template {template}: no such file")
-    draft = getattr(args, "draft_model", None)
-    mode = getattr(args, "speculative", "none")
-    if draft and mode != "draft":
-        raise ConfigError(f"--draft-model {draft}: needs --speculative draft (it is {mode})")
-    if mode == "draft" and not draft:
-        raise ConfigError("--speculative draft: needs --draft-model PATH (a model with the same tokenizer)")
-    if draft and draft not in PRESETS and not os.path.exists(draft):
-        raise ConfigError(f"--draft-model {draft}: no such file or directory, and not a preset")
-    cache = getattr(args, "compile_cache", None)
-    if cache and os.path.exists(cache) and not os.path.isdir(cache):
-        raise ConfigError(f"--compile-cache {cache}: exists and is not a directory")
-    for flag in inputs:
-        path = getattr(args, flag.lstrip("-").replace("-", "_"))
-        if path is not None and not os.path.isfile(path):
-            raise ConfigError(f"{flag} {path}: no such file")
-    for flag in outputs:
-        path = getattr(args, flag.lstrip("-").replace("-", "_"))
-        folder = os.path.dirname(os.path.abspath(path)) if path else None
-        if path and (os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK)):
-            what = "is a directory" if os.path.isdir(path) else f"cannot write a file in {folder}"
-            raise ConfigError(f"{flag} {path}: {what}")
 
 
 def read_chat_template(path: str) -> str:

@@ -17,8 +17,8 @@ import json
 import sys
 import time
 
-from jaxinfer.bootstrap import add_model_args, build_engine, check_paths, cluster_scope, join_cluster
-from jaxinfer.cli_common import setup_logging, user_errors
+from jaxinfer.bootstrap import add_model_args, build_engine, cluster_scope, join_cluster
+from jaxinfer.cli_common import check_paths, setup_logging, user_errors
 
 BUILTIN_PROMPTS = [
     "What is the capital of France?",

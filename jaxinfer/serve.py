@@ -20,8 +20,8 @@ import signal
 import sys
 import threading
 
-from jaxinfer.bootstrap import add_model_args, build_engine, check_paths, cluster_scope, join_cluster
-from jaxinfer.cli_common import setup_logging, user_errors
+from jaxinfer.bootstrap import add_model_args, build_engine, cluster_scope, join_cluster
+from jaxinfer.cli_common import check_paths, setup_logging, user_errors
 
 log = logging.getLogger("jaxinfer.serve")
 

@@ -46,6 +46,7 @@ def errors(stderr):
             "(its 8 pages over 2 sequence shards)",
         ),
         (["--input", "missing.jsonl"], "--input missing.jsonl: no such file"),
+        (["--compile-cache", "README.md"], "--compile-cache README.md: exists and is not a directory"),
         # an --output that cannot be written is refused before the job runs, not after (its results lost)
         (["--input", "examples/prompts.jsonl", "--output", "/tmp"], "--output /tmp: is a directory"),
         (

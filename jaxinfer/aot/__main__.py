@@ -72,8 +72,6 @@ def main(argv=None) -> int:
             executables = manifest.load_executables(args.check)
             print(f"{args.check}: matches this system; {len(executables)} executables loaded")
             return 0
-        if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
-            raise ConfigError(f"--out {args.out}: exists and is not a directory")
         if args.device_memory_gib is not None and not args.device_memory_gib > 0:
             raise ConfigError(f"--device-memory-gib {args.device_memory_gib:g}: must be > 0")
         if args.topology not in ("gpu", "tpu"):
@@ -97,8 +95,9 @@ def run(args) -> int:
     import numpy as np
 
     from jaxinfer import platform as platforms
-    from jaxinfer.bootstrap import check_paths, engine_config
+    from jaxinfer.bootstrap import engine_config
     from jaxinfer.checkpoint.load import parse_dtype
+    from jaxinfer.cli_common import check_paths
     from jaxinfer.compilation import hosts, manifest, plan, target
     from jaxinfer.compilation import steps as aot_compile
     from jaxinfer.compilation.cache import persistent_cache_bypassed
@@ -109,7 +108,7 @@ def run(args) -> int:
     from jaxinfer.quant.spec import check_fits
     from jaxinfer.sharding import MESH_AXES, per_device_bytes
 
-    check_paths(args)
+    check_paths(args, folders=("--out",))
     tgt, spec = target.resolve(args.topology, args.mesh, args.device_memory_gib)
     if args.out:
         from jaxinfer.compilation.cache import use_compile_cache

@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     setup_logging(args.verbose)
     with user_errors("jaxinfer.distill", (OSError,)):
         s = settings(args)
-        from jaxinfer.bootstrap import check_paths
+        from jaxinfer.cli_common import check_paths
         from jaxinfer.sharding import ensure_host_devices
 
         check_paths(args)  # a --model path that does not exist, before anything loads

@@ -228,7 +228,8 @@ def main(argv=None) -> dict:
         quant = spec_from_args(args)
         engine = {"attention": args.attention} | ({"kv_dtype": args.kv_dtype} if args.kv_dtype else {})
         _require("EngineConfig", engine, supports_engine_option)
-        from jaxinfer.bootstrap import check_paths, resolve_mesh
+        from jaxinfer.bootstrap import resolve_mesh
+        from jaxinfer.cli_common import check_paths
         from jaxinfer.sharding import make_mesh
 
         check_paths(args)
