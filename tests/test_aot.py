@@ -280,6 +280,7 @@ def test_bad_mesh_for_topology_is_a_one_line_error(tpu_available):
     "flags,message",
     [
         (["--device-memory-gib", "-1", "--plan-only"], "--device-memory-gib -1: must be > 0"),
+        (["--device-memory-gib", "0", "--plan-only"], "--device-memory-gib 0: must be > 0"),  # not "the default"
         (["--out", "README.md"], "--out README.md: exists and is not a directory"),  # refused before compiling
     ],
 )

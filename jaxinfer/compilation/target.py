@@ -64,6 +64,8 @@ def default_mesh(topology: str) -> MeshSpec:
 
 def resolve(topology: str | None, mesh: str | None, memory_gib: float | None) -> tuple[Target, MeshSpec]:
     """Devices and memory for `--topology`/`--mesh`; a preset mesh with a topology implies the topology."""
+    if memory_gib is not None and not memory_gib > 0:
+        raise MeshError(f"--device-memory-gib {memory_gib:g}: must be > 0")
     spec = parse_mesh(mesh) if mesh else None
     topology = topology or (spec.topology if spec else None)
     if not topology:
