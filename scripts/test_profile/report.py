@@ -26,10 +26,20 @@ def load(folder: str):
             tests[nodeid].update(
                 child_compile=0.0, children=0, hits=t.get("hits", 0), window=(w["pid"], t["start"], t["end"])
             )
-    for c in children:  # the test of its parent worker that was running when it started
+    parent = {r["pid"]: r["parent"] for r in records}
+    worker_pids = {w["pid"] for w in workers}
+
+    def worker_of(record) -> int | None:
+        """The pytest worker a process descends from (a server a notebook kernel started: the kernel's)."""
+        pid = record["parent"]
+        while pid not in worker_pids and pid in parent:
+            pid = parent[pid]
+        return pid if pid in worker_pids else None
+
+    for c in children:  # the test of the worker it descends from that was running when it started
         for t in tests.values():
             pid, start, end = t["window"]
-            if c["parent"] == pid and start <= c["start"] <= end:
+            if worker_of(c) == pid and start <= c["start"] <= end:
                 t["child_compile"] += c["totals"].get(COMPILE, 0.0)
                 t["hits"] += c["counts"].get(HITS, 0)
                 t["children"] += 1

@@ -1,5 +1,6 @@
 """Where `make test`'s time goes: JAX's compile phases per test, in every process the suite starts.
 
+    rm -rf /tmp/jaxinfer-test-profile                # records of an earlier run would mix in
     PYTHONPATH=scripts/test_profile PYTEST_ADDOPTS="-p test_profile_plugin" make test
     python scripts/test_profile/report.py            # per module, then the costliest tests
 
@@ -9,7 +10,7 @@ own duration events (tracing, lowering to MLIR, the backend compile, persistent-
 importing JAX itself, and writes them, with the process's parent and lifetime, to
 $JAXINFER_TEST_PROFILE (default /tmp/jaxinfer-test-profile)/<pid>.json at exit. The pytest plugin
 (`test_profile_plugin.py`) adds each test's window and its share of the worker's own totals; the
-report gives a child process's totals to the test of its parent worker that was running meanwhile.
+report gives a process's totals to the test that was running in the worker it descends from when it started.
 """
 
 import atexit
