@@ -2,7 +2,7 @@
 
 Per module and per test: wall time (the test's window, setup to teardown), JAX backend compile
 seconds in the worker and in the processes the test started (each compile thread counted: a
-pipelined warm-up compiles on a pool), persistent-cache hits, and lowering to MLIR."""
+pipelined warm-up compiles on a pool), persistent-cache hits, and lowering to MLIR (worker and children)."""
 
 import argparse
 import collections
@@ -41,6 +41,7 @@ def load(folder: str):
             pid, start, end = t["window"]
             if worker_of(c) == pid and start <= c["start"] <= end:
                 t["child_compile"] += c["totals"].get(COMPILE, 0.0)
+                t["lower"] += c["totals"].get(LOWER, 0.0)
                 t["hits"] += c["counts"].get(HITS, 0)
                 t["children"] += 1
                 break
