@@ -9,6 +9,7 @@ import collections
 import glob
 import json
 import os
+import pathlib
 
 COMPILE = "/jax/core/compile/backend_compile_duration"
 LOWER = "/jax/core/compile/jaxpr_to_mlir_module_duration"
@@ -16,7 +17,7 @@ HITS = "/jax/compilation_cache/cache_hits"
 
 
 def load(folder: str):
-    records = [json.load(open(p)) for p in glob.glob(os.path.join(folder, "*.json"))]
+    records = [json.loads(pathlib.Path(p).read_text()) for p in glob.glob(os.path.join(folder, "*.json"))]
     workers = [r for r in records if r["tests"]]
     children = [r for r in records if not r["tests"]]
     tests = {}
