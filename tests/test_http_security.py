@@ -19,6 +19,8 @@ from test_server import SP, ServerProcess, wait_until
 
 from jaxinfer.proto import jaxinfer_pb2 as pb
 from jaxinfer.proto import jaxinfer_pb2_grpc
+from jaxinfer.serve import main as serve_main
+from tests.cli_inprocess import run_main
 
 KEY = "s3cret-key"
 AUTH = [("authorization", f"Bearer {KEY}")]
@@ -160,19 +162,25 @@ def test_sigterm_health_503_while_in_flight_requests_drain(server, https):
     assert server.proc.wait(timeout=30) == 0 and "SIGTERM: draining" in server.log()
 
 
-@pytest.mark.parametrize(
-    "flags,message",
-    [
-        (["--tls-cert", "README.md"], "--tls-cert needs --tls-key too"),
-        (["--tls-cert", "README.md", "--tls-key", "README.md"], "--tls-cert README.md: not a PEM file"),
-        (["--tls-cert", "nope.pem", "--tls-key", "README.md"], "--tls-cert nope.pem: no such file"),
-        (["--http-port", "70000"], "--http-port 70000 must be in [0, 65535]"),
-        (["--max-body-bytes", "0"], "--max-body-bytes 0 must be >= 1"),
-        (["--chat-template", "nope.jinja"], "--chat-template nope.jinja: no such file"),
-        (["--api-key", " "], "--api-key is empty"),
-    ],
-)
-def test_wrong_flags_are_one_line_and_exit_2(flags, message):
-    proc = subprocess.run([sys.executable, "-m", "jaxinfer.serve", *flags], capture_output=True, text=True, timeout=60)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"jaxinfer.serve: error: {message}"), lines
+WRONG_FLAGS = [
+    (["--tls-cert", "README.md"], "--tls-cert needs --tls-key too"),
+    (["--tls-cert", "README.md", "--tls-key", "README.md"], "--tls-cert README.md: not a PEM file"),
+    (["--tls-cert", "nope.pem", "--tls-key", "README.md"], "--tls-cert nope.pem: no such file"),
+    (["--http-port", "70000"], "--http-port 70000 must be in [0, 65535]"),
+    (["--max-body-bytes", "0"], "--max-body-bytes 0 must be >= 1"),
+    (["--chat-template", "nope.jinja"], "--chat-template nope.jinja: no such file"),
+    (["--api-key", " "], "--api-key is empty"),
+]
+
+
+@pytest.mark.parametrize("flags,message", WRONG_FLAGS)
+def test_wrong_flags_are_one_line_and_exit_2(flags, message, capfd):
+    if flags == WRONG_FLAGS[0][0]:  # a real process; the others in this one (tests/cli_inprocess.py)
+        proc = subprocess.run(
+            [sys.executable, "-m", "jaxinfer.serve", *flags], capture_output=True, text=True, timeout=60
+        )
+        code, stderr = proc.returncode, proc.stderr
+    else:
+        code, _, stderr = run_main(serve_main, flags, capfd)
+    lines = stderr.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"jaxinfer.serve: error: {message}"), lines

@@ -6,6 +6,9 @@ import sys
 
 import pytest
 
+from jaxinfer.run import main
+from tests.cli_inprocess import run_main
+
 STORIES = [  # one device: the CLI's behaviour, not sharding, is under test here (2x4 is covered elsewhere)
     "--model",
     "tests/data/stories260K/stories260K.bin",
@@ -31,33 +34,34 @@ def errors(stderr):
     return [line for line in stderr.splitlines() if "error:" in line]
 
 
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (["--top-p", "1.5"], "top_p=1.5 must be in (0, 1]"),
-        (["--top-p", "0"], "top_p=0.0 must be in (0, 1]"),
-        (["--temperature", "-1"], "temperature=-1.0 must be a number >= 0"),
-        (["--mesh", "2x"], "--mesh '2x': expected DATAxTENSOR"),
-        (["--mesh", "data=2,model=4"], "unknown axis 'model'"),
-        (["--model", "/nonexistent/model.gguf"], "/nonexistent/model.gguf: no such file or directory"),
-        (
-            [*STORIES, "--mesh", "1x2x4", "--kv-pages", "3"],  # the last --mesh wins
-            "--kv-pages 3 is below the 4 pages per shard one request of --max-context 128 needs "
-            "(its 8 pages over 2 sequence shards)",
-        ),
-        (["--input", "missing.jsonl"], "--input missing.jsonl: no such file"),
-        (["--compile-cache", "README.md"], "--compile-cache README.md: exists and is not a directory"),
-        # an --output that cannot be written is refused before the job runs, not after (its results lost)
-        (["--input", "examples/prompts.jsonl", "--output", "/tmp"], "--output /tmp: is a directory"),
-        (
-            ["--input", "examples/prompts.jsonl", "--output", "/nonexistent/out.jsonl"],
-            "--output /nonexistent/out.jsonl: cannot write a file in /nonexistent",
-        ),
-        (["--tokenizer", "/nonexistent/tok.model"], "--tokenizer /nonexistent/tok.model: no such file or directory"),
-    ],
-)
-def test_bad_flags_give_one_line_and_exit_2(args, message):
-    code, _, stderr = run(args)
+BAD_FLAGS = [
+    (["--top-p", "1.5"], "top_p=1.5 must be in (0, 1]"),
+    (["--top-p", "0"], "top_p=0.0 must be in (0, 1]"),
+    (["--temperature", "-1"], "temperature=-1.0 must be a number >= 0"),
+    (["--mesh", "2x"], "--mesh '2x': expected DATAxTENSOR"),
+    (["--mesh", "data=2,model=4"], "unknown axis 'model'"),
+    (["--model", "/nonexistent/model.gguf"], "/nonexistent/model.gguf: no such file or directory"),
+    (
+        [*STORIES, "--mesh", "1x2x4", "--kv-pages", "3"],  # the last --mesh wins
+        "--kv-pages 3 is below the 4 pages per shard one request of --max-context 128 needs "
+        "(its 8 pages over 2 sequence shards)",
+    ),
+    (["--input", "missing.jsonl"], "--input missing.jsonl: no such file"),
+    (["--compile-cache", "README.md"], "--compile-cache README.md: exists and is not a directory"),
+    # an --output that cannot be written is refused before the job runs, not after (its results lost)
+    (["--input", "examples/prompts.jsonl", "--output", "/tmp"], "--output /tmp: is a directory"),
+    (
+        ["--input", "examples/prompts.jsonl", "--output", "/nonexistent/out.jsonl"],
+        "--output /nonexistent/out.jsonl: cannot write a file in /nonexistent",
+    ),
+    (["--tokenizer", "/nonexistent/tok.model"], "--tokenizer /nonexistent/tok.model: no such file or directory"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_FLAGS)
+def test_bad_flags_give_one_line_and_exit_2(args, message, capfd):
+    # the first case as a real process, the others in this one (tests/cli_inprocess.py)
+    code, _, stderr = run(args) if args == BAD_FLAGS[0][0] else run_main(main, args, capfd)
     assert "start-up" not in stderr, "refused before any step is compiled"  # (not timed: machines differ 2x)
     assert code == 2
     assert "Traceback" not in stderr
