@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
+
 import numpy as np
+
+SESSION_CACHE = pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache"
 
 
 def save_random_hf_llama(config, path, seed: int = 0, dtype: str = "float32", head_scale: float = 1.0):
@@ -53,3 +59,39 @@ def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
 def relative_error(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def transformers_from_gguf(gguf_path: str):
+    """transformers' float32 model of the GGUF at `gguf_path`, as its own GGUF loader dequantizes it.
+
+    The loader parses the file in Python (its tensor-name maps and the 49k-entry vocabulary): 45-80 s for
+    SmolLM2 on two cores, and two modules need it. The first call of a session keeps what it built (the
+    model's config, less its GGUF quantization note, and its state dict, torch.save'd beside the suite's
+    compile cache, keyed by transformers' version and the file's size and time). Later calls, from
+    either xdist worker, build the same transformers model from that copy in seconds: the same tensors,
+    still transformers' own dequantization. (transformers refuses to `save_pretrained` a GGUF model.)
+    """
+    import fcntl
+
+    import torch
+    import transformers
+
+    stat = os.stat(gguf_path)
+    name = f"{pathlib.Path(gguf_path).stem}-transformers-{transformers.__version__}-{stat.st_size}-{stat.st_mtime_ns}"
+    saved = SESSION_CACHE / f"{name}.pt"
+    SESSION_CACHE.mkdir(exist_ok=True)
+    with open(SESSION_CACHE / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other worker waits for the one copy instead of parsing too
+        if not saved.exists():
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=torch.float32
+            )
+            config = {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}  # "gguf"
+            torch.save({"config": json.dumps(config), "state": model.state_dict()}, f"{saved}.partial")
+            os.replace(f"{saved}.partial", saved)
+            return model.eval()
+    kept = torch.load(saved, weights_only=True)
+    config = transformers.AutoConfig.for_model(**json.loads(kept["config"]))
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(kept["state"], strict=True)
+    return model.eval()

@@ -19,6 +19,7 @@ import pytest
 from jaxinfer.checkpoint.errors import CheckpointError
 from jaxinfer.checkpoint.open_source import open_source
 from jaxinfer.checkpoint.source import TensorSource, canonical_names
+from tests.hf_reference import transformers_from_gguf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -205,10 +206,7 @@ def smollm2():
         path = smollm2_gguf_path()
     except CheckpointError as e:
         pytest.skip(str(e))
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
-    )
-    return path, model
+    return path, transformers_from_gguf(path)
 
 
 @pytest.mark.slow

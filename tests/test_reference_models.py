@@ -20,7 +20,7 @@ from jaxinfer.engine.requests import Request, SamplingParams
 from jaxinfer.sharding import make_mesh
 from jaxinfer.tokenizer import load_tokenizer
 from tests.dense_greedy import greedy_dense
-from tests.hf_reference import hf_greedy, relative_error
+from tests.hf_reference import hf_greedy, relative_error, transformers_from_gguf
 
 # llama2.c README, `./run stories260K/stories260K.bin -z stories260K/tok512.bin -t 0.0`
 STORIES_PUBLISHED = (
@@ -55,14 +55,8 @@ def smollm2_2x4():
 
 @pytest.fixture(scope="module")
 def smollm2_hf():
-    import torch
-    import transformers
-
     path = smollm2_gguf()
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
-    ).eval()
-    return path, model
+    return path, transformers_from_gguf(path)
 
 
 def test_smollm2_logits_match_transformers_gguf_loader(smollm2_2x4, smollm2_hf):
