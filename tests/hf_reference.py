@@ -65,11 +65,12 @@ def transformers_from_gguf(gguf_path: str):
     """transformers' float32 model of the GGUF at `gguf_path`, as its own GGUF loader dequantizes it.
 
     The loader parses the file in Python (its tensor-name maps and the 49k-entry vocabulary): 45-80 s for
-    SmolLM2 on two cores, and two modules need it. The first call of a session keeps what it built (the
-    model's config, less its GGUF quantization note, and its state dict, torch.save'd beside the suite's
-    compile cache, keyed by transformers' version and the file's size and time). Later calls, from
-    either xdist worker, build the same transformers model from that copy in seconds: the same tensors,
-    still transformers' own dequantization. (transformers refuses to `save_pretrained` a GGUF model.)
+    SmolLM2 on two cores, and two modules need it. The first call in a checkout keeps what it built (the
+    model's config, less its GGUF quantization note, and its state dict, torch.save'd in .pytest_cache
+    beside the suite's compile cache, keyed by transformers' version and the file's size and time).
+    Later calls, from either xdist worker or a later run, build the same transformers model from that
+    copy in seconds: the same tensors, still transformers' own dequantization. (transformers refuses to
+    `save_pretrained` a model loaded from GGUF.)
     """
     import fcntl
 

@@ -1,4 +1,5 @@
-"""The batch job as users run it: a subprocess, real model, JSONL in and out, clear one-line errors."""
+"""The batch job as users run it: a subprocess, real model, JSONL in and out, clear one-line errors (the
+refused flags' table runs all but its first case in the worker: tests/cli_inprocess.py)."""
 
 import json
 import subprocess
