@@ -10,8 +10,19 @@ have failed the process.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
+import subprocess
 import sys
+
+
+def run_front_end(module: str, argv: list[str], capfd, in_process: bool, timeout: float = 300):
+    """(exit status, stdout, stderr) of `python -m module argv`: a real process, or with `in_process` its
+    `main(argv)` in this one (`run_main`)."""
+    if in_process:
+        return run_main(importlib.import_module(module).main, argv, capfd)
+    proc = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 def run_main(main, argv: list[str], capfd) -> tuple[int, str, str]:

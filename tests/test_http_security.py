@@ -19,8 +19,7 @@ from test_server import SP, ServerProcess, wait_until
 
 from jaxinfer.proto import jaxinfer_pb2 as pb
 from jaxinfer.proto import jaxinfer_pb2_grpc
-from jaxinfer.serve import main as serve_main
-from tests.cli_inprocess import run_main
+from tests.cli_inprocess import run_front_end
 
 KEY = "s3cret-key"
 AUTH = [("authorization", f"Bearer {KEY}")]
@@ -175,12 +174,7 @@ WRONG_FLAGS = [
 
 @pytest.mark.parametrize("flags,message", WRONG_FLAGS)
 def test_wrong_flags_are_one_line_and_exit_2(flags, message, capfd):
-    if flags == WRONG_FLAGS[0][0]:  # a real process; the others in this one (tests/cli_inprocess.py)
-        proc = subprocess.run(
-            [sys.executable, "-m", "jaxinfer.serve", *flags], capture_output=True, text=True, timeout=60
-        )
-        code, stderr = proc.returncode, proc.stderr
-    else:
-        code, _, stderr = run_main(serve_main, flags, capfd)
+    # the first case as a real process, the others in this one (tests/cli_inprocess.py)
+    code, _, stderr = run_front_end("jaxinfer.serve", flags, capfd, in_process=flags != WRONG_FLAGS[0][0], timeout=60)
     lines = stderr.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith(f"jaxinfer.serve: error: {message}"), lines

@@ -4,8 +4,6 @@ meshes, and the refusals."""
 
 import functools
 import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -19,9 +17,8 @@ from jaxinfer.quant.arrays import QWeight
 from jaxinfer.quant.gptq import gptq, group_starts
 from jaxinfer.quant.quantize import quantize
 from jaxinfer.quant.spec import QuantSpec, WeightQuant, quant_spec
-from jaxinfer.run import main as batch_job_main
 from jaxinfer.sharding import make_mesh
-from tests.cli_inprocess import run_main
+from tests.cli_inprocess import run_front_end
 
 STORIES = "tests/data/stories260K/stories260K.bin"
 TOKENIZER = pathlib.Path("tests/data/stories260K/tok512.bin")
@@ -346,13 +343,10 @@ def test_group_that_straddles_a_tensor_shard_is_refused():
 )
 def test_bad_quantization_flags_get_one_line_and_exit_2(extra, message, flags_alone, capfd):
     argv = ["--model", STORIES, "--mesh", "1x1", "--prompt", "x", *extra]
-    if extra == ["--quantize", "int3"]:  # a real process; the others in this one (tests/cli_inprocess.py)
-        proc = subprocess.run(
-            [sys.executable, "-m", "jaxinfer.run", *argv], capture_output=True, text=True, timeout=120
-        )
-        code, stderr = proc.returncode, proc.stderr
-    else:
-        code, _, stderr = run_main(batch_job_main, argv, capfd)
+    # the first case as a real process, the others in this one (tests/cli_inprocess.py)
+    code, _, stderr = run_front_end(
+        "jaxinfer.run", argv, capfd, in_process=extra != ["--quantize", "int3"], timeout=120
+    )
     assert code == 2, stderr
     assert message in stderr and "Traceback" not in stderr
     if flags_alone:

@@ -2,13 +2,10 @@
 refused flags' table runs all but its first case in the worker: tests/cli_inprocess.py)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from jaxinfer.run import main
-from tests.cli_inprocess import run_main
+from tests.cli_inprocess import run_front_end
 
 STORIES = [  # one device: the CLI's behaviour, not sharding, is under test here (2x4 is covered elsewhere)
     "--model",
@@ -25,10 +22,7 @@ STORIES = [  # one device: the CLI's behaviour, not sharding, is under test here
 
 
 def run(args, timeout=300):
-    proc = subprocess.run(
-        [sys.executable, "-m", "jaxinfer.run", *args], capture_output=True, text=True, timeout=timeout
-    )
-    return proc.returncode, proc.stdout, proc.stderr
+    return run_front_end("jaxinfer.run", args, None, in_process=False, timeout=timeout)
 
 
 def errors(stderr):
@@ -62,7 +56,7 @@ BAD_FLAGS = [
 @pytest.mark.parametrize("args,message", BAD_FLAGS)
 def test_bad_flags_give_one_line_and_exit_2(args, message, capfd):
     # the first case as a real process, the others in this one (tests/cli_inprocess.py)
-    code, _, stderr = run(args) if args == BAD_FLAGS[0][0] else run_main(main, args, capfd)
+    code, _, stderr = run_front_end("jaxinfer.run", args, capfd, in_process=args != BAD_FLAGS[0][0])
     assert "start-up" not in stderr, "refused before any step is compiled"  # (not timed: machines differ 2x)
     assert code == 2
     assert "Traceback" not in stderr
