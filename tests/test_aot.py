@@ -116,7 +116,7 @@ def test_tiny_compiles_for_v5e_2x4_and_manifest_records_it(tmp_path, tpu_availab
 
 def test_llama3_8b_on_v5e_2x4_fits_with_weights_split_over_tensor(tmp_path, tpu_available):
     # 64 slots at 2k context; one bucket, the smallest (the CLI default is all): the figures checked here do not
-    # depend on which, and the 8-token step compiled in 25 s of CPU here against 42 s for the 32-token one
+    # depend on which, and the run with the 8-token step took 28 s of CPU here against 42 s with the 32-token one
     code, out, err = aot(
         [
             "--model",
