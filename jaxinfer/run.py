@@ -70,7 +70,7 @@ def read_requests(args, engine):
             items = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
     else:
         items = [(n, json.dumps({"prompt": text})) for n, text in enumerate(args.prompt or BUILTIN_PROMPTS, 1)]
-    out = []
+    out, first_line = [], {}  # request id -> the line that gave it first
     for n, line in items:
         where = f"line {n}: " if args.input else f"prompt {n}: "
         rid = str(n - 1)
@@ -82,6 +82,8 @@ def read_requests(args, engine):
             if not isinstance(obj, dict):
                 raise RequestError(f"{where}expected a JSON object, got {type(obj).__name__}")
             rid = str(obj.pop("id", rid))
+            if rid in first_line:  # results are matched to requests by id: a second one would never finish
+                raise RequestError(f'{where}"id" {rid!r} repeats line {first_line[rid]}\'s: each request needs its own')
             prompt, messages = obj.pop("prompt", None), obj.pop("messages", None)
             req = builder.build(
                 rid,
@@ -98,6 +100,7 @@ def read_requests(args, engine):
         except RequestError as e:
             msg = str(e) if str(e).startswith(where) else where + str(e)
             out.append((rid, None, msg))
+        first_line.setdefault(rid, n)  # a line refused keeps its id too: its record carries it
     return out
 
 

@@ -85,6 +85,8 @@ def test_jsonl_bad_lines_are_reported_and_others_run(tmp_path):
                 "logprobs": True,
             }
         ),
+        json.dumps({"id": "good", "prompt": "Hi"}),  # each record is matched to its request by id
+        json.dumps({"id": "1", "prompt": "Hi"}),  # line 2's id: a refused line's record keeps its default id
     ]
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("\n".join(lines) + "\n")
@@ -99,7 +101,11 @@ def test_jsonl_bad_lines_are_reported_and_others_run(tmp_path):
         "line 6: prompt: the prompt is" in e and "above the limit of 127" in e and "--truncate" in e for e in errs
     )
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["id"] for r in records] == ["good", "1", "2", "3", "4", "long", "sampled", "7", "8", "scored"]
+    ids = ["good", "1", "2", "3", "4", "long", "sampled", "7", "8", "scored", "good", "1"]
+    assert [r["id"] for r in records] == ids
+    assert any("""line 11: "id" 'good' repeats line 1's: each request needs its own""" in e for e in errs)
+    assert any("""line 12: "id" '1' repeats line 2's""" in e for e in errs)
+    assert all("error" in r for r in records[10:])
     good = records[0]
     assert good["text"].startswith(", there was a little girl named Lily")
     assert good["finish_reason"] == "length" and good["usage"]["completion_tokens"] == 12
