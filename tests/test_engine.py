@@ -8,7 +8,7 @@ import pytest
 from jaxinfer.checkpoint.load import load_model
 from jaxinfer.config import ConfigError
 from jaxinfer.engine.engine import Engine, EngineConfig
-from jaxinfer.engine.requests import Request, SamplingParams
+from jaxinfer.engine.requests import Request, RequestError, SamplingParams
 from jaxinfer.sharding import make_mesh
 from tests.dense_greedy import greedy_dense_rows
 
@@ -107,6 +107,21 @@ def test_preemption_is_invisible(stories):
     assert tight.status().preemptions > 0
     assert [r.token_ids for r in got] == expected
     assert tight.status().pages_used == 0  # every page returned
+
+
+def test_a_request_id_in_flight_is_refused_and_the_first_request_keeps_it(stories):
+    """Results are matched to requests by id: a second request with the id of one in flight would replace
+    its output stream and never finish (the batch job spun a core on a repeated JSONL id)."""
+    models, tok = stories
+    engine = Engine(models["1x1"], tok, EngineConfig(max_slots=2, max_context=256))  # no step runs: no compile
+    first = story_request(tok, 9, "The cat", max_tokens=5)
+    engine.submit(first)
+    with pytest.raises(RequestError, match="request id 'r9' is already in flight"):
+        engine.submit(story_request(tok, 9, "The dog", max_tokens=5))
+    assert engine.scheduler.find("r9").request is first
+    assert engine.cancel("r9").finish_reason == "cancelled" and not engine.has_work()
+    engine.submit(story_request(tok, 9, "The dog", max_tokens=5))  # no longer in flight: the id is free
+    assert engine.scheduler.find("r9").request.prompt_ids != first.prompt_ids
 
 
 def test_continuous_batching_refills_slots(stories):

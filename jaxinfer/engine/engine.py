@@ -35,7 +35,7 @@ from jaxinfer.engine.output import OutputStream
 from jaxinfer.engine.packed_inputs import PackedInputs, abstract_inputs, input_sharding
 from jaxinfer.engine.prefix_cache import model_salt
 from jaxinfer.engine.readback import PendingStep, pending_step, read_prompt_logprobs, read_samples
-from jaxinfer.engine.requests import Event, Request, Result
+from jaxinfer.engine.requests import Event, Request, RequestError, Result
 from jaxinfer.engine.sampler_state import RowSetter, allocate_state, penalty_rows
 from jaxinfer.engine.scheduler import Scheduler, SchedulerLimits, Sequence, StepPlan
 from jaxinfer.engine.speculation import Speculation
@@ -238,11 +238,12 @@ class Engine:
         return compile_counter.count() - self._compiles_at_warmup
 
     def submit(self, request: Request) -> None:
-        """Queues a request that the request builder validated. One without a seed gets one from the
-        OS, reported in its result, so a sampled output can always be reproduced."""
-        seed = request.params.seed if request.params.seed is not None else secrets.randbits(32)
+        """Queues a request that the request builder validated; its id must not be in flight. One without
+        a seed gets one from the OS, reported in its result, so a sampled output can always be reproduced."""
+        if request.id in self._streams:  # results are matched to requests by id: a second would never finish
+            raise RequestError(f"request id {request.id!r} is already in flight")
         eos = tuple(self.model.config.eos_token_ids if self.tokenizer is None else self.tokenizer.eos_ids)
-        seq = Sequence(request, seed)
+        seq = Sequence(request, request.params.seed if request.params.seed is not None else secrets.randbits(32))
         self._streams[request.id] = OutputStream(seq, self.tokenizer, eos, self.config.max_context)
         self.scheduler.add(seq)
 
@@ -276,10 +277,9 @@ class Engine:
 
     def generate(self, requests: Iterable[Request], on_event=None) -> list[Result]:
         """Runs `requests` to completion; results in input order."""
-        order = []
+        requests = list(requests)
         for req in requests:
             self.submit(req)
-            order.append(req.id)
         results = {}
         while self.has_work():
             for ev in self.step():
@@ -287,7 +287,7 @@ class Engine:
                     on_event(ev)
                 if ev.result is not None:
                     results[ev.request_id] = ev.result
-        return [results[i] for i in order]
+        return [results[req.id] for req in requests]
 
     def status(self) -> EngineStatus:
         return engine_status(self)
