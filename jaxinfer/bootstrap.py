@@ -56,6 +56,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="tokens per data shard per step (default: max(--prefill-chunk, slots per shard))",
     )
+    e.add_argument(
+        "--min-bucket",
+        type=int,
+        default=None,
+        help="the smallest step shape, in tokens per data shard (default: the platform's, 1 on CPU, 8 on TPU "
+        "and GPU); a larger one compiles fewer shapes at start-up and pads small steps up to it",
+    )
     e.add_argument("--page-size", type=int, default=16)
     e.add_argument("--kv-pages", type=int, default=None, help="KV pages per (data, sequence) shard, i.e. per device")
     e.add_argument("--kv-memory-fraction", type=float, default=None)
@@ -203,6 +210,7 @@ def engine_config(args, model_limit: int):
         max_context=max_context,
         prefill_chunk=args.prefill_chunk,
         max_step_tokens=args.max_step_tokens,
+        min_bucket=args.min_bucket,
         kv_pages=args.kv_pages,
         kv_memory_fraction=args.kv_memory_fraction,
         attention=args.attention,
@@ -303,7 +311,7 @@ def build_engine(args, serve_early: bool = False, cluster=None):
 
     mesh = make_mesh(spec or parse_mesh(str(len(jax.devices()))))
     log.info("%s", describe(mesh))
-    policy = platforms.for_mesh(mesh, args.attention, args.layer_loop)
+    policy = platforms.for_mesh(mesh, args.attention, args.layer_loop, args.min_bucket)
     start = time.perf_counter()
     model = ident = None
     if args.compile_cache:  # the parameters as the engine runs them, from an earlier start

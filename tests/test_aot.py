@@ -12,11 +12,17 @@ import pytest
 from jaxinfer.compilation import manifest as aot_manifest
 from jaxinfer.config import get_preset
 from jaxinfer.engine.config import EngineConfig, token_buckets
+from tests.cli_inprocess import run_front_end
 
 STORIES = "tests/data/stories260K/stories260K.bin"
 
 
-def aot(args, timeout=300):
+def aot(args, timeout=300, capfd=None):
+    """(exit status, stdout, stderr) of scripts/aot_compile.py; with `capfd`, of its `main` in this process
+    (tests/cli_inprocess.py), for runs that write nothing (a plan, a refusal): a process start with libtpu
+    costs 5-7 s."""
+    if capfd is not None:
+        return run_front_end("jaxinfer.aot.__main__", args, capfd, in_process=True)
     proc = subprocess.run(
         [sys.executable, "scripts/aot_compile.py", *args], capture_output=True, text=True, timeout=timeout
     )
@@ -150,7 +156,7 @@ def test_llama3_8b_on_v5e_2x4_fits_with_weights_split_over_tensor(tmp_path, tpu_
     assert "FITS" in out and "| weights | 4015529984 |" in out
 
 
-def test_llama3_70b_on_v5e_2x2_does_not_fit(tpu_available):
+def test_llama3_70b_on_v5e_2x2_does_not_fit(tpu_available, capfd):
     code, out, err = aot(
         [
             "--model",
@@ -163,7 +169,8 @@ def test_llama3_70b_on_v5e_2x2_does_not_fit(tpu_available):
             "2048",
             "--dtype",
             "bfloat16",
-        ]
+        ],
+        capfd=capfd,
     )
     assert code == 1 and "Traceback" not in err
     msg = next(line for line in err.splitlines() if "DOES NOT FIT" in line)
@@ -271,12 +278,13 @@ def test_check_manifest_names_every_mismatch():
     assert "jaxlib 0.4.1" in str(e.value) and "4096 devices" in str(e.value)
 
 
-def test_bad_mesh_for_topology_is_a_one_line_error(tpu_available):
-    code, _, err = aot(["--model", "tiny", "--topology", "v5e:2x4", "--mesh", "2x2"])
+def test_bad_mesh_for_topology_is_a_one_line_error(tpu_available, capfd):
+    code, _, err = aot(["--model", "tiny", "--topology", "v5e:2x4", "--mesh", "2x2"], capfd=capfd)
     assert code == 2 and "Traceback" not in err
     assert "has 4 devices but topology v5e:2x4 has 8 chips" in err
 
 
+# the first case as a process (the script), the others through `main()` in this one
 @pytest.mark.parametrize(
     "flags,message",
     [
@@ -285,8 +293,10 @@ def test_bad_mesh_for_topology_is_a_one_line_error(tpu_available):
         (["--out", "README.md"], "--out README.md: exists and is not a directory"),  # refused before compiling
     ],
 )
-def test_bad_aot_flags_are_one_line_and_exit_2(flags, message):
-    code, _, err = aot(["--model", "tiny", "--topology", "v5e:2x4", "--mesh", "2x4", *flags])
+def test_bad_aot_flags_are_one_line_and_exit_2(flags, message, capfd):
+    argv = ["--model", "tiny", "--topology", "v5e:2x4", "--mesh", "2x4", *flags]
+    first = flags[:2] == ["--device-memory-gib", "-1"]
+    code, _, err = aot(argv, capfd=None if first else capfd)
     lines = [line for line in err.splitlines() if "error:" in line]
     assert code == 2 and "Traceback" not in err and len(lines) == 1 and message in lines[0], err[-2000:]
 
@@ -332,12 +342,13 @@ def test_speculative_verify_and_draft_steps_compile_for_v5e(tmp_path, tpu_availa
         assert (tmp_path / m["executables"][key]).stat().st_size > 100_000  # a real TPU binary
 
 
-def test_llama3_70b_int8_plans_onto_v5e_2x4_with_one_byte_per_weight(tpu_available):
+def test_llama3_70b_int8_plans_onto_v5e_2x4_with_one_byte_per_weight(tpu_available, capfd):
     """Int8 weights put Llama-3-70B on one v5e:2x4 (8 x 16 GiB) at 2k context with room for more than 8
     requests; each chip holds about params x 1 byte / 8 (plus the per-channel scales)."""
     code, out, err = aot(
         ["--model", "llama3-70b", "--topology", "v5e:2x4", "--mesh", "1x8", "--max-slots", "8"]
-        + ["--max-context", "2048", "--dtype", "bf16", "--quantize", "int8", "--plan-only"]
+        + ["--max-context", "2048", "--dtype", "bf16", "--quantize", "int8", "--plan-only"],
+        capfd=capfd,
     )
     assert code == 0, err[-3000:]
     assert "FITS" in out and "weights quantized: int8: int8 per channel" in out
@@ -370,13 +381,14 @@ def longest_context(out: str) -> int:
     return int(re.search(r"longest context one request can hold: ([\d,]+) tokens", out).group(1).replace(",", ""))
 
 
-def test_sequence_axis_doubles_the_longest_context_of_llama31_8b_on_v5e(tpu_available):
+def test_sequence_axis_doubles_the_longest_context_of_llama31_8b_on_v5e(tpu_available, capfd):
     """The planner's longest context one request can hold: Llama-3.1-8B in bf16 on v5e:2x4, 1x2x4 deals a
     request's pages over two sequence shards, so it holds twice what 2x1x4 does at the same memory."""
     longest = {}
     for mesh in ("2x1x4", "1x2x4"):
         code, out, err = aot(
-            ["--model", "llama3.1-8b", "--topology", "v5e:2x4", "--mesh", mesh, "--dtype", "bf16", "--plan-only"]
+            ["--model", "llama3.1-8b", "--topology", "v5e:2x4", "--mesh", mesh, "--dtype", "bf16", "--plan-only"],
+            capfd=capfd,
         )
         assert code == 0, err[-3000:]
         longest[mesh] = longest_context(out)

@@ -97,6 +97,7 @@ def test_benchmark_prefix_cache_tiny(tmp_path):
         ["--tokenizer", str(data / "tok512.bin"), "--system-tokens", "96", "--questions", "4", "--max-tokens", "4"]
         + ["--repeats", "1", "--keep-jsonl", str(example), "--json", str(tmp_path / "r.json")]
         + ["--", "--model", str(data / "stories260K.bin"), "--mesh", "1x1", "--max-step-tokens", "32"]
+        + ["--min-bucket", "8"]  # three step shapes to compile (8 to 32 tokens), not six
     )
     lines = [json.loads(line) for line in example.read_text().splitlines()]
     system = lines[0]["prompt"].split("\nQuestion")[0]
@@ -117,6 +118,7 @@ def test_benchmark_startup_tiny(tmp_path):
     result = load_script("benchmark_startup").main(
         ["--repeats", "1", "--no-serve", "--json", str(tmp_path / "s.json"), "--"]
         + ["--model", model, "--mesh", "1x1", "--no-chat", "--max-context", "128", "--max-step-tokens", "16"]
+        + ["--min-bucket", "8"]  # two step shapes to compile (8 and 16 tokens), not five
     )
     cold, warm = result["median"]["cold"], result["median"]["warm"]
     assert cold["traced"] == cold["compiled"] > 0 and cold["loaded"] == 0

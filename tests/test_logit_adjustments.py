@@ -114,7 +114,9 @@ def test_engine_penalties_equal_the_numpy_reference(data_dir):
     requests with and without penalties, and requests are preempted and readmitted mid-generation."""
     tok = load_tokenizer(data_dir / "stories260K" / "tok512.bin")
     model = load_model(str(data_dir / "stories260K" / "stories260K.bin"), make_mesh("1x1"))
-    engine = Engine(model, tok, EngineConfig(max_slots=2, max_context=48, prefill_chunk=16, page_size=8, kv_pages=7))
+    engine = Engine(
+        model, tok, EngineConfig(max_slots=2, max_context=48, prefill_chunk=16, page_size=8, kv_pages=7, min_bucket=8)
+    )
     engine.warmup()
     prompts = ["The cat sat on the mat", "Lily and Ben", "Once upon a time", "A big dog"]
     plain = SamplingParams(max_tokens=24, ignore_eos=True)

@@ -51,7 +51,7 @@ def assert_top(pairs, row: np.ndarray, n: int):
 def test_logprobs_match_transformers(reference, mesh):
     path, hf = reference
     model = load_model(str(path), make_mesh(mesh), "float32")
-    engine = Engine(model, None, EngineConfig(max_slots=4, max_context=96, prefill_chunk=16, page_size=8))
+    engine = Engine(model, None, EngineConfig(max_slots=4, max_context=96, prefill_chunk=16, page_size=8, min_bucket=8))
     engine.warmup()
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, CONFIG.vocab_size, n).tolist() for n in (40, 23, 7, 18)]

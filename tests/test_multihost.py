@@ -31,6 +31,7 @@ from tests.cluster_harness import ProcessGroup
 STORIES = "tests/data/stories260K/stories260K.bin"
 # 2 slots per data shard and 8 pages of 16 tokens per shard: the 24 requests below preempt each other
 ENGINE = ["--model", STORIES, "--mesh", "2x4", "--max-slots", "4", "--max-step-tokens", "4"]
+ENGINE += ["--min-bucket", "4"]  # one step shape (4 tokens per data shard) instead of three
 ENGINE += ["--max-context", "128", "--kv-pages", "8"]
 OPENINGS = ["Once upon a time", "Lily saw a big", "Tom and his mom went to the", "The sun was shining and"]
 SP = pb.SamplingParams

@@ -18,7 +18,7 @@ PAGE = 8
 
 
 def make_engine(model, tok, prefix_cache: bool, **kw) -> Engine:
-    cfg = dict(max_slots=4, max_context=192, prefill_chunk=24, page_size=PAGE, strict_no_recompile=True)
+    cfg = dict(max_slots=4, max_context=192, prefill_chunk=24, page_size=PAGE, strict_no_recompile=True, min_bucket=8)
     engine = Engine(model, tok, EngineConfig(**{**cfg, **kw, "prefix_cache": prefix_cache}))
     engine.warmup()
     return engine

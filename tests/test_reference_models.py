@@ -150,7 +150,9 @@ def transformers_greedy(smollm2_hf):
 def test_engine_greedy_equals_transformers_generate(transformers_greedy, mesh, layer_loop):
     path, tok, prompts, expected = transformers_greedy
     model = load_model(path, make_mesh(mesh), "float32", layer_loop=layer_loop)
-    engine = Engine(model, tok, EngineConfig(max_slots=4, max_context=512, prefill_chunk=32, layer_loop=layer_loop))
+    engine = Engine(
+        model, tok, EngineConfig(max_slots=4, max_context=512, prefill_chunk=32, layer_loop=layer_loop, min_bucket=8)
+    )
     assert model.layer_loop == ("unrolled" if layer_loop == "auto" else "scan")
     engine.warmup()
     reqs = [

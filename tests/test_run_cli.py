@@ -18,6 +18,8 @@ STORIES = [  # one device: the CLI's behaviour, not sharding, is under test here
     "2",
     "--prefill-chunk",
     "8",
+    "--min-bucket",  # one step shape (8 tokens) to compile instead of four
+    "8",
 ]
 
 
@@ -41,6 +43,7 @@ BAD_FLAGS = [
         "--kv-pages 3 is below the 4 pages per shard one request of --max-context 128 needs "
         "(its 8 pages over 2 sequence shards)",
     ),
+    ([*STORIES, "--min-bucket", "0"], "--min-bucket 0 must be >= 1"),  # the last --min-bucket wins
     (["--input", "missing.jsonl"], "--input missing.jsonl: no such file"),
     (["--compile-cache", "README.md"], "--compile-cache README.md: exists and is not a directory"),
     # an --output that cannot be written is refused before the job runs, not after (its results lost)

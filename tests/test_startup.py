@@ -74,6 +74,10 @@ def test_a_second_engine_on_the_same_store_traces_and_compiles_nothing(model, tm
     assert second.startup.loaded == len(second.buckets) and second.startup.traced == 0
     assert [r.token_ids for r in second.generate(requests())] == expected
     assert compile_counter.count() == compiles
+    third = Engine(model, None, EngineConfig(**CONFIG, min_bucket=8))  # a smaller bucket set: the same files
+    prepare(third, str(tmp_path))
+    assert third.buckets == (8, 16, 32) and (third.startup.loaded, third.startup.traced) == (3, 0)
+    assert step_traces() == traces
 
 
 def test_parameters_are_cached_only_in_the_cpu_layout_and_only_for_real_checkpoints(model, data_dir, tmp_path):

@@ -56,7 +56,8 @@ def signature(engine) -> dict:
         "dtype": str(np.dtype(engine.model.dtype)),
         "layer_loop": engine.model.layer_loop,
         "quant": engine.model.quant.to_json(),
-        "platform": plain(engine.platform),
+        # the smallest bucket only decides which bucket files exist, not what any of them holds
+        "platform": {k: v for k, v in plain(engine.platform).items() if k != "min_bucket"},
         "cache": plain(engine.cache_shape),
         "inputs": plain(engine.inputs),
         "draft": plain(engine.draft.config) if getattr(engine, "draft", None) is not None else None,
