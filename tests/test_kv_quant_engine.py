@@ -124,7 +124,7 @@ def test_planner_prints_int8_bytes_per_token_and_plans_the_engines_pages(stories
     engine = Engine(model, tok, EngineConfig(**SMALL, kv_memory_fraction=fraction, kv_dtype="int8"))
     allocated = sum(a.nbytes for a in jax.tree.leaves(engine.cache)) // engine.cache_shape.bytes_per_page
     flags = ["--model", STORIES, "--topology", "cpu", "--mesh", "1x1", "--kv-dtype", "int8", "--buckets", "8"]
-    flags += [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items() if k != "min_bucket"]
+    flags += [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
     assert main([*flags, "--kv-memory-fraction", repr(fraction)]) == 0
     out = capsys.readouterr().out
     planned = int(re.search(r"(\d+) KV pages per device", out).group(1))
