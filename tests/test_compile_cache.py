@@ -163,7 +163,8 @@ def test_a_warm_server_loads_the_decode_buckets_before_serving_and_the_rest_afte
     from tests.test_server import ServerProcess
 
     cache, _ = cold
-    srv = ServerProcess(*ENGINE[2:], "--compile-cache", str(cache))  # the batch job's engine flags
+    # the batch job's engine flags, with its buckets from 1 (test_server's flags start at 8)
+    srv = ServerProcess(*ENGINE[2:], "--min-bucket", "1", "--compile-cache", str(cache))
     try:
         srv.wait_for(r"SERVING stories260K: 2 slots, queue \d+, buckets \(1, 2\) ready", timeout=60)
         done = srv.wait_for(r"all buckets ready \(1, 2, 4, 8\): (.*)", timeout=60)
