@@ -284,19 +284,18 @@ def test_bad_mesh_for_topology_is_a_one_line_error(tpu_available, capfd):
     assert "has 4 devices but topology v5e:2x4 has 8 chips" in err
 
 
-# the first case as a process (the script), the others through `main()` in this one
-@pytest.mark.parametrize(
-    "flags,message",
-    [
-        (["--device-memory-gib", "-1", "--plan-only"], "--device-memory-gib -1: must be > 0"),
-        (["--device-memory-gib", "0", "--plan-only"], "--device-memory-gib 0: must be > 0"),  # not "the default"
-        (["--out", "README.md"], "--out README.md: exists and is not a directory"),  # refused before compiling
-    ],
-)
+BAD_AOT_FLAGS = [
+    (["--device-memory-gib", "-1", "--plan-only"], "--device-memory-gib -1: must be > 0"),
+    (["--device-memory-gib", "0", "--plan-only"], "--device-memory-gib 0: must be > 0"),  # not "the default"
+    (["--out", "README.md"], "--out README.md: exists and is not a directory"),  # refused before compiling
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_AOT_FLAGS)
 def test_bad_aot_flags_are_one_line_and_exit_2(flags, message, capfd):
+    # the first case as a process (the script), the others through `main()` in this one, as test_run_cli's table
     argv = ["--model", "tiny", "--topology", "v5e:2x4", "--mesh", "2x4", *flags]
-    first = flags[:2] == ["--device-memory-gib", "-1"]
-    code, _, err = aot(argv, capfd=None if first else capfd)
+    code, _, err = aot(argv, capfd=None if flags == BAD_AOT_FLAGS[0][0] else capfd)
     lines = [line for line in err.splitlines() if "error:" in line]
     assert code == 2 and "Traceback" not in err and len(lines) == 1 and message in lines[0], err[-2000:]
 
